@@ -1,0 +1,13 @@
+"""Exceptions raised by bpl; each message names the problem and how to fix it."""
+
+
+class BPLError(Exception):
+    """Base class for every error bpl raises on purpose (the CLI prints these as one line)."""
+
+
+class TraceError(BPLError):
+    """A model could not be traced with torch.fx, so its conv->BN pairs cannot be found."""
+
+
+class VerificationError(BPLError):
+    """Two models that should compute the same function do not (error above tolerance)."""

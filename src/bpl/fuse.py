@@ -1,0 +1,75 @@
+"""Fold every partner back into its block (step 4 of BPL): same architecture, no partner cost."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from .errors import BPLError
+from .extend import partner_blocks
+from .partner import PartnerBlock, _is_plain_batchnorm, fold_block
+
+__all__ = ["fuse"]
+
+
+@torch.no_grad()
+def _write_back(block: PartnerBlock, fold_bn: bool) -> tuple[nn.Module, nn.Module]:
+    """The conv and the module for the BN's slot that together equal ``block``."""
+    weight, bias = fold_block(block)
+    conv = block.conv
+    if fold_bn:
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.empty_like(bias))
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+        tail = block.slot.tail
+        return conv, (tail if len(tail) else nn.Identity())
+    # Keep the BN, made exact by construction: running mean 0, scale 1/sqrt(var + eps) == 1.
+    original = block.slot.original
+    bn = block.bn if _is_plain_batchnorm(original) else original
+    conv.weight.copy_(weight)
+    if conv.bias is not None:
+        conv.bias.zero_()
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    bn.weight.fill_(math.sqrt(1.0 + bn.eps))
+    bn.bias.copy_(bias)
+    return conv, bn
+
+
+def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> nn.Module:
+    """Fold each partner exactly into its conv->BN pair, using BN running statistics.
+
+    The result has the module names and parameter shapes of the model that
+    :func:`bpl.extend` received, so its ``state_dict`` loads with ``strict=True`` into
+    that architecture. With ``fold_bn=True`` each BN is folded into its conv's bias
+    instead (a deployment form: the BN modules become ``nn.Identity``).
+    """
+    blocks = partner_blocks(model)
+    if not blocks:
+        raise BPLError(
+            "model has no partner blocks to fuse; call bpl.extend(model) before training, "
+            "or use the model as it is"
+        )
+    if model.training:
+        warnings.warn(
+            "bpl.fuse uses BatchNorm running statistics, but the model is in training mode; "
+            "call model.eval() first to make that explicit",
+            stacklevel=2,
+        )
+    if not inplace:
+        model = copy.deepcopy(model)
+        blocks = partner_blocks(model)
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    for block_name, block in blocks:
+        slot_name = names[id(block.slot)]
+        conv, norm = _write_back(block, fold_bn)
+        model.set_submodule(block_name, conv)
+        model.set_submodule(slot_name, norm)
+    if hasattr(model, "bpl_report"):
+        del model.bpl_report
+    return model
