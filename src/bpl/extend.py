@@ -50,7 +50,8 @@ class _NamingTracer(torch.fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (PartnerBlock, NormSlot)) or super().is_leaf_module(m, qualname)
+        leaf = (PartnerBlock, NormSlot, _BatchNorm)  # BN subclasses (norm+act) stay one node
+        return isinstance(m, leaf) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
         try:

@@ -1,0 +1,184 @@
+"""extend / fuse: exactness on real architectures, structure, and the errors users hit."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import bpl
+from bpl.errors import BPLError, TraceError
+from bpl.partner import NormSlot, PartnerBlock
+from conftest import randomize_bn
+from nets import ConvZoo, NoBatchNorm, NormActNet, SharedOutput, Untraceable
+
+ARCHS = {
+    "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 32),
+    "resnet50": (lambda: torchvision.models.resnet50(num_classes=10), 32),
+    "vgg11_bn": (lambda: torchvision.models.vgg11_bn(num_classes=10), 32),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), 32),
+    "convzoo": (ConvZoo, 24),
+    "normact": (NormActNet, 16),
+}
+
+
+def _trained_like(student: nn.Module, seed: int = 1) -> nn.Module:
+    """Make the partners contribute: random partner BN parameters and statistics."""
+    randomize_bn(student, seed)
+    return student
+
+
+@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-9)])
+def test_fuse_is_exact(name, dtype, tol):
+    build, size = ARCHS[name]
+    model = randomize_bn(build()).to(dtype).eval()
+    x = torch.randn(2, 3, size, size, dtype=dtype)
+    student = bpl.extend(model, kernel_sizes=None)
+    assert bpl.relative_error(model, student, x) == 0.0  # init="preserve" is exact
+    _trained_like(student)
+    assert bpl.relative_error(model, student, x) > 1e-3  # partners now matter
+    deploy = bpl.fuse(student)
+    assert bpl.relative_error(student, deploy, x) <= tol
+    folded = bpl.fuse(student, fold_bn=True)
+    assert bpl.relative_error(student, folded, x) <= tol
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "convzoo"])
+def test_fused_model_loads_into_stock_architecture(name):
+    build, size = ARCHS[name]
+    model = build()
+    student = _trained_like(bpl.extend(model, kernel_sizes=None)).eval()
+    deploy = bpl.fuse(student)
+    assert not any(isinstance(m, (PartnerBlock, NormSlot)) for m in deploy.modules())
+    assert type(deploy) is type(model)
+    shapes = {k: v.shape for k, v in deploy.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in model.state_dict().items()}
+    assert [n for n, _ in deploy.named_modules()] == [n for n, _ in model.named_modules()]
+    fresh = build()
+    fresh.load_state_dict(deploy.state_dict(), strict=True)
+    x = torch.randn(2, 3, size, size)
+    assert bpl.relative_error(deploy, fresh, x) == 0.0
+
+
+def test_extend_and_fuse_leave_the_input_untouched():
+    model = ConvZoo()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    student = bpl.extend(model, kernel_sizes=None)
+    assert not any(isinstance(m, PartnerBlock) for m in model.modules())
+    bpl.fuse(_trained_like(student).eval())
+    assert len(bpl.partner_blocks(student)) == len(student.bpl_report.extended)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_training_with_diversity_loss_then_fuse_is_exact():
+    model = torchvision.models.resnet18(num_classes=4)
+    student = bpl.extend(model)
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    student.train()
+    partner_before = bpl.partner_blocks(student)[0][1].partner_conv.weight.clone()
+    for _ in range(4):
+        loss = nn.functional.cross_entropy(student(x), y) + bpl.diversity_loss(student)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    block = bpl.partner_blocks(student)[0][1]
+    assert not torch.equal(partner_before, block.partner_conv.weight)
+    assert block.partner_bn.weight.abs().sum() > 0  # the partner's BN left zero: it learns
+    student.eval()
+    deploy = bpl.fuse(student)
+    assert bpl.relative_error(student, deploy, x) <= 1e-5
+
+
+def test_paper_default_eligibility_on_resnet50():
+    student = bpl.extend(torchvision.models.resnet50())
+    report = student.bpl_report
+    assert len(report.extended) == 16  # the 3x3 conv of each bottleneck
+    assert all(name.endswith("conv2") for name, _ in report.extended)
+    assert "conv1" in report.skipped and "(7, 7)" in report.skipped["conv1"]
+    assert "kernel (1, 1)" in report.skipped["layer1.0.conv1"]
+    assert "downsample" in report.skipped["layer1.0.downsample.0"] or "kernel" in report.skipped[
+        "layer1.0.downsample.0"
+    ]
+    assert "extended 16 conv->BN pairs" in str(report)
+
+
+def test_kernel_sizes_parameter_forms():
+    model = ConvZoo()
+    assert len(bpl.find_conv_bn_pairs(model, kernel_sizes=[5]).extended) == 1
+    assert len(bpl.find_conv_bn_pairs(model, kernel_sizes=[(1, 3), (3, 1)]).extended) == 2
+    by_groups = bpl.find_conv_bn_pairs(model, kernel_sizes=lambda c: c.groups > 1)
+    assert len(by_groups.extended) == 2
+
+
+def test_conv_feeding_something_else_is_left_alone():
+    student = bpl.extend(SharedOutput())
+    assert [c for c, _ in student.bpl_report.extended] == ["conv2"]
+    assert "feeds" in student.bpl_report.skipped["conv1"]
+
+
+def test_norm_act_layers_count_as_batchnorm():
+    model = randomize_bn(NormActNet()).eval()
+    student = bpl.extend(model)
+    assert len(student.bpl_report.extended) == 2
+    deploy = bpl.fuse(_trained_like(student).eval())
+    assert type(deploy.bn1) is type(model.bn1)
+    x = torch.randn(2, 3, 12, 12)
+    assert bpl.relative_error(student, deploy, x) <= 1e-5
+
+
+def test_paper_init_halves_the_block():
+    model = randomize_bn(ConvZoo())
+    student = bpl.extend(model, init="paper", kernel_sizes=[5])
+    block = bpl.partner_blocks(student)[0][1]
+    assert torch.allclose(block.partner_bn.weight, torch.full_like(block.partner_bn.weight, 0.5))
+    assert torch.allclose(block.bn.weight, model.body[4].weight * 0.5)
+
+
+def test_untraceable_model_names_the_module():
+    with pytest.raises(TraceError, match=r"module 'gate' stopped the trace"):
+        bpl.extend(Untraceable())
+
+
+def test_model_without_pairs_is_a_clear_error():
+    with pytest.raises(BPLError, match="no eligible conv->BatchNorm2d pair"):
+        bpl.extend(NoBatchNorm())
+    with pytest.raises(BPLError, match="kernel_sizes=None"):
+        bpl.extend(ConvZoo(), kernel_sizes=[7])
+
+
+def test_extending_twice_is_an_error():
+    student = bpl.extend(ConvZoo())
+    with pytest.raises(BPLError, match="already extended"):
+        bpl.extend(student)
+
+
+def test_fusing_without_partners_is_an_error():
+    with pytest.raises(BPLError, match="no partner blocks"):
+        bpl.fuse(ConvZoo())
+
+
+def test_fuse_in_training_mode_warns():
+    student = bpl.extend(ConvZoo()).train()
+    with pytest.warns(UserWarning, match="running statistics"):
+        bpl.fuse(student)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bpl.fuse(student.eval())
+
+
+def test_bad_init_is_rejected():
+    with pytest.raises(ValueError, match="init"):
+        bpl.extend(ConvZoo(), init="zeros")
+
+
+def test_verify_raises_on_mismatch():
+    a, b = ConvZoo().eval(), ConvZoo().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(bpl.VerificationError, match="relative error"):
+        bpl.verify(a, b, x)
+    assert bpl.verify(a, a, x) == 0.0
