@@ -7,7 +7,10 @@ from .diversity import diversity_loss
 from .errors import BPLError, TraceError, VerificationError
 from .extend import ExtendReport, extend, find_conv_bn_pairs, partner_blocks
 from .fuse import fuse
+from .models import build_model, list_models, load_model, save_model
 from .partner import PartnerBlock
+from .profile import compare_latency, count_macs, count_params, profile
+from .pruning import IMPORTANCES, PruneReport, PruningError, SoftPruner, prune
 from .verify import relative_error, verify
 
 __version__ = "0.1.0"
@@ -15,14 +18,27 @@ __version__ = "0.1.0"
 __all__ = [
     "BPLError",
     "ExtendReport",
+    "IMPORTANCES",
     "PartnerBlock",
+    "PruneReport",
+    "PruningError",
+    "SoftPruner",
     "TraceError",
     "VerificationError",
+    "build_model",
+    "compare_latency",
+    "count_macs",
+    "count_params",
     "diversity_loss",
     "extend",
     "find_conv_bn_pairs",
     "fuse",
+    "list_models",
+    "load_model",
     "partner_blocks",
+    "profile",
+    "prune",
     "relative_error",
+    "save_model",
     "verify",
 ]

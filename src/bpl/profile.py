@@ -1,0 +1,189 @@
+"""MACs, parameter counts and CPU latency of a model.
+
+MACs are counted with :class:`torch.utils.flop_counter.FlopCounterMode` and halved
+(one multiply-accumulate is two FLOPs): the number papers usually call "FLOPs".
+Latency is the median wall-clock time of repeated forward passes after a warm-up, in
+eval mode under :func:`torch.inference_mode`. To compare two models fairly, time them
+interleaved in one run (:func:`compare_latency`), so that frequency scaling, other
+processes and cache state affect both alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["count_macs", "count_params", "profile", "compare_latency", "as_args"]
+
+log = logging.getLogger(__name__)
+
+Inputs = torch.Tensor | Sequence[torch.Tensor]
+
+
+def as_args(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """The positional arguments of the forward call: a tensor becomes a 1-tuple."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put ``models`` in eval mode and restore every module's own training flag afterwards."""
+    flags = [[(m, m.training) for m in model.modules()] for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for per_model in flags:
+            for module, training in per_model:
+                module.training = training
+
+
+def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
+    """Multiply-accumulates of one forward pass on ``example_inputs`` (FLOPs / 2).
+
+    The model runs in eval mode without gradients, so BatchNorm statistics are not
+    touched. Only the ops FlopCounterMode knows are counted (convolutions, matmuls,
+    ...), not BatchNorm, activations, pooling or additions.
+    """
+    args = as_args(example_inputs)
+    counter = FlopCounterMode(display=False)
+    with eval_mode(model), torch.no_grad(), counter:
+        model(*args)
+    return int(counter.get_total_flops()) // 2
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _batched(args: tuple[torch.Tensor, ...], batch_size: int | None) -> tuple[torch.Tensor, ...]:
+    """``args`` with the first sample repeated to ``batch_size`` (or as given when None)."""
+    if batch_size is None:
+        return args
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return tuple(
+        a[:1].expand(batch_size, *a.shape[1:]).contiguous(memory_format=_memory_format(a))
+        for a in args
+    )
+
+
+def _memory_format(a: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-d tensor stored that way (so batching keeps it), else contiguous."""
+    if a.dim() == 4 and a.shape[1] > 1 and a.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None) -> Iterator[int]:
+    """Run with ``threads`` intra-op threads (when given) and restore the count afterwards."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def compare_latency(
+    models: Mapping[str, nn.Module],
+    example_inputs: Inputs,
+    *,
+    batch_size: int | None = None,
+    threads: int | None = None,
+    warmup: int = 5,
+    repeats: int = 20,
+) -> dict[str, float]:
+    """Median latency in milliseconds of each model, timed interleaved (A, B, A, B, ...).
+
+    Every model gets ``warmup`` untimed passes, then ``repeats`` timed passes taken in
+    turn with the others, so that the ratio of two medians is a fair speed ratio. With
+    ``batch_size`` the first sample of ``example_inputs`` is repeated to that batch.
+    Models run in eval mode under ``torch.inference_mode``; their training flags and
+    the torch thread count are restored afterwards.
+    """
+    if not models:
+        raise ValueError("compare_latency needs at least one model")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    args = _batched(as_args(example_inputs), batch_size)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with _threads(threads), eval_mode(*models.values()), torch.inference_mode():
+        placed = {}
+        for name, model in models.items():
+            device = _device_of(model)
+            placed[name] = (model, tuple(a.to(device) for a in args), device)
+        for _ in range(warmup):
+            for model, margs, device in placed.values():
+                model(*margs)
+                _sync(device)
+        for _ in range(repeats):
+            for name, (model, margs, device) in placed.items():
+                _sync(device)
+                start = time.perf_counter()
+                model(*margs)
+                _sync(device)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    result = {name: statistics.median(t) for name, t in times.items()}
+    log.debug("latency (ms, median of %d): %s", repeats, result)
+    return result
+
+
+def profile(
+    model: nn.Module,
+    example_inputs: Inputs,
+    *,
+    latency: bool = True,
+    batch_size: int | None = None,
+    threads: int | None = None,
+    warmup: int = 5,
+    repeats: int = 20,
+) -> dict[str, Any]:
+    """MACs and parameters of ``model``, and (with ``latency=True``) its median latency.
+
+    Returns ``{"macs", "params", "input_shapes"}`` plus, when timed, ``"latency_ms"``
+    (median over ``repeats`` passes after ``warmup``), ``"batch_size"`` and ``"threads"``.
+    ``macs`` is counted on ``example_inputs`` exactly as given (so it scales with their
+    batch size); ``batch_size`` only changes the batch that is timed.
+    """
+    args = as_args(example_inputs)
+    report: dict[str, Any] = {
+        "macs": count_macs(model, args),
+        "params": count_params(model),
+        "input_shapes": [list(a.shape) for a in args],
+    }
+    if latency:
+        with _threads(threads) as used:
+            ms = compare_latency(
+                {"model": model}, args, batch_size=batch_size, warmup=warmup, repeats=repeats
+            )["model"]
+        report.update(
+            latency_ms=ms,
+            batch_size=batch_size if batch_size is not None else int(args[0].shape[0]),
+            threads=used,
+        )
+    return report

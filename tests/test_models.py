@@ -1,0 +1,214 @@
+"""The model factory and checkpoints that rebuild pruned / extended / fused models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+import bpl
+from bpl.errors import BPLError
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.normal_(1, 0.2, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+
+
+def _train_a_little(student: nn.Module) -> None:
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    student.train()
+    for _ in range(2):
+        loss = F.cross_entropy(student(x), y) + bpl.diversity_loss(student)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    student.eval()
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def test_tiny_models():
+    tiny = bpl.build_model("tiny_resnet", 7)
+    assert 80_000 <= bpl.count_params(tiny) <= 120_000
+    assert tiny(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in tiny.modules())
+    assert bpl.build_model("tiny_vgg", 3)(X).shape == (2, 3)
+    assert {"tiny_resnet", "tiny_vgg", "resnet18"} <= set(bpl.list_models())
+
+
+def test_torchvision_model_by_name():
+    model = bpl.build_model("resnet18", 10)
+    assert isinstance(model, torchvision.models.ResNet) and model.fc.out_features == 10
+
+
+def test_unknown_arch():
+    with pytest.raises(BPLError, match="unknown architecture 'resnet9000'"):
+        bpl.build_model("resnet9000", 10)
+
+
+def test_pretrained_without_network_names_the_fix(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    with pytest.raises(BPLError, match="--weights PATH"):
+        bpl.build_model("resnet18", 10, pretrained=True)
+    with pytest.raises(BPLError, match="no published weights"):
+        bpl.build_model("tiny_resnet", 10, pretrained=True)
+
+
+def test_weights_file_replaces_the_classifier(tmp_path):
+    stock = torchvision.models.resnet18()  # 1000 classes, like torchvision's published file
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(stock.state_dict(), path)
+    model = bpl.build_model("resnet18", 10, weights=path)
+    assert model.fc.out_features == 10
+    assert torch.equal(model.conv1.weight, stock.conv1.weight)
+    assert torch.equal(model.layer4[1].bn2.running_var, stock.layer4[1].bn2.running_var)
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(BPLError, match="do not fit ResNet"):
+        bpl.build_model("resnet18", 10, weights=tmp_path / "bad.pth")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_load_in_a_fresh_process(tmp_path):
+    """Pruned, pruned+extended+fused and pruned+extended (for resuming) resnet18."""
+    torch.manual_seed(0)
+    base = bpl.build_model("resnet18", 10)
+    _randomize_bn(base)
+    pruned = bpl.prune(base, X, flops_reduction=0.5, round_to=4).eval()
+    student = bpl.extend(pruned, init="paper")
+    _train_a_little(student)
+    fused = bpl.fuse(student)
+    folded = bpl.fuse(student, fold_bn=True)
+    cases = {"pruned": pruned, "fused": fused, "folded": folded, "extended": student}
+    expected = {}
+    for name, model in cases.items():
+        bpl.save_model(tmp_path / f"{name}.pt", model, arch="resnet18", num_classes=10,
+                       meta={"epoch": 3, "note": name})
+        with torch.no_grad():
+            expected[name] = model.eval()(X)
+    torch.save({"x": X, "expected": expected}, tmp_path / "io.pt")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    script = textwrap.dedent(f"""
+        import sys, torch
+        import bpl
+        io = torch.load({str(tmp_path / "io.pt")!r}, weights_only=True)
+        for name, want in io["expected"].items():
+            model, meta = bpl.load_model({str(tmp_path)!r} + f"/{{name}}.pt")
+            assert meta["note"] == name and meta["epoch"] == 3 and meta["arch"] == "resnet18"
+            assert bool(bpl.partner_blocks(model)) == (name == "extended"), name
+            with torch.no_grad():
+                got = model.eval()(io["x"])
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            assert err <= 1e-5, (name, err)
+            print(name, err)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[::2] == list(cases)
+
+
+def test_loaded_extended_checkpoint_resumes_training(tmp_path):
+    torch.manual_seed(0)
+    pruned = bpl.prune(bpl.build_model("tiny_resnet", 10), X, channel_ratio=0.4)
+    student = bpl.extend(pruned, kernel_sizes=None)  # partners on the 1x1 shortcut convs too
+    bpl.save_model(tmp_path / "last.pt", student, arch="tiny_resnet", num_classes=10)
+    loaded, _ = bpl.load_model(tmp_path / "last.pt")
+    assert [n for n, _ in bpl.partner_blocks(loaded)] == [n for n, _ in bpl.partner_blocks(student)]
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {
+        k: v.shape for k, v in student.state_dict().items()
+    }
+    _train_a_little(loaded)  # trains, diversity loss included
+    assert bpl.relative_error(loaded, bpl.fuse(loaded), X) <= 1e-5
+
+
+def test_save_overwrites_atomically(tmp_path):
+    path = tmp_path / "sub" / "m.pt"
+    bpl.save_model(path, bpl.build_model("tiny_vgg", 10), arch="tiny_vgg", num_classes=10)
+    bpl.save_model(path, bpl.build_model("tiny_vgg", 4), arch="tiny_vgg", num_classes=4)
+    model, meta = bpl.load_model(path)
+    assert meta["num_classes"] == 4 and model.classifier.out_features == 4
+    assert [p.name for p in path.parent.iterdir()] == ["m.pt"]
+
+
+def test_bad_checkpoints_name_the_file_and_problem(tmp_path):
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(BPLError, match="missing.pt does not exist"):
+        bpl.load_model(missing)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file at all")
+    with pytest.raises(BPLError, match="garbage.pt as a weights-only torch file"):
+        bpl.load_model(garbage)
+    plain = tmp_path / "plain.pt"
+    torch.save(bpl.build_model("tiny_vgg", 10).state_dict(), plain)
+    with pytest.raises(BPLError, match="plain.pt is not a bpl checkpoint"):
+        bpl.load_model(plain)
+
+    pruned = bpl.prune(bpl.build_model("tiny_resnet", 10), X, channel_ratio=0.5)
+    good = tmp_path / "good.pt"
+    bpl.save_model(good, pruned, arch="tiny_resnet", num_classes=10)
+    payload = torch.load(good, weights_only=True)
+    for arch, match in [("tiny_vgg", "does not match architecture 'tiny_vgg'"),
+                        ("resnet34", "do not fit the rebuilt 'resnet34'"),
+                        ("nonsense", "unknown architecture 'nonsense'")]:
+        wrong = tmp_path / f"wrong-{arch}.pt"
+        torch.save({**payload, "arch": arch}, wrong)
+        with pytest.raises(BPLError, match=f"wrong-{arch}.pt.*{match}|{match}.*wrong-{arch}.pt"):
+            bpl.load_model(wrong)
+    with pytest.raises(BPLError, match="is a bpl checkpoint"):
+        bpl.build_model("tiny_resnet", 10, weights=good)
+
+
+def test_training_checkpoint_with_numpy_rng_state(tmp_path):
+    import random
+
+    import numpy as np
+
+    model = bpl.build_model("tiny_resnet", 10)
+    payload = bpl.models.model_payload(model, "tiny_resnet", 10, {"epoch": 1})
+    state = {"model": payload, "rng": {"numpy": np.random.get_state(), "python": random.getstate()}}
+    bpl.models.atomic_save(state, tmp_path / "last.pt")
+    loaded = bpl.models.load_checkpoint(tmp_path / "last.pt")
+    np.random.set_state(loaded["rng"]["numpy"])
+    rebuilt, meta = bpl.load_model(tmp_path / "last.pt")  # the model inside a training checkpoint
+    assert meta["epoch"] == 1
+    assert torch.equal(rebuilt.fc.weight, model.fc.weight)
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    bpl.save_model(path, bpl.build_model("tiny_vgg", 10), arch="tiny_vgg", num_classes=10)
+
+    def broken(obj, f, *args, **kwargs):
+        with open(f, "wb") as out:
+            out.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        bpl.save_model(path, bpl.build_model("tiny_vgg", 3), arch="tiny_vgg", num_classes=3)
+    monkeypatch.undo()
+    assert bpl.load_model(path)[1]["num_classes"] == 10
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]

@@ -1,0 +1,70 @@
+"""MACs against a hand count, parameter counts, and latency measurement hygiene."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import bpl
+
+
+def _small_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 10),
+    )
+
+
+def test_macs_match_a_hand_count():
+    net = _small_net()
+    # conv: every output element (8 channels x 16 x 16) takes 3 x 3 x 3 multiply-adds
+    conv = 8 * 16 * 16 * (3 * 3 * 3)
+    # linear: 512 inputs x 10 outputs; BN, ReLU, pooling and bias adds are not MACs
+    linear = 512 * 10
+    assert bpl.count_macs(net, torch.randn(1, 3, 16, 16)) == conv + linear
+    assert bpl.count_macs(net, (torch.randn(4, 3, 16, 16),)) == 4 * (conv + linear)
+
+
+def test_params_hand_count_and_shared_parameters():
+    net = _small_net()
+    assert bpl.count_params(net) == 8 * 3 * 3 * 3 + 2 * 8 + 512 * 10 + 10
+    shared = nn.Linear(4, 4)
+    assert bpl.count_params(nn.Sequential(shared, shared)) == 20
+
+
+def test_count_macs_leaves_the_model_alone():
+    net = _small_net().train()
+    bn = net[1]
+    before = bn.running_mean.clone(), bn.num_batches_tracked.clone()
+    bpl.count_macs(net, torch.randn(2, 3, 16, 16))
+    assert net.training and bn.training
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.num_batches_tracked, before[1])
+
+
+def test_profile_reports_positive_numbers_and_restores_state():
+    net = _small_net().train()
+    threads = torch.get_num_threads()
+    report = bpl.profile(net, torch.randn(1, 3, 16, 16), batch_size=3, threads=1,
+                         warmup=1, repeats=3)
+    assert report["macs"] == 8 * 16 * 16 * 27 + 5120
+    assert report["params"] == bpl.count_params(net)
+    assert report["latency_ms"] > 0
+    assert report["batch_size"] == 3 and report["threads"] == 1
+    assert torch.get_num_threads() == threads
+    assert net.training
+    no_time = bpl.profile(net, torch.randn(1, 3, 16, 16), latency=False)
+    assert "latency_ms" not in no_time and no_time["macs"] > 0
+
+
+def test_compare_latency_times_every_model():
+    big = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1))
+    small = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    result = bpl.compare_latency({"big": big, "small": small}, x, batch_size=4, warmup=1, repeats=5)
+    assert set(result) == {"big", "small"}
+    assert all(v > 0 for v in result.values())
+    assert result["small"] < result["big"]

@@ -1,0 +1,260 @@
+"""Hard pruning to a MACs target, pruning of extended models, and the soft (masked) schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import bpl
+from bpl.errors import BPLError
+from bpl.pruning import IMPORTANCES, SoftPruner, deploy_macs, find_output_layers
+
+X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _seeded(arch: str, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    return bpl.build_model(arch, 10, **kw)
+
+
+def _randomize_bn(model: nn.Module) -> None:
+    """Non-trivial BN statistics and affine values, so exactness checks mean something."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+                m.weight.normal_(1, 0.2, generator=g)
+                m.bias.normal_(0, 0.1, generator=g)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- hard pruning
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "vgg16_bn", "mobilenet_v2"])
+def test_flops_target_reached_on_torchvision_models(arch):
+    model = _seeded(arch)
+    base = bpl.count_macs(model, X32)
+    for r in (0.5, 0.7397):
+        pruned = bpl.prune(model, X32, flops_reduction=r)
+        achieved = 1 - bpl.count_macs(pruned, X32) / base
+        assert abs(achieved - r) <= 0.01, (arch, r, achieved)
+        assert pruned.bpl_prune_report.reduction == pytest.approx(achieved)
+        pruned.train()
+        out = pruned(X32)
+        assert out.shape == (2, 10)
+        out.square().mean().backward()
+        assert all(p.grad is not None for p in pruned.parameters() if p.requires_grad)
+    assert bpl.count_macs(model, X32) == base  # the input model is untouched (inplace=False)
+
+
+def test_channel_ratio_importances_and_round_to():
+    model = _seeded("tiny_resnet")
+    for name in IMPORTANCES:
+        pruned = bpl.prune(model, X32, channel_ratio=0.3, importance=name)
+        assert pruned(X32).shape == (2, 10)
+        assert pruned.layer3[0].conv1.out_channels == int(64 * 0.7)
+    pruned = bpl.prune(model, X32, channel_ratio=0.4, round_to=8)
+    for m in pruned.modules():
+        if isinstance(m, nn.Conv2d) and m.out_channels > 8:
+            assert m.out_channels % 8 == 0
+    glob = bpl.prune(model, X32, flops_reduction=0.5, global_pruning=True)
+    assert abs(glob.bpl_prune_report.reduction - 0.5) <= 0.01
+
+
+def test_l2_keeps_the_largest_filters():
+    model = _seeded("tiny_vgg")
+    conv = model.features[0]
+    norms = conv.weight.detach().flatten(1).norm(dim=1)
+    pruned = bpl.prune(model, X32, channel_ratio=0.5, importance="l2")
+    kept = pruned.features[0].weight.detach().flatten(1).norm(dim=1)
+    assert torch.allclose(kept.sort().values, norms.sort().values[-len(kept):])
+
+
+def test_classifier_protected_and_model_state_untouched():
+    model = _seeded("tiny_resnet").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert find_output_layers(model, X32) == ["fc"]
+    pruned = bpl.prune(model, X32, flops_reduction=0.6)
+    assert pruned.fc.out_features == 10
+    assert "fc" in pruned.bpl_prune_report.ignored
+    # Torch-Pruning traces in eval mode and leaves the model there; bpl restores the flags,
+    # and tracing in eval mode keeps BatchNorm statistics as they were.
+    assert model.training and all(m.training for m in model.modules())
+    assert pruned.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_inplace_and_ignored_layers_by_module_and_name():
+    model = _seeded("tiny_resnet")
+    pruned = bpl.prune(model, X32, channel_ratio=0.5,
+                       ignored_layers=[model.layer1[0].conv1, "layer2.0.conv1"], inplace=True)
+    assert pruned is model
+    assert model.layer1[0].conv1.out_channels == 16
+    assert model.layer2[0].conv1.out_channels == 32
+    assert model.layer3[0].conv1.out_channels == 32
+
+
+def test_prune_extend_train_fuse_is_exact_and_keeps_widths():
+    model = _seeded("resnet18")
+    _randomize_bn(model)
+    pruned = bpl.prune(model, X32, flops_reduction=0.5).eval()
+    student = bpl.extend(pruned, init="paper")
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    x = torch.randn(8, 3, 32, 32)
+    y = torch.randint(0, 10, (8,))
+    student.train()
+    for _ in range(3):
+        loss = F.cross_entropy(student(x), y) + bpl.diversity_loss(student)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    student.eval()
+    deploy = bpl.fuse(student)
+    assert bpl.relative_error(student, deploy, X32) <= 1e-5
+    assert _shapes(deploy) == _shapes(pruned)
+    assert type(deploy) is type(pruned)
+
+
+def test_prune_extended_model_prunes_partners_with_their_blocks():
+    model = _seeded("resnet18")
+    _randomize_bn(model)
+    student = bpl.extend(model, init="paper")
+    with torch.no_grad():  # make the partners matter
+        for _, block in bpl.partner_blocks(student):
+            block.partner_conv.weight.mul_(3.0)
+    pruned = bpl.prune(student, X32, flops_reduction=0.5)
+    blocks = bpl.partner_blocks(pruned)
+    assert len(blocks) == len(bpl.partner_blocks(student))
+    for name, block in blocks:
+        assert block.conv.weight.shape == block.partner_conv.weight.shape, name
+        assert block.bn.num_features == block.partner_bn.num_features == block.conv.out_channels
+    assert any(b.conv.out_channels < 64 for _, b in blocks)
+    # the reduction is measured on the deployed (fused) form
+    assert abs(pruned.bpl_prune_report.reduction - 0.5) <= 0.01
+    pruned.eval()
+    deploy = bpl.fuse(pruned)
+    assert bpl.relative_error(pruned, deploy, X32) <= 1e-5
+    base = bpl.count_macs(model, X32)
+    assert abs(1 - bpl.count_macs(deploy, X32) / base - 0.5) <= 0.01
+    assert deploy_macs(pruned, X32) == bpl.count_macs(deploy, X32)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("r", [0, 0.0, -0.2, 1, 1.0, 1.5])
+def test_bad_reduction(r):
+    with pytest.raises(BPLError, match="flops_reduction must be .* between 0 and 1"):
+        bpl.prune(_seeded("tiny_vgg"), X32, flops_reduction=r)
+
+
+def test_both_or_neither_target():
+    model = _seeded("tiny_vgg")
+    with pytest.raises(BPLError, match="exactly one of flops_reduction"):
+        bpl.prune(model, X32)
+    with pytest.raises(BPLError, match="exactly one of flops_reduction"):
+        bpl.prune(model, X32, flops_reduction=0.5, channel_ratio=0.5)
+
+
+def test_unreachable_target_says_what_was_reached():
+    model = _seeded("tiny_resnet")
+    keep = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and "layer3" not in n]
+    with pytest.raises(BPLError, match=r"cannot be reached: the maximum channel ratio .* gives \d"):
+        bpl.prune(model, X32, flops_reduction=0.9, ignored_layers=keep)
+
+
+def test_ignored_layers_not_in_model():
+    model = _seeded("tiny_vgg")
+    with pytest.raises(BPLError, match="'features.99' is not a module"):
+        bpl.prune(model, X32, flops_reduction=0.5, ignored_layers=["features.99"])
+    with pytest.raises(BPLError, match="not part of TinyVGG"):
+        bpl.prune(model, X32, flops_reduction=0.5, ignored_layers=[nn.Conv2d(3, 3, 3)])
+
+
+def test_unknown_importance():
+    with pytest.raises(BPLError, match="unknown importance 'l3'"):
+        bpl.prune(_seeded("tiny_vgg"), X32, flops_reduction=0.5, importance="l3")
+    with pytest.raises(BPLError, match="unknown soft-pruning importance 'fpgm'"):
+        SoftPruner(bpl.extend(_seeded("tiny_vgg")), X32, keep_ratio=0.5, importance="fpgm")
+
+
+def test_soft_pruner_needs_an_extended_model():
+    with pytest.raises(BPLError, match="call bpl.extend"):
+        SoftPruner(_seeded("tiny_resnet"), X32, keep_ratio=0.5)
+
+
+# --------------------------------------------------------------------------- soft pruning
+
+
+def _dropped_rows(tensor: torch.Tensor, block: bool) -> torch.Tensor:
+    return tensor.detach().flatten(1).abs().sum(1) == 0 if block else tensor.detach() == 0
+
+
+def test_soft_schedule_masks_training_removal_and_state():
+    torch.manual_seed(0)
+    model = bpl.build_model("tiny_resnet", 10)
+    _randomize_bn(model)
+    student = bpl.extend(model, init="paper")
+    pruner = SoftPruner(student, X32, flops_reduction=0.5, every=2)
+    assert {g.deploy_name for g in pruner.groups} >= {"layer1.0.conv1", "layer3.0.conv2"}
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def train_steps(n: int) -> None:
+        student.train()
+        for _ in range(n):
+            loss = F.cross_entropy(student(x), y) + bpl.diversity_loss(student)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            pruner.apply()
+
+    train_steps(2)
+    assert not pruner.epoch_end(0)  # every=2: nothing yet
+    assert all(bool(g.keep.all()) for g in pruner.groups)
+    assert pruner.epoch_end(1)
+    train_steps(3)  # momentum and weight decay must not revive the zeroed filters
+
+    for _, block in bpl.partner_blocks(student):
+        dead = _dropped_rows(block.conv.weight, True)
+        # tied: the same channels are zero in the block and its partner, conv and both BNs
+        assert torch.equal(dead, _dropped_rows(block.partner_conv.weight, True))
+        for bn in (block.bn, block.partner_bn):
+            assert torch.all(bn.weight.detach()[dead] == 0) and torch.all(bn.bias.detach()[dead] == 0)
+            assert torch.all(bn.running_mean[dead] == 0)
+    group = next(g for g in pruner.groups if g.deploy_name == "layer1.0.conv1")
+    block = student.layer1[0].conv1
+    assert torch.equal(_dropped_rows(block.conv.weight, True), ~group.keep)
+    assert int((~group.keep).sum()) == 16 - round(16 * pruner.keep_ratio)
+    # a gradient never reaches a masked row
+    loss = F.cross_entropy(student(x), y)
+    opt.zero_grad()
+    loss.backward()
+    assert torch.all(block.conv.weight.grad[~group.keep] == 0)
+
+    state = pruner.state_dict()
+    fresh = SoftPruner(student, X32, keep_ratio=0.9)
+    fresh.load_state_dict(state)
+    assert fresh.keep_ratio == pruner.keep_ratio
+    assert all(torch.equal(fresh.masks[k], v) for k, v in pruner.masks.items())
+    fresh.remove_hooks()
+    with pytest.raises(BPLError, match="does not match this model"):
+        fresh.load_state_dict({"masks": {"nope": torch.ones(3, dtype=torch.bool)}})
+
+    student.eval()
+    deploy = pruner.finalize(student)
+    assert type(deploy) is type(model) and not bpl.partner_blocks(deploy)
+    assert bpl.relative_error(student, deploy, X32) <= 1e-5
+    assert max(pruner.report[k] for k in ("relative_error", "fusion_error", "removal_error")) <= 1e-5
+    reduction = 1 - bpl.count_macs(deploy, X32) / bpl.count_macs(model, X32)
+    assert abs(reduction - 0.5) <= 0.01
+    assert deploy.layer1[0].conv1.out_channels == int(group.keep.sum())
+    assert deploy.fc.out_features == 10
