@@ -1,0 +1,3 @@
+from bpl.cli import main
+import sys
+sys.exit(main())

@@ -1,0 +1,285 @@
+"""The `bpl` command: train, compress, evaluate, profile, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import RECIPES, Config, resolve_config
+from .errors import BPLError
+
+log = logging.getLogger("bpl")
+S = argparse.SUPPRESS
+
+EXAMPLES = {
+    "train": "bpl train --data ucm --data-root ../shared/data/ucmerced --arch resnet18 "
+             "--image-size 112 --epochs 30 --out runs/ucm-r18",
+    "compress": "bpl compress --baseline runs/ucm-r18/last.pt --data ucm --data-root "
+                "../shared/data/ucmerced --image-size 112 --flops-reduction 0.74 --epochs 15 "
+                "--out runs/ucm-r18-bpl",
+    "evaluate": "bpl evaluate runs/ucm-r18-bpl/deploy.pt --data-root ../shared/data/ucmerced",
+    "profile": "bpl profile runs/ucm-r18/best.pt runs/ucm-r18-bpl/deploy.pt --batch-size 1 16",
+    "demo": "bpl demo --out runs/demo",
+    "export": "bpl export runs/ucm-r18-bpl/deploy.pt --format onnx --out deploy.onnx",
+}
+
+
+def _flag(group, name: str, **kw: Any) -> None:
+    group.add_argument(f"--{name}", dest=name.replace("-", "_"), default=S, **kw)
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    _flag(g, "data", help="dataset: ucm, nwpu-resisc45, rsd46-whu, imagefolder, digits")
+    _flag(g, "data-root", metavar="DIR", help="folder of class sub-folders (or train/ + val/)")
+    _flag(g, "image-size", type=int, metavar="PX", help="training and evaluation image size")
+    _flag(g, "train-ratio", type=float, help="per-class train share of an unsplit dataset")
+    _flag(g, "cache-dir", metavar="DIR", help="keep decoded, resized images here across runs")
+    _flag(g, "skip-bad", action="store_true", help="skip unreadable images instead of failing")
+    _flag(g, "download", action="store_true", help="download the dataset if it is missing (ucm)")
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    _flag(g, "recipe", choices=sorted(RECIPES), help="named settings, e.g. the paper's 'reference'")
+    _flag(g, "epochs", type=int)
+    _flag(g, "batch-size", type=int)
+    _flag(g, "lr", type=float, help="peak learning rate")
+    _flag(g, "momentum", type=float)
+    _flag(g, "nesterov", action="store_true")
+    _flag(g, "weight-decay", type=float)
+    _flag(g, "schedule", choices=["cosine", "step"])
+    _flag(g, "milestones", type=float, nargs="+", metavar="FRACTION",
+          help="step schedule: fractions of training where lr is multiplied by --gamma")
+    _flag(g, "gamma", type=float)
+    _flag(g, "warmup-epochs", type=int)
+    _flag(g, "label-smoothing", type=float)
+    g = p.add_argument_group("execution")
+    _flag(g, "device", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--no-amp", dest="amp", action="store_false", default=S,
+                   help="disable mixed precision on CUDA")
+    _flag(g, "workers", type=int, help="DataLoader worker processes")
+    _flag(g, "sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all processes")
+    _flag(g, "seed", type=int)
+    _flag(g, "out", metavar="DIR", help="run directory")
+    _flag(g, "resume", action="store_true", help="continue the run in --out from its last.pt")
+    g.add_argument("--no-latency", dest="latency", action="store_false", default=S,
+                   help="skip CPU latency measurement in the report")
+
+
+def _compress_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("compression")
+    _flag(g, "baseline", metavar="CKPT", help="checkpoint written by bpl train")
+    _flag(g, "flops-reduction", type=float, metavar="R",
+          help="fraction of MACs to remove, e.g. 0.74")
+    _flag(g, "soft", action="store_true",
+          help="the reference code's soft schedule instead of pruning first")
+    _flag(g, "soft-every", type=int, metavar="N", help="soft schedule: re-pick filters every N epochs")
+    _flag(g, "importance", choices=["l1", "l2", "fpgm", "bn-scale", "random"])
+    _flag(g, "global-pruning", action="store_true")
+    _flag(g, "round-to", type=int, metavar="N", help="keep channel counts multiples of N")
+    _flag(g, "init", choices=["preserve", "paper"], help="partner initialisation")
+    _flag(g, "diversity-weight", type=float)
+    _flag(g, "granularity", choices=["stage", "block", "global"])
+    g.add_argument("--no-partners", dest="partners", action="store_false", default=S,
+                   help="plain fine-tuning of the pruned model (ablation)")
+    _flag(g, "verify-tol", type=float, help="largest relative error accepted by the checks")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; flags win")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bpl",
+        description="Compress CNNs with Block-wise Partner Learning (Zhang et al., TNNLS 2023).",
+        epilog="Start with `bpl demo`. Every command has --help with an example.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    p = command("train", "train a baseline classifier on a dataset")
+    _data_options(p)
+    g = p.add_argument_group("model")
+    _flag(g, "arch", help="torchvision architecture name (resnet18, resnet50, vgg16_bn, ...)")
+    _flag(g, "weights", metavar="PATH", help="start from these weights (a state_dict or bpl file)")
+    _flag(g, "pretrained", action="store_true", help="start from torchvision's ImageNet weights")
+    _train_options(p)
+    _common(p)
+
+    p = command("compress", "prune a baseline, train it with partners, fuse and verify")
+    _data_options(p)
+    _compress_options(p)
+    _train_options(p)
+    _common(p)
+
+    p = command("evaluate", "top-1/top-5 and per-class accuracy of a checkpoint")
+    p.add_argument("checkpoint", help="any checkpoint bpl wrote (last.pt, best.pt, deploy.pt)")
+    _data_options(p)
+    p.add_argument("--split", metavar="JSON", help="split file (default: split.json beside the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _common(p)
+
+    p = command("profile", "MACs, params and CPU latency of one or two checkpoints")
+    p.add_argument("checkpoints", nargs="+", metavar="checkpoint", help="one, or baseline and compressed")
+    p.add_argument("--image-size", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: all)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _common(p)
+
+    p = command("export", "export a checkpoint to ONNX or TorchScript and check parity")
+    p.add_argument("checkpoint", help="any checkpoint bpl wrote; partners are fused first")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", metavar="PATH", help="output file (default: beside the checkpoint)")
+    p.add_argument("--image-size", type=int, help="input size (default: the checkpoint's)")
+    p.add_argument("--tol", type=float, default=1e-4, help="largest relative error accepted")
+    _common(p)
+
+    p = command("demo", "the whole story on the bundled digits data in about two minutes")
+    p.add_argument("--out", default="runs/demo", metavar="DIR")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per phase (default: the demo's)")
+    _common(p)
+    return parser
+
+
+def _config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
+    skip = {"command", "config", "debug", "quiet"}
+    overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    return resolve_config(base, args.config, overrides)
+
+
+def _run_training(job, args: argparse.Namespace) -> int:
+    """Run ``job`` (train or compress), under torchrun as one of several processes."""
+    from . import distributed
+
+    cfg = _config(args)
+    ctx = distributed.init(cfg.device)
+    try:
+        metrics = job(cfg, progress=not args.quiet)
+    finally:
+        distributed.shutdown()
+    if ctx.is_main:
+        _print_summary(metrics)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .pipeline import train_baseline
+
+    return _run_training(train_baseline, args)
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from .pipeline import compress
+
+    return _run_training(compress, args)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .pipeline import evaluate_checkpoint
+
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in {"data", "data_root", "image_size", "cache_dir", "skip_bad"}}
+    metrics = evaluate_checkpoint(args.checkpoint, split=args.split, batch_size=args.batch_size,
+                                  device=args.device, overrides=overrides)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{args.checkpoint}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+              f"({metrics['samples']} test images)")
+        for name, acc in zip(metrics["classes"], metrics["per_class_top1"]):
+            print(f"  {name:<24} {acc:6.2f}%")
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .pipeline import profile_checkpoints
+
+    result = profile_checkpoints(args.checkpoints, image_size=args.image_size,
+                                 batch_sizes=args.batch_size, threads=args.threads,
+                                 repeats=args.repeats)
+    print(json.dumps(result, indent=2) if args.json else result["table"])
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .pipeline import export_checkpoint
+
+    result = export_checkpoint(args.checkpoint, format=args.format, out=args.out,
+                               image_size=args.image_size, tol=args.tol)
+    print(f"wrote {result['path']} ({result['format']}); max relative error vs PyTorch "
+          f"{result['max_relative_error']:.2e} at batch sizes "
+          f"{', '.join(map(str, result['errors_by_batch_size']))}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .pipeline import demo
+
+    metrics = demo(args.out, epochs=args.epochs, progress=not args.quiet)
+    _print_summary(metrics)
+    return 0
+
+
+def _print_summary(metrics: dict[str, Any]) -> None:
+    from .report import comparison_table
+
+    print(comparison_table(metrics["models"]))
+    for key in ("fusion_error", "removal_error"):
+        if metrics.get(key) is not None:
+            print(f"{key.replace('_', ' ')}: {metrics[key]:.2e} (max relative)")
+    run_dir = Path(metrics["config"]["out"]) if metrics.get("config", {}).get("out") else None
+    if run_dir:
+        print(f"run directory: {run_dir}  (report.md, metrics.json)")
+
+
+COMMANDS = {
+    "train": _cmd_train,
+    "compress": _cmd_compress,
+    "evaluate": _cmd_evaluate,
+    "profile": _cmd_profile,
+    "demo": _cmd_demo,
+    "export": _cmd_export,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `bpl` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("bpl: interrupted; the last complete epoch is in last.pt, continue with --resume",
+              file=sys.stderr)
+        return 130
+    except (BPLError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+        if args.debug:
+            raise
+        print(f"bpl: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

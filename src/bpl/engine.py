@@ -1,0 +1,428 @@
+"""Train and evaluate: the loop behind every bpl command.
+
+Loss = cross-entropy + the diversity loss (when the model has partners), SGD with
+momentum, a per-iteration cosine or step schedule with warm-up, AMP and
+channels_last on CUDA. After every epoch the whole training state is written
+atomically to ``last.pt``, so a run killed at any point resumes from the last
+complete epoch and ends exactly where an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
+
+from . import distributed
+from .config import Config
+from .diversity import diversity_loss
+from .errors import BPLError
+from .extend import partner_blocks
+from .models import atomic_save
+
+__all__ = [
+    "EpochHook",
+    "FitResult",
+    "TrainingDiverged",
+    "evaluate",
+    "fit",
+    "make_loader",
+    "select_device",
+    "seed_everything",
+]
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "bpl-train/1"
+
+
+class TrainingDiverged(BPLError):
+    """The loss became NaN or infinite."""
+
+
+class EpochHook(Protocol):
+    """Something that acts on the model during training (the soft pruner is one)."""
+
+    def after_step(self) -> None: ...
+    def epoch_end(self, epoch: int) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: per-epoch history and the final evaluation."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+    best_top1: float = 0.0
+    best_epoch: int = 0
+    resumed_from: int = 0
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU."""
+    ctx = distributed.current()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and ctx.enabled:
+        name = f"cuda:{ctx.local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BPLError(f"--device {name} asked for CUDA, but no GPU is visible; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) and prefer deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def make_loader(
+    dataset: Dataset, cfg: Config, *, train: bool, device: torch.device, shard: bool = True
+) -> DataLoader:
+    """A DataLoader of this process's share of ``dataset``.
+
+    ``cfg.batch_size`` is the global batch: under torchrun each of the N processes
+    takes ``batch_size / N`` samples a step (a DistributedSampler, reseeded every
+    epoch by :func:`fit`), so the learning rate means the same for any N. Evaluation
+    gives rank r the samples r, r+N, r+2N, ...: every sample exactly once overall.
+    ``shard=False`` gives the whole set to this process.
+    """
+    ctx = distributed.current() if shard else distributed.Context()
+    batch = cfg.batch_size if train else max(cfg.batch_size, 64)
+    if ctx.enabled and batch % ctx.world_size:
+        raise BPLError(f"--batch-size {batch} must be divisible by the {ctx.world_size} processes")
+    batch //= ctx.world_size
+    sampler = None
+    if ctx.enabled and train:
+        sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True,
+                                     seed=cfg.seed, drop_last=True)
+    elif ctx.enabled:
+        dataset = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        drop_last=train and len(dataset) > batch,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.workers > 0,
+        generator=torch.Generator() if train else None,
+    )
+
+
+def _lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
+    total = cfg.epochs * steps_per_epoch
+    warm = cfg.warmup_epochs * steps_per_epoch
+    bounds = [int(m * total) for m in cfg.milestones]
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "cosine":
+            progress = (step - warm) / max(1, total - warm)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return cfg.gamma ** sum(step >= b for b in bounds)
+
+    return factor
+
+
+def _autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    *,
+    device: torch.device | None = None,
+    amp: bool = False,
+    progress: bool = False,
+    distributed_sum: bool = False,
+) -> dict[str, Any]:
+    """Loss, top-1, top-5 (percent), per-class accuracy and the confusion matrix on ``loader``.
+
+    With ``distributed_sum`` every rank passes its shard and the counts are summed over
+    ranks, so the result covers the whole set once.
+    """
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    loss_sum, top5_hits, seen = 0.0, 0, 0
+    k = min(5, num_classes)
+    for x, y in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with _autocast(device, amp and device.type == "cuda"):
+            logits = model(x)
+        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+        top5_hits += (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum().item()
+        pred = logits.argmax(dim=1)
+        confusion += torch.bincount(
+            (y * num_classes + pred).cpu(), minlength=num_classes * num_classes
+        ).reshape(num_classes, num_classes)
+        seen += y.numel()
+    model.train(was_training)
+    if distributed_sum:
+        totals = torch.tensor([loss_sum, top5_hits, seen], dtype=torch.float64)
+        loss_sum, top5_hits, seen = distributed.all_reduce_sum(totals).tolist()
+        confusion = distributed.all_reduce_sum(confusion)
+    if seen == 0:
+        raise BPLError("the evaluation set is empty; check the dataset split")
+    per_class = (confusion.diag().float() / confusion.sum(1).clamp_min(1).float() * 100).tolist()
+    return {
+        "loss": loss_sum / seen,
+        "top1": 100.0 * confusion.diag().sum().item() / seen,
+        "top5": 100.0 * top5_hits / seen,
+        "per_class_top1": per_class,
+        "confusion": confusion.tolist(),
+        "samples": int(seen),
+    }
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Logs:
+    """The per-epoch CSV log, plus TensorBoard events when tensorboard is installed.
+
+    The CSV is rewritten from the whole history after each checkpoint, so after a
+    resume it holds exactly the epochs that ``last.pt`` holds.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.csv_path = run_dir / "log.csv"
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.writer = None
+
+    def write(self, history: list[dict[str, float]]) -> None:
+        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(history[-1]))
+            writer.writeheader()
+            writer.writerows(history)
+        os.replace(tmp, self.csv_path)
+        if self.writer is not None:
+            row = history[-1]
+            for key, value in row.items():
+                if key != "epoch":
+                    self.writer.add_scalar(key, value, int(row["epoch"]))
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    test_set: Dataset,
+    cfg: Config,
+    run_dir: str | Path,
+    *,
+    num_classes: int,
+    payload: Callable[[nn.Module], dict],
+    hooks: Sequence[EpochHook] = (),
+    resume_state: dict | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train ``model`` for ``cfg.epochs`` epochs, checkpointing ``last.pt`` and ``best.pt``.
+
+    ``payload(model)`` turns the model into the dict stored under ``"model"`` in a
+    checkpoint (weights plus whatever is needed to rebuild it). ``resume_state`` is a
+    ``last.pt`` loaded by the caller, whose model weights are already in ``model``.
+    """
+    run_dir = Path(run_dir)
+    ctx = distributed.current()
+    device = select_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    has_partners = bool(partner_blocks(model))
+    train_loader = make_loader(train_set, cfg, train=True, device=device)
+    test_loader = make_loader(test_set, cfg, train=False, device=device)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, len(train_loader)))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    result = FitResult()
+    start = 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        scaler.load_state_dict(resume_state["scaler"])
+        for hook, state in zip(hooks, resume_state.get("hooks", []), strict=True):
+            hook.load_state_dict(state)
+        start = result.resumed_from = resume_state["epoch"]
+        result.history = list(resume_state["history"])
+        result.best_top1, result.best_epoch = resume_state["best_top1"], resume_state["best_epoch"]
+        _set_rng_state(resume_state["rng"])
+        log.info("resuming after epoch %d of %d", start, cfg.epochs)
+    net = distributed.wrap(model, device, sync_bn=cfg.sync_bn)  # DDP under torchrun
+    logs = _Logs(run_dir) if ctx.is_main else None
+    progress = progress and ctx.is_main
+    try:
+        for epoch in range(start, cfg.epochs):
+            row = _train_one_epoch(
+                net, train_loader, optimizer, scheduler, scaler, criterion, hooks,
+                cfg, epoch, device, amp, has_partners, progress,
+            )
+            for hook in hooks:
+                hook.epoch_end(epoch)
+            # the bare model: DDP's forward would broadcast buffers, and shards differ in size
+            metrics = evaluate(model, test_loader, num_classes, device=device, amp=amp,
+                               distributed_sum=ctx.enabled)
+            row.update(test_loss=metrics["loss"], test_top1=metrics["top1"],
+                       test_top5=metrics["top5"], test_samples=metrics["samples"])
+            result.history.append(row)
+            result.final = metrics
+            improved = metrics["top1"] > result.best_top1 or result.best_epoch == 0
+            if improved:
+                result.best_top1, result.best_epoch = metrics["top1"], epoch + 1
+            if not ctx.is_main:
+                continue
+            log.info(
+                "epoch %d/%d  loss %.4f  train %.2f%%  test top-1 %.2f%%  (%.1fs)",
+                epoch + 1, cfg.epochs, row["train_loss"], row["train_top1"], row["test_top1"],
+                row["epoch_time_s"],
+            )
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "model": payload(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "hooks": [h.state_dict() for h in hooks],
+                "epoch": epoch + 1,
+                "history": result.history,
+                "rng": _rng_state(),
+                "config": cfg.to_dict(),
+                "best_top1": result.best_top1,
+                "best_epoch": result.best_epoch,
+            }
+            if improved:
+                atomic_save(state["model"], run_dir / "best.pt")
+            atomic_save(state, run_dir / "last.pt")
+            logs.write(result.history)
+    finally:
+        if logs is not None:
+            logs.close()
+        distributed.unwrap(net)
+    if not result.final:  # resumed a run that had already finished
+        result.final = evaluate(model, test_loader, num_classes, device=device, amp=amp,
+                                distributed_sum=ctx.enabled)
+    return result
+
+
+def _train_one_epoch(
+    model, loader, optimizer, scheduler, scaler, criterion, hooks, cfg, epoch, device, amp,
+    has_partners, progress,
+) -> dict[str, float]:
+    # Each epoch's shuffling and augmentation depend only on (seed, epoch, rank): resume-exact.
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    else:
+        loader.generator.manual_seed(cfg.seed * 10_007 + epoch)
+    torch.manual_seed(cfg.seed * 10_007 + epoch + 1_000_003 * distributed.current().rank)
+    model.train()
+    sums = {"loss": 0.0, "ce": 0.0, "div": 0.0, "correct": 0, "seen": 0}
+    t0 = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
+    for step, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if device.type == "cuda" and cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            logits = model(x)
+            ce = criterion(logits, y)
+        div = (
+            diversity_loss(model, weight=cfg.diversity_weight, granularity=cfg.granularity)
+            if has_partners and cfg.diversity_weight > 0
+            else torch.zeros((), device=device)
+        )
+        loss = ce.float() + div
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; lower the "
+                "learning rate (--lr) or check the data"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        for hook in hooks:
+            hook.after_step()
+        n = y.numel()
+        sums["loss"] += loss.item() * n
+        sums["ce"] += ce.item() * n
+        sums["div"] += div.item() * n
+        sums["correct"] += (logits.argmax(1) == y).sum().item()
+        sums["seen"] += n
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(
+            loss=f"{sums['loss'] / sums['seen']:.3f}",
+            acc=f"{100 * sums['correct'] / sums['seen']:.1f}",
+            img_s=f"{sums['seen'] / max(elapsed, 1e-9):.0f}",
+        )
+    elapsed = time.perf_counter() - t0
+    if distributed.current().enabled:  # report the whole global batch, not this rank's share
+        keys = ("loss", "ce", "div", "correct", "seen")
+        totals = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+        sums.update(zip(keys, totals.tolist()))
+    seen = max(sums["seen"], 1)
+    return {
+        "epoch": epoch + 1,
+        "lr": optimizer.param_groups[0]["lr"],
+        "train_loss": sums["loss"] / seen,
+        "train_ce": sums["ce"] / seen,
+        "train_diversity": sums["div"] / seen,
+        "train_top1": 100.0 * sums["correct"] / seen,
+        "epoch_time_s": elapsed,
+        "images_per_s": seen / max(elapsed, 1e-9),
+    }

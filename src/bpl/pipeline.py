@@ -1,0 +1,388 @@
+"""The main jobs, as Python functions: train a baseline, compress it with BPL, the demo.
+
+Each writes one run directory: ``config.json``, ``split.json``, ``last.pt`` (resumable),
+``best.pt``, ``log.csv``, ``metrics.json``, ``report.md`` with plots and, for
+``compress``, ``deploy.pt`` (the fused, physically smaller model). The CLI is a thin
+layer over these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed
+from .config import Config
+from .data import load_dataset
+from .engine import evaluate, fit, make_loader, seed_everything, select_device
+from .errors import BPLError
+from .extend import extend
+from .fuse import fuse
+from .models import build_model, load_checkpoint, model_from_payload, model_payload, save_model
+from .profile import profile
+from .pruning import SoftPruner, prune
+from .report import write_json, write_report
+from .verify import verify
+
+__all__ = [
+    "compress",
+    "demo",
+    "evaluate_checkpoint",
+    "export_checkpoint",
+    "load_data",
+    "prepare_run_dir",
+    "profile_checkpoints",
+    "train_baseline",
+]
+
+log = logging.getLogger(__name__)
+
+
+def prepare_run_dir(cfg: Config, command: str) -> Path:
+    """The run directory: ``--out`` or ``runs/<command>-<arch>-<data>``; refuses to clobber a run."""
+    run_dir = Path(cfg.out or f"runs/{command}-{cfg.arch}-{cfg.data}")
+    if (run_dir / "last.pt").exists() and not cfg.resume:
+        raise BPLError(
+            f"{run_dir} already holds a run; pass --resume to continue it or --out DIR for a new one"
+        )
+    if cfg.resume and not (run_dir / "last.pt").exists():
+        raise BPLError(f"--resume: no last.pt in {run_dir}; run without --resume to start")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", {"command": command, **cfg.to_dict()})
+    return run_dir
+
+
+@contextlib.contextmanager
+def _run(cfg: Config, command: str) -> Iterator[Path]:
+    """A run directory that is removed again if the run fails before its first epoch ends.
+
+    Under torchrun rank 0 prepares it (and loads the data first, see :func:`load_data`).
+    """
+    main = distributed.current().is_main
+    run_dir = Path(cfg.out or f"runs/{command}-{cfg.arch}-{cfg.data}")
+    existed = run_dir.exists()
+    with distributed.main_first():
+        if main:
+            prepare_run_dir(cfg, command)
+    try:
+        yield run_dir
+    except BaseException:
+        if main and not existed and not (run_dir / "last.pt").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def load_data(cfg: Config, run_dir: Path):
+    """The dataset of ``cfg``, split as recorded in ``run_dir/split.json`` when that exists.
+
+    Under torchrun rank 0 decodes, caches and writes the split first; the others read it.
+    """
+    with distributed.main_first():
+        data = load_dataset(
+            cfg.data,
+            cfg.data_root,
+            image_size=cfg.image_size,
+            seed=cfg.seed,
+            train_ratio=cfg.train_ratio,
+            split_file=run_dir / "split.json",
+            cache_dir=cfg.cache_dir,
+            skip_bad=cfg.skip_bad,
+            download=cfg.download,
+        )
+    return data
+
+
+def _meta(cfg: Config, data) -> dict[str, Any]:
+    return {
+        "classes": list(data.classes),
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "image_size": cfg.image_size,
+        "data": cfg.data,
+        "data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
+    }
+
+
+def _example(cfg: Config, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, cfg.image_size, cfg.image_size)
+
+
+def _measure(model: nn.Module, cfg: Config, top1: float | None) -> dict[str, Any]:
+    model = model.cpu().eval()
+    prof = profile(model, _example(cfg), latency=cfg.latency)
+    return {"top1": top1, "macs": prof["macs"], "params": prof["params"],
+            "latency_ms": prof.get("latency_ms")}
+
+
+def _resume_state(run_dir: Path) -> dict | None:
+    return load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").exists() else None
+
+
+def train_baseline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
+    """`bpl train`: train ``cfg.arch`` on ``cfg.data`` from scratch (or given weights)."""
+    seed_everything(cfg.seed)
+    with _run(cfg, "train") as run_dir:
+        return _train_baseline(cfg, run_dir, progress)
+
+
+def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    data = load_data(cfg, run_dir)
+    meta = _meta(cfg, data)
+    state = _resume_state(run_dir) if cfg.resume else None
+    if state is not None:
+        model, _ = model_from_payload(state["model"])
+    else:
+        model = build_model(cfg.arch, data.num_classes, pretrained=cfg.pretrained, weights=cfg.weights)
+    result = fit(
+        model, data.train, data.test, cfg, run_dir,
+        num_classes=data.num_classes,
+        payload=lambda m: model_payload(m, cfg.arch, data.num_classes, meta),
+        resume_state=state,
+        progress=progress,
+    )
+    if not distributed.current().is_main:
+        return {}
+    metrics = {
+        "command": "train",
+        "config": cfg.to_dict(),
+        "final": result.final,
+        "best_top1": result.best_top1,
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "models": {"baseline": _measure(model, cfg, result.final["top1"])},
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    write_report(run_dir, metrics)
+    return metrics
+
+
+def compress(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
+    """`bpl compress`: prune a baseline, extend, train with the diversity loss, fuse, verify."""
+    seed_everything(cfg.seed)
+    if not cfg.baseline:
+        raise BPLError("compress needs a baseline checkpoint: pass --baseline PATH (from bpl train)")
+    baseline, base_meta = model_from_payload(load_checkpoint(cfg.baseline, model_only=True))
+    with _run(cfg, "compress") as run_dir:
+        return _compress(cfg, run_dir, baseline, base_meta, progress)
+
+
+def _compress(
+    cfg: Config, run_dir: Path, baseline: nn.Module, base_meta: dict[str, Any], progress: bool
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    data = load_data(cfg, run_dir)
+    if base_meta.get("num_classes") != data.num_classes:
+        raise BPLError(
+            f"{cfg.baseline} was trained for {base_meta.get('num_classes')} classes but "
+            f"{cfg.data} has {data.num_classes}; pass the baseline trained on this dataset"
+        )
+    cfg.arch = base_meta.get("arch", cfg.arch)
+    meta = _meta(cfg, data)
+    main = distributed.current().is_main
+    device = select_device(cfg.device)
+    test_loader = make_loader(data.test, cfg, train=False, device=device, shard=False)
+    if main:
+        base_eval = evaluate(baseline.to(device), test_loader, data.num_classes, device=device)
+    example = _example(cfg)
+    state = _resume_state(run_dir) if cfg.resume else None
+    hooks: list = []
+    if state is not None:
+        student, _ = model_from_payload(state["model"])
+    elif cfg.soft:
+        student = extend(baseline.cpu(), init=cfg.init)
+    else:
+        pruned = prune(
+            baseline.cpu(), example,
+            flops_reduction=cfg.flops_reduction,
+            importance=cfg.importance,
+            global_pruning=cfg.global_pruning,
+            round_to=cfg.round_to,
+        )
+        student = extend(pruned, init=cfg.init) if cfg.partners else pruned
+    if cfg.soft:
+        hooks.append(SoftPruner(student, example, flops_reduction=cfg.flops_reduction,
+                                every=cfg.soft_every, importance=cfg.importance))
+    result = fit(
+        student, data.train, data.test, cfg, run_dir,
+        num_classes=data.num_classes,
+        payload=lambda m: model_payload(m, cfg.arch, data.num_classes, meta),
+        hooks=hooks,
+        resume_state=state,
+        progress=progress,
+    )
+    if not main:
+        return {}
+    student = student.cpu().eval()
+    check_x = next(iter(test_loader))[0][:8].cpu()
+    metrics: dict[str, Any] = {"command": "compress", "config": cfg.to_dict()}
+    if cfg.soft:
+        deploy = hooks[0].finalize(student, check_x, tol=cfg.verify_tol)
+        metrics["removal_error"] = hooks[0].report["removal_error"]
+        metrics["fusion_error"] = hooks[0].report["fusion_error"]
+    elif cfg.partners:
+        deploy = fuse(student)
+        metrics["fusion_error"] = verify(student, deploy, check_x, tol=cfg.verify_tol)
+    else:
+        deploy = student
+    deploy_eval = evaluate(deploy.to(device), test_loader, data.num_classes, device=device)
+    save_model(run_dir / "deploy.pt", deploy.cpu(), arch=cfg.arch, num_classes=data.num_classes,
+               meta=meta)
+    models = {
+        "baseline": _measure(baseline, cfg, base_eval["top1"]),
+        "compressed": _measure(deploy, cfg, deploy_eval["top1"]),
+    }
+    metrics.update(
+        baseline=base_eval,
+        final=deploy_eval,
+        best_top1=result.best_top1,
+        best_epoch=result.best_epoch,
+        history=result.history,
+        models=models,
+        macs_reduction=1 - models["compressed"]["macs"] / models["baseline"]["macs"],
+        wall_time_s=time.perf_counter() - t0,
+    )
+    write_report(run_dir, metrics)
+    return metrics
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    split: str | Path | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`bpl evaluate`: accuracy of any checkpoint bpl wrote, on the test images of its run."""
+    model, meta = model_from_payload(load_checkpoint(path, model_only=True))
+    split_file = Path(split) if split else Path(path).parent / "split.json"
+    if not split_file.exists():
+        raise BPLError(f"no split file at {split_file}; pass --split with the run's split.json")
+    o = dict(overrides or {})
+    data = load_dataset(
+        o.get("data", meta.get("data", "imagefolder")),
+        o.get("data_root", meta.get("data_root")),
+        image_size=o.get("image_size", meta.get("image_size", 224)),
+        split_file=split_file,
+        cache_dir=o.get("cache_dir"),
+        skip_bad=o.get("skip_bad", False),
+    )
+    if meta.get("classes") and list(data.classes) != list(meta["classes"]):
+        raise BPLError(f"{path} was trained on other classes than {split_file} lists; "
+                       "pass the split.json of the run that wrote the checkpoint")
+    cfg = Config(batch_size=batch_size, device=device, workers=0)
+    dev = select_device(device)
+    metrics = evaluate(model.to(dev), make_loader(data.test, cfg, train=False, device=dev),
+                       data.num_classes, device=dev)
+    metrics["classes"] = list(data.classes)
+    return metrics
+
+
+def profile_checkpoints(
+    paths: list[str | Path],
+    *,
+    image_size: int | None = None,
+    batch_sizes: list[int] = (1, 16),
+    threads: int | None = None,
+    repeats: int = 20,
+) -> dict[str, Any]:
+    """`bpl profile`: MACs, params and CPU latency, measured interleaved when comparing two."""
+    from .profile import compare_latency, count_macs, count_params
+
+    if not 1 <= len(paths) <= 2:
+        raise BPLError("profile takes one checkpoint, or two (baseline and compressed)")
+    models, sizes = {}, set()
+    for p in paths:
+        model, meta = model_from_payload(load_checkpoint(p, model_only=True))
+        name = str(p) if str(p) not in models else f"{p} (2)"
+        models[name] = model.eval()
+        sizes.add(image_size or meta.get("image_size", 224))
+    if len(sizes) > 1:
+        raise BPLError(f"the checkpoints use different image sizes {sorted(sizes)}; pass --image-size")
+    size = sizes.pop()
+    x1 = torch.randn(1, 3, size, size)
+    rows: dict[str, dict[str, Any]] = {
+        n: {"macs": count_macs(m, x1), "params": count_params(m), "latency_ms": {}}
+        for n, m in models.items()
+    }
+    for bs in batch_sizes:
+        lat = compare_latency(models, torch.randn(bs, 3, size, size), threads=threads, repeats=repeats)
+        for n in models:
+            rows[n]["latency_ms"][bs] = lat[n]
+    lines = [f"input {size}x{size} px, median CPU latency over {repeats} interleaved runs", "",
+             "| model | MACs | params | " + " | ".join(f"batch {b} (ms)" for b in batch_sizes) + " |",
+             "|---|---:|---:|" + "---:|" * len(batch_sizes)]
+    for n, r in rows.items():
+        lines.append(f"| {n} | {r['macs'] / 1e6:.1f}M | {r['params'] / 1e6:.2f}M | "
+                     + " | ".join(f"{r['latency_ms'][b]:.2f}" for b in batch_sizes) + " |")
+    result: dict[str, Any] = {"image_size": size, "models": rows}
+    if len(rows) == 2:
+        (na, a), (nb, b) = rows.items()
+        ideal = a["macs"] / b["macs"]
+        result["ideal_speedup"] = ideal
+        result["speedup"] = {bs: a["latency_ms"][bs] / b["latency_ms"][bs] for bs in batch_sizes}
+        lines.append("")
+        lines.append(f"ideal speedup (MACs ratio): {ideal:.2f}x")
+        for bs, s in result["speedup"].items():
+            lines.append(f"batch {bs}: {s:.2f}x faster = {s / ideal:.2f} of ideal")
+    result["table"] = "\n".join(lines)
+    return result
+
+
+def export_checkpoint(
+    path: str | Path,
+    *,
+    format: str = "onnx",
+    out: str | Path | None = None,
+    image_size: int | None = None,
+    tol: float = 1e-4,
+) -> dict[str, Any]:
+    """`bpl export`: a checkpoint to ONNX/TorchScript (fused, BN folded), parity-checked."""
+    from .export import export
+
+    model, meta = model_from_payload(load_checkpoint(path, model_only=True))
+    size = image_size or meta.get("image_size", 224)
+    suffix = ".onnx" if format == "onnx" else ".torchscript.pt"
+    out = Path(out) if out else Path(path).with_suffix(suffix)
+    return export(model, torch.randn(1, 3, size, size), out, format=format, tol=tol)
+
+
+#: The demo's settings: small enough for about two minutes on two CPU cores.
+DEMO = {
+    "data": "digits",
+    "image_size": 32,
+    "arch": "tiny_resnet",
+    "batch_size": 64,
+    "lr": 0.1,
+    "schedule": "cosine",
+    "weight_decay": 5e-4,
+    "workers": 0,
+    "seed": 0,
+}
+
+
+def demo(out: str | Path = "runs/demo", *, epochs: int | None = None,
+         progress: bool = True) -> dict[str, Any]:
+    """`bpl demo`: train a small baseline on digits, compress ~70% of its MACs with BPL, verify.
+
+    Re-running with the same ``out`` resumes (or simply re-reports) what is already there.
+    """
+    out = Path(out)
+    base = dict(DEMO, epochs=epochs or 6, out=str(out / "baseline"))
+    base["resume"] = (out / "baseline" / "last.pt").exists()
+    log.info("demo 1/2: training a %s baseline on digits -> %s", base["arch"], base["out"])
+    train_baseline(Config(**base), progress=progress)
+    comp = dict(DEMO, epochs=epochs or 6, lr=0.05, out=str(out / "compressed"),
+                baseline=str(out / "baseline" / "last.pt"), flops_reduction=0.7)
+    comp["resume"] = (out / "compressed" / "last.pt").exists()
+    log.info("demo 2/2: pruning 70%% of the MACs, training with partners, fusing -> %s", comp["out"])
+    return compress(Config(**comp), progress=progress)
