@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from .errors import BPLError
-from .extend import partner_blocks
-from .partner import PartnerBlock, _is_plain_batchnorm, fold_block
+from .extend import find_conv_bn_pairs, partner_blocks
+from .partner import NormSlot, PartnerBlock, _is_plain_batchnorm, fold_block, fold_conv_bn
 
-__all__ = ["fuse"]
+__all__ = ["fuse", "fold_batchnorm"]
 
 
 @torch.no_grad()
@@ -72,4 +72,27 @@ def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> n
         model.set_submodule(slot_name, norm)
     if hasattr(model, "bpl_report"):
         del model.bpl_report
+    return model
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Fold every BatchNorm that directly follows a conv into that conv's weight and bias.
+
+    For deployment (export): fewer layers, same function in eval mode. A model with
+    partners is fused first with ``fuse(model, fold_bn=True)``.
+    """
+    if partner_blocks(model):
+        return fuse(model, fold_bn=True, inplace=inplace)
+    if not inplace:
+        model = copy.deepcopy(model)
+    for conv_name, bn_name in find_conv_bn_pairs(model, kernel_sizes=None).extended:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        weight, bias = fold_conv_bn(conv, bn)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.empty_like(bias))
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+        tail = NormSlot(bn).tail
+        model.set_submodule(bn_name, tail if len(tail) else nn.Identity())
     return model

@@ -1,0 +1,146 @@
+"""Export a deployable model to ONNX or TorchScript, and prove the export computes the same."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BPLError, VerificationError
+from .extend import partner_blocks
+from .fuse import fold_batchnorm
+
+__all__ = ["FORMATS", "OnnxModule", "export", "onnx_module"]
+
+log = logging.getLogger(__name__)
+FORMATS = ("onnx", "torchscript")
+
+
+def _relative(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def _write_onnx(model: nn.Module, x: torch.Tensor, path: str, opset: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (x,), path,
+            input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=opset, dynamo=False,
+        )
+
+
+def _require_onnx():
+    """The onnx and onnxruntime modules, or a clear error naming the extra to install."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise BPLError("ONNX export needs onnx and onnxruntime: pip install 'bpl[onnx]'") from exc
+    return onnx, onnxruntime
+
+
+def _onnx_runner(path: str):
+    onnx, ort = _require_onnx()
+    onnx.checker.check_model(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+def _torchscript_runner(path: str):
+    scripted = torch.jit.load(path, map_location="cpu")
+    return lambda x: scripted(x)
+
+
+def export(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    path: str | Path,
+    *,
+    format: str = "onnx",
+    tol: float = 1e-4,
+    check_batch_sizes: tuple[int, ...] = (1, 5),
+    opset: int = 17,
+) -> dict[str, Any]:
+    """Fold BN (fusing partners first), export with a dynamic batch axis, check parity.
+
+    The exported file is run (onnxruntime, or the loaded TorchScript module) on random
+    inputs of each batch size in ``check_batch_sizes`` and compared with ``model`` in
+    PyTorch; above ``tol`` max relative error nothing is written and
+    :class:`~bpl.errors.VerificationError` is raised.
+    """
+    if format not in FORMATS:
+        raise BPLError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if format == "onnx":
+        _require_onnx()  # fail before the work when the extra is missing
+    reference = model.cpu().eval()
+    fused = partner_blocks(reference)
+    if fused:
+        log.info("the model still has %d partner blocks: fusing them before export", len(fused))
+    deploy = fold_batchnorm(reference)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = example_inputs.cpu()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if format == "onnx":
+            _write_onnx(deploy, x, tmp, opset)
+            run = _onnx_runner(tmp)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.jit.save(torch.jit.trace(deploy, x), tmp)
+            run = _torchscript_runner(tmp)
+        errors = {}
+        with torch.inference_mode():
+            for bs in check_batch_sizes:
+                xb = torch.randn(bs, *x.shape[1:])
+                errors[bs] = _relative(reference(xb), run(xb))
+        worst = max(errors.values())
+        if not worst <= tol:
+            raise VerificationError(
+                f"{format} export differs from PyTorch: max relative error {worst:.3g} > {tol:g}; "
+                "nothing was written"
+            )
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    log.info("exported %s to %s (max relative error %.2e)", format, path, worst)
+    return {"path": str(path), "format": format, "max_relative_error": worst,
+            "errors_by_batch_size": errors, "fused_partners": len(fused)}
+
+
+class OnnxModule(nn.Module):
+    """An onnxruntime session behind an ``nn.Module`` face, so it can be timed like one."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        super().__init__()
+        _, ort = _require_onnx()
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.cpu().numpy()})[0])
+
+
+def onnx_module(
+    model: nn.Module, example_inputs: torch.Tensor, *, threads: int | None = None,
+    tol: float = 1e-4,
+) -> OnnxModule:
+    """Export ``model`` to a temporary ONNX file (parity-checked) and load it in onnxruntime."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        export(model, example_inputs, path, format="onnx", tol=tol)
+        return OnnxModule(path, threads=threads)  # the session holds the model in memory

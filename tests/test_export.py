@@ -1,0 +1,87 @@
+"""Export to ONNX and TorchScript with parity checks through the dynamic batch axis."""
+
+from __future__ import annotations
+
+import builtins
+
+import pytest
+import torch
+import torchvision
+
+import bpl
+from bpl.errors import BPLError, VerificationError
+from bpl.export import export
+from bpl.fuse import fold_batchnorm
+from conftest import randomize_bn
+
+
+@pytest.fixture(scope="module")
+def pruned_student():
+    model = randomize_bn(torchvision.models.resnet18(num_classes=7))
+    pruned = bpl.prune(model, torch.randn(1, 3, 32, 32), flops_reduction=0.5)
+    student = randomize_bn(bpl.extend(pruned), seed=3).eval()
+    return student
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_pruned_and_fused_resnet18(pruned_student, tmp_path, fmt):
+    deploy = bpl.fuse(pruned_student)
+    result = export(deploy, torch.randn(1, 3, 32, 32), tmp_path / f"m.{fmt}", format=fmt)
+    assert result["max_relative_error"] <= 1e-4
+    assert set(result["errors_by_batch_size"]) == {1, 5}
+    assert (tmp_path / f"m.{fmt}").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [f"m.{fmt}"]
+
+
+def test_exported_onnx_runs_at_any_batch_size(pruned_student, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    deploy = bpl.fuse(pruned_student)
+    export(deploy, torch.randn(1, 3, 32, 32), tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 32, 32)
+    out = session.run(None, {"images": x.numpy()})[0]
+    assert out.shape == (3, 7)
+    assert bpl.relative_error(deploy, deploy, x) == 0.0
+    assert torch.allclose(torch.from_numpy(out), deploy(x), rtol=1e-4, atol=1e-4)
+
+
+def test_unfused_model_is_fused_first(pruned_student, tmp_path):
+    result = export(pruned_student, torch.randn(1, 3, 32, 32), tmp_path / "m.pt",
+                    format="torchscript")
+    assert result["fused_partners"] == len(bpl.partner_blocks(pruned_student))
+    assert result["max_relative_error"] <= 1e-4
+
+
+def test_fold_batchnorm_is_exact_and_removes_bn():
+    model = randomize_bn(torchvision.models.mobilenet_v2(num_classes=4)).eval()
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert bpl.relative_error(model, folded, torch.randn(2, 3, 32, 32)) <= 1e-5
+
+
+def test_missing_onnx_extra_is_a_clear_error(monkeypatch, tmp_path):
+    real_import = builtins.__import__
+
+    def no_onnx(name, *a, **k):
+        if name.startswith("onnx"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    with pytest.raises(BPLError, match=r"pip install 'bpl\[onnx\]'"):
+        export(torch.nn.Conv2d(3, 3, 1), torch.randn(1, 3, 4, 4), tmp_path / "x.onnx")
+
+
+def test_parity_failure_writes_nothing(tmp_path, monkeypatch):
+    import bpl.export as ex
+
+    monkeypatch.setattr(ex, "_relative", lambda ref, out: 1.0)
+    with pytest.raises(VerificationError, match="nothing was written"):
+        export(torch.nn.Conv2d(3, 3, 1), torch.randn(1, 3, 4, 4), tmp_path / "x.pt",
+               format="torchscript")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_format():
+    with pytest.raises(BPLError, match="unknown export format"):
+        export(torch.nn.Conv2d(3, 3, 1), torch.randn(1, 3, 4, 4), "x", format="tflite")
