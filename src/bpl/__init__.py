@@ -5,8 +5,9 @@ Zhang et al., "Block-Wise Partner Learning for Model Compression", IEEE TNNLS 20
 
 from .diversity import diversity_loss
 from .errors import BPLError, TraceError, VerificationError
+from .export import export
 from .extend import ExtendReport, extend, find_conv_bn_pairs, partner_blocks
-from .fuse import fuse
+from .fuse import fold_batchnorm, fuse
 from .models import build_model, list_models, load_model, save_model
 from .partner import PartnerBlock
 from .profile import compare_latency, count_macs, count_params, profile
@@ -30,8 +31,10 @@ __all__ = [
     "count_macs",
     "count_params",
     "diversity_loss",
+    "export",
     "extend",
     "find_conv_bn_pairs",
+    "fold_batchnorm",
     "fuse",
     "list_models",
     "load_model",

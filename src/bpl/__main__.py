@@ -1,3 +1,7 @@
-from bpl.cli import main
+"""`python -m bpl`: the same as the `bpl` command."""
+
 import sys
+
+from bpl.cli import main
+
 sys.exit(main())

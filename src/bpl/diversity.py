@@ -44,6 +44,12 @@ def _plan(model: nn.Module, granularity: str) -> tuple[list[PartnerBlock], list[
     return plan
 
 
+def _dot_and_norms(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[a.b, a.a, b.b]`` of two kernels, each one BLAS dot product without temporaries."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return torch.stack([torch.dot(a, b), torch.dot(a, a), torch.dot(b, b)])
+
+
 def diversity_loss(
     model: nn.Module, *, weight: float = 0.01, granularity: str = "stage", eps: float = 1e-8
 ) -> torch.Tensor:
@@ -61,14 +67,7 @@ def diversity_loss(
         p = next(module.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None,
                            dtype=p.dtype if p is not None else None)
-    stats = torch.stack([
-        torch.stack([
-            (b.conv.weight * b.partner_conv.weight).sum(),
-            b.conv.weight.square().sum(),
-            b.partner_conv.weight.square().sum(),
-        ])
-        for b in blocks
-    ])  # (blocks, 3): dot, |a|^2, |b|^2
+    stats = torch.stack([_dot_and_norms(b.conv.weight, b.partner_conv.weight) for b in blocks])
     index = torch.tensor(groups, device=stats.device)
     sums = stats.new_zeros(n_groups, 3).index_add(0, index, stats)
     cos = sums[:, 0] / torch.sqrt(sums[:, 1] * sums[:, 2]).clamp_min(eps)
