@@ -1,0 +1,583 @@
+"""Reproduce the BPL comparison on real data: UC Merced, five arms, several seeds (issue 9).
+
+For every seed the baseline (arm A) is trained once; arms B-E start from that same
+baseline checkpoint (``<out>/seed<k>/A/last.pt``, the last epoch, not the test-selected
+best) and share its 80/20 split, so the arms of one seed differ only in what the arm
+changes:
+
+    A  baseline, unpruned, trained from scratch (or from the config's weights)
+    B  hard-pruned to ``flops_reduction`` fewer MACs, fine-tuned plainly (no partners)
+    C  the same pruned model with BPL: partners + diversity loss, fused after training
+    D  ablation of C: partners without the diversity loss (``diversity_weight=0``)
+    E  the reference code's soft schedule (``soft=True``) on the extended full model,
+       then fused and physically pruned
+
+B-E train for the same number of epochs with the same optimiser settings.  Each run has
+its own directory ``<out>/seed<k>/<arm>`` (bpl's usual run directory plus ``run.log``).
+Re-running the script skips finished runs (``metrics.json`` present) and resumes cut-off
+ones (``last.pt`` present), so an interrupted reproduction continues where it stopped.
+At the end it writes ``results.json`` and ``results.csv`` (one row per seed and arm),
+``summary.md`` (mean +- sample std per arm, paired differences) and
+``accuracy_vs_macs.png`` into ``<out>``.
+
+    python benchmarks/reproduce_ucm.py                      # the CPU protocol (configs/ucm_cpu.yaml)
+    python benchmarks/reproduce_ucm.py --smoke              # 1-2 minute end-to-end check
+    python benchmarks/reproduce_ucm.py --config benchmarks/configs/paper_gpu.yaml   # the paper's recipe
+
+Settings come from, lowest to highest priority: built-in defaults, ``--config FILE``
+(default ``benchmarks/configs/ucm_cpu.yaml``; ``--config none`` for the defaults alone),
+``--smoke``, command-line flags.  Relative paths in the defaults and config files are
+relative to the repository; relative paths given as flags are relative to the current
+directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bpl.config import Config, resolve_config
+from bpl.errors import BPLError
+from bpl.pipeline import compress, train_baseline
+from bpl.report import write_json
+
+log = logging.getLogger("reproduce_ucm")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "ucm_cpu.yaml"
+#: The paper's headline reduction: ResNet-50 on UC Merced, 73.97% fewer MACs.
+PAPER_REDUCTION = 0.7397
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the comparison: the bpl job it runs and the Config fields it sets."""
+
+    key: str
+    label: str
+    description: str
+    command: str  # "train" or "compress"
+    fields: dict[str, Any]
+
+
+ARMS: dict[str, Arm] = {
+    "A": Arm("A", "baseline", "unpruned baseline", "train", {}),
+    "B": Arm("B", "pruned + fine-tune", "hard-pruned, fine-tuned plainly (no partners)",
+             "compress", {"soft": False, "partners": False}),
+    "C": Arm("C", "pruned + BPL", "hard-pruned, partners + diversity loss, fused",
+             "compress", {"soft": False, "partners": True}),
+    "D": Arm("D", "pruned + partners, no div.", "as C without the diversity loss",
+             "compress", {"soft": False, "partners": True, "diversity_weight": 0.0}),
+    "E": Arm("E", "soft BPL (reference)", "soft schedule on the extended model, fused + pruned",
+             "compress", {"soft": True, "partners": True}),
+}
+
+#: Built-in defaults; the config file and the flags override them.
+DEFAULTS: dict[str, Any] = {
+    "data": "ucm",
+    "data_root": "../shared/data/ucmerced",
+    "out": "runs/reproduce_ucm",
+    "cache_dir": None,  # None: <out>/cache
+    "seeds": [0, 1, 2],
+    "arms": list(ARMS),
+    "arch": "resnet18",
+    "image_size": 96,
+    "baseline_epochs": 30,
+    "finetune_epochs": 6,
+    "flops_reduction": PAPER_REDUCTION,
+    "threads": None,  # torch intra-op threads; None: torch's default (all cores)
+    "common": {},  # Config fields for every run
+    "baseline": {},  # Config fields for arm A only
+    "finetune": {},  # Config fields for arms B-E only
+}
+
+#: What --smoke changes: tiny images, one epoch per phase, one seed.
+SMOKE: dict[str, Any] = {
+    "image_size": 32,
+    "baseline_epochs": 1,
+    "finetune_epochs": 1,
+    "seeds": [0],
+    "out": "runs/reproduce_ucm_smoke",
+}
+
+#: Fields the script sets itself; a config section may not set them.
+_OWNED = {"data", "data_root", "image_size", "arch", "seed", "out", "cache_dir", "epochs",
+          "flops_reduction", "baseline", "resume", "soft", "partners"}
+#: Config fields that may differ between a finished run and this call (paths, bookkeeping).
+_NOT_PROTOCOL = {"data_root", "cache_dir", "out", "baseline", "resume", "device", "workers"}
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
+_METRICS = ("top1", "macs", "params", "latency_ms", "macs_reduction", "wall_time_s")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _relative_to_repo(path: str | None) -> str | None:
+    """A relative path from the defaults or a config file is relative to the repository."""
+    if path is None or Path(path).is_absolute():
+        return path
+    return str(REPO / path)
+
+
+def load_settings_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML/JSON settings file and check its keys (script keys + Config sections)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise BPLError(f"settings file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise BPLError(f"{path} must hold a mapping of setting: value")
+    settings = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(settings) - set(DEFAULTS))
+    if unknown:
+        raise BPLError(f"unknown setting(s) in {path}: {', '.join(unknown)}; "
+                       f"known: {', '.join(DEFAULTS)}")
+    for section in ("common", "baseline", "finetune"):
+        settings[section] = _check_section(settings.get(section) or {}, f"{path}: {section}")
+    return settings
+
+
+def _check_section(section: Any, where: str) -> dict[str, Any]:
+    """A section is a mapping of bpl Config fields, minus the ones the script owns."""
+    if not isinstance(section, dict):
+        raise BPLError(f"{where} must be a mapping of bpl Config fields")
+    section = {str(k).replace("-", "_"): v for k, v in section.items()}
+    unknown = sorted(set(section) - _CONFIG_FIELDS)
+    if unknown:
+        raise BPLError(f"{where}: {', '.join(unknown)} are not bpl Config fields")
+    owned = sorted(set(section) & _OWNED)
+    if owned:
+        raise BPLError(f"{where}: {', '.join(owned)} are set by the script; use the top-level "
+                       "settings (image_size, arch, baseline_epochs, ...) instead")
+    return section
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags; every flag defaults to 'not given' so the config file can fill it."""
+    p = argparse.ArgumentParser(
+        description="Reproduce BPL on UC Merced: arms A-E x seeds, aggregated with mean +- std.",
+        epilog="example:\n  python benchmarks/reproduce_ucm.py --config "
+               "benchmarks/configs/ucm_cpu.yaml\n  python benchmarks/reproduce_ucm.py --smoke",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s = argparse.SUPPRESS
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), metavar="FILE",
+                   help="YAML/JSON settings (default: %(default)s)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny end-to-end check: 32 px, 1 epoch per phase, seed 0")
+    p.add_argument("--data", default=s, help="bpl dataset name (ucm, nwpu-resisc45, rsd46-whu, "
+                   "imagefolder)")
+    p.add_argument("--data-root", default=s, metavar="DIR")
+    p.add_argument("--out", default=s, metavar="DIR", help="output folder of the reproduction")
+    p.add_argument("--cache-dir", default=s, metavar="DIR",
+                   help="decoded-image cache (default: <out>/cache)")
+    p.add_argument("--seeds", default=s, type=int, nargs="+")
+    p.add_argument("--arms", default=s, nargs="+", choices=list(ARMS))
+    p.add_argument("--arch", default=s)
+    p.add_argument("--image-size", default=s, type=int, metavar="PX")
+    p.add_argument("--baseline-epochs", default=s, type=int)
+    p.add_argument("--finetune-epochs", default=s, type=int, help="epochs of every arm B-E")
+    p.add_argument("--flops-reduction", default=s, type=float, metavar="R")
+    p.add_argument("--threads", default=s, type=int, metavar="N",
+                   help="torch CPU threads (default: all); 1 when other jobs share the cores")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every run's resolved bpl Config and its state, train nothing")
+    p.add_argument("--quiet", action="store_true", help="only warnings on the console")
+    return p
+
+
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults < config file < --smoke < flags, with paths made absolute."""
+    settings = json.loads(json.dumps(DEFAULTS))  # deep copy
+    if args.config and str(args.config).lower() != "none":
+        settings.update(load_settings_file(args.config))
+    if args.smoke:
+        settings.update(SMOKE)
+    skip = {"config", "smoke", "quiet", "dry_run"}
+    flags = {k: v for k, v in vars(args).items() if k not in skip}
+    for key in ("out", "data_root", "cache_dir"):  # a path given on the command line: from cwd
+        if key in flags:
+            flags[key] = str(Path(flags[key]).resolve())
+    settings.update(flags)
+    arms = [a.upper() for a in settings["arms"]]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise BPLError(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    if any(a != "A" for a in arms) and "A" not in arms:
+        arms.insert(0, "A")  # B-E start from the seed's baseline: it is always run
+    settings["arms"] = sorted(set(arms))
+    seeds = settings["seeds"]
+    settings["seeds"] = [int(s) for s in (seeds if isinstance(seeds, list) else [seeds])]
+    for key in ("baseline_epochs", "finetune_epochs", "image_size"):
+        if int(settings[key]) < 1:
+            raise BPLError(f"{key} must be at least 1, got {settings[key]}")
+    settings["out"] = _relative_to_repo(settings["out"])
+    settings["data_root"] = _relative_to_repo(settings["data_root"])
+    settings["cache_dir"] = _relative_to_repo(settings["cache_dir"]) or str(
+        Path(settings["out"]) / "cache")
+    return settings
+
+
+def run_fields(settings: dict[str, Any], seed: int, arm: Arm, run_dir: Path) -> dict[str, Any]:
+    """The bpl Config fields of one run (everything except ``resume``)."""
+    fields = dict(settings["common"])
+    if arm.command == "train":
+        fields.update(settings["baseline"])
+        fields["epochs"] = int(settings["baseline_epochs"])
+    else:
+        fields.update(settings["finetune"])
+        fields["epochs"] = int(settings["finetune_epochs"])
+        fields["baseline"] = str(run_dir.parent / "A" / "last.pt")
+        fields["flops_reduction"] = float(settings["flops_reduction"])
+        fields.update(arm.fields)
+    fields.update(
+        data=settings["data"],
+        data_root=settings["data_root"],
+        image_size=int(settings["image_size"]),
+        arch=settings["arch"],
+        seed=int(seed),
+        out=str(run_dir),
+        cache_dir=settings["cache_dir"],
+    )
+    return fields
+
+
+# --------------------------------------------------------------------------- running
+
+
+@contextmanager
+def _log_to(path: Path, fmt: logging.Formatter) -> Iterator[None]:
+    """Copy every log record (bpl's epoch lines included) into ``path`` while inside."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(fmt)
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _check_same_protocol(run_dir: Path, cfg: Config) -> None:
+    """Refuse to mix a run made with other settings into this reproduction."""
+    saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    new = cfg.to_dict()
+    diff = sorted(k for k in new if k not in _NOT_PROTOCOL and k in saved and saved[k] != new[k])
+    if diff:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in diff[:5])
+        raise BPLError(f"{run_dir} was run with other settings ({detail}); pass another --out "
+                       "or delete that run directory")
+
+
+def _ledger(out: Path) -> dict[str, float]:
+    path = out / "timing.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def run_one(settings: dict[str, Any], seed: int, arm: Arm, *, progress: bool,
+            fmt: logging.Formatter) -> dict[str, Any]:
+    """Run (or resume, or skip if finished) one arm of one seed; returns its metrics."""
+    out = Path(settings["out"])
+    run_dir = out / f"seed{seed}" / arm.key
+    fields = run_fields(settings, seed, arm, run_dir)
+    finished = (run_dir / "metrics.json").exists()
+    resume = not finished and (run_dir / "last.pt").exists()
+    cfg = resolve_config(overrides={**fields, "resume": resume})
+    _check_same_protocol(run_dir, cfg)
+    if finished:
+        log.info("seed %d arm %s (%s): finished earlier, skipped", seed, arm.key, arm.label)
+        return json.loads((run_dir / "metrics.json").read_text())
+    if arm.command == "compress":
+        base_split = run_dir.parent / "A" / "split.json"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "split.json").exists():
+            shutil.copyfile(base_split, run_dir / "split.json")  # the baseline's test images
+    log.info("seed %d arm %s (%s): %s, %d epochs -> %s", seed, arm.key, arm.label,
+             "resuming" if resume else "starting", cfg.epochs, run_dir)
+    t0 = time.perf_counter()
+    with _log_to(run_dir / "run.log", fmt):
+        job = train_baseline if arm.command == "train" else compress
+        metrics = job(cfg, progress=progress)
+    elapsed = time.perf_counter() - t0
+    ledger = _ledger(out)
+    key = f"seed{seed}/{arm.key}"
+    ledger[key] = ledger.get(key, 0.0) + elapsed
+    write_json(out / "timing.json", ledger)
+    log.info("seed %d arm %s done in %.0f s: top-1 %.2f%%", seed, arm.key, elapsed,
+             metrics["final"]["top1"])
+    return metrics
+
+
+def result_row(settings: dict[str, Any], seed: int, arm: Arm,
+               metrics: dict[str, Any]) -> dict[str, Any]:
+    """One CSV/JSON row: the deployed model of the arm and what it cost to get it."""
+    model = metrics["models"]["baseline" if arm.command == "train" else "compressed"]
+    history = metrics.get("history") or []
+    ledger = _ledger(Path(settings["out"]))
+    return {
+        "seed": seed,
+        "arm": arm.key,
+        "label": arm.label,
+        "top1": metrics["final"]["top1"],
+        "top5": metrics["final"].get("top5"),
+        "best_top1": metrics.get("best_top1"),
+        "macs": model["macs"],
+        "params": model["params"],
+        "latency_ms": model.get("latency_ms"),
+        "macs_reduction": metrics.get("macs_reduction", 0.0),
+        "epochs": len(history),
+        "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in history),
+        "wall_time_s": ledger.get(f"seed{seed}/{arm.key}", metrics.get("wall_time_s")),
+        "fusion_error": metrics.get("fusion_error"),
+        "removal_error": metrics.get("removal_error"),
+        "run_dir": str(Path(settings["out"]) / f"seed{seed}" / arm.key),
+    }
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def _mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0}
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return {"mean": statistics.fmean(vals), "std": std, "n": len(vals)}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample std per arm; paired top-1 differences against A and B within a seed."""
+    by_arm: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_arm.setdefault(row["arm"], []).append(row)
+    per_arm = {arm: {m: _mean_std([r[m] for r in rs]) for m in _METRICS}
+               for arm, rs in sorted(by_arm.items())}
+    top1 = {(r["seed"], r["arm"]): r["top1"] for r in rows}
+    paired: dict[str, dict[str, Any]] = {}
+    for ref in ("A", "B"):
+        for arm in sorted(by_arm):
+            if arm == ref or (ref == "B" and arm == "A"):
+                continue
+            diffs = [top1[(s, arm)] - top1[(s, ref)] for s, a in top1 if a == arm and (s, ref) in top1]
+            if diffs:
+                paired[f"{arm}-{ref}"] = _mean_std(diffs)
+    return {"per_arm": per_arm, "paired_top1_difference": paired}
+
+
+def _pm(stat: dict[str, Any], fmt: str = "{:.2f}", scale: float = 1.0) -> str:
+    if stat["mean"] is None:
+        return "-"
+    text = fmt.format(stat["mean"] * scale)
+    return text + (" ± " + fmt.format(stat["std"] * scale) if stat["n"] > 1 else "")
+
+
+def summary_markdown(settings: dict[str, Any], summary: dict[str, Any],
+                     total_s: float, invocation_s: float) -> str:
+    """The per-arm table (mean ± sample std over seeds) and the paired differences."""
+    seeds = ", ".join(map(str, settings["seeds"]))
+    lines = [
+        f"# BPL reproduction: {settings['arch']} on {settings['data']} at "
+        f"{settings['image_size']} px",
+        "",
+        f"Seeds {seeds}; baseline {settings['baseline_epochs']} epochs, every arm B-E "
+        f"{settings['finetune_epochs']} epochs; target {100 * settings['flops_reduction']:.2f}% "
+        "fewer MACs. Top-1 is the last epoch's on the held-out 20% (not the best epoch). "
+        "Mean ± sample std over seeds; MACs at batch 1, CPU latency at batch 1.",
+        "",
+        "| arm | | top-1 (%) | MACs (M) | params (M) | MACs reduction (%) | "
+        "CPU latency (ms) | wall time (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for arm, st in summary["per_arm"].items():
+        lines.append(
+            f"| {arm} | {ARMS[arm].label} | {_pm(st['top1'])} | {_pm(st['macs'], '{:.1f}', 1e-6)} "
+            f"| {_pm(st['params'], '{:.2f}', 1e-6)} | {_pm(st['macs_reduction'], '{:.2f}', 100)} "
+            f"| {_pm(st['latency_ms'])} | {_pm(st['wall_time_s'], '{:.0f}')} |"
+        )
+    if summary["paired_top1_difference"]:
+        lines += ["", "Paired top-1 differences (same seed: same split and baseline), "
+                      "percentage points:", "", "| difference | mean ± std | n |", "|---|---:|---:|"]
+        for name, st in summary["paired_top1_difference"].items():
+            lines.append(f"| {name} | {_pm(st)} | {st['n']} |")
+    lines += ["", f"Total time of all runs (summed over invocations): {total_s / 60:.1f} min; "
+                  f"this invocation: {invocation_s / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path, title: str) -> None:
+    """Top-1 against MACs: per-seed points and the per-arm mean with std error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for i, (arm, st) in enumerate(summary["per_arm"].items()):
+        color = f"C{i}"
+        pts = [r for r in rows if r["arm"] == arm]
+        ax.scatter([r["macs"] / 1e6 for r in pts], [r["top1"] for r in pts], s=12, alpha=0.4,
+                   color=color)
+        ax.errorbar(st["macs"]["mean"] / 1e6, st["top1"]["mean"], yerr=st["top1"]["std"],
+                    xerr=st["macs"]["std"] / 1e6, fmt="o", capsize=4, color=color,
+                    label=f"{arm}: {ARMS[arm].label}")
+    ax.set_xlabel("MACs (millions, batch 1)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers came from (CPU model, threads, versions)."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def write_results(settings: dict[str, Any], rows: list[dict[str, Any]],
+                  invocation_s: float) -> dict[str, Any]:
+    """results.json, results.csv, summary.md and accuracy_vs_macs.png in ``settings['out']``."""
+    out = Path(settings["out"])
+    summary = summarize(rows)
+    total_s = sum(r["wall_time_s"] or 0.0 for r in rows)
+    results = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+        "arms": {k: dataclasses.asdict(a) for k, a in ARMS.items() if k in settings["arms"]},
+        "machine": machine(),
+        "runs": rows,
+        "summary": summary,
+        "total_wall_time_s": total_s,
+        "invocation_wall_time_s": invocation_s,
+    }
+    write_json(out / "results.json", results)
+    with (out / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "summary.md").write_text(summary_markdown(settings, summary, total_s, invocation_s))
+    title = (f"{settings['arch']} on {settings['data']}, {settings['image_size']} px, "
+             f"seeds {settings['seeds']}")
+    plot(rows, summary, out / "accuracy_vs_macs.png", title)
+    return results
+
+
+@contextmanager
+def _restore_threads(count: int) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        torch.set_num_threads(count)
+
+
+def plan(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every run of the reproduction with its resolved bpl Config and state, nothing run."""
+    runs = []
+    for seed in settings["seeds"]:
+        for key in settings["arms"]:
+            run_dir = Path(settings["out"]) / f"seed{seed}" / key
+            cfg = resolve_config(overrides=run_fields(settings, seed, ARMS[key], run_dir))
+            state = ("finished" if (run_dir / "metrics.json").exists()
+                     else "cut off, will resume" if (run_dir / "last.pt").exists() else "to run")
+            runs.append({"seed": seed, "arm": key, "state": state, "config": cfg.to_dict()})
+    return runs
+
+
+def reproduce(settings: dict[str, Any], *, progress: bool = False) -> dict[str, Any]:
+    """Run every (seed, arm) not yet finished, then aggregate; returns the results dict."""
+    t0 = time.perf_counter()
+    out = Path(settings["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    if settings.get("threads"):
+        torch.set_num_threads(int(settings["threads"]))
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    with _log_to(out / "reproduce.log", fmt), _restore_threads(threads_before):
+        log.info("reproduction -> %s; seeds %s, arms %s, %s at %d px, baseline %d / fine-tune %d "
+                 "epochs", out, settings["seeds"], "".join(settings["arms"]), settings["arch"],
+                 settings["image_size"], settings["baseline_epochs"], settings["finetune_epochs"])
+        write_json(out / "settings.json", settings)
+        rows = []
+        for seed in settings["seeds"]:
+            for key in settings["arms"]:
+                arm = ARMS[key]
+                metrics = run_one(settings, seed, arm, progress=progress, fmt=fmt)
+                rows.append(result_row(settings, seed, arm, metrics))
+        invocation_s = time.perf_counter() - t0
+        results = write_results(settings, rows, invocation_s)
+        log.info("wrote %s, results.csv, summary.md, accuracy_vs_macs.png (this call %.1f min, "
+                 "all runs %.1f min)", out / "results.json", invocation_s / 60,
+                 results["total_wall_time_s"] / 60)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, run the reproduction, print the summary table; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    console.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    root = logging.getLogger()
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(console)
+    try:
+        settings = resolve_settings(args)
+        if args.dry_run:
+            print(json.dumps({"settings": settings, "runs": plan(settings)}, indent=1))
+            return 0
+        progress = sys.stdout.isatty() and sys.stderr.isatty() and not args.quiet
+        results = reproduce(settings, progress=progress)
+        print((Path(settings["out"]) / "summary.md").read_text())
+        return 0 if results["runs"] else 1
+    except BPLError as exc:
+        print(f"reproduce_ucm: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("reproduce_ucm: interrupted; run the same command again to continue",
+              file=sys.stderr)
+        return 130
+    finally:
+        root.removeHandler(console)
+        root.setLevel(old_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""benchmarks/reproduce_ucm.py end to end on a tiny generated image folder (no ../shared)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_ucm.py"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is faster, and immune to other jobs on the same cores
+    (two threads of a 16 px tiny_resnet measured 400x slower while the cores were busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("reproduce_ucm", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 20) -> Path:
+    """Class k: noisy images tinted towards colour k, so the classes are learnable."""
+    rng = np.random.default_rng(0)
+    for k in range(classes):
+        folder = root / f"class{k}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            img = rng.integers(0, 90, (size, size, 3))
+            img[..., k % 3] += 160
+            Image.fromarray(img.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_reproduce_runs_aggregates_and_skips_finished_runs(tmp_path):
+    reproduce = _load_script()
+    data = _image_folder(tmp_path / "images")
+    out = tmp_path / "out"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "arch: tiny_resnet\nimage_size: 16\nbaseline_epochs: 1\nfinetune_epochs: 1\n"
+        "flops_reduction: 0.5\n"
+        "common: {batch_size: 8, device: cpu, workers: 0, lr: 0.05}\n"
+    )
+    argv = ["--config", str(config), "--data", "imagefolder", "--data-root", str(data),
+            "--out", str(out), "--seeds", "0", "--arms", "B", "C", "E", "--quiet"]
+
+    assert reproduce.main(argv) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    # A is run as well: B, C and E start from the seed's baseline.
+    assert [(r["seed"], r["arm"]) for r in results["runs"]] == [(0, "A"), (0, "B"), (0, "C"),
+                                                               (0, "E")]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["arm"] for r in rows] == ["A", "B", "C", "E"]
+    for row in results["runs"]:
+        assert 0.0 <= row["top1"] <= 100.0 and row["macs"] > 0 and row["params"] > 0
+        assert row["epochs"] == 1 and row["wall_time_s"] > 0
+    by_arm = {r["arm"]: r for r in results["runs"]}
+    assert by_arm["A"]["macs_reduction"] == 0.0
+    for arm in "BCE":
+        assert by_arm[arm]["macs"] < by_arm["A"]["macs"]
+        assert abs(by_arm[arm]["macs_reduction"] - 0.5) < 0.05
+    assert by_arm["C"]["fusion_error"] is not None and by_arm["E"]["removal_error"] is not None
+    # Every compress arm evaluated on the baseline's test images.
+    split_a = json.loads((out / "seed0" / "A" / "split.json").read_text())["test"]
+    for arm in "BCE":
+        assert json.loads((out / "seed0" / arm / "split.json").read_text())["test"] == split_a
+    summary = (out / "summary.md").read_text()
+    for arm in "ABCE":
+        assert f"| {arm} |" in summary
+    assert "| C-B |" in summary
+    assert (out / "accuracy_vs_macs.png").stat().st_size > 0
+    assert (out / "seed0" / "C" / "run.log").read_text().count("epoch 1/1") == 1
+
+    # Re-running skips every finished run: their metrics.json files are not rewritten.
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("seed0/*/metrics.json")}
+    assert len(mtimes) == 4
+    assert reproduce.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    again = json.loads((out / "results.json").read_text())
+    assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in results["runs"]]
+    assert "finished earlier, skipped" in (out / "reproduce.log").read_text()
+
+
+def test_cut_off_run_resumes_and_other_settings_are_refused(tmp_path):
+    reproduce = _load_script()
+    data = _image_folder(tmp_path / "images", classes=2, per_class=6)
+    out = tmp_path / "out"
+    base = ["--config", "none", "--data", "imagefolder", "--data-root", str(data),
+            "--out", str(out), "--arch", "tiny_resnet", "--image-size", "16",
+            "--seeds", "0", "--arms", "A", "--baseline-epochs", "1", "--quiet"]
+    assert reproduce.main(base) == 0
+    # Simulate a run cut off after its last epoch: last.pt is there, metrics.json is not.
+    (out / "seed0" / "A" / "metrics.json").unlink()
+    assert reproduce.main(base) == 0
+    assert "resuming" in (out / "reproduce.log").read_text()
+    assert (out / "seed0" / "A" / "metrics.json").exists()
+    # A finished run made with other settings is never mixed into the results.
+    assert reproduce.main([*base[:-3], "--baseline-epochs", "2", "--quiet"]) == 1
+
+
+def test_shipped_configs_resolve_to_valid_runs(capsys):
+    """The CPU protocol and the paper's GPU recipe resolve into bpl Configs (nothing runs)."""
+    reproduce = _load_script()
+    configs = SCRIPT.parent / "configs"
+    assert reproduce.main(["--config", str(configs / "ucm_cpu.yaml"), "--dry-run"]) == 0
+    cpu = json.loads(capsys.readouterr().out)
+    assert len(cpu["runs"]) == 15  # 3 seeds x 5 arms
+    epochs = {r["arm"]: r["config"]["epochs"] for r in cpu["runs"]}
+    assert len({epochs[a] for a in "BCDE"}) == 1  # the same fine-tuning length in every arm
+    assert reproduce.main(["--config", str(configs / "paper_gpu.yaml"), "--dry-run"]) == 0
+    gpu = {r["arm"]: r["config"] for r in json.loads(capsys.readouterr().out)["runs"]}
+    assert gpu["A"]["pretrained"] and gpu["A"]["arch"] == "resnet50"
+    assert gpu["C"]["lr"] == 1e-3 and gpu["C"]["schedule"] == "step"
+    assert gpu["D"]["diversity_weight"] == 0.0 and gpu["E"]["soft"]
