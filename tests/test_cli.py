@@ -86,7 +86,9 @@ def test_profile_compares_two_checkpoints(baseline, compressed, capsys):
                    "--repeats", "3", "--json") == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ideal_speedup"] == pytest.approx(1 / (1 - 0.6), rel=0.05)
-    assert set(result["speedup"]) == {"1"}
+    assert set(result["speedup"]) == {"torch", "onnxruntime"}
+    assert set(result["speedup"]["onnxruntime"]) == {"1"}
+    assert all(v > 0 for v in result["speedup"]["torch"].values())
 
 
 def test_soft_schedule_on_an_image_folder(tmp_path):

@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="input size (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 16])
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all)")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per model (median)")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false",
+                   help="time PyTorch eager only, not onnxruntime")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     _common(p)
 
@@ -214,7 +216,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     result = profile_checkpoints(args.checkpoints, image_size=args.image_size,
                                  batch_sizes=args.batch_size, threads=args.threads,
-                                 repeats=args.repeats)
+                                 repeats=args.repeats, onnx=args.onnx)
     print(json.dumps(result, indent=2) if args.json else result["table"])
     return 0
 

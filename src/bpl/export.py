@@ -114,7 +114,7 @@ def export(
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    log.info("exported %s to %s (max relative error %.2e)", format, path, worst)
+    log.debug("exported %s to %s (max relative error %.2e)", format, path, worst)
     return {"path": str(path), "format": format, "max_relative_error": worst,
             "errors_by_batch_size": errors, "fused_partners": len(fused)}
 

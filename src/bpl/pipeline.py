@@ -294,8 +294,16 @@ def profile_checkpoints(
     batch_sizes: list[int] = (1, 16),
     threads: int | None = None,
     repeats: int = 20,
+    onnx: bool = True,
 ) -> dict[str, Any]:
-    """`bpl profile`: MACs, params and CPU latency, measured interleaved when comparing two."""
+    """`bpl profile`: MACs, params and CPU latency (PyTorch eager, and onnxruntime if installed).
+
+    All models and runtimes are timed interleaved in one run, so with two checkpoints
+    (baseline, compressed) the speedups are fair ratios; they are shown next to the
+    ideal speedup, the MACs ratio. A checkpoint that still has partners is fused first.
+    """
+    from .export import onnx_module
+    from .extend import partner_blocks
     from .profile import compare_latency, count_macs, count_params
 
     if not 1 <= len(paths) <= 2:
@@ -303,37 +311,54 @@ def profile_checkpoints(
     models, sizes = {}, set()
     for p in paths:
         model, meta = model_from_payload(load_checkpoint(p, model_only=True))
-        name = str(p) if str(p) not in models else f"{p} (2)"
-        models[name] = model.eval()
+        model = fuse(model.eval()) if partner_blocks(model) else model.eval()
+        models[str(p) if str(p) not in models else f"{p} (2)"] = model
         sizes.add(image_size or meta.get("image_size", 224))
     if len(sizes) > 1:
         raise BPLError(f"the checkpoints use different image sizes {sorted(sizes)}; pass --image-size")
     size = sizes.pop()
     x1 = torch.randn(1, 3, size, size)
+    runners = {(n, "torch"): m for n, m in models.items()}
+    if onnx:
+        try:
+            runners.update({(n, "onnxruntime"): onnx_module(m, x1, threads=threads)
+                            for n, m in models.items()})
+        except BPLError as exc:  # the optional extra is missing: say so, profile torch alone
+            log.warning("onnxruntime latency skipped: %s", exc)
+    runtimes = sorted({rt for _, rt in runners}, key=["torch", "onnxruntime"].index)
     rows: dict[str, dict[str, Any]] = {
-        n: {"macs": count_macs(m, x1), "params": count_params(m), "latency_ms": {}}
+        n: {"macs": count_macs(m, x1), "params": count_params(m),
+            "latency_ms": {rt: {} for rt in runtimes}}
         for n, m in models.items()
     }
+    keyed = {f"{n} [{rt}]": r for (n, rt), r in runners.items()}
     for bs in batch_sizes:
-        lat = compare_latency(models, torch.randn(bs, 3, size, size), threads=threads, repeats=repeats)
-        for n in models:
-            rows[n]["latency_ms"][bs] = lat[n]
-    lines = [f"input {size}x{size} px, median CPU latency over {repeats} interleaved runs", "",
-             "| model | MACs | params | " + " | ".join(f"batch {b} (ms)" for b in batch_sizes) + " |",
-             "|---|---:|---:|" + "---:|" * len(batch_sizes)]
+        lat = compare_latency(keyed, torch.randn(bs, 3, size, size), threads=threads,
+                              repeats=repeats)
+        for n, rt in runners:
+            rows[n]["latency_ms"][rt][bs] = lat[f"{n} [{rt}]"]
+    lines = [f"input {size}x{size} px, median latency over {repeats} interleaved runs "
+             f"({torch.get_num_threads() if threads is None else threads} threads)", "",
+             "| model | runtime | MACs | params | "
+             + " | ".join(f"batch {b} (ms)" for b in batch_sizes) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(batch_sizes)]
     for n, r in rows.items():
-        lines.append(f"| {n} | {r['macs'] / 1e6:.1f}M | {r['params'] / 1e6:.2f}M | "
-                     + " | ".join(f"{r['latency_ms'][b]:.2f}" for b in batch_sizes) + " |")
-    result: dict[str, Any] = {"image_size": size, "models": rows}
+        for rt in runtimes:
+            lines.append(f"| {n} | {rt} | {r['macs'] / 1e6:.1f}M | {r['params'] / 1e6:.2f}M | "
+                         + " | ".join(f"{r['latency_ms'][rt][b]:.2f}" for b in batch_sizes) + " |")
+    result: dict[str, Any] = {"image_size": size, "threads": threads, "models": rows}
     if len(rows) == 2:
-        (na, a), (nb, b) = rows.items()
+        a, b = rows.values()
         ideal = a["macs"] / b["macs"]
         result["ideal_speedup"] = ideal
-        result["speedup"] = {bs: a["latency_ms"][bs] / b["latency_ms"][bs] for bs in batch_sizes}
-        lines.append("")
-        lines.append(f"ideal speedup (MACs ratio): {ideal:.2f}x")
-        for bs, s in result["speedup"].items():
-            lines.append(f"batch {bs}: {s:.2f}x faster = {s / ideal:.2f} of ideal")
+        result["speedup"] = {
+            rt: {bs: a["latency_ms"][rt][bs] / b["latency_ms"][rt][bs] for bs in batch_sizes}
+            for rt in runtimes
+        }
+        lines += ["", f"ideal speedup (MACs ratio): {ideal:.2f}x"]
+        for rt, by_bs in result["speedup"].items():
+            for bs, sp in by_bs.items():
+                lines.append(f"{rt}, batch {bs}: {sp:.2f}x faster = {sp / ideal:.2f} of ideal")
     result["table"] = "\n".join(lines)
     return result
 
