@@ -72,6 +72,8 @@ def main() -> None:
             times[name].append(timed(steps[name]))
         times["diversity_loss"].append(timed(loss_only))
     med = {k: statistics.median(v) for k, v in times.items()}
+    x1 = x[:1]
+    macs_ratio = bpl.count_macs(student, x1) / bpl.count_macs(plain, x1)
     result = {
         "arch": args.arch,
         "batch": [args.batch, 3, args.size, args.size],
@@ -80,6 +82,7 @@ def main() -> None:
         "median_step_s": med,
         "bpl_over_plain": med["bpl"] / med["plain"],
         "diversity_share_of_bpl_step": med["diversity_loss"] / med["bpl"],
+        "train_macs_ratio": macs_ratio,
         "targets": {"bpl_over_plain": 1.20, "diversity_share_of_bpl_step": 0.03},
         "machine": machine(),
         "raw_s": times,
@@ -93,7 +96,10 @@ def main() -> None:
         f"| diversity loss alone (fwd+bwd) | {med['diversity_loss'] * 1000:.2f} ms |\n\n"
         f"BPL / plain = **{result['bpl_over_plain']:.3f}x** (target <= 1.20x); "
         f"diversity loss = **{100 * result['diversity_share_of_bpl_step']:.2f}%** of a BPL step "
-        "(target <= 3%).\n"
+        "(target <= 3%).\n\n"
+        f"Compute floor: the partners make a forward pass {macs_ratio:.3f}x the MACs of the plain "
+        "model (backward scales the same way), so no implementation of per-block partners on "
+        "these convs can train faster than about that ratio of convolution work.\n"
     )
     path = write_results(f"train_step_{args.arch}", result, md)
     print(md)
