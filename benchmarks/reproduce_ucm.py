@@ -39,8 +39,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -58,6 +56,7 @@ from bpl.config import Config, resolve_config
 from bpl.errors import BPLError
 from bpl.pipeline import compress, train_baseline
 from bpl.report import write_json
+from common import machine
 
 log = logging.getLogger("reproduce_ucm")
 
@@ -454,21 +453,6 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path, title:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def machine() -> dict[str, Any]:
-    """Where the numbers came from (CPU model, threads, versions)."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def write_results(settings: dict[str, Any], rows: list[dict[str, Any]],

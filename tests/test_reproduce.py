@@ -27,6 +27,8 @@ def _one_thread():
 
 
 def _load_script():
+    if str(SCRIPT.parent) not in sys.path:  # as when run as a script: its folder is importable
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("reproduce_ucm", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
