@@ -138,7 +138,8 @@ def main() -> None:
         "`channels-last` = models and input in torch.channels_last (each applied to every model)",
         "- speedup = baseline latency / model latency; ideal = MACs ratio",
         f"- load average (1/5/15 min) before {info['load_average_before']}, after "
-        f"{info['load_average_after']}: anything well above 0 means other processes competed",
+        f"{info['load_average_after']} (after includes this run's own threads; a high 1-min "
+        "value before means other processes competed)",
         "",
         "| batch | variant | model | MACs | latency (ms) | speedup | ideal | fraction of ideal |",
         "|---:|---|---|---:|---:|---:|---:|---:|",

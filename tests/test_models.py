@@ -15,19 +15,9 @@ from torch.nn import functional as F
 
 import bpl
 from bpl.errors import BPLError
+from conftest import randomize_bn
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-def _randomize_bn(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.normal_(1, 0.2, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
 
 
 def _train_a_little(student: nn.Module) -> None:
@@ -95,7 +85,7 @@ def test_checkpoints_load_in_a_fresh_process(tmp_path):
     """Pruned, pruned+extended+fused and pruned+extended (for resuming) resnet18."""
     torch.manual_seed(0)
     base = bpl.build_model("resnet18", 10)
-    _randomize_bn(base)
+    randomize_bn(base)
     pruned = bpl.prune(base, X, flops_reduction=0.5, round_to=4).eval()
     student = bpl.extend(pruned, init="paper")
     _train_a_little(student)

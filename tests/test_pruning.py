@@ -10,6 +10,7 @@ from torch.nn import functional as F
 import bpl
 from bpl.errors import BPLError
 from bpl.pruning import IMPORTANCES, SoftPruner, deploy_macs, find_output_layers
+from conftest import randomize_bn
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -17,18 +18,6 @@ X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 def _seeded(arch: str, **kw) -> nn.Module:
     torch.manual_seed(0)
     return bpl.build_model(arch, 10, **kw)
-
-
-def _randomize_bn(model: nn.Module) -> None:
-    """Non-trivial BN statistics and affine values, so exactness checks mean something."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 2.0, generator=g)
-                m.weight.normal_(1, 0.2, generator=g)
-                m.bias.normal_(0, 0.1, generator=g)
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -104,7 +93,7 @@ def test_inplace_and_ignored_layers_by_module_and_name():
 
 def test_prune_extend_train_fuse_is_exact_and_keeps_widths():
     model = _seeded("resnet18")
-    _randomize_bn(model)
+    randomize_bn(model)
     pruned = bpl.prune(model, X32, flops_reduction=0.5).eval()
     student = bpl.extend(pruned, init="paper")
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
@@ -125,7 +114,7 @@ def test_prune_extend_train_fuse_is_exact_and_keeps_widths():
 
 def test_prune_extended_model_prunes_partners_with_their_blocks():
     model = _seeded("resnet18")
-    _randomize_bn(model)
+    randomize_bn(model)
     student = bpl.extend(model, init="paper")
     with torch.no_grad():  # make the partners matter
         for _, block in bpl.partner_blocks(student):
@@ -201,7 +190,7 @@ def _dropped_rows(tensor: torch.Tensor, block: bool) -> torch.Tensor:
 def test_soft_schedule_masks_training_removal_and_state():
     torch.manual_seed(0)
     model = bpl.build_model("tiny_resnet", 10)
-    _randomize_bn(model)
+    randomize_bn(model)
     student = bpl.extend(model, init="paper")
     pruner = SoftPruner(student, X32, flops_reduction=0.5, every=2)
     assert {g.deploy_name for g in pruner.groups} >= {"layer1.0.conv1", "layer3.0.conv2"}

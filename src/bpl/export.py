@@ -126,6 +126,9 @@ class OnnxModule(nn.Module):
         super().__init__()
         _, ort = _require_onnx()
         options = ort.SessionOptions()
+        # no busy-waiting threads after a run: they would steal the cores from whatever
+        # runs next (PyTorch, when the two are timed interleaved)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
