@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import importlib
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def test_missing_onnx_extra_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_parity_failure_writes_nothing(tmp_path, monkeypatch):
-    import bpl.export as ex
+    ex = importlib.import_module("bpl.export")  # the module, not the bpl.export function
 
     monkeypatch.setattr(ex, "_relative", lambda ref, out: 1.0)
     with pytest.raises(VerificationError, match="nothing was written"):
