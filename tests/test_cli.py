@@ -219,3 +219,14 @@ def test_help_shows_an_example(capsys):
     with pytest.raises(SystemExit):
         run_cli("compress", "--help")
     assert "example:" in capsys.readouterr().out
+
+
+def test_demo_tells_the_whole_story(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert run_cli("demo", "--epochs", "1", "--out", out, "--quiet") == 0
+    printed = capsys.readouterr().out
+    assert "| baseline |" in printed and "| compressed |" in printed and "fusion error" in printed
+    metrics = json.loads((out / "compressed" / "metrics.json").read_text())
+    assert abs(metrics["macs_reduction"] - 0.7) <= 0.01
+    assert (out / "baseline" / "last.pt").exists() and (out / "compressed" / "deploy.pt").exists()
+    assert run_cli("demo", "--epochs", "1", "--out", out, "--quiet") == 0  # re-run: resumes

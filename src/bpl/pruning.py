@@ -353,7 +353,7 @@ def _search(
         p = guess
         f = evaluate(p)
         tried.append((p, f))
-        log.info("trial %d: %s %.4f -> MAC reduction %.2f%% (target %.2f%%)",
+        log.debug("trial %d: %s %.4f -> MAC reduction %.2f%% (target %.2f%%)",
                  len(tried), knob, p, 100 * f, 100 * target)
         if abs(f - target) <= stop:
             break
@@ -390,7 +390,8 @@ def _search(
         raise PruningError(
             f"no {knob} gives a MAC reduction within {100 * tolerance:.1f} points of "
             f"{100 * target:.2f}% (closest: {100 * f:.2f}% at {p:.4f}); the reachable "
-            "reductions jump in coarse steps here: use a smaller round_to or another target"
+            "reductions jump in coarse steps here: use global pruning (--global-pruning), a "
+            "smaller round_to, or another target"
         )
     return p, f, len(tried)
 
