@@ -172,7 +172,7 @@ def evaluate(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5_hits, seen = 0.0, 0, 0
     k = min(5, num_classes)
-    for x, y in tqdm(loader, desc="evaluate", leave=False, disable=not progress):
+    for x, y in tqdm(loader, desc="evaluate", leave=False, disable=None if progress else True):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(device, amp and device.type == "cuda"):
             logits = model(x)
@@ -372,7 +372,9 @@ def _train_one_epoch(
     model.train()
     sums = {"loss": 0.0, "ce": 0.0, "div": 0.0, "correct": 0, "seen": 0}
     t0 = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
+    # disable=None: bars on a terminal only, not in logs redirected to files
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=None if progress else True)
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if device.type == "cuda" and cfg.channels_last:
