@@ -230,3 +230,11 @@ def test_demo_tells_the_whole_story(tmp_path, capsys):
     assert abs(metrics["macs_reduction"] - 0.7) <= 0.01
     assert (out / "baseline" / "last.pt").exists() and (out / "compressed" / "deploy.pt").exists()
     assert run_cli("demo", "--epochs", "1", "--out", out, "--quiet") == 0  # re-run: resumes
+
+
+def test_export_command_fuses_and_checks_parity(compressed, tmp_path, capsys):
+    out = tmp_path / "student.torchscript.pt"
+    assert run_cli("export", compressed / "last.pt", "--format", "torchscript", "--out", out) == 0
+    assert "max relative error" in capsys.readouterr().out and out.exists()
+    assert run_cli("export", compressed / "deploy.pt", "--out", tmp_path / "deploy.onnx") == 0
+    assert (tmp_path / "deploy.onnx").exists()
