@@ -46,9 +46,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+def _run_dir(cfg: Config, command: str) -> Path:
+    """``--out``, or ``runs/<command>-<arch>-<data>``."""
+    return Path(cfg.out or f"runs/{command}-{cfg.arch}-{cfg.data}")
+
+
 def prepare_run_dir(cfg: Config, command: str) -> Path:
-    """The run directory: ``--out`` or ``runs/<command>-<arch>-<data>``; refuses to clobber a run."""
-    run_dir = Path(cfg.out or f"runs/{command}-{cfg.arch}-{cfg.data}")
+    """Create the run directory and save the resolved config; refuses to clobber a run."""
+    run_dir = _run_dir(cfg, command)
     if (run_dir / "last.pt").exists() and not cfg.resume:
         raise BPLError(
             f"{run_dir} already holds a run; pass --resume to continue it or --out DIR for a new one"
@@ -67,7 +72,7 @@ def _run(cfg: Config, command: str) -> Iterator[Path]:
     Under torchrun rank 0 prepares it (and loads the data first, see :func:`load_data`).
     """
     main = distributed.current().is_main
-    run_dir = Path(cfg.out or f"runs/{command}-{cfg.arch}-{cfg.data}")
+    run_dir = _run_dir(cfg, command)
     existed = run_dir.exists()
     with distributed.main_first():
         if main:
@@ -171,6 +176,7 @@ def compress(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     if not cfg.baseline:
         raise BPLError("compress needs a baseline checkpoint: pass --baseline PATH (from bpl train)")
     baseline, base_meta = model_from_payload(load_checkpoint(cfg.baseline, model_only=True))
+    cfg.arch = base_meta.get("arch", cfg.arch)
     with _run(cfg, "compress") as run_dir:
         return _compress(cfg, run_dir, baseline, base_meta, progress)
 
@@ -185,7 +191,6 @@ def _compress(
             f"{cfg.baseline} was trained for {base_meta.get('num_classes')} classes but "
             f"{cfg.data} has {data.num_classes}; pass the baseline trained on this dataset"
         )
-    cfg.arch = base_meta.get("arch", cfg.arch)
     meta = _meta(cfg, data)
     main = distributed.current().is_main
     device = select_device(cfg.device)
