@@ -15,15 +15,12 @@ from torch import nn
 from .errors import BPLError, VerificationError
 from .extend import partner_blocks
 from .fuse import fold_batchnorm
+from .verify import max_relative_error as _relative
 
 __all__ = ["FORMATS", "OnnxModule", "export", "onnx_module"]
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
-
-
-def _relative(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
 def _write_onnx(model: nn.Module, x: torch.Tensor, path: str, opset: int) -> None:

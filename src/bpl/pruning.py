@@ -40,7 +40,7 @@ from .errors import BPLError
 from .extend import partner_blocks
 from .fuse import fuse
 from .profile import Inputs, as_args, count_macs, count_params, eval_mode
-from .verify import verify
+from .verify import max_relative_error, verify
 
 __all__ = [
     "IMPORTANCES",
@@ -913,7 +913,7 @@ class SoftPruner:
                 root = deploy.get_submodule(group.deploy_name)
                 dg.get_pruning_group(root, tp.prune_conv_out_channels, dropped).prune()
         with torch.no_grad():
-            removal_error = _rel_error(fused_out, deploy(*check))
+            removal_error = max_relative_error(fused_out, deploy(*check))
         err = verify(model, deploy, *check, tol=tol)
         deploy.train(was_training)
         macs_after = deploy_macs(self._scratch.copy(deploy), self._scratch.args)
@@ -934,12 +934,6 @@ class SoftPruner:
             log.warning("MAC reduction %.2f%% is off the target %.2f%%",
                         100 * reduction, 100 * self.flops_reduction)
         return deploy
-
-
-def _rel_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
-    """``max |candidate - reference| / max |reference|``, as :func:`bpl.relative_error` computes it."""
-    scale = reference.abs().max().clamp_min(torch.finfo(reference.dtype).tiny)
-    return ((candidate - reference).abs().max() / scale).item()
 
 
 def _unsupported(group: Any, dg: tp.DependencyGraph) -> str | None:

@@ -50,7 +50,7 @@ def comparison_table(rows: dict[str, dict[str, Any]]) -> str:
         params = f"{_fmt_count(r['params'])}"
         lat = f"{r['latency_ms']:.2f}" if r.get("latency_ms") is not None else "-"
         if name != names[0]:
-            macs += f" ({100 * (1 - r['macs'] / ref['macs']):+.1f}% fewer)".replace("+", "")
+            macs += f" ({100 * (1 - r['macs'] / ref['macs']):.1f}% fewer)"
             params += f" ({100 * (1 - r['params'] / ref['params']):.1f}% fewer)"
             if r.get("latency_ms") and ref.get("latency_ms"):
                 lat += f" ({ref['latency_ms'] / r['latency_ms']:.2f}x faster)"
