@@ -1,6 +1,6 @@
 """Reproduce the BPL comparison on real data: UC Merced, five arms, several seeds (issue 9).
 
-For every seed the baseline (arm A) is trained once; arms B-E start from that same
+For every seed the baseline (arm A) is trained once; arms B-F start from that same
 baseline checkpoint (``<out>/seed<k>/A/last.pt``, the last epoch, not the test-selected
 best) and share its 80/20 split, so the arms of one seed differ only in what the arm
 changes:
@@ -11,8 +11,10 @@ changes:
     D  ablation of C: partners without the diversity loss (``diversity_weight=0``)
     E  the reference code's soft schedule (``soft=True``) on the extended full model,
        then fused and physically pruned
+    F  as C with the reference code's partner initialisation (``init="paper"``: both BN
+       scales 0.5) instead of a partner that starts at scale 0
 
-B-E train for the same number of epochs with the same optimiser settings.  Each run has
+B-F train for the same number of epochs with the same optimiser settings.  Each run has
 its own directory ``<out>/seed<k>/<arm>`` (bpl's usual run directory plus ``run.log``).
 Re-running the script skips finished runs (``metrics.json`` present) and resumes cut-off
 ones (``last.pt`` present), so an interrupted reproduction continues where it stopped.
@@ -87,6 +89,8 @@ ARMS: dict[str, Arm] = {
              "compress", {"soft": False, "partners": True, "diversity_weight": 0.0}),
     "E": Arm("E", "soft BPL (reference)", "soft schedule on the extended model, fused + pruned",
              "compress", {"soft": True, "partners": True}),
+    "F": Arm("F", "pruned + BPL, reference init", "as C with both BN scales starting at 0.5",
+             "compress", {"soft": False, "partners": True, "init": "paper"}),
 }
 
 #: Built-in defaults; the config file and the flags override them.
@@ -105,7 +109,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,  # torch intra-op threads; None: torch's default (all cores)
     "common": {},  # Config fields for every run
     "baseline": {},  # Config fields for arm A only
-    "finetune": {},  # Config fields for arms B-E only
+    "finetune": {},  # Config fields for arms B-F only
 }
 
 #: What --smoke changes: tiny images, one epoch per phase, one seed.
@@ -174,7 +178,7 @@ def _check_section(section: Any, where: str) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags; every flag defaults to 'not given' so the config file can fill it."""
     p = argparse.ArgumentParser(
-        description="Reproduce BPL on UC Merced: arms A-E x seeds, aggregated with mean +- std.",
+        description="Reproduce BPL on UC Merced: arms A-F x seeds, aggregated with mean +- std.",
         epilog="example:\n  python benchmarks/reproduce_ucm.py --config "
                "benchmarks/configs/ucm_cpu.yaml\n  python benchmarks/reproduce_ucm.py --smoke",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -195,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default=s)
     p.add_argument("--image-size", default=s, type=int, metavar="PX")
     p.add_argument("--baseline-epochs", default=s, type=int)
-    p.add_argument("--finetune-epochs", default=s, type=int, help="epochs of every arm B-E")
+    p.add_argument("--finetune-epochs", default=s, type=int, help="epochs of every arm B-F")
     p.add_argument("--flops-reduction", default=s, type=float, metavar="R")
     p.add_argument("--threads", default=s, type=int, metavar="N",
                    help="torch CPU threads (default: all); 1 when other jobs share the cores")
@@ -223,7 +227,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise BPLError(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
     if any(a != "A" for a in arms) and "A" not in arms:
-        arms.insert(0, "A")  # B-E start from the seed's baseline: it is always run
+        arms.insert(0, "A")  # B-F start from the seed's baseline: it is always run
     settings["arms"] = sorted(set(arms))
     seeds = settings["seeds"]
     settings["seeds"] = [int(s) for s in (seeds if isinstance(seeds, list) else [seeds])]
@@ -371,21 +375,23 @@ def _mean_std(values: Sequence[float | None]) -> dict[str, float | int | None]:
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and sample std per arm; paired top-1 differences against A and B within a seed."""
+    """Mean and sample std per arm; paired top-1 differences within a seed: every arm against
+    B (plain pruning), then D and F against C (what the diversity loss and the init change),
+    then every arm against A."""
     by_arm: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_arm.setdefault(row["arm"], []).append(row)
     per_arm = {arm: {m: _mean_std([r[m] for r in rs]) for m in _METRICS}
                for arm, rs in sorted(by_arm.items())}
     top1 = {(r["seed"], r["arm"]): r["top1"] for r in rows}
+    pairs = [(arm, "B") for arm in sorted(by_arm) if arm not in "AB"]
+    pairs += [("D", "C"), ("F", "C")]
+    pairs += [(arm, "A") for arm in sorted(by_arm) if arm != "A"]
     paired: dict[str, dict[str, Any]] = {}
-    for ref in ("A", "B"):
-        for arm in sorted(by_arm):
-            if arm == ref or (ref == "B" and arm == "A"):
-                continue
-            diffs = [top1[(s, arm)] - top1[(s, ref)] for s, a in top1 if a == arm and (s, ref) in top1]
-            if diffs:
-                paired[f"{arm}-{ref}"] = _mean_std(diffs)
+    for arm, ref in pairs:
+        diffs = [top1[(s, arm)] - top1[(s, ref)] for s, a in top1 if a == arm and (s, ref) in top1]
+        if diffs:
+            paired[f"{arm}-{ref}"] = _mean_std(diffs)
     return {"per_arm": per_arm, "paired_top1_difference": paired}
 
 
@@ -404,7 +410,7 @@ def summary_markdown(settings: dict[str, Any], summary: dict[str, Any],
         f"# BPL reproduction: {settings['arch']} on {settings['data']} at "
         f"{settings['image_size']} px",
         "",
-        f"Seeds {seeds}; baseline {settings['baseline_epochs']} epochs, every arm B-E "
+        f"Seeds {seeds}; baseline {settings['baseline_epochs']} epochs, every arm B-F "
         f"{settings['finetune_epochs']} epochs; target {100 * settings['flops_reduction']:.2f}% "
         "fewer MACs. Top-1 is the last epoch's on the held-out 20% (not the best epoch). "
         "Mean ± sample std over seeds; MACs at batch 1, CPU latency at batch 1.",

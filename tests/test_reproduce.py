@@ -60,39 +60,43 @@ def test_reproduce_runs_aggregates_and_skips_finished_runs(tmp_path):
         "common: {batch_size: 8, device: cpu, workers: 0, lr: 0.05}\n"
     )
     argv = ["--config", str(config), "--data", "imagefolder", "--data-root", str(data),
-            "--out", str(out), "--seeds", "0", "--arms", "B", "C", "E", "--quiet"]
+            "--out", str(out), "--seeds", "0", "--arms", "B", "C", "E", "F", "--quiet"]
 
     assert reproduce.main(argv) == 0
 
     results = json.loads((out / "results.json").read_text())
     # A is run as well: B, C and E start from the seed's baseline.
     assert [(r["seed"], r["arm"]) for r in results["runs"]] == [(0, "A"), (0, "B"), (0, "C"),
-                                                               (0, "E")]
+                                                               (0, "E"), (0, "F")]
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [r["arm"] for r in rows] == ["A", "B", "C", "E"]
+    assert [r["arm"] for r in rows] == ["A", "B", "C", "E", "F"]
     for row in results["runs"]:
         assert 0.0 <= row["top1"] <= 100.0 and row["macs"] > 0 and row["params"] > 0
         assert row["epochs"] == 1 and row["wall_time_s"] > 0
     by_arm = {r["arm"]: r for r in results["runs"]}
     assert by_arm["A"]["macs_reduction"] == 0.0
-    for arm in "BCE":
+    for arm in "BCEF":
         assert by_arm[arm]["macs"] < by_arm["A"]["macs"]
         assert abs(by_arm[arm]["macs_reduction"] - 0.5) < 0.05
     assert by_arm["C"]["fusion_error"] is not None and by_arm["E"]["removal_error"] is not None
+    assert by_arm["F"]["fusion_error"] is not None
+    inits = {arm: json.loads((out / "seed0" / arm / "config.json").read_text())["init"]
+             for arm in "CF"}
+    assert inits == {"C": "preserve", "F": "paper"}
     # Every compress arm evaluated on the baseline's test images.
     split_a = json.loads((out / "seed0" / "A" / "split.json").read_text())["test"]
-    for arm in "BCE":
+    for arm in "BCEF":
         assert json.loads((out / "seed0" / arm / "split.json").read_text())["test"] == split_a
     summary = (out / "summary.md").read_text()
-    for arm in "ABCE":
+    for arm in "ABCEF":
         assert f"| {arm} |" in summary
-    assert "| C-B |" in summary
+    assert "| C-B |" in summary and "| F-C |" in summary
     assert (out / "accuracy_vs_macs.png").stat().st_size > 0
     assert (out / "seed0" / "C" / "run.log").read_text().count("epoch 1/1") == 1
 
     # Re-running skips every finished run: their metrics.json files are not rewritten.
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("seed0/*/metrics.json")}
-    assert len(mtimes) == 4
+    assert len(mtimes) == 5
     assert reproduce.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     again = json.loads((out / "results.json").read_text())
@@ -123,11 +127,12 @@ def test_shipped_configs_resolve_to_valid_runs(capsys):
     configs = SCRIPT.parent / "configs"
     assert reproduce.main(["--config", str(configs / "ucm_cpu.yaml"), "--dry-run"]) == 0
     cpu = json.loads(capsys.readouterr().out)
-    assert len(cpu["runs"]) == 15  # 3 seeds x 5 arms
+    assert len(cpu["runs"]) == 18  # 3 seeds x 6 arms
     epochs = {r["arm"]: r["config"]["epochs"] for r in cpu["runs"]}
-    assert len({epochs[a] for a in "BCDE"}) == 1  # the same fine-tuning length in every arm
+    assert len({epochs[a] for a in "BCDEF"}) == 1  # the same fine-tuning length in every arm
     assert reproduce.main(["--config", str(configs / "paper_gpu.yaml"), "--dry-run"]) == 0
     gpu = {r["arm"]: r["config"] for r in json.loads(capsys.readouterr().out)["runs"]}
     assert gpu["A"]["pretrained"] and gpu["A"]["arch"] == "resnet50"
     assert gpu["C"]["lr"] == 1e-3 and gpu["C"]["schedule"] == "step"
     assert gpu["D"]["diversity_weight"] == 0.0 and gpu["E"]["soft"]
+    assert gpu["F"]["init"] == "paper" and gpu["C"]["init"] == "preserve"
