@@ -56,7 +56,9 @@ import torch
 
 from bpl.config import Config, resolve_config
 from bpl.errors import BPLError
+from bpl.models import load_model
 from bpl.pipeline import compress, train_baseline
+from bpl.profile import compare_latency
 from bpl.report import write_json
 from common import machine
 
@@ -127,7 +129,9 @@ _OWNED = {"data", "data_root", "image_size", "arch", "seed", "out", "cache_dir",
 #: Config fields that may differ between a finished run and this call (paths, bookkeeping).
 _NOT_PROTOCOL = {"data_root", "cache_dir", "out", "baseline", "resume", "device", "workers"}
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
-_METRICS = ("top1", "macs", "params", "latency_ms", "macs_reduction", "wall_time_s")
+_METRICS = ("top1", "macs", "params", "latency_ms", "speedup", "macs_reduction", "wall_time_s")
+#: Timed passes per deployed model in the final interleaved latency pass.
+LATENCY_REPEATS = 50
 
 
 # --------------------------------------------------------------------------- settings
@@ -363,6 +367,31 @@ def result_row(settings: dict[str, Any], seed: int, arm: Arm,
     }
 
 
+def time_deployed(settings: dict[str, Any], rows: list[dict[str, Any]],
+                  repeats: int = LATENCY_REPEATS) -> None:
+    """Time every run's deployed model at batch 1, all interleaved in one pass.
+
+    Each run also timed its model when it finished, but minutes apart and beside
+    whatever else the machine did then; timing all of them in turn in one pass makes
+    the latencies of different arms comparable. ``latency_ms`` becomes this pass's
+    median, ``speedup`` the seed's baseline latency over it; the run's own figure stays
+    as ``latency_in_run_ms``.
+    """
+    models = {}
+    for row in rows:
+        run_dir = Path(row["run_dir"])
+        name = "last.pt" if ARMS[row["arm"]].command == "train" else "deploy.pt"
+        models[f"seed{row['seed']}/{row['arm']}"] = load_model(run_dir / name)[0].eval()
+    size = int(settings["image_size"])
+    log.info("timing %d deployed models interleaved (batch 1, %d repeats)", len(models), repeats)
+    latency = compare_latency(models, torch.randn(1, 3, size, size), repeats=repeats)
+    for row in rows:
+        row["latency_in_run_ms"] = row["latency_ms"]
+        row["latency_ms"] = latency[f"seed{row['seed']}/{row['arm']}"]
+        baseline = latency.get(f"seed{row['seed']}/A")
+        row["speedup"] = baseline / row["latency_ms"] if baseline else None
+
+
 # --------------------------------------------------------------------------- aggregation
 
 
@@ -413,17 +442,19 @@ def summary_markdown(settings: dict[str, Any], summary: dict[str, Any],
         f"Seeds {seeds}; baseline {settings['baseline_epochs']} epochs, every arm B-F "
         f"{settings['finetune_epochs']} epochs; target {100 * settings['flops_reduction']:.2f}% "
         "fewer MACs. Top-1 is the last epoch's on the held-out 20% (not the best epoch). "
-        "Mean ± sample std over seeds; MACs at batch 1, CPU latency at batch 1.",
+        "Mean ± sample std over seeds; MACs at batch 1; CPU latency at batch 1, every "
+        f"deployed model timed in turn in one pass (median of {LATENCY_REPEATS}); speedup "
+        "is the seed's baseline latency over the arm's.",
         "",
         "| arm | | top-1 (%) | MACs (M) | params (M) | MACs reduction (%) | "
-        "CPU latency (ms) | wall time (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "CPU latency (ms) | speedup | wall time (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for arm, st in summary["per_arm"].items():
         lines.append(
             f"| {arm} | {ARMS[arm].label} | {_pm(st['top1'])} | {_pm(st['macs'], '{:.1f}', 1e-6)} "
             f"| {_pm(st['params'], '{:.2f}', 1e-6)} | {_pm(st['macs_reduction'], '{:.2f}', 100)} "
-            f"| {_pm(st['latency_ms'])} | {_pm(st['wall_time_s'], '{:.0f}')} |"
+            f"| {_pm(st['latency_ms'])} | {_pm(st['speedup'])} | {_pm(st['wall_time_s'], '{:.0f}')} |"
         )
     if summary["paired_top1_difference"]:
         lines += ["", "Paired top-1 differences (same seed: same split and baseline), "
@@ -530,6 +561,7 @@ def reproduce(settings: dict[str, Any], *, progress: bool = False) -> dict[str, 
                 arm = ARMS[key]
                 metrics = run_one(settings, seed, arm, progress=progress, fmt=fmt)
                 rows.append(result_row(settings, seed, arm, metrics))
+        time_deployed(settings, rows)
         invocation_s = time.perf_counter() - t0
         results = write_results(settings, rows, invocation_s)
         log.info("wrote %s, results.csv, summary.md, accuracy_vs_macs.png (this call %.1f min, "

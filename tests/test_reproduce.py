@@ -75,6 +75,11 @@ def test_reproduce_runs_aggregates_and_skips_finished_runs(tmp_path):
         assert row["epochs"] == 1 and row["wall_time_s"] > 0
     by_arm = {r["arm"]: r for r in results["runs"]}
     assert by_arm["A"]["macs_reduction"] == 0.0
+    # Latency: every deployed model re-timed in one interleaved pass; the run's own kept.
+    for row in results["runs"]:
+        assert row["latency_ms"] > 0 and row["latency_in_run_ms"] > 0
+        assert row["speedup"] == pytest.approx(by_arm["A"]["latency_ms"] / row["latency_ms"])
+    assert by_arm["A"]["speedup"] == 1.0
     for arm in "BCEF":
         assert by_arm[arm]["macs"] < by_arm["A"]["macs"]
         assert abs(by_arm[arm]["macs_reduction"] - 0.5) < 0.05
