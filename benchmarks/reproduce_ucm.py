@@ -56,7 +56,9 @@ import torch
 
 from bpl.config import Config, resolve_config
 from bpl.errors import BPLError
+from bpl.extend import partner_blocks
 from bpl.models import load_model
+from bpl.partner import fold_conv_bn
 from bpl.pipeline import compress, train_baseline
 from bpl.profile import compare_latency
 from bpl.report import write_json
@@ -129,7 +131,8 @@ _OWNED = {"data", "data_root", "image_size", "arch", "seed", "out", "cache_dir",
 #: Config fields that may differ between a finished run and this call (paths, bookkeeping).
 _NOT_PROTOCOL = {"data_root", "cache_dir", "out", "baseline", "resume", "device", "workers"}
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
-_METRICS = ("top1", "macs", "params", "latency_ms", "speedup", "macs_reduction", "wall_time_s")
+_METRICS = ("top1", "macs", "params", "latency_ms", "speedup", "macs_reduction", "wall_time_s",
+            "partner_norm_ratio", "partner_kernel_cos")
 #: Timed passes per deployed model in the final interleaved latency pass.
 LATENCY_REPEATS = 50
 
@@ -392,6 +395,29 @@ def time_deployed(settings: dict[str, Any], rows: list[dict[str, Any]],
         row["speedup"] = baseline / row["latency_ms"] if baseline else None
 
 
+@torch.no_grad()
+def partner_stats(run_dir: Path) -> dict[str, float]:
+    """How much the partners of a run learned, read from its trained, unfused ``last.pt``.
+
+    ``partner_norm_ratio``: mean over partner blocks of ||partner kernel|| / ||block
+    kernel||, both with their BN folded in (0 means the partner adds nothing to the
+    fused model). ``partner_kernel_cos``: mean cosine of the raw kernels, the quantity
+    the diversity loss pushes towards -1.
+    """
+    model, _ = load_model(run_dir / "last.pt")
+    ratios, cosines = [], []
+    for _, block in partner_blocks(model):
+        own, partner = fold_conv_bn(block.conv, block.bn)[0], fold_conv_bn(
+            block.partner_conv, block.partner_bn)[0]
+        ratios.append(float(partner.norm() / own.norm().clamp_min(1e-12)))
+        cosines.append(float(torch.nn.functional.cosine_similarity(
+            block.conv.weight.flatten(), block.partner_conv.weight.flatten(), dim=0)))
+    if not ratios:
+        raise BPLError(f"{run_dir / 'last.pt'} has no partner blocks")
+    return {"partner_norm_ratio": statistics.fmean(ratios),
+            "partner_kernel_cos": statistics.fmean(cosines)}
+
+
 # --------------------------------------------------------------------------- aggregation
 
 
@@ -410,7 +436,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by_arm: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         by_arm.setdefault(row["arm"], []).append(row)
-    per_arm = {arm: {m: _mean_std([r[m] for r in rs]) for m in _METRICS}
+    per_arm = {arm: {m: _mean_std([r.get(m) for r in rs]) for m in _METRICS}
                for arm, rs in sorted(by_arm.items())}
     top1 = {(r["seed"], r["arm"]): r["top1"] for r in rows}
     pairs = [(arm, "B") for arm in sorted(by_arm) if arm not in "AB"]
@@ -456,6 +482,14 @@ def summary_markdown(settings: dict[str, Any], summary: dict[str, Any],
             f"| {_pm(st['params'], '{:.2f}', 1e-6)} | {_pm(st['macs_reduction'], '{:.2f}', 100)} "
             f"| {_pm(st['latency_ms'])} | {_pm(st['speedup'])} | {_pm(st['wall_time_s'], '{:.0f}')} |"
         )
+    with_partners = {a: st for a, st in summary["per_arm"].items() if st["partner_norm_ratio"]["n"]}
+    if with_partners:
+        lines += ["", "Partners at the end of training, before fusion (mean over partner blocks): "
+                      "norm of the BN-folded partner kernel over the block's, and the cosine of "
+                      "the raw kernels.", "",
+                  "| arm | partner / block kernel norm | kernel cosine |", "|---|---:|---:|"]
+        lines += [f"| {a} | {_pm(st['partner_norm_ratio'], '{:.3f}')} | "
+                  f"{_pm(st['partner_kernel_cos'], '{:.3f}')} |" for a, st in with_partners.items()]
     if summary["paired_top1_difference"]:
         lines += ["", "Paired top-1 differences (same seed: same split and baseline), "
                       "percentage points:", "", "| difference | mean ± std | n |", "|---|---:|---:|"]
@@ -510,7 +544,7 @@ def write_results(settings: dict[str, Any], rows: list[dict[str, Any]],
     }
     write_json(out / "results.json", results)
     with (out / "results.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
     (out / "summary.md").write_text(summary_markdown(settings, summary, total_s, invocation_s))
@@ -562,6 +596,9 @@ def reproduce(settings: dict[str, Any], *, progress: bool = False) -> dict[str, 
                 metrics = run_one(settings, seed, arm, progress=progress, fmt=fmt)
                 rows.append(result_row(settings, seed, arm, metrics))
         time_deployed(settings, rows)
+        for row in rows:
+            if ARMS[row["arm"]].fields.get("partners"):
+                row.update(partner_stats(Path(row["run_dir"])))
         invocation_s = time.perf_counter() - t0
         results = write_results(settings, rows, invocation_s)
         log.info("wrote %s, results.csv, summary.md, accuracy_vs_macs.png (this call %.1f min, "

@@ -85,6 +85,10 @@ def test_reproduce_runs_aggregates_and_skips_finished_runs(tmp_path):
         assert abs(by_arm[arm]["macs_reduction"] - 0.5) < 0.05
     assert by_arm["C"]["fusion_error"] is not None and by_arm["E"]["removal_error"] is not None
     assert by_arm["F"]["fusion_error"] is not None
+    # Partner statistics from the unfused last.pt of every arm with partners, only those.
+    for arm in "CEF":
+        assert by_arm[arm]["partner_norm_ratio"] > 0 and -1 <= by_arm[arm]["partner_kernel_cos"] <= 1
+    assert "partner_norm_ratio" not in by_arm["B"] and rows[1]["partner_norm_ratio"] == ""
     inits = {arm: json.loads((out / "seed0" / arm / "config.json").read_text())["init"]
              for arm in "CF"}
     assert inits == {"C": "preserve", "F": "paper"}
@@ -96,6 +100,7 @@ def test_reproduce_runs_aggregates_and_skips_finished_runs(tmp_path):
     for arm in "ABCEF":
         assert f"| {arm} |" in summary
     assert "| C-B |" in summary and "| F-C |" in summary
+    assert "kernel cosine" in summary
     assert (out / "accuracy_vs_macs.png").stat().st_size > 0
     assert (out / "seed0" / "C" / "run.log").read_text().count("epoch 1/1") == 1
 
