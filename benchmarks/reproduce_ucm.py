@@ -334,6 +334,8 @@ def run_one(settings: dict[str, Any], seed: int, arm: Arm, *, progress: bool,
     with _log_to(run_dir / "run.log", fmt):
         job = train_baseline if arm.command == "train" else compress
         metrics = job(cfg, progress=progress)
+    if arm.fields.get("partners"):
+        saved_partner_stats(run_dir)
     elapsed = time.perf_counter() - t0
     ledger = _ledger(out)
     key = f"seed{seed}/{arm.key}"
@@ -382,17 +384,32 @@ def time_deployed(settings: dict[str, Any], rows: list[dict[str, Any]],
     """
     models = {}
     for row in rows:
-        run_dir = Path(row["run_dir"])
-        name = "last.pt" if ARMS[row["arm"]].command == "train" else "deploy.pt"
-        models[f"seed{row['seed']}/{row['arm']}"] = load_model(run_dir / name)[0].eval()
+        path = Path(row["run_dir"]) / ("last.pt" if ARMS[row["arm"]].command == "train"
+                                       else "deploy.pt")
+        if path.is_file():
+            models[f"seed{row['seed']}/{row['arm']}"] = load_model(path)[0].eval()
+        else:  # e.g. checkpoints deleted to save space: keep the run, without a latency
+            log.warning("%s is missing: seed %s arm %s is left out of the latency pass",
+                        path, row["seed"], row["arm"])
     size = int(settings["image_size"])
     log.info("timing %d deployed models interleaved (batch 1, %d repeats)", len(models), repeats)
     latency = compare_latency(models, torch.randn(1, 3, size, size), repeats=repeats)
     for row in rows:
         row["latency_in_run_ms"] = row["latency_ms"]
-        row["latency_ms"] = latency[f"seed{row['seed']}/{row['arm']}"]
+        row["latency_ms"] = latency.get(f"seed{row['seed']}/{row['arm']}")
         baseline = latency.get(f"seed{row['seed']}/A")
-        row["speedup"] = baseline / row["latency_ms"] if baseline else None
+        row["speedup"] = baseline / row["latency_ms"] if baseline and row["latency_ms"] else None
+
+
+def saved_partner_stats(run_dir: Path) -> dict[str, float]:
+    """`partner_stats` of a finished run, kept in ``partner_stats.json`` beside its checkpoints
+    so the aggregation reads it instead of loading the large unfused checkpoint every time."""
+    path = run_dir / "partner_stats.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    stats = partner_stats(run_dir)
+    write_json(path, stats)
+    return stats
 
 
 @torch.no_grad()
@@ -598,7 +615,7 @@ def reproduce(settings: dict[str, Any], *, progress: bool = False) -> dict[str, 
         time_deployed(settings, rows)
         for row in rows:
             if ARMS[row["arm"]].fields.get("partners"):
-                row.update(partner_stats(Path(row["run_dir"])))
+                row.update(saved_partner_stats(Path(row["run_dir"])))
         invocation_s = time.perf_counter() - t0
         results = write_results(settings, rows, invocation_s)
         log.info("wrote %s, results.csv, summary.md, accuracy_vs_macs.png (this call %.1f min, "

@@ -89,6 +89,11 @@ def test_reproduce_runs_aggregates_and_skips_finished_runs(tmp_path):
     for arm in "CEF":
         assert by_arm[arm]["partner_norm_ratio"] > 0 and -1 <= by_arm[arm]["partner_kernel_cos"] <= 1
     assert "partner_norm_ratio" not in by_arm["B"] and rows[1]["partner_norm_ratio"] == ""
+    # ... kept beside each run, written when the run finished.
+    for arm in "CEF":
+        saved = json.loads((out / "seed0" / arm / "partner_stats.json").read_text())
+        assert saved["partner_norm_ratio"] == by_arm[arm]["partner_norm_ratio"]
+    assert not (out / "seed0" / "B" / "partner_stats.json").exists()
     inits = {arm: json.loads((out / "seed0" / arm / "config.json").read_text())["init"]
              for arm in "CF"}
     assert inits == {"C": "preserve", "F": "paper"}
@@ -112,6 +117,18 @@ def test_reproduce_runs_aggregates_and_skips_finished_runs(tmp_path):
     again = json.loads((out / "results.json").read_text())
     assert [r["top1"] for r in again["runs"]] == [r["top1"] for r in results["runs"]]
     assert "finished earlier, skipped" in (out / "reproduce.log").read_text()
+
+    # Checkpoints deleted to save space: the runs stay in the results, only their latency
+    # (and, for partner arms, nothing else: the statistics were kept) goes missing.
+    (out / "seed0" / "B" / "deploy.pt").unlink()
+    for arm in "CEF":
+        (out / "seed0" / arm / "last.pt").unlink()
+    assert reproduce.main(argv) == 0
+    pruned = {r["arm"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert pruned["B"]["latency_ms"] is None and pruned["B"]["speedup"] is None
+    assert pruned["C"]["latency_ms"] > 0
+    assert pruned["C"]["partner_norm_ratio"] == by_arm["C"]["partner_norm_ratio"]
+    assert "seed 0 arm B is left out of the latency pass" in (out / "reproduce.log").read_text()
 
 
 def test_cut_off_run_resumes_and_other_settings_are_refused(tmp_path):
