@@ -208,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-epochs", default=s, type=int)
     p.add_argument("--finetune-epochs", default=s, type=int, help="epochs of every arm B-F")
     p.add_argument("--flops-reduction", default=s, type=float, metavar="R")
+    p.add_argument("--device", default=s,
+                   help="where every run trains (cpu, cuda, cuda:1, auto); overrides the config's "
+                   "common.device; not part of the protocol, so runs from several devices mix")
+    p.add_argument("--workers", default=s, type=int, metavar="N",
+                   help="DataLoader worker processes (overrides common.workers)")
     p.add_argument("--threads", default=s, type=int, metavar="N",
                    help="torch CPU threads (default: all); 1 when other jobs share the cores")
     p.add_argument("--dry-run", action="store_true",
@@ -228,6 +233,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("out", "data_root", "cache_dir"):  # a path given on the command line: from cwd
         if key in flags:
             flags[key] = str(Path(flags[key]).resolve())
+    for key in ("device", "workers"):  # execution settings of every run: Config fields
+        if key in flags:
+            settings["common"][key] = flags.pop(key)
     settings.update(flags)
     arms = [a.upper() for a in settings["arms"]]
     unknown = [a for a in arms if a not in ARMS]
@@ -366,6 +374,7 @@ def result_row(settings: dict[str, Any], seed: int, arm: Arm,
         "epochs": len(history),
         "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in history),
         "wall_time_s": ledger.get(f"seed{seed}/{arm.key}", metrics.get("wall_time_s")),
+        "device": (metrics.get("config") or {}).get("device"),  # where the run trained
         "fusion_error": metrics.get("fusion_error"),
         "removal_error": metrics.get("removal_error"),
         "run_dir": str(Path(settings["out"]) / f"seed{seed}" / arm.key),
@@ -464,7 +473,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         diffs = [top1[(s, arm)] - top1[(s, ref)] for s, a in top1 if a == arm and (s, ref) in top1]
         if diffs:
             paired[f"{arm}-{ref}"] = _mean_std(diffs)
-    return {"per_arm": per_arm, "paired_top1_difference": paired}
+    trained_on: dict[str, list[str]] = {}
+    for row in rows:
+        trained_on.setdefault(str(row.get("device")), []).append(f"{row['seed']}{row['arm']}")
+    return {"per_arm": per_arm, "paired_top1_difference": paired, "trained_on": trained_on}
 
 
 def _pm(stat: dict[str, Any], fmt: str = "{:.2f}", scale: float = 1.0) -> str:
@@ -493,6 +505,9 @@ def summary_markdown(settings: dict[str, Any], summary: dict[str, Any],
         "CPU latency (ms) | speedup | wall time (s) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    if len(summary["trained_on"]) > 1:  # runs from more than one kind of machine
+        where = "; ".join(f"{dev}: {', '.join(runs)}" for dev, runs in summary["trained_on"].items())
+        lines[-2:-2] = [f"Trained on more than one device (runs as seed+arm): {where}.", ""]
     for arm, st in summary["per_arm"].items():
         lines.append(
             f"| {arm} | {ARMS[arm].label} | {_pm(st['top1'])} | {_pm(st['macs'], '{:.1f}', 1e-6)} "

@@ -72,7 +72,7 @@ def test_reproduce_runs_aggregates_and_skips_finished_runs(tmp_path):
     assert [r["arm"] for r in rows] == ["A", "B", "C", "E", "F"]
     for row in results["runs"]:
         assert 0.0 <= row["top1"] <= 100.0 and row["macs"] > 0 and row["params"] > 0
-        assert row["epochs"] == 1 and row["wall_time_s"] > 0
+        assert row["epochs"] == 1 and row["wall_time_s"] > 0 and row["device"] == "cpu"
     by_arm = {r["arm"]: r for r in results["runs"]}
     assert by_arm["A"]["macs_reduction"] == 0.0
     # Latency: every deployed model re-timed in one interleaved pass; the run's own kept.
@@ -155,6 +155,12 @@ def test_shipped_configs_resolve_to_valid_runs(capsys):
     assert reproduce.main(["--config", str(configs / "ucm_cpu.yaml"), "--dry-run"]) == 0
     cpu = json.loads(capsys.readouterr().out)
     assert len(cpu["runs"]) == 18  # 3 seeds x 6 arms
+    # The same protocol on a GPU: only the execution settings change.
+    assert reproduce.main(["--config", str(configs / "ucm_cpu.yaml"), "--seeds", "2",
+                           "--device", "cuda", "--workers", "6", "--dry-run"]) == 0
+    gpu = json.loads(capsys.readouterr().out)
+    assert gpu["settings"]["common"]["device"] == "cuda" and len(gpu["runs"]) == 6
+    assert {r["config"]["workers"] for r in gpu["runs"]} == {6}
     epochs = {r["arm"]: r["config"]["epochs"] for r in cpu["runs"]}
     assert len({epochs[a] for a in "BCDEF"}) == 1  # the same fine-tuning length in every arm
     assert reproduce.main(["--config", str(configs / "paper_gpu.yaml"), "--dry-run"]) == 0
@@ -163,3 +169,18 @@ def test_shipped_configs_resolve_to_valid_runs(capsys):
     assert gpu["C"]["lr"] == 1e-3 and gpu["C"]["schedule"] == "step"
     assert gpu["D"]["diversity_weight"] == 0.0 and gpu["E"]["soft"]
     assert gpu["F"]["init"] == "paper" and gpu["C"]["init"] == "preserve"
+
+
+def test_summary_names_the_devices_when_runs_come_from_several():
+    reproduce = _load_script()
+    rows = [{"seed": seed, "arm": arm, "top1": 80.0 + seed, "device": device}
+            for seed, device in ((0, "cpu"), (1, "cuda")) for arm in "AB"]
+    summary = reproduce.summarize(rows)
+    assert summary["trained_on"] == {"cpu": ["0A", "0B"], "cuda": ["1A", "1B"]}
+    settings = {"arch": "resnet18", "data": "ucm", "image_size": 96, "seeds": [0, 1],
+                "baseline_epochs": 2, "finetune_epochs": 1, "flops_reduction": 0.5}
+    text = reproduce.summary_markdown(settings, summary, 60.0, 60.0)
+    assert "Trained on more than one device (runs as seed+arm): cpu: 0A, 0B; cuda: 1A, 1B." in text
+    assert text.index("Trained on") < text.index("| arm |")
+    single = reproduce.summarize([r for r in rows if r["device"] == "cpu"])
+    assert "Trained on" not in reproduce.summary_markdown(settings, single, 60.0, 60.0)
