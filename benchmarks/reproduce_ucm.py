@@ -366,6 +366,7 @@ def result_row(settings: dict[str, Any], seed: int, arm: Arm,
         "label": arm.label,
         "top1": metrics["final"]["top1"],
         "top5": metrics["final"].get("top5"),
+        "test_images": metrics["final"].get("samples"),
         "best_top1": metrics.get("best_top1"),
         "macs": model["macs"],
         "params": model["params"],
@@ -533,13 +534,17 @@ def summary_markdown(settings: dict[str, Any], summary: dict[str, Any],
 
 
 def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path, title: str) -> None:
-    """Top-1 against MACs: per-seed points and the per-arm mean with std error bars."""
+    """Left: top-1 against MACs, per-seed points and the per-arm mean with std error bars.
+    Right: top-1 per arm with each seed's runs joined, since the arms of one seed share
+    the split and the baseline and differ less from each other than seeds do."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, (ax, ax_seed) = plt.subplots(1, 2, figsize=(10, 4.2),
+                                      gridspec_kw={"width_ratios": [3, 2]})
+    arms = list(summary["per_arm"])
     for i, (arm, st) in enumerate(summary["per_arm"].items()):
         color = f"C{i}"
         pts = [r for r in rows if r["arm"] == arm]
@@ -548,11 +553,26 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path, title:
         ax.errorbar(st["macs"]["mean"] / 1e6, st["top1"]["mean"], yerr=st["top1"]["std"],
                     xerr=st["macs"]["std"] / 1e6, fmt="o", capsize=4, color=color,
                     label=f"{arm}: {ARMS[arm].label}")
+        ax_seed.scatter([i] * len(pts), [r["top1"] for r in pts], s=18, color=color, zorder=3)
+    for seed in sorted({r["seed"] for r in rows}):
+        by_arm = {r["arm"]: r["top1"] for r in rows if r["seed"] == seed}
+        xs = [i for i, a in enumerate(arms) if a in by_arm]
+        ax_seed.plot(xs, [by_arm[arms[i]] for i in xs], color="0.5", lw=0.8, alpha=0.7)
+        if xs:
+            ax_seed.annotate(f"seed {seed}", (xs[-1], by_arm[arms[xs[-1]]]), fontsize=7,
+                             xytext=(4, 0), textcoords="offset points", va="center")
     ax.set_xlabel("MACs (millions, batch 1)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    ax_seed.set_xticks(range(len(arms)), arms)
+    ax_seed.set_xlim(-0.5, len(arms) - 0.2)
+    ax_seed.set_xlabel("arm")
+    images = {r.get("test_images") for r in rows} - {None}
+    one = f" (one test image: {100 / min(images):.2f} points)" if images else ""
+    ax_seed.set_title(f"top-1 per seed{one}", fontsize=9)
+    ax_seed.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

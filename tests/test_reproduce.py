@@ -73,6 +73,7 @@ def test_reproduce_runs_aggregates_and_skips_finished_runs(tmp_path):
     for row in results["runs"]:
         assert 0.0 <= row["top1"] <= 100.0 and row["macs"] > 0 and row["params"] > 0
         assert row["epochs"] == 1 and row["wall_time_s"] > 0 and row["device"] == "cpu"
+        assert row["test_images"] == 6  # 3 classes x 8 images, 20% held out per class
     by_arm = {r["arm"]: r for r in results["runs"]}
     assert by_arm["A"]["macs_reduction"] == 0.0
     # Latency: every deployed model re-timed in one interleaved pass; the run's own kept.
