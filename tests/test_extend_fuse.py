@@ -139,6 +139,47 @@ def test_paper_init_halves_the_block():
     assert torch.allclose(block.bn.weight, model.body[4].weight * 0.5)
 
 
+def test_split_init_is_exact_and_trains_both_kernels_from_the_first_step():
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18(num_classes=5))
+    x = torch.randn(4, 3, 32, 32)
+    student = bpl.extend(model, init="split")
+    blocks = bpl.partner_blocks(student)
+    # exact in eval mode and in training mode (same batch statistics in both branches)
+    assert bpl.relative_error(model.eval(), student.eval(), x) <= 1e-6
+    model.train(), student.train()
+    assert torch.allclose(model(x), student(x), rtol=1e-4, atol=1e-5)
+    b = blocks[0][1]
+    assert torch.equal(b.partner_conv.weight, b.conv.weight)
+    assert blocks[0][0] == "layer1.0.conv1"
+    assert torch.allclose(b.bn.weight + b.partner_bn.weight, model.layer1[0].bn1.weight)
+    assert torch.allclose(b.bn.bias + b.partner_bn.bias, model.layer1[0].bn1.bias)
+    # one step: both kernels get a gradient, in the ratio of their shares
+    student(x).logsumexp(1).mean().backward()
+    g, gp = b.conv.weight.grad, b.partner_conv.weight.grad
+    assert gp.abs().sum() > 0
+    share = bpl.partner.DEFAULT_SHARE
+    assert torch.allclose(gp * (1 - share), g * share, rtol=1e-3, atol=1e-7)
+    # ten training steps: the unequal gradients pull the copies apart
+    before = bpl.diversity_loss(student).item()
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    y = torch.arange(4) % 5
+    for _ in range(10):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(student(x), y) + bpl.diversity_loss(student)
+        loss.backward()
+        opt.step()
+    cos = [nn.functional.cosine_similarity(blk.conv.weight.flatten(),
+                                           blk.partner_conv.weight.flatten(), 0).item()
+           for _, blk in blocks]
+    assert max(cos) < 0.9995 and bpl.diversity_loss(student).item() < before
+
+
+def test_split_at_one_half_is_refused():
+    with pytest.raises(BPLError, match="identical gradients"):
+        bpl.extend(ConvZoo(), init="split", share=0.5)
+
+
 def test_untraceable_model_names_the_module():
     with pytest.raises(TraceError, match=r"module 'gate' stopped the trace"):
         bpl.extend(Untraceable())

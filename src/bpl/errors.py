@@ -11,3 +11,7 @@ class TraceError(BPLError):
 
 class VerificationError(BPLError):
     """Two models that should compute the same function do not (error above tolerance)."""
+
+
+class InvalidArgumentError(BPLError, ValueError):
+    """An argument of a bpl function has a value it does not accept (also a ``ValueError``)."""

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import BPLError, TraceError
-from .partner import NormSlot, PartnerBlock, _is_plain_batchnorm
+from .partner import DEFAULT_SHARE, NormSlot, PartnerBlock, _is_plain_batchnorm, check_init
 
 __all__ = ["extend", "find_conv_bn_pairs", "partner_blocks", "ExtendReport", "PAPER_KERNEL_SIZES"]
 
@@ -137,21 +137,25 @@ def extend(
     *,
     kernel_sizes: KernelSpec = PAPER_KERNEL_SIZES,
     init: str = "preserve",
+    share: float = DEFAULT_SHARE,
     inplace: bool = False,
 ) -> nn.Module:
     """Return ``model`` with a partner conv+BN beside every eligible conv->BN pair.
 
-    With ``init="preserve"`` the result computes exactly what ``model`` computes. The
-    report of what was extended and skipped is ``result.bpl_report``
-    (an :class:`ExtendReport`).
+    ``kernel_sizes``: which convs get partners; the paper's 3x3 and 5x5 by default,
+    ``None`` for every conv (1x1 included). ``init`` says how the partners start:
+    ``"preserve"`` (partner BN scale 0) and ``"split"`` (a copy of the block, BN scales
+    split ``1 - share`` / ``share``) leave the model's output exactly as it was;
+    ``"paper"`` is the reference code's start and changes it. See
+    :class:`~bpl.partner.PartnerBlock` for the details of each. The report of what was
+    extended and skipped is ``result.bpl_report`` (an :class:`ExtendReport`).
     """
     if partner_blocks(model):
         raise BPLError(
             "model is already extended (it has partner blocks); call bpl.fuse(model) first "
             "or extend the original model"
         )
-    if init not in ("preserve", "paper"):
-        raise ValueError(f"init must be 'preserve' or 'paper', got {init!r}")
+    check_init(init, share)
     report = find_conv_bn_pairs(model, kernel_sizes)
     if not report.extended:
         raise BPLError(
@@ -164,7 +168,7 @@ def extend(
     for conv_name, bn_name in report.extended:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         slot = NormSlot(bn)
-        model.set_submodule(conv_name, PartnerBlock(conv, bn, slot, init=init))
+        model.set_submodule(conv_name, PartnerBlock(conv, bn, slot, init=init, share=share))
         model.set_submodule(bn_name, slot)
     model.bpl_report = report
     return model

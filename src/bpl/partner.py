@@ -16,7 +16,22 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["PartnerBlock", "NormSlot", "fold_conv_bn", "fold_block", "same_conv_like"]
+from .errors import InvalidArgumentError
+
+__all__ = [
+    "INITS",
+    "DEFAULT_SHARE",
+    "PartnerBlock",
+    "NormSlot",
+    "fold_conv_bn",
+    "fold_block",
+    "same_conv_like",
+]
+
+#: How a partner can start; see :class:`PartnerBlock`.
+INITS: tuple[str, ...] = ("preserve", "split", "paper")
+#: The partner's share of the block under ``init="split"`` (ACNet's branch scale, 1/3).
+DEFAULT_SHARE = 1 / 3
 
 
 def same_conv_like(conv: nn.Conv2d) -> nn.Conv2d:
@@ -74,19 +89,45 @@ class NormSlot(nn.Module):
         return self.tail(x) if len(self.tail) else x
 
 
+def check_init(init: str, share: float) -> None:
+    """Refuse a partner start or share that :class:`PartnerBlock` does not know."""
+    if init not in INITS:
+        raise InvalidArgumentError(f"init must be one of {', '.join(INITS)}; got {init!r}")
+    if not 0.0 < share < 1.0 or share == 0.5:
+        raise InvalidArgumentError(
+            f"share must be between 0 and 1 and not 0.5, got {share} (at 0.5 the two copies "
+            "get identical gradients and never become different)"
+        )
+
+
 class PartnerBlock(nn.Module):
     """conv->BN with a parallel partner conv->BN of the same shape; the outputs are added.
 
-    ``init="preserve"`` starts the partner's BN at scale 0 and shift 0, so the block
-    computes exactly what the conv->BN pair computed. ``init="paper"`` follows the
-    reference code: BN scale 0.5 on both branches (the original BN's scale is halved,
-    the partner's set to 0.5).
+    How the partner starts (``init``):
+
+    - ``"preserve"``: a random partner kernel behind a BN of scale 0 and shift 0. The
+      block computes exactly what the conv->BN pair computed, but the partner's kernel
+      gets no gradient until its BN scale has moved away from 0.
+    - ``"split"``: the partner is a copy of the block (kernel, BN statistics), and the
+      BN scales and shifts are split ``1 - share`` / ``share``. Exact, in training mode
+      too, and both kernels train from the first step; the unequal shares give them
+      unequal gradients, so the copies drift apart and the diversity loss takes over.
+      (At ``share=0.5`` they would stay identical forever: the cosine is at its maximum,
+      where its gradient is zero, and every other gradient is the same for both.)
+    - ``"paper"``: the reference code's start: a random partner with BN scale 0.5 and the
+      block's BN scale halved. Not exact: the model's output changes.
     """
 
-    def __init__(self, conv: nn.Conv2d, bn: _BatchNorm, slot: NormSlot, init: str = "preserve"):
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        bn: _BatchNorm,
+        slot: NormSlot,
+        init: str = "preserve",
+        share: float = DEFAULT_SHARE,
+    ):
         super().__init__()
-        if init not in ("preserve", "paper"):
-            raise ValueError(f"init must be 'preserve' or 'paper', got {init!r}")
+        check_init(init, share)
         self.conv = conv
         self.bn = bn if _is_plain_batchnorm(bn) else plain_batchnorm_like(bn)
         self.partner_conv = same_conv_like(conv)
@@ -102,6 +143,12 @@ class PartnerBlock(nn.Module):
             if init == "preserve":
                 self.partner_bn.weight.zero_()
                 self.partner_bn.bias.zero_()
+            elif init == "split":
+                self.partner_conv.load_state_dict(conv.state_dict())
+                self.partner_bn.load_state_dict(self.bn.state_dict())
+                for norm, part in ((self.bn, 1.0 - share), (self.partner_bn, share)):
+                    norm.weight.mul_(part)
+                    norm.bias.mul_(part)
             else:
                 self.bn.weight.mul_(0.5)
                 self.partner_bn.weight.fill_(0.5)
