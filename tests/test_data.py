@@ -31,6 +31,10 @@ from bpl.errors import BPLError
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 UCM = SHARED / "ucmerced"
 UCM_TIF = SHARED / "ucmerced-tif-sample"
+EUROSAT = SHARED / "eurosat"
+EUROSAT_CLASSES = {"AnnualCrop": 3000, "Forest": 3000, "HerbaceousVegetation": 3000,
+                   "Highway": 2500, "Industrial": 2500, "Pasture": 2000, "PermanentCrop": 2500,
+                   "Residential": 3000, "River": 2500, "SeaLake": 3000}
 
 
 def _save(path: Path, size=(12, 10), color=(200, 30, 60), mode="RGB", fmt=None) -> Path:
@@ -122,7 +126,7 @@ def test_class_mapping_formats_and_shapes(tmp_path):
     root = _mixed_tree(tmp_path / "ds")
     data = load_dataset("imagefolder", root, image_size=16, train_ratio=0.5)
     assert data.classes == ["airplane", "beach", "forest"] and data.num_classes == 3
-    rows = data.split["train"] + data.split["test"]
+    rows = data.split["train"] + data.split["val"] + data.split["test"]
     assert len(rows) == 8  # the .txt and the hidden folder are ignored, nested/ is included
     for rel, label in rows:
         assert rel.split("/")[0] == data.classes[label]
@@ -148,7 +152,7 @@ def test_stratified_split_reproducible_and_per_class():
 
 def test_load_dataset_split_seed_and_ratio(tmp_path):
     root = _tree(tmp_path / "ds", {"a": 10, "b": 10}, size=(4, 4))
-    kw = {"image_size": 8, "cache": False}
+    kw = {"image_size": 8, "cache": False, "val_ratio": 0.0}
     s0 = load_dataset("imagefolder", root, seed=0, **kw).split
     assert s0 == load_dataset("imagefolder", root, seed=0, **kw).split
     assert s0["train"] != load_dataset("imagefolder", root, seed=3, **kw).split["train"]
@@ -163,7 +167,9 @@ def test_presplit_train_val_tree(tmp_path):
     _tree(root / "val", {"x": 1, "y": 1}, size=(4, 4))
     data = load_dataset("imagefolder", root, image_size=8, train_ratio=0.5)
     assert data.split["layout"] == "presplit" and data.classes == ["x", "y"]
-    assert len(data.train) == 5 and len(data.test) == 2
+    # validation is carved out of train/: every class keeps at least one image on each side
+    assert (len(data.train), len(data.val), len(data.test)) == (3, 2, 2)
+    assert all(r.startswith("train/") for r, _ in data.split["val"])
     assert all(r.startswith("val/") for r, _ in data.split["test"])
     _tree(root / "val", {"z": 1}, size=(4, 4))
     with pytest.raises(DataError, match=r"class folders not in the training set: z"):
@@ -310,7 +316,7 @@ def test_corrupt_image_error_and_skip_bad(tmp_path):
     for cache in (True, False):
         data = load_dataset("imagefolder", root, image_size=8, skip_bad=True, cache=cache)
         assert data.num_bad == 1 and data.bad == ["b/b03.png"]
-        assert len(data.train) + len(data.test) == 9
+        assert len(data.train) + len(data.val) + len(data.test) == 9
         assert all(data.train[i][0].shape == (3, 8, 8) for i in range(len(data.train)))
     lazy = load_dataset("imagefolder", root, image_size=8, cache=False, normalization="imagenet")
     with pytest.raises(CorruptImageError, match="b03.png"):  # found when read, without cache
@@ -322,11 +328,70 @@ def test_corrupt_image_error_and_skip_bad(tmp_path):
 # --------------------------------------------------------------------------- digits
 
 
+def test_validation_is_carved_from_train_per_class_and_fixed_by_the_seed(tmp_path):
+    root = _tree(tmp_path / "ds", {"a": 20, "b": 10}, size=(4, 4))
+    kw = {"image_size": 8, "cache": False}
+    data = load_dataset("imagefolder", root, seed=0, val_ratio=0.25, **kw)
+    split = data.split
+    train, val, test = ({r for r, _ in split[p]} for p in ("train", "val", "test"))
+    assert not (train & val or train & test or val & test)
+    assert len(train | val | test) == 30 and len(test) == 6  # 80/20 first, as without val
+    assert [sum(y == c for _, y in split["val"]) for c in (0, 1)] == [4, 2]  # 25% of 16 / 8
+    assert len(data.val) == 6 and data.val.transform is not None
+    # the test split does not depend on the validation ratio; validation on the seed
+    no_val = load_dataset("imagefolder", root, seed=0, val_ratio=0.0, **kw).split
+    assert no_val["test"] == split["test"] and no_val["val"] == []
+    assert load_dataset("imagefolder", root, seed=0, val_ratio=0.0, **kw).val is None
+    other = load_dataset("imagefolder", root, seed=1, val_ratio=0.25, **kw).split
+    assert other["val"] != split["val"]
+    # a subset of the training split, per class, then validation carved from it
+    sub = load_dataset("imagefolder", root, seed=0, val_ratio=0.25, train_subset=0.5, **kw)
+    assert sub.split["test"] == split["test"]
+    assert len(sub.train) + len(sub.val) == 12 and len(sub.val) == 3
+    assert {r for r, _ in sub.split["train"] + sub.split["val"]} <= train | val
+    with pytest.raises(DataError, match="val_ratio"):
+        load_dataset("imagefolder", root, val_ratio=1.0, **kw)
+    with pytest.raises(DataError, match="train_subset"):
+        load_dataset("imagefolder", root, train_subset=0.0, **kw)
+
+
+def test_eurosat_layout_split_and_class_count(tmp_path):
+    # EuroSAT's own layout: <Class>/<Class>_<n>.jpg, 64x64 RGB, as in the official zip's 2750/
+    counts = {c: 5 + k for k, c in enumerate(EUROSAT_CLASSES)}
+    root = tmp_path / "EuroSAT"
+    for c, n in counts.items():
+        for i in range(1, n + 1):
+            _save(root / "2750" / c / f"{c}_{i}.jpg", size=(64, 64), fmt="JPEG")
+    data = load_dataset("eurosat", root, image_size=32, seed=0)
+    assert data.classes == sorted(EUROSAT_CLASSES) and data.num_classes == 10
+    n_test = [sum(y == k for _, y in data.split["test"]) for k in range(10)]
+    assert n_test == [n - round(0.8 * n) for n in counts.values()]  # stratified 80/20
+    assert data.val is not None and data.test[0][0].shape == (3, 32, 32)
+    assert data.stats_source == "computed from the training split"
+    (root / "2750" / "Forest").rename(tmp_path / "Forest")
+    with pytest.raises(DataError, match="eurosat has 10 classes but .* has 9"):
+        load_dataset("eurosat", root, image_size=32)
+
+
+@pytest.mark.skipif(not EUROSAT.is_dir(), reason="../shared/data/eurosat not present")
+def test_real_eurosat_split():
+    split = bd._make_split(DATASETS["eurosat"], EUROSAT, 0, None, 0.1, None)
+    assert split["classes"] == sorted(EUROSAT_CLASSES)
+    rows = split["train"] + split["val"] + split["test"]
+    assert len(rows) == 27_000 and len({r for r, _ in rows}) == 27_000
+    assert len(split["test"]) == 5_400  # the usual stratified 80/20: 21,600 / 5,400
+    per_class = np.bincount([y for _, y in split["test"]], minlength=10).tolist()
+    assert per_class == [EUROSAT_CLASSES[c] // 5 for c in split["classes"]]
+    x = read_image(EUROSAT / split["test"][0][0])
+    assert x.shape == (3, 64, 64) and x.dtype == torch.uint8
+
+
 def test_digits_dataset():
     data = load_dataset("digits", image_size=16, seed=0)
     assert data.num_classes == 10 and data.classes == [str(d) for d in range(10)]
-    assert len(data.train) + len(data.test) == 1797
-    assert len(data.train) == pytest.approx(0.8 * 1797, abs=10)
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+    assert len(data.train) + len(data.val) == pytest.approx(0.8 * 1797, abs=10)
+    assert len(data.val) == pytest.approx(0.1 * 0.8 * 1797, abs=10)
     x, y = data.train[0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= y < 10
     assert torch.equal(data.test[3][0], data.test[3][0])
@@ -334,7 +399,7 @@ def test_digits_dataset():
 
 
 def test_registry():
-    assert {"ucm", "nwpu-resisc45", "rsd46-whu", "imagefolder", "digits"} <= set(DATASETS)
+    assert {"ucm", "nwpu-resisc45", "rsd46-whu", "eurosat", "imagefolder", "digits"} <= set(DATASETS)
     assert [DATASETS[n].num_classes for n in ("ucm", "nwpu-resisc45", "rsd46-whu")] == [21, 45, 46]
     assert DATASETS["ucm"].md5 is None and DATASETS["ucm"].sha256 is None
 
@@ -406,7 +471,8 @@ def test_load_ucm_with_download(tmp_path, monkeypatch):
 @pytest.mark.skipif(not UCM.is_dir(), reason="../shared/data/ucmerced not present")
 def test_real_ucmerced_split_and_decode():
     data = load_dataset("ucm", UCM, image_size=32, seed=0)
-    assert data.num_classes == 21 and len(data.train) == 1680 and len(data.test) == 420
+    assert data.num_classes == 21 and len(data.test) == 420
+    assert len(data.train) == 1512 and len(data.val) == 168  # 8 + 72 of the 80 per class
     per_class = np.bincount(data.test.targets, minlength=21)
     assert per_class.tolist() == [20] * 21
     x, y = data.test[0]
@@ -418,7 +484,7 @@ def test_real_ucmerced_split_and_decode():
 def test_real_ucmerced_tif_sample_as_imagefolder():
     data = load_dataset("imagefolder", UCM_TIF, image_size=32)
     assert data.num_classes == 21
-    assert len(data.train) + len(data.test) == 65
+    assert len(data.train) + len(data.val) + len(data.test) == 65
     sizes = {read_image(UCM_TIF / rel).shape for rel, _ in data.split["train"]}
     assert len(sizes) > 1  # odd sizes are really there
     assert all(data.train[i][0].shape == (3, 32, 32) for i in range(len(data.train)))

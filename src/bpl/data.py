@@ -1,10 +1,14 @@
 """Remote-sensing scene datasets: a registry, reproducible splits, cached decoding, transforms.
 
-``load_dataset(name, root, ...)`` turns a folder of images into a train and a test
-``torch.utils.data.Dataset`` yielding ``(float32 3xSxS normalised tensor, int label)``.
+``load_dataset(name, root, ...)`` turns a folder of images into train, validation and
+test ``torch.utils.data.Dataset`` objects yielding ``(float32 3xSxS normalised tensor,
+int label)``.
 
 - Layouts: ``root/<class>/<image>`` (split per class with a seed, 80/20 by default, as in
   the paper) or ``root/train/<class>/...`` + ``root/val|test/<class>/...`` (used as is).
+- The validation split is carved out of the training split (10% per class by default,
+  fixed by the seed): epochs and recipes are chosen on it, so the test split is only
+  ever evaluated, never used to choose.
 - The split (relative paths, labels, class names, mean/std) is a small JSON file; a run
   saves it and evaluation reads it back, so the test images are exactly the same.
 - Images are decoded once into a packed uint8 cache at ``round(image_size / 0.875)`` px on
@@ -71,6 +75,7 @@ log = logging.getLogger(__name__)
 #: Evaluation resizes to ``round(size / CROP_FRACTION)`` then centre-crops ``size``.
 CROP_FRACTION = 0.875
 SPLIT_FORMAT = 1
+PARTS = ("train", "val", "test")
 CACHE_FORMAT = 1
 
 Stats = tuple[float, float, float]
@@ -148,6 +153,13 @@ DATASETS: dict[str, DatasetSpec] = {
         std=IMAGENET_STD,
         stats_source="ImageNet (not measured on RSD46-WHU)",
         subdirs=("RSD46-WHU",),
+    ),
+    "eurosat": DatasetSpec(
+        "eurosat",
+        "EuroSAT (RGB): 10 classes, 27,000 Sentinel-2 patches, 64x64 JPEG; stratified 80/20",
+        num_classes=10,
+        subdirs=("2750", "EuroSAT", "EuroSAT_RGB"),
+        # mean/std: computed from the training split of each split (written to split.json)
     ),
     "imagefolder": DatasetSpec("imagefolder", "any root/<class>/<image> tree"),
     "digits": DatasetSpec(
@@ -403,7 +415,7 @@ def _n_train(n: int, ratio: float) -> int:
 
 
 def stratified_split(
-    samples: Sequence[tuple[str, int]], train_ratio: float, seed: int
+    samples: Sequence[tuple[str, int]], train_ratio: float, seed: int | str
 ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """Split each class separately (``round(n * ratio)`` to train), reproducibly for a seed."""
     if not 0.0 < train_ratio < 1.0:
@@ -422,11 +434,35 @@ def stratified_split(
     return train, test
 
 
+def _split_train(
+    split: dict[str, Any], seed: int, val_ratio: float, train_subset: float | None
+) -> None:
+    """Keep ``train_subset`` of the training split (per class), then carve the validation
+    split out of it; both fixed by the seed and recorded in ``split``."""
+    if not 0.0 <= val_ratio < 1.0:
+        raise DataError(f"val_ratio must be in [0, 1), got {val_ratio}")
+    if train_subset is not None and not 0.0 < train_subset <= 1.0:
+        raise DataError(f"train_subset must be in (0, 1], got {train_subset}")
+    train = [tuple(s) for s in split["train"]]
+    if train_subset is not None and train_subset < 1.0:
+        train, _ = stratified_split(train, train_subset, f"{seed}:subset")
+    val: list[tuple[str, int]] = []
+    if val_ratio > 0:
+        train, val = stratified_split(train, 1.0 - val_ratio, f"{seed}:val")
+    split.update(train=[list(r) for r in train], val=[list(r) for r in val],
+                 val_ratio=val_ratio, train_subset=train_subset)
+
+
 # --------------------------------------------------------------------------- split files
 
 
 def _make_split(
-    spec: DatasetSpec, root: Path, seed: int, train_ratio: float | None
+    spec: DatasetSpec,
+    root: Path,
+    seed: int,
+    train_ratio: float | None,
+    val_ratio: float,
+    train_subset: float | None,
 ) -> dict[str, Any]:
     """Scan ``root`` and split it (or take its train/ + val|test/ folders as they are)."""
     dirs = _presplit(root)
@@ -442,7 +478,7 @@ def _make_split(
         train, test = stratified_split(samples, ratio, seed)
         layout = "split"
     _check_class_count(spec, len(classes), root)
-    return {
+    split = {
         "format": SPLIT_FORMAT,
         "dataset": spec.name,
         "layout": layout,
@@ -453,6 +489,8 @@ def _make_split(
         "train": [list(s) for s in train],
         "test": [list(s) for s in test],
     }
+    _split_train(split, seed, val_ratio, train_subset)
+    return split
 
 
 def _check_class_count(spec: DatasetSpec, n: int, where: Path | str) -> None:
@@ -497,7 +535,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _check_split_files(split: dict[str, Any], root: Path, split_file: Path) -> None:
-    for rel, _ in split["train"] + split["test"]:
+    for rel, _ in _all_rows(split):
         if not (root / rel).is_file():
             raise DataError(
                 f"image {root / rel} listed in split file {split_file} is missing; "
@@ -776,11 +814,13 @@ def _digits() -> tuple[PackedImages, tuple[int, ...]]:
     return PackedImages.from_images(list(rgb)), tuple(int(t) for t in bunch.target)
 
 
-def _digits_split(seed: int, train_ratio: float | None) -> dict[str, Any]:
+def _digits_split(
+    seed: int, train_ratio: float | None, val_ratio: float, train_subset: float | None
+) -> dict[str, Any]:
     samples = [(f"{i:04d}", t) for i, t in enumerate(_digits()[1])]
     ratio = DATASETS["digits"].train_ratio if train_ratio is None else train_ratio
     train, test = stratified_split(samples, ratio, seed)
-    return {
+    split = {
         "format": SPLIT_FORMAT,
         "dataset": "digits",
         "layout": "split",
@@ -791,6 +831,8 @@ def _digits_split(seed: int, train_ratio: float | None) -> dict[str, Any]:
         "train": [list(s) for s in train],
         "test": [list(s) for s in test],
     }
+    _split_train(split, seed, val_ratio, train_subset)
+    return split
 
 
 # --------------------------------------------------------------------------- entry point
@@ -798,11 +840,16 @@ def _digits_split(seed: int, train_ratio: float | None) -> dict[str, Any]:
 
 @dataclass
 class SceneData:
-    """The result of ``load_dataset``: train/test datasets, classes, normalisation, split."""
+    """The result of ``load_dataset``: train/val/test datasets, classes, normalisation, split.
+
+    ``val`` is ``None`` when the split has no validation part (``val_ratio=0``, or a split
+    file written before bpl carved one).
+    """
 
     name: str
     root: Path | None
     train: SceneDataset
+    val: SceneDataset | None
     test: SceneDataset
     classes: list[str]
     mean: Stats
@@ -836,11 +883,17 @@ def _get_spec(name: str) -> DatasetSpec:
     return DATASETS[key]
 
 
+def _all_rows(split: dict[str, Any]) -> list[Sequence[Any]]:
+    """Every (path, label) row of a split: train, validation and test."""
+    return [r for part in PARTS for r in split.get(part, [])]
+
+
 def _drop_bad(split: dict[str, Any], bad: Sequence[str]) -> None:
     if bad:
         dropped = set(bad)
-        for part in ("train", "test"):
-            split[part] = [s for s in split[part] if s[0] not in dropped]
+        for part in PARTS:
+            if part in split:
+                split[part] = [s for s in split[part] if s[0] not in dropped]
         split["bad"] = sorted(set(split.get("bad", [])) | dropped)
 
 
@@ -872,6 +925,8 @@ def load_dataset(
     image_size: int = 224,
     seed: int = 0,
     train_ratio: float | None = None,
+    val_ratio: float = 0.1,
+    train_subset: float | None = None,
     split_file: str | Path | None = None,
     cache: bool = True,
     cache_dir: str | Path | None = None,
@@ -879,9 +934,12 @@ def load_dataset(
     download: bool = False,
     normalization: str = "auto",
 ) -> SceneData:
-    """Build the train and test datasets of a named dataset (see ``DATASETS``).
+    """Build the train, validation and test datasets of a named dataset (see ``DATASETS``).
 
-    ``split_file``: if it exists, its files, labels and mean/std are used as they are (so an
+    A new split puts ``train_ratio`` of each class in training (the dataset's default
+    when None), keeps ``train_subset`` of that (per class; all when None), and moves
+    ``val_ratio`` of what is left to validation; all fixed by ``seed``. ``split_file``:
+    if it exists, its files, labels and mean/std are used as they are (so an
     evaluation sees exactly the training run's test images); if not, the new split is
     written there.  ``cache`` decodes every image once at ``round(image_size / 0.875)`` px;
     ``cache_dir`` also keeps that cache on disk for the next run.  ``normalization``:
@@ -897,11 +955,12 @@ def load_dataset(
         _check_class_count(spec, len(split["classes"]), split_path)
     cache_file: Path | None = None
     if spec.name == "digits":
-        split = split or _digits_split(seed, train_ratio)
+        split = split or _digits_split(seed, train_ratio, val_ratio, train_subset)
         data_root, source = None, _digits()[0]
         index = {f"{i:04d}": i for i in range(len(source))}
     else:
-        data_root, split = _locate(spec, root, split, split_path, seed, train_ratio, download)
+        data_root, split = _locate(spec, root, split, split_path, seed, train_ratio, download,
+                                   val_ratio, train_subset)
         source, index, cache_file = _image_source(
             spec, data_root, split, image_size, cache, cache_dir, skip_bad
         )
@@ -946,6 +1005,8 @@ def _locate(
     seed: int,
     train_ratio: float | None,
     download: bool,
+    val_ratio: float,
+    train_subset: float | None,
 ) -> tuple[Path, dict[str, Any]]:
     """Resolve the data root and return it with the split (read from file or made now)."""
     if root is None and split is not None and split.get("root"):
@@ -956,12 +1017,11 @@ def _locate(
         root = default_root(spec.name)
     data_root = _resolve_root(spec, Path(root).expanduser(), download)
     if split is None:
-        return data_root, _make_split(spec, data_root, seed, train_ratio)
+        return data_root, _make_split(spec, data_root, seed, train_ratio, val_ratio, train_subset)
     assert split_path is not None
     _check_split_files(split, data_root, split_path)
-    log.info(
-        "using split %s (%d train / %d test)", split_path, len(split["train"]), len(split["test"])
-    )
+    log.info("using split %s (%d train / %d val / %d test)", split_path, len(split["train"]),
+             len(split.get("val", [])), len(split["test"]))
     return data_root, split
 
 
@@ -975,7 +1035,7 @@ def _image_source(
     skip_bad: bool,
 ) -> tuple[ImageSource, dict[str, int], Path | None]:
     """Cached (packed) or on-disk images for every file of the split; bad ones dropped."""
-    relpaths = sorted({rel for rel, _ in split["train"] + split["test"]})
+    relpaths = sorted({rel for rel, _ in _all_rows(split)})
     size = resize_size(image_size)
     source: ImageSource
     cache_file = None
@@ -1015,17 +1075,20 @@ def _assemble(
         return SceneDataset(source, _indices(rows, index, None), labels, transform, classes)
 
     train = subset("train", train_transform(image_size, mean, std, spec.crop_scale, spec.hflip))
+    val = subset("val", eval_transform(image_size, mean, std)) if split.get("val") else None
     test = subset("test", eval_transform(image_size, mean, std))
     log.info(
-        "%s: %d classes, %d train / %d test images at %d px; mean/std: %s",
+        "%s: %d classes, %d train / %d val / %d test images at %d px; mean/std: %s",
         spec.name,
         len(classes),
         len(train),
+        len(val) if val is not None else 0,
         len(test),
         image_size,
         stats_source,
     )
     bad = list(split.get("bad", []))
     return SceneData(
-        spec.name, root, train, test, classes, mean, std, split, image_size, stats_source, bad
+        spec.name, root, train, val, test, classes, mean, std, split, image_size, stats_source,
+        bad,
     )
