@@ -65,6 +65,34 @@ def test_compress_prunes_fuses_and_verifies(compressed, capsys):
     assert (compressed / "deploy.pt").exists()
 
 
+def test_compress_with_distillation_split_partners_everywhere(baseline, tmp_path):
+    out = tmp_path / "kd"
+    assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--epochs", "2",
+                   "--flops-reduction", "0.6", "--distill", "--distill-temperature", "2",
+                   "--init", "split", "--placement", "all", "--out", out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    row = metrics["history"][-1]
+    assert row["train_distill"] > 0 and row["distill_ms_per_step"] > 0
+    assert row["train_diversity"] > 0
+    assert row["train_loss"] == pytest.approx(
+        row["train_ce"] + row["train_distill"] + row["train_diversity"], rel=1e-6)
+    last = torch.load(out / "last.pt", weights_only=False)["model"]
+    # --placement all: the 1x1 shortcut convs and the stem got partners too
+    assert {"layer2.0.downsample.0", "conv1"} <= {conv for conv, _ in last["extended"]}
+    assert metrics["fusion_error"] <= 1e-5
+    kept = metrics["selected"]
+    assert kept["epoch"] in (1, 2) and kept["of"] == 2 and "validation" in kept["why"]
+    tops = [h["val_top1"] for h in metrics["history"]]
+    assert kept["val_top1"] == max(tops) and kept["epoch"] == tops.index(max(tops)) + 1
+    assert f"kept epoch {kept['epoch']} of 2" in (out / "report.md").read_text()
+    # distillation alone, without partners: no diversity term, and a different model
+    assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--epochs", "1",
+                   "--flops-reduction", "0.6", "--distill", "--no-partners",
+                   "--out", tmp_path / "kd-only") == 0
+    row = json.loads((tmp_path / "kd-only" / "metrics.json").read_text())["history"][-1]
+    assert "train_diversity" not in row and row["train_distill"] > 0
+
+
 def test_deploy_loads_in_a_fresh_process_and_reproduces_accuracy(compressed):
     metrics = json.loads((compressed / "metrics.json").read_text())
     proc = bpl_subprocess("evaluate", compressed / "deploy.pt", "--json")
@@ -138,7 +166,7 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(tmp_path, sig):
     straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     resumed = json.loads((cut / "metrics.json").read_text())
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
-    assert [h["test_top1"] for h in resumed["history"]] == [h["test_top1"] for h in straight["history"]]
+    assert [h["val_top1"] for h in resumed["history"]] == [h["val_top1"] for h in straight["history"]]
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]["state_dict"]
     b = torch.load(cut / "last.pt", weights_only=False)["model"]["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)

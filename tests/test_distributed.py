@@ -114,8 +114,9 @@ def test_torchrun_compress_writes_one_run_and_evaluates_every_image_once(tmp_pat
     assert proc.stdout.count("| compressed |") == 1  # rank 0 alone prints and writes
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["bpl"]
     metrics = json.loads((out / "metrics.json").read_text())
-    n_test = len(json.loads((out / "split.json").read_text())["test"])
-    assert [h["test_samples"] for h in metrics["history"]] == [n_test, n_test]
+    split = json.loads((out / "split.json").read_text())
+    n_val, n_test = len(split["val"]), len(split["test"])
+    assert [h["val_samples"] for h in metrics["history"]] == [n_val, n_val]
     assert metrics["final"]["samples"] == n_test
     assert metrics["fusion_error"] <= 1e-5
 

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from bpl.config import RECIPES, Config, resolve_config
-from bpl.engine import TrainingDiverged, _lr_lambda, evaluate, fit
+from bpl.engine import Step, TrainingDiverged, TrainSettings, _lr_lambda, evaluate, fit
 from bpl.errors import BPLError
 
 
@@ -43,11 +43,11 @@ def test_cosine_with_warmup():
 
 def test_fit_learns_and_logs(tmp_path):
     model = tiny_net()
-    cfg = Config(epochs=3, batch_size=8, lr=0.1, device="cpu", label_smoothing=0.1)
+    cfg = TrainSettings(epochs=3, batch_size=8, lr=0.1, device="cpu", label_smoothing=0.1)
     result = fit(model, tiny_data(), tiny_data(), cfg, tmp_path, num_classes=3, payload=payload,
                  progress=False)
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
-    assert result.final["top1"] > 60
+    assert result.history[-1]["val_top1"] > 60
     assert (tmp_path / "log.csv").read_text().count("\n") == 4
     assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 3
 
@@ -64,7 +64,7 @@ def test_nan_loss_names_epoch_and_step(tmp_path):
     model = tiny_net()
     with torch.no_grad():
         model[5].weight.fill_(float("nan"))
-    cfg = Config(epochs=1, batch_size=8, device="cpu")
+    cfg = TrainSettings(epochs=1, batch_size=8, device="cpu")
     with pytest.raises(TrainingDiverged, match=r"epoch 1, step 1"):
         fit(model, tiny_data(), tiny_data(), cfg, tmp_path, num_classes=3, payload=payload,
             progress=False)
@@ -81,3 +81,63 @@ def test_bad_settings_are_clear_errors():
         if torch.cuda.is_available():
             raise BPLError("CUDA present: nothing to check")
         select_device("cuda")
+
+
+def test_train_settings_take_the_matching_fields_of_a_config():
+    cfg = resolve_config(overrides={"epochs": 4, "lr": 0.3, "diversity_weight": 0.5})
+    settings = TrainSettings.from_object(cfg)
+    assert (settings.epochs, settings.lr, settings.seed) == (4, 0.3, cfg.seed)
+    assert not hasattr(settings, "diversity_weight")
+    with pytest.raises(BPLError, match="--diversity-weight"):
+        resolve_config(overrides={"diversity_weight": -1})
+
+
+def test_loss_terms_are_added_logged_and_timed(tmp_path):
+    calls = []
+
+    def term(step: Step) -> torch.Tensor:
+        calls.append(step.inputs.shape[0])
+        assert step.logits.shape == (step.inputs.shape[0], 3) and step.targets.dtype == torch.long
+        return 0.5 * step.model[0].weight.pow(2).sum()  # a weight penalty: changes training
+
+    cfg = TrainSettings(epochs=2, batch_size=8, lr=0.1, device="cpu")
+    torch.manual_seed(0)
+    plain = fit(tiny_net(), tiny_data(), None, cfg, tmp_path / "a", num_classes=3,
+                payload=payload, progress=False)
+    torch.manual_seed(0)
+    net = tiny_net()
+    extra = fit(net, tiny_data(), None, cfg, tmp_path / "b", num_classes=3, payload=payload,
+                loss_terms={"penalty": term}, progress=False)
+    assert calls == [8] * 8  # 4 steps an epoch, 2 epochs
+    row = extra.history[-1]
+    assert row["train_loss"] == pytest.approx(row["train_ce"] + row["train_penalty"], rel=1e-6)
+    assert row["penalty_ms_per_step"] > 0
+    assert "train_penalty" not in plain.history[-1]
+    assert row["train_ce"] != plain.history[-1]["train_ce"]
+    header = (tmp_path / "b" / "log.csv").read_text().splitlines()[0]
+    assert "train_penalty" in header and "penalty_ms_per_step" in header
+
+
+def test_best_checkpoint_is_the_best_validation_epoch(tmp_path):
+    """best.pt holds the epoch of best validation top-1, which need not be the last."""
+    train = tiny_data(48)
+    # validation labels shifted by one class: the better the model learns the training
+    # data, the worse it scores, so the best validation epoch comes before the last
+    x, y = tiny_data(30).tensors
+    val = TensorDataset(x, (y + 1) % 3)
+    cfg = TrainSettings(epochs=6, batch_size=8, lr=0.2, device="cpu")
+    result = fit(tiny_net(), train, val, cfg, tmp_path, num_classes=3, payload=payload,
+                 progress=False)
+    tops = [h["val_top1"] for h in result.history]
+    assert result.best_epoch == tops.index(max(tops)) + 1 and result.best_val_top1 == max(tops)
+    assert result.best_epoch < 6 and max(tops) > tops[-1]
+    best = torch.load(tmp_path / "best.pt", weights_only=False)["state_dict"]
+    model = tiny_net()
+    model.load_state_dict(best)
+    loader = torch.utils.data.DataLoader(val, batch_size=64)
+    assert evaluate(model, loader, 3)["top1"] == pytest.approx(max(tops))
+    # without a validation set every epoch is "best": best.pt is the last epoch
+    none = fit(tiny_net(), train, None, cfg, tmp_path / "noval", num_classes=3,
+               payload=payload, progress=False)
+    assert none.best_epoch == 6 and none.best_val_top1 is None
+    assert "val_top1" not in none.history[-1]

@@ -3,13 +3,14 @@
 Zhang et al., "Block-Wise Partner Learning for Model Compression", IEEE TNNLS 2023.
 """
 
+from .distill import Distillation, distillation_loss
 from .diversity import diversity_loss
-from .errors import BPLError, TraceError, VerificationError
+from .errors import BPLError, InvalidArgumentError, TraceError, VerificationError
 from .export import export
 from .extend import ExtendReport, extend, find_conv_bn_pairs, partner_blocks
 from .fuse import fold_batchnorm, fuse
 from .models import build_model, list_models, load_model, save_model
-from .partner import PartnerBlock
+from .partner import INITS, PartnerBlock
 from .profile import compare_latency, count_macs, count_params, profile
 from .pruning import IMPORTANCES, PruneReport, PruningError, SoftPruner, prune
 from .verify import relative_error, verify
@@ -18,8 +19,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BPLError",
+    "Distillation",
     "ExtendReport",
     "IMPORTANCES",
+    "INITS",
+    "InvalidArgumentError",
     "PartnerBlock",
     "PruneReport",
     "PruningError",
@@ -30,6 +34,7 @@ __all__ = [
     "compare_latency",
     "count_macs",
     "count_params",
+    "distillation_loss",
     "diversity_loss",
     "export",
     "extend",

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import RECIPES, Config, resolve_config
+from .config import PLACEMENTS, RECIPES, SELECT, Config, resolve_config
 from .errors import BPLError
+from .partner import INITS
 
 log = logging.getLogger("bpl")
 S = argparse.SUPPRESS
@@ -35,10 +36,15 @@ def _flag(group, name: str, **kw: Any) -> None:
 
 def _data_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    _flag(g, "data", help="dataset: ucm, nwpu-resisc45, rsd46-whu, imagefolder, digits")
+    _flag(g, "data", help="dataset: ucm, nwpu-resisc45, rsd46-whu, eurosat, imagefolder, digits")
     _flag(g, "data-root", metavar="DIR", help="folder of class sub-folders (or train/ + val/)")
     _flag(g, "image-size", type=int, metavar="PX", help="training and evaluation image size")
     _flag(g, "train-ratio", type=float, help="per-class train share of an unsplit dataset")
+    _flag(g, "val-ratio", type=float, metavar="R",
+          help="per-class share of the training split kept for validation, which chooses the "
+               "epoch (default 0.1; 0: none, keep the last epoch)")
+    _flag(g, "train-subset", type=float, metavar="R",
+          help="train on this per-class fraction of the training split (fixed by --seed)")
     _flag(g, "cache-dir", metavar="DIR", help="keep decoded, resized images here across runs")
     _flag(g, "skip-bad", action="store_true", help="skip unreadable images instead of failing")
     _flag(g, "download", action="store_true", help="download the dataset if it is missing (ucm)")
@@ -65,6 +71,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="disable mixed precision on CUDA")
     _flag(g, "workers", type=int, help="DataLoader worker processes")
     _flag(g, "sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all processes")
+    _flag(g, "select", choices=SELECT,
+          help="which epoch to keep: the best on the validation split (default) or the last")
     _flag(g, "seed", type=int)
     _flag(g, "out", metavar="DIR", help="run directory")
     _flag(g, "resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -83,11 +91,23 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "importance", choices=["l1", "l2", "fpgm", "bn-scale", "random"])
     _flag(g, "global-pruning", action="store_true")
     _flag(g, "round-to", type=int, metavar="N", help="keep channel counts multiples of N")
-    _flag(g, "init", choices=["preserve", "paper"], help="partner initialisation")
+    _flag(g, "init", choices=INITS,
+          help="how partners start: preserve (partner BN scale 0; exact), split (a copy of the "
+               "block, BN scales split 1-share/share; exact, trains at once), paper (the "
+               "reference code's; changes the output)")
+    _flag(g, "partner-share", type=float, metavar="S",
+          help="--init split: the partner's share of the block (default 1/3)")
+    _flag(g, "placement", choices=sorted(PLACEMENTS),
+          help="which convs get partners: paper (3x3 and 5x5) or all (1x1 and 7x7 too)")
     _flag(g, "diversity-weight", type=float)
     _flag(g, "granularity", choices=["stage", "block", "global"])
     g.add_argument("--no-partners", dest="partners", action="store_false", default=S,
                    help="plain fine-tuning of the pruned model (ablation)")
+    _flag(g, "distill", action="store_true",
+          help="also distil the unpruned baseline's predictions into the compressed model")
+    _flag(g, "distill-temperature", type=float, metavar="T", help="softmax temperature (4)")
+    _flag(g, "distill-weight", type=float, metavar="W",
+          help="weight of the distillation term added to the cross-entropy (1)")
     _flag(g, "verify-tol", type=float, help="largest relative error accepted by the checks")
 
 

@@ -14,8 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BPLError
+from .partner import INITS
 
-__all__ = ["Config", "RECIPES", "load_config_file", "resolve_config"]
+__all__ = ["Config", "PLACEMENTS", "RECIPES", "SELECT", "load_config_file", "resolve_config"]
+
+#: Where partners go: the paper's 3x3/5x5 convs, or every conv (1x1 and 7x7 included).
+PLACEMENTS: dict[str, tuple[int, ...] | None] = {"paper": (3, 5), "all": None}
+#: Which epoch a training run keeps: the best on the validation split, or the last.
+SELECT: tuple[str, ...] = ("best", "last")
 
 
 @dataclass
@@ -27,6 +33,8 @@ class Config:
     data_root: str | None = None
     image_size: int = 224
     train_ratio: float | None = None
+    val_ratio: float = 0.1
+    train_subset: float | None = None
     cache_dir: str | None = None
     skip_bad: bool = False
     download: bool = False
@@ -56,9 +64,15 @@ class Config:
     global_pruning: bool = False
     round_to: int | None = None
     init: str = "preserve"
+    partner_share: float = 1 / 3
+    placement: str = "paper"
     diversity_weight: float = 0.01
     granularity: str = "stage"
     partners: bool = True
+    distill: bool = False
+    distill_temperature: float = 4.0
+    distill_weight: float = 1.0
+    select: str = "best"
     # execution
     device: str = "auto"
     amp: bool = True
@@ -152,3 +166,20 @@ def _check(cfg: Config) -> None:
         raise BPLError(f"--schedule must be 'cosine' or 'step', got {cfg.schedule!r}")
     if cfg.lr <= 0:
         raise BPLError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.diversity_weight < 0:
+        raise BPLError(f"--diversity-weight must be 0 or more, got {cfg.diversity_weight}")
+    if not 0.0 <= cfg.val_ratio < 1.0:
+        raise BPLError(f"--val-ratio must be at least 0 and below 1, got {cfg.val_ratio}")
+    if cfg.train_subset is not None and not 0.0 < cfg.train_subset <= 1.0:
+        raise BPLError(f"--train-subset must be above 0 and at most 1, got {cfg.train_subset}")
+    if cfg.select not in SELECT:
+        raise BPLError(f"--select must be one of {', '.join(SELECT)}, got {cfg.select!r}")
+    if cfg.placement not in PLACEMENTS:
+        raise BPLError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {cfg.placement!r}")
+    if cfg.init not in INITS:
+        raise BPLError(f"--init must be one of {', '.join(INITS)}, got {cfg.init!r}")
+    if cfg.distill_temperature <= 0 or cfg.distill_weight < 0:
+        raise BPLError(
+            "--distill-temperature must be positive and --distill-weight 0 or more, got "
+            f"{cfg.distill_temperature} and {cfg.distill_weight}"
+        )

@@ -1,10 +1,13 @@
-"""Train and evaluate: the loop behind every bpl command.
+"""Train and evaluate: the loop behind every bpl command, and nothing of BPL itself.
 
-Loss = cross-entropy + the diversity loss (when the model has partners), SGD with
-momentum, a per-iteration cosine or step schedule with warm-up, AMP and
-channels_last on CUDA. After every epoch the whole training state is written
-atomically to ``last.pt``, so a run killed at any point resumes from the last
-complete epoch and ends exactly where an uninterrupted run would have.
+Loss = cross-entropy + whatever extra loss terms the caller passes (the pipeline passes
+the diversity loss and distillation), SGD with momentum, a per-iteration cosine or step
+schedule with warm-up, AMP and channels_last on CUDA, and epoch hooks (the soft pruner
+is one). After every epoch the model is evaluated on the validation set, the epoch with
+the best validation top-1 is kept in ``best.pt``, and the whole training state is
+written atomically to ``last.pt``, so a run killed at any point resumes from the last
+complete epoch and ends exactly where an uninterrupted run would have. The test split
+never enters this module: the caller evaluates it once, at the end.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,15 +32,15 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from . import distributed
-from .config import Config
-from .diversity import diversity_loss
 from .errors import BPLError
-from .extend import partner_blocks
 from .models import atomic_save
 
 __all__ = [
     "EpochHook",
     "FitResult",
+    "LossTerm",
+    "Step",
+    "TrainSettings",
     "TrainingDiverged",
     "evaluate",
     "fit",
@@ -53,6 +57,49 @@ class TrainingDiverged(BPLError):
     """The loss became NaN or infinite."""
 
 
+@dataclass
+class TrainSettings:
+    """How :func:`fit` optimises: plain values, nothing about the model or the method."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    milestones: Sequence[float] = (0.5, 0.75)
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    workers: int = 0
+    sync_bn: bool = False
+    seed: int = 0
+
+    @classmethod
+    def from_object(cls, obj: Any) -> TrainSettings:
+        """The fields of ``obj`` (a config, a namespace) that share a name with these."""
+        return cls(**{f: getattr(obj, f) for f in cls.__dataclass_fields__ if hasattr(obj, f)})
+
+
+@dataclass
+class Step:
+    """What an extra loss term sees of one training step."""
+
+    model: nn.Module  # the model being trained (wrapped in DDP under torchrun)
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    logits: torch.Tensor
+    autocast: Callable[[], AbstractContextManager]  # the step's mixed-precision context
+
+
+#: An extra loss term: a function of the step, returning a scalar added to the loss.
+LossTerm = Callable[[Step], torch.Tensor]
+
+
 class EpochHook(Protocol):
     """Something that acts on the model during training (the soft pruner is one)."""
 
@@ -64,12 +111,11 @@ class EpochHook(Protocol):
 
 @dataclass
 class FitResult:
-    """What :func:`fit` returns: per-epoch history and the final evaluation."""
+    """What :func:`fit` returns: per-epoch history and which epoch validation chose."""
 
     history: list[dict[str, float]] = field(default_factory=list)
-    final: dict[str, Any] = field(default_factory=dict)
-    best_top1: float = 0.0
-    best_epoch: int = 0
+    best_epoch: int = 0  # the epoch in best.pt: best validation top-1 (the last without one)
+    best_val_top1: float | None = None
     resumed_from: int = 0
 
 
@@ -96,25 +142,32 @@ def seed_everything(seed: int) -> None:
 
 
 def make_loader(
-    dataset: Dataset, cfg: Config, *, train: bool, device: torch.device, shard: bool = True
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    train: bool,
+    device: torch.device,
+    workers: int = 0,
+    seed: int = 0,
+    shard: bool = True,
 ) -> DataLoader:
     """A DataLoader of this process's share of ``dataset``.
 
-    ``cfg.batch_size`` is the global batch: under torchrun each of the N processes
+    ``batch_size`` is the global batch: under torchrun each of the N processes
     takes ``batch_size / N`` samples a step (a DistributedSampler, reseeded every
     epoch by :func:`fit`), so the learning rate means the same for any N. Evaluation
     gives rank r the samples r, r+N, r+2N, ...: every sample exactly once overall.
     ``shard=False`` gives the whole set to this process.
     """
     ctx = distributed.current() if shard else distributed.Context()
-    batch = cfg.batch_size if train else max(cfg.batch_size, 64)
+    batch = batch_size if train else max(batch_size, 64)
     if ctx.enabled and batch % ctx.world_size:
         raise BPLError(f"--batch-size {batch} must be divisible by the {ctx.world_size} processes")
     batch //= ctx.world_size
     sampler = None
     if ctx.enabled and train:
         sampler = DistributedSampler(dataset, ctx.world_size, ctx.rank, shuffle=True,
-                                     seed=cfg.seed, drop_last=True)
+                                     seed=seed, drop_last=True)
     elif ctx.enabled:
         dataset = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
     return DataLoader(
@@ -123,14 +176,14 @@ def make_loader(
         shuffle=train and sampler is None,
         sampler=sampler,
         drop_last=train and len(dataset) > batch,
-        num_workers=cfg.workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
+        persistent_workers=workers > 0,
         generator=torch.Generator() if train else None,
     )
 
 
-def _lr_lambda(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
+def _lr_lambda(cfg: TrainSettings, steps_per_epoch: int) -> Callable[[int], float]:
     total = cfg.epochs * steps_per_epoch
     warm = cfg.warmup_epochs * steps_per_epoch
     bounds = [int(m * total) for m in cfg.milestones]
@@ -254,42 +307,52 @@ class _Logs:
 def fit(
     model: nn.Module,
     train_set: Dataset,
-    test_set: Dataset,
-    cfg: Config,
+    val_set: Dataset | None,
+    settings: TrainSettings,
     run_dir: str | Path,
     *,
     num_classes: int,
     payload: Callable[[nn.Module], dict],
+    loss_terms: Mapping[str, LossTerm] | None = None,
     hooks: Sequence[EpochHook] = (),
     resume_state: dict | None = None,
+    record: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> FitResult:
-    """Train ``model`` for ``cfg.epochs`` epochs, checkpointing ``last.pt`` and ``best.pt``.
+    """Train ``model`` for ``settings.epochs`` epochs, checkpointing ``last.pt`` and ``best.pt``.
 
-    ``payload(model)`` turns the model into the dict stored under ``"model"`` in a
-    checkpoint (weights plus whatever is needed to rebuild it). ``resume_state`` is a
-    ``last.pt`` loaded by the caller, whose model weights are already in ``model``.
+    The loss is cross-entropy plus each of ``loss_terms`` (name -> function of the
+    :class:`Step`), logged per epoch as ``train_<name>`` with its cost in
+    ``<name>_ms_per_step``. ``hooks`` act after every optimiser step and epoch.
+    ``val_set`` is evaluated after every epoch; ``best.pt`` holds the epoch with the
+    best validation top-1 (every epoch's model in turn when there is no validation set,
+    so the last). ``payload(model)`` turns the model into the dict stored in a
+    checkpoint; ``record`` (the run's config) is stored beside it. ``resume_state`` is
+    a ``last.pt`` loaded by the caller, whose model weights are already in ``model``.
     """
     run_dir = Path(run_dir)
     ctx = distributed.current()
-    device = select_device(cfg.device)
-    amp = cfg.amp and device.type == "cuda"
+    device = select_device(settings.device)
+    amp = settings.amp and device.type == "cuda"
     model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    if device.type == "cuda" and settings.channels_last:
         model.to(memory_format=torch.channels_last)
-    has_partners = bool(partner_blocks(model))
-    train_loader = make_loader(train_set, cfg, train=True, device=device)
-    test_loader = make_loader(test_set, cfg, train=False, device=device)
+    loader_args = dict(batch_size=settings.batch_size, device=device, workers=settings.workers,
+                       seed=settings.seed)
+    train_loader = make_loader(train_set, train=True, **loader_args)
+    val_loader = (make_loader(val_set, train=False, **loader_args)
+                  if val_set is not None and len(val_set) else None)
     optimizer = torch.optim.SGD(
         model.parameters(),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0,
-        weight_decay=cfg.weight_decay,
+        lr=settings.lr,
+        momentum=settings.momentum,
+        nesterov=settings.nesterov and settings.momentum > 0,
+        weight_decay=settings.weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, len(train_loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(settings, len(train_loader))
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     result = FitResult()
     start = 0
     if resume_state is not None:
@@ -300,36 +363,38 @@ def fit(
             hook.load_state_dict(state)
         start = result.resumed_from = resume_state["epoch"]
         result.history = list(resume_state["history"])
-        result.best_top1, result.best_epoch = resume_state["best_top1"], resume_state["best_epoch"]
+        result.best_val_top1 = resume_state.get("best_val_top1")
+        result.best_epoch = resume_state["best_epoch"]
         _set_rng_state(resume_state["rng"])
-        log.info("resuming after epoch %d of %d", start, cfg.epochs)
-    net = distributed.wrap(model, device, sync_bn=cfg.sync_bn)  # DDP under torchrun
+        log.info("resuming after epoch %d of %d", start, settings.epochs)
+    net = distributed.wrap(model, device, sync_bn=settings.sync_bn)  # DDP under torchrun
+    trainer = _Trainer(net, optimizer, scheduler, scaler, settings, device, amp,
+                       dict(loss_terms or {}), hooks, progress and ctx.is_main)
     logs = _Logs(run_dir) if ctx.is_main else None
-    progress = progress and ctx.is_main
     try:
-        for epoch in range(start, cfg.epochs):
-            row = _train_one_epoch(
-                net, train_loader, optimizer, scheduler, scaler, criterion, hooks,
-                cfg, epoch, device, amp, has_partners, progress,
-            )
+        for epoch in range(start, settings.epochs):
+            row = trainer.train_epoch(train_loader, epoch)
             for hook in hooks:
                 hook.epoch_end(epoch)
-            # the bare model: DDP's forward would broadcast buffers, and shards differ in size
-            metrics = evaluate(model, test_loader, num_classes, device=device, amp=amp,
-                               distributed_sum=ctx.enabled)
-            row.update(test_loss=metrics["loss"], test_top1=metrics["top1"],
-                       test_top5=metrics["top5"], test_samples=metrics["samples"])
-            result.history.append(row)
-            result.final = metrics
-            improved = metrics["top1"] > result.best_top1 or result.best_epoch == 0
+            improved = True
+            if val_loader is not None:
+                # the bare model: DDP's forward would broadcast buffers, and shards differ
+                metrics = evaluate(model, val_loader, num_classes, device=device, amp=amp,
+                                   distributed_sum=ctx.enabled)
+                row.update(val_loss=metrics["loss"], val_top1=metrics["top1"],
+                           val_top5=metrics["top5"], val_samples=metrics["samples"])
+                improved = result.best_val_top1 is None or metrics["top1"] > result.best_val_top1
+                if improved:
+                    result.best_val_top1 = metrics["top1"]
             if improved:
-                result.best_top1, result.best_epoch = metrics["top1"], epoch + 1
+                result.best_epoch = epoch + 1
+            result.history.append(row)
             if not ctx.is_main:
                 continue
             log.info(
-                "epoch %d/%d  loss %.4f  train %.2f%%  test top-1 %.2f%%  (%.1fs)",
-                epoch + 1, cfg.epochs, row["train_loss"], row["train_top1"], row["test_top1"],
-                row["epoch_time_s"],
+                "epoch %d/%d  loss %.4f  train %.2f%%  val top-1 %s  (%.1fs)",
+                epoch + 1, settings.epochs, row["train_loss"], row["train_top1"],
+                f"{row['val_top1']:.2f}%" if "val_top1" in row else "-", row["epoch_time_s"],
             )
             state = {
                 "format": CHECKPOINT_FORMAT,
@@ -341,8 +406,8 @@ def fit(
                 "epoch": epoch + 1,
                 "history": result.history,
                 "rng": _rng_state(),
-                "config": cfg.to_dict(),
-                "best_top1": result.best_top1,
+                "config": dict(record or {}),
+                "best_val_top1": result.best_val_top1,
                 "best_epoch": result.best_epoch,
             }
             if improved:
@@ -353,78 +418,113 @@ def fit(
         if logs is not None:
             logs.close()
         distributed.unwrap(net)
-    if not result.final:  # resumed a run that had already finished
-        result.final = evaluate(model, test_loader, num_classes, device=device, amp=amp,
-                                distributed_sum=ctx.enabled)
     return result
 
 
-def _train_one_epoch(
-    model, loader, optimizer, scheduler, scaler, criterion, hooks, cfg, epoch, device, amp,
-    has_partners, progress,
-) -> dict[str, float]:
-    # Each epoch's shuffling and augmentation depend only on (seed, epoch, rank): resume-exact.
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    else:
-        loader.generator.manual_seed(cfg.seed * 10_007 + epoch)
-    torch.manual_seed(cfg.seed * 10_007 + epoch + 1_000_003 * distributed.current().rank)
-    model.train()
-    sums = {"loss": 0.0, "ce": 0.0, "div": 0.0, "correct": 0, "seen": 0}
-    t0 = time.perf_counter()
-    # disable=None: bars on a terminal only, not in logs redirected to files
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=None if progress else True)
-    for step, (x, y) in enumerate(bar):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if device.type == "cuda" and cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, amp):
-            logits = model(x)
-            ce = criterion(logits, y)
-        div = (
-            diversity_loss(model, weight=cfg.diversity_weight, granularity=cfg.granularity)
-            if has_partners and cfg.diversity_weight > 0
-            else torch.zeros((), device=device)
-        )
-        loss = ce.float() + div
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; lower the "
-                "learning rate (--lr) or check the data"
+class _Trainer:
+    """One epoch of training: forward, the loss and its extra terms, step, hooks, bookkeeping."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+        settings: TrainSettings,
+        device: torch.device,
+        amp: bool,
+        terms: dict[str, LossTerm],
+        hooks: Sequence[EpochHook],
+        progress: bool,
+    ) -> None:
+        self.net, self.optimizer, self.scheduler, self.scaler = net, optimizer, scheduler, scaler
+        self.settings, self.device, self.amp = settings, device, amp
+        self.terms, self.hooks, self.progress = terms, hooks, progress
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+
+    def autocast(self) -> AbstractContextManager:
+        return _autocast(self.device, self.amp)
+
+    def _timed_terms(self, step: Step) -> Iterator[tuple[str, torch.Tensor, float]]:
+        for name, term in self.terms.items():
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            value = term(step).float()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            yield name, value, time.perf_counter() - t0
+
+    def train_epoch(self, loader: DataLoader, epoch: int) -> dict[str, float]:
+        cfg, device = self.settings, self.device
+        # Each epoch's shuffling and augmentation depend only on (seed, epoch, rank): resume-exact.
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        else:
+            loader.generator.manual_seed(cfg.seed * 10_007 + epoch)
+        torch.manual_seed(cfg.seed * 10_007 + epoch + 1_000_003 * distributed.current().rank)
+        self.net.train()
+        keys = ["loss", "ce", *self.terms, *(f"{n}_s" for n in self.terms), "correct", "seen"]
+        sums = dict.fromkeys(keys, 0.0)
+        steps = 0
+        t0 = time.perf_counter()
+        # disable=None: bars on a terminal only, not in logs redirected to files
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=None if self.progress else True)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if device.type == "cuda" and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                logits = self.net(x)
+                ce = self.criterion(logits, y)
+            loss = ce.float()
+            n = y.numel()
+            for name, value, seconds in self._timed_terms(Step(self.net, x, y, logits,
+                                                               self.autocast)):
+                loss = loss + value
+                sums[name] += value.item() * n
+                sums[f"{name}_s"] += seconds
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}; lower the "
+                    "learning rate (--lr) or check the data"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            for hook in self.hooks:
+                hook.after_step()
+            steps += 1
+            sums["loss"] += loss.item() * n
+            sums["ce"] += ce.item() * n
+            sums["correct"] += (logits.argmax(1) == y).sum().item()
+            sums["seen"] += n
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(
+                loss=f"{sums['loss'] / sums['seen']:.3f}",
+                acc=f"{100 * sums['correct'] / sums['seen']:.1f}",
+                img_s=f"{sums['seen'] / max(elapsed, 1e-9):.0f}",
             )
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        for hook in hooks:
-            hook.after_step()
-        n = y.numel()
-        sums["loss"] += loss.item() * n
-        sums["ce"] += ce.item() * n
-        sums["div"] += div.item() * n
-        sums["correct"] += (logits.argmax(1) == y).sum().item()
-        sums["seen"] += n
         elapsed = time.perf_counter() - t0
-        bar.set_postfix(
-            loss=f"{sums['loss'] / sums['seen']:.3f}",
-            acc=f"{100 * sums['correct'] / sums['seen']:.1f}",
-            img_s=f"{sums['seen'] / max(elapsed, 1e-9):.0f}",
-        )
-    elapsed = time.perf_counter() - t0
-    if distributed.current().enabled:  # report the whole global batch, not this rank's share
-        keys = ("loss", "ce", "div", "correct", "seen")
-        totals = distributed.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
-        sums.update(zip(keys, totals.tolist()))
-    seen = max(sums["seen"], 1)
-    return {
-        "epoch": epoch + 1,
-        "lr": optimizer.param_groups[0]["lr"],
-        "train_loss": sums["loss"] / seen,
-        "train_ce": sums["ce"] / seen,
-        "train_diversity": sums["div"] / seen,
-        "train_top1": 100.0 * sums["correct"] / seen,
-        "epoch_time_s": elapsed,
-        "images_per_s": seen / max(elapsed, 1e-9),
-    }
+        if distributed.current().enabled:  # report the whole global batch, not this rank's share
+            totals = distributed.all_reduce_sum(
+                torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+            sums.update(zip(keys, totals.tolist()))
+            for name in self.terms:  # time per step: the mean over ranks, not the sum
+                sums[f"{name}_s"] /= distributed.current().world_size
+        seen = max(sums["seen"], 1)
+        row = {
+            "epoch": epoch + 1,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": sums["loss"] / seen,
+            "train_ce": sums["ce"] / seen,
+        }
+        row.update({f"train_{name}": sums[name] / seen for name in self.terms})
+        row.update({f"{name}_ms_per_step": 1000 * sums[f"{name}_s"] / max(steps, 1)
+                    for name in self.terms})
+        row.update(train_top1=100.0 * sums["correct"] / seen, epoch_time_s=elapsed,
+                   images_per_s=seen / max(elapsed, 1e-9))
+        return row

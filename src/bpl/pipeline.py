@@ -20,11 +20,22 @@ import torch
 from torch import nn
 
 from . import distributed
-from .config import Config
+from .config import PLACEMENTS, Config
 from .data import load_dataset
-from .engine import evaluate, fit, make_loader, seed_everything, select_device
+from .distill import Distillation
+from .diversity import diversity_loss
+from .engine import (
+    FitResult,
+    LossTerm,
+    TrainSettings,
+    evaluate,
+    fit,
+    make_loader,
+    seed_everything,
+    select_device,
+)
 from .errors import BPLError
-from .extend import extend
+from .extend import extend, partner_blocks
 from .fuse import fuse
 from .models import build_model, load_checkpoint, model_from_payload, model_payload, save_model
 from .profile import profile
@@ -97,6 +108,8 @@ def load_data(cfg: Config, run_dir: Path):
             image_size=cfg.image_size,
             seed=cfg.seed,
             train_ratio=cfg.train_ratio,
+            val_ratio=cfg.val_ratio,
+            train_subset=cfg.train_subset,
             split_file=run_dir / "split.json",
             cache_dir=cfg.cache_dir,
             skip_bad=cfg.skip_bad,
@@ -131,6 +144,51 @@ def _resume_state(run_dir: Path) -> dict | None:
     return load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").exists() else None
 
 
+def _fit(cfg: Config, model: nn.Module, data, run_dir: Path, meta: dict[str, Any], *,
+         state: dict | None, progress: bool, loss_terms: dict[str, LossTerm] | None = None,
+         hooks: list | None = None) -> FitResult:
+    """Train ``model`` on the training split, validating on the validation split."""
+    return fit(
+        model, data.train, data.val, TrainSettings.from_object(cfg), run_dir,
+        num_classes=data.num_classes,
+        payload=lambda m: model_payload(m, cfg.arch, data.num_classes, meta),
+        loss_terms=loss_terms,
+        hooks=hooks or (),
+        resume_state=state,
+        record=cfg.to_dict(),
+        progress=progress,
+    )
+
+
+def _select(cfg: Config, model: nn.Module, run_dir: Path, result: FitResult,
+            soft: bool = False) -> dict[str, Any]:
+    """Load the epoch the run keeps into ``model``; returns what was kept and why.
+
+    ``select="best"``: the epoch of best validation top-1 (``best.pt``); ``"last"``, no
+    validation split, or the soft schedule (whose masks are final only at the end): the
+    last epoch.
+    """
+    last = len(result.history)
+    if cfg.select == "last" or soft or result.best_val_top1 is None:
+        why = ("--select last" if cfg.select == "last" else
+               "the soft schedule's pruning masks are final only after the last epoch" if soft
+               else "there is no validation split (--val-ratio 0)")
+        return {"epoch": last, "of": last, "why": why}
+    if result.best_epoch != last:
+        state = load_checkpoint(run_dir / "best.pt", model_only=True)["state_dict"]
+        model.load_state_dict(state)
+    return {"epoch": result.best_epoch, "of": last,
+            "why": f"best validation top-1 ({result.best_val_top1:.2f}%)",
+            "val_top1": result.best_val_top1}
+
+
+def _test(model: nn.Module, data, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """The one evaluation of the test split, at the end of a run."""
+    loader = make_loader(data.test, batch_size=cfg.batch_size, train=False, device=device,
+                         shard=False)
+    return evaluate(model.to(device), loader, data.num_classes, device=device)
+
+
 def train_baseline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     """`bpl train`: train ``cfg.arch`` on ``cfg.data`` from scratch (or given weights)."""
     seed_everything(cfg.seed)
@@ -147,23 +205,18 @@ def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any
         model, _ = model_from_payload(state["model"])
     else:
         model = build_model(cfg.arch, data.num_classes, pretrained=cfg.pretrained, weights=cfg.weights)
-    result = fit(
-        model, data.train, data.test, cfg, run_dir,
-        num_classes=data.num_classes,
-        payload=lambda m: model_payload(m, cfg.arch, data.num_classes, meta),
-        resume_state=state,
-        progress=progress,
-    )
+    result = _fit(cfg, model, data, run_dir, meta, state=state, progress=progress)
     if not distributed.current().is_main:
         return {}
+    selected = _select(cfg, model, run_dir, result)
+    final = _test(model, data, cfg, select_device(cfg.device))
     metrics = {
         "command": "train",
         "config": cfg.to_dict(),
-        "final": result.final,
-        "best_top1": result.best_top1,
-        "best_epoch": result.best_epoch,
+        "final": final,
+        "selected": selected,
         "history": result.history,
-        "models": {"baseline": _measure(model, cfg, result.final["top1"])},
+        "models": {"baseline": _measure(model, cfg, final["top1"])},
         "wall_time_s": time.perf_counter() - t0,
     }
     write_report(run_dir, metrics)
@@ -194,16 +247,15 @@ def _compress(
     meta = _meta(cfg, data)
     main = distributed.current().is_main
     device = select_device(cfg.device)
-    test_loader = make_loader(data.test, cfg, train=False, device=device, shard=False)
-    if main:
-        base_eval = evaluate(baseline.to(device), test_loader, data.num_classes, device=device)
     example = _example(cfg)
     state = _resume_state(run_dir) if cfg.resume else None
     hooks: list = []
+    partner_args = dict(kernel_sizes=PLACEMENTS[cfg.placement], init=cfg.init,
+                        share=cfg.partner_share)
     if state is not None:
         student, _ = model_from_payload(state["model"])
     elif cfg.soft:
-        student = extend(baseline.cpu(), init=cfg.init)
+        student = extend(baseline.cpu(), **partner_args)
     else:
         pruned = prune(
             baseline.cpu(), example,
@@ -212,22 +264,26 @@ def _compress(
             global_pruning=cfg.global_pruning,
             round_to=cfg.round_to,
         )
-        student = extend(pruned, init=cfg.init) if cfg.partners else pruned
+        student = extend(pruned, **partner_args) if cfg.partners else pruned
     if cfg.soft:
         hooks.append(SoftPruner(student, example, flops_reduction=cfg.flops_reduction,
                                 every=cfg.soft_every, importance=cfg.importance))
-    result = fit(
-        student, data.train, data.test, cfg, run_dir,
-        num_classes=data.num_classes,
-        payload=lambda m: model_payload(m, cfg.arch, data.num_classes, meta),
-        hooks=hooks,
-        resume_state=state,
-        progress=progress,
-    )
+    terms: dict[str, LossTerm] = {}
+    if partner_blocks(student) and cfg.diversity_weight > 0:
+        weight, granularity = cfg.diversity_weight, cfg.granularity
+        terms["diversity"] = lambda step: diversity_loss(step.model, weight=weight,
+                                                         granularity=granularity)
+    if cfg.distill:
+        terms["distill"] = Distillation(baseline, temperature=cfg.distill_temperature,
+                                        weight=cfg.distill_weight)
+    result = _fit(cfg, student, data, run_dir, meta, state=state, progress=progress,
+                  loss_terms=terms, hooks=hooks)
     if not main:
         return {}
+    selected = _select(cfg, student, run_dir, result, soft=cfg.soft)
     student = student.cpu().eval()
-    check_x = next(iter(test_loader))[0][:8].cpu()
+    base_eval = _test(baseline, data, cfg, device)
+    check_x = torch.stack([data.test[i][0] for i in range(min(8, len(data.test)))])
     metrics: dict[str, Any] = {"command": "compress", "config": cfg.to_dict()}
     if cfg.soft:
         deploy = hooks[0].finalize(student, check_x, tol=cfg.verify_tol)
@@ -238,7 +294,7 @@ def _compress(
         metrics["fusion_error"] = verify(student, deploy, check_x, tol=cfg.verify_tol)
     else:
         deploy = student
-    deploy_eval = evaluate(deploy.to(device), test_loader, data.num_classes, device=device)
+    deploy_eval = _test(deploy, data, cfg, device)
     save_model(run_dir / "deploy.pt", deploy.cpu(), arch=cfg.arch, num_classes=data.num_classes,
                meta=meta)
     models = {
@@ -248,8 +304,7 @@ def _compress(
     metrics.update(
         baseline=base_eval,
         final=deploy_eval,
-        best_top1=result.best_top1,
-        best_epoch=result.best_epoch,
+        selected=selected,
         history=result.history,
         models=models,
         macs_reduction=1 - models["compressed"]["macs"] / models["baseline"]["macs"],
@@ -284,10 +339,9 @@ def evaluate_checkpoint(
     if meta.get("classes") and list(data.classes) != list(meta["classes"]):
         raise BPLError(f"{path} was trained on other classes than {split_file} lists; "
                        "pass the split.json of the run that wrote the checkpoint")
-    cfg = Config(batch_size=batch_size, device=device, workers=0)
     dev = select_device(device)
-    metrics = evaluate(model.to(dev), make_loader(data.test, cfg, train=False, device=dev),
-                       data.num_classes, device=dev)
+    loader = make_loader(data.test, batch_size=batch_size, train=False, device=dev)
+    metrics = evaluate(model.to(dev), loader, data.num_classes, device=dev)
     metrics["classes"] = list(data.classes)
     return metrics
 
@@ -308,7 +362,6 @@ def profile_checkpoints(
     ideal speedup, the MACs ratio. A checkpoint that still has partners is fused first.
     """
     from .export import onnx_module
-    from .extend import partner_blocks
     from .profile import compare_latency, count_macs, count_params
 
     if not 1 <= len(paths) <= 2:

@@ -75,13 +75,16 @@ def _plots(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
         epochs = [h["epoch"] for h in history]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
         ax1.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-        ax1.plot(epochs, [h["test_loss"] for h in history], label="test loss")
+        validated = all("val_loss" in h for h in history)
+        if validated:
+            ax1.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
         if any(h.get("train_diversity") for h in history):
             ax1.plot(epochs, [h["train_diversity"] for h in history], label="diversity loss")
         ax1.set_xlabel("epoch")
         ax1.legend()
         ax2.plot(epochs, [h["train_top1"] for h in history], label="train top-1")
-        ax2.plot(epochs, [h["test_top1"] for h in history], label="test top-1")
+        if validated:
+            ax2.plot(epochs, [h["val_top1"] for h in history], label="validation top-1")
         ax2.set_xlabel("epoch")
         ax2.set_ylabel("%")
         ax2.legend()
@@ -124,6 +127,10 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
     if metrics.get("macs_reduction") is not None:
         lines.append(f"- MACs reduction: {100 * metrics['macs_reduction']:.2f}% "
                      f"(asked {100 * cfg.get('flops_reduction', math.nan):.2f}%)")
+    kept = metrics.get("selected")
+    if kept:
+        lines.append(f"- kept epoch {kept['epoch']} of {kept['of']}: {kept['why']}; the test "
+                     "split was evaluated once, on this model")
     if metrics.get("wall_time_s") is not None:
         lines.append(f"- wall time: {metrics['wall_time_s']:.0f} s")
     lines.append("")

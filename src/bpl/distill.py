@@ -1,0 +1,74 @@
+"""Knowledge distillation from the unpruned baseline: an extra loss term, like the diversity loss.
+
+The standard recovery after pruning (Hinton et al. 2015; NVIDIA ModelOpt, Intel Neural
+Compressor and NNCF all offer it): the pruned student also matches the softened class
+probabilities of its own unpruned teacher. In a loop of your own::
+
+    loss = criterion(logits, y) + weight * bpl.distillation_loss(logits, teacher(x), T)
+
+and inside ``bpl compress`` (``--distill``) the same term through :class:`Distillation`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from .engine import Step
+
+__all__ = ["Distillation", "distillation_loss"]
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0
+) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch.
+
+    The ``T^2`` keeps the gradient's size independent of the temperature (Hinton et al.).
+    Computed in float32 whatever the logits' dtype (AMP gives float16 logits).
+    """
+    if temperature <= 0:
+        raise InvalidArgumentError(f"temperature must be positive, got {temperature}")
+    t = temperature
+    log_p_student = torch.log_softmax(student_logits.float() / t, dim=1)
+    log_p_teacher = torch.log_softmax(teacher_logits.detach().float() / t, dim=1)
+    kl = nn.functional.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * (t * t)
+
+
+class Distillation:
+    """The distillation loss term of a training step, with a frozen teacher.
+
+    The teacher is a private copy, always in eval mode (BatchNorm uses its running
+    statistics), with no gradient; it moves to the inputs' device on first use and runs
+    under the step's autocast, so it follows AMP. Under torchrun each process runs its own
+    copy on its own share of the batch, so nothing is synchronised.
+    """
+
+    def __init__(self, teacher: nn.Module, *, temperature: float = 4.0, weight: float = 1.0):
+        if temperature <= 0 or weight < 0:
+            raise InvalidArgumentError(
+                f"temperature must be positive and weight 0 or more, got {temperature}, {weight}"
+            )
+        self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
+        self.temperature, self.weight = temperature, weight
+
+    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for ``inputs`` (moved to their device, eval mode, no grad)."""
+        p = next(self.teacher.parameters())
+        if p.device != inputs.device:
+            self.teacher.to(inputs.device)
+        self.teacher.eval()
+        with torch.no_grad():
+            return self.teacher(inputs)
+
+    def __call__(self, step: Step) -> torch.Tensor:
+        with step.autocast():
+            teacher = self.teacher_logits(step.inputs)
+        return self.weight * distillation_loss(step.logits, teacher, self.temperature)
