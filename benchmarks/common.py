@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
+import statistics
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from bpl.errors import BPLError
+from bpl.extend import partner_blocks
+from bpl.models import load_model
+from bpl.partner import fold_conv_bn
+from bpl.report import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,3 +49,53 @@ def write_results(name: str, data: dict, markdown: str) -> Path:
     path.write_text(json.dumps(data, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
     return path
+
+
+@contextmanager
+def log_to(path: Path, fmt: logging.Formatter) -> Iterator[None]:
+    """Copy every log record (bpl's epoch lines included) into ``path`` while inside."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(fmt)
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def saved_partner_stats(run_dir: Path) -> dict[str, float]:
+    """`partner_stats` of a finished run, kept in ``partner_stats.json`` beside its checkpoints
+    so the aggregation reads it instead of loading the large unfused checkpoint every time."""
+    path = run_dir / "partner_stats.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    stats = partner_stats(run_dir)
+    write_json(path, stats)
+    return stats
+
+
+@torch.no_grad()
+def partner_stats(run_dir: Path) -> dict[str, float]:
+    """How much the partners of a run learned, read from its trained, unfused ``last.pt``.
+
+    ``partner_norm_ratio``: mean over partner blocks of ||partner kernel|| / ||block
+    kernel||, both with their BN folded in (0 means the partner adds nothing to the
+    fused model). ``partner_kernel_cos``: mean cosine of the raw kernels, the quantity
+    the diversity loss pushes towards -1.
+    """
+    model, _ = load_model(run_dir / "last.pt")
+    ratios, cosines = [], []
+    for _, block in partner_blocks(model):
+        own, partner = fold_conv_bn(block.conv, block.bn)[0], fold_conv_bn(
+            block.partner_conv, block.partner_bn)[0]
+        ratios.append(float(partner.norm() / own.norm().clamp_min(1e-12)))
+        cosines.append(float(torch.nn.functional.cosine_similarity(
+            block.conv.weight.flatten(), block.partner_conv.weight.flatten(), dim=0)))
+    if not ratios:
+        raise BPLError(f"{run_dir / 'last.pt'} has no partner blocks")
+    return {"partner_norm_ratio": statistics.fmean(ratios),
+            "partner_kernel_cos": statistics.fmean(cosines)}

@@ -56,13 +56,11 @@ import torch
 
 from bpl.config import Config, resolve_config
 from bpl.errors import BPLError
-from bpl.extend import partner_blocks
 from bpl.models import load_model
-from bpl.partner import fold_conv_bn
 from bpl.pipeline import compress, train_baseline
 from bpl.profile import compare_latency
 from bpl.report import write_json
-from common import machine
+from common import log_to, machine, saved_partner_stats
 
 log = logging.getLogger("reproduce_ucm")
 
@@ -283,22 +281,6 @@ def run_fields(settings: dict[str, Any], seed: int, arm: Arm, run_dir: Path) -> 
 # --------------------------------------------------------------------------- running
 
 
-@contextmanager
-def _log_to(path: Path, fmt: logging.Formatter) -> Iterator[None]:
-    """Copy every log record (bpl's epoch lines included) into ``path`` while inside."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="a")
-    handler.setFormatter(fmt)
-    handler.setLevel(logging.INFO)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
-
-
 def _check_same_protocol(run_dir: Path, cfg: Config) -> None:
     """Refuse to mix a run made with other settings into this reproduction."""
     saved_path = run_dir / "config.json"
@@ -339,7 +321,7 @@ def run_one(settings: dict[str, Any], seed: int, arm: Arm, *, progress: bool,
     log.info("seed %d arm %s (%s): %s, %d epochs -> %s", seed, arm.key, arm.label,
              "resuming" if resume else "starting", cfg.epochs, run_dir)
     t0 = time.perf_counter()
-    with _log_to(run_dir / "run.log", fmt):
+    with log_to(run_dir / "run.log", fmt):
         job = train_baseline if arm.command == "train" else compress
         metrics = job(cfg, progress=progress)
     if arm.fields.get("partners"):
@@ -367,7 +349,7 @@ def result_row(settings: dict[str, Any], seed: int, arm: Arm,
         "top1": metrics["final"]["top1"],
         "top5": metrics["final"].get("top5"),
         "test_images": metrics["final"].get("samples"),
-        "best_top1": metrics.get("best_top1"),
+        "selected_epoch": (metrics.get("selected") or {}).get("epoch", metrics.get("best_epoch")),
         "macs": model["macs"],
         "params": model["params"],
         "latency_ms": model.get("latency_ms"),
@@ -409,40 +391,6 @@ def time_deployed(settings: dict[str, Any], rows: list[dict[str, Any]],
         row["latency_ms"] = latency.get(f"seed{row['seed']}/{row['arm']}")
         baseline = latency.get(f"seed{row['seed']}/A")
         row["speedup"] = baseline / row["latency_ms"] if baseline and row["latency_ms"] else None
-
-
-def saved_partner_stats(run_dir: Path) -> dict[str, float]:
-    """`partner_stats` of a finished run, kept in ``partner_stats.json`` beside its checkpoints
-    so the aggregation reads it instead of loading the large unfused checkpoint every time."""
-    path = run_dir / "partner_stats.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    stats = partner_stats(run_dir)
-    write_json(path, stats)
-    return stats
-
-
-@torch.no_grad()
-def partner_stats(run_dir: Path) -> dict[str, float]:
-    """How much the partners of a run learned, read from its trained, unfused ``last.pt``.
-
-    ``partner_norm_ratio``: mean over partner blocks of ||partner kernel|| / ||block
-    kernel||, both with their BN folded in (0 means the partner adds nothing to the
-    fused model). ``partner_kernel_cos``: mean cosine of the raw kernels, the quantity
-    the diversity loss pushes towards -1.
-    """
-    model, _ = load_model(run_dir / "last.pt")
-    ratios, cosines = [], []
-    for _, block in partner_blocks(model):
-        own, partner = fold_conv_bn(block.conv, block.bn)[0], fold_conv_bn(
-            block.partner_conv, block.partner_bn)[0]
-        ratios.append(float(partner.norm() / own.norm().clamp_min(1e-12)))
-        cosines.append(float(torch.nn.functional.cosine_similarity(
-            block.conv.weight.flatten(), block.partner_conv.weight.flatten(), dim=0)))
-    if not ratios:
-        raise BPLError(f"{run_dir / 'last.pt'} has no partner blocks")
-    return {"partner_norm_ratio": statistics.fmean(ratios),
-            "partner_kernel_cos": statistics.fmean(cosines)}
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -636,7 +584,7 @@ def reproduce(settings: dict[str, Any], *, progress: bool = False) -> dict[str, 
     if settings.get("threads"):
         torch.set_num_threads(int(settings["threads"]))
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    with _log_to(out / "reproduce.log", fmt), _restore_threads(threads_before):
+    with log_to(out / "reproduce.log", fmt), _restore_threads(threads_before):
         log.info("reproduction -> %s; seeds %s, arms %s, %s at %d px, baseline %d / fine-tune %d "
                  "epochs", out, settings["seeds"], "".join(settings["arms"]), settings["arch"],
                  settings["image_size"], settings["baseline_epochs"], settings["finetune_epochs"])

@@ -1,0 +1,132 @@
+"""benchmarks/recovery_study.py end to end on a tiny generated image folder (no ../shared)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_reproduce import _image_folder
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recovery_study.py"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _load_script():
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("recovery_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_confidence_interval_matches_the_t_distribution():
+    study = _load_script()
+    st = study.ci95([1.0, 2.0, 3.0])
+    assert st["mean"] == 2.0 and st["std"] == 1.0 and st["n"] == 3
+    assert st["ci95"] == pytest.approx(4.302653 / 3 ** 0.5, rel=1e-4)  # t(0.975, 2) = 4.3027
+    five = [0.3, -0.1, 0.5, 0.2, 0.4]
+    assert study.ci95(five)["ci95"] == pytest.approx(
+        2.776445 * statistics.stdev(five) / 5 ** 0.5, rel=1e-4)
+    assert study.ci95([0.7])["ci95"] is None
+
+
+def test_the_pilot_chooses_on_validation_never_on_test():
+    study = _load_script()
+    rows = []
+    for seed in (0, 1):
+        # 'a' is better on validation, 'b' on test: the choice must follow validation
+        for variant, val, test in (("plain", 50, 50), ("bpl-a", 53, 49), ("bpl-b", 51, 60)):
+            rows.append({"dataset": "d", "seed": seed, "flops_reduction": 0.9, "arm": variant,
+                         "variant": variant, "val_top1": val + seed, "test_top1": test})
+    choice = study.choose_variant(rows, ["a", "b"])
+    assert choice["variant"] == "a"
+    assert choice["val_difference_vs_plain"]["a"]["mean"] == 3.0
+    assert choice["val_difference_vs_plain"]["b"]["mean"] == 1.0
+
+
+def test_study_runs_pilot_then_arms_pairs_them_and_resumes(tmp_path):
+    study = _load_script()
+    data = _image_folder(tmp_path / "images", classes=3, per_class=10)
+    out, res = tmp_path / "runs", tmp_path / "results"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({
+        "out": str(out), "results": str(res), "arch": "tiny_resnet",
+        "datasets": {"imagefolder": {"data_root": str(data), "image_size": 16}},
+        "seeds": [0, 1], "reductions": [0.5], "baseline_epochs": 1, "finetune_epochs": 2,
+        "pilot": {"seeds": [0], "reduction": 0.5, "variants": ["preserve", "split"]},
+        "common": {"batch_size": 8, "device": "cpu", "latency": False, "val_ratio": 0.25},
+        "baseline": {"lr": 0.05}, "finetune": {"lr": 0.02},
+    }))
+    assert study.main(["--config", str(config), "--quiet"]) == 0
+
+    pilot = list(csv.DictReader((res / "pilot.csv").open()))
+    assert sorted(r["variant"] for r in pilot) == ["bpl-preserve", "bpl-split", "plain"]
+    val = {r["variant"]: float(r["val_top1"]) for r in pilot}
+    chosen = max(("preserve", "split"), key=lambda v: val[f"bpl-{v}"])  # one seed: the best
+    results = json.loads((res / "results.json").read_text())
+    assert results["summary"]["choice"]["variant"] == chosen
+
+    rows = list(csv.DictReader((res / "results.csv").open()))
+    assert {"dataset", "seed", "arm", "flops_reduction", "macs", "val_top1",
+            "test_top1"} <= set(rows[0])
+    assert sorted((r["seed"], r["arm"]) for r in rows) == sorted(
+        (s, a) for s in ("0", "1") for a in ("plain", "bpl", "kd", "bpl+kd"))
+    for seed in ("0", "1"):
+        mine = [r for r in rows if r["seed"] == seed]
+        # paired: the same pruned model (same MACs) and the same test images in every arm
+        assert len({r["macs"] for r in mine}) == 1
+        tests = {json.dumps(json.loads(Path(r["run_dir"], "split.json").read_text())["test"])
+                 for r in mine}
+        assert len(tests) == 1
+        by_arm = {r["arm"]: r for r in mine}
+        assert Path(by_arm["bpl"]["run_dir"]).name == f"bpl-{chosen}"
+        assert Path(by_arm["bpl+kd"]["run_dir"]).name == f"bpl-{chosen}+kd"
+        assert float(by_arm["kd"]["distill_ms_per_step"]) > 0 and by_arm["plain"][
+            "distill_ms_per_step"] == ""
+        for r in mine:
+            assert 0 <= float(r["test_top1"]) <= 100 and r["test_images"] == "6"
+    # seed 0's bpl run is the pilot's run of the chosen variant, not trained twice
+    seed0 = out / "imagefolder" / "seed0" / "r50"
+    assert sorted(p.name for p in seed0.iterdir()) == sorted(
+        ["plain", "bpl-preserve", "bpl-split", "kd", f"bpl-{chosen}+kd"])
+    summary = (res / "summary.md").read_text()
+    assert "| bpl |" in summary and "Chosen for the study's bpl arms" in summary
+    assert (res / "accuracy_vs_macs.png").stat().st_size > 0
+
+    # re-running skips every finished run
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("imagefolder/seed*/*/*/metrics.json")}
+    assert len(mtimes) == 9  # pilot 3 + seed 0: kd, bpl+kd + seed 1: 4
+    assert study.main(["--config", str(config), "--quiet"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # a run cut off after its last epoch resumes; other settings are refused
+    (seed0 / "kd" / "metrics.json").unlink()
+    assert study.main(["--config", str(config), "--quiet"]) == 0
+    assert (seed0 / "kd" / "metrics.json").exists()
+    config.write_text(config.read_text().replace('"finetune_epochs": 2', '"finetune_epochs": 3'))
+    assert study.main(["--config", str(config), "--quiet"]) == 1
+
+
+def test_shipped_config_resolves():
+    study = _load_script()
+    settings = study.load_settings(study.DEFAULT_CONFIG)
+    assert set(settings["datasets"]) == {"ucm", "eurosat"}
+    assert len(settings["seeds"]) >= 5 and {0.5, 0.74, 0.9} <= set(settings["reductions"])
+    cfg = study.run_config(settings, "eurosat", 3, 0.9, {"partners": False, "distill": True}, "kd")
+    assert cfg.distill and not cfg.partners and cfg.select == "best" and cfg.val_ratio == 0.1
+    assert cfg.baseline.endswith("eurosat/seed3/baseline/best.pt")
