@@ -624,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", action="store_true", help="time the arms and estimate the cost")
     p.add_argument("--report", action="store_true", help="aggregate finished runs, run nothing")
     p.add_argument("--device", help="every run's device (cpu, cuda); not part of the protocol")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: all); 1 while other jobs share the cores")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -640,6 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides: dict[str, Any] = {}
         if args.seeds:
             overrides["seeds"] = args.seeds
+        if args.threads:
+            overrides["threads"] = args.threads
         settings = load_settings(args.config, args.smoke, overrides)
         if args.device:
             settings["common"]["device"] = args.device

@@ -20,7 +20,7 @@ S = argparse.SUPPRESS
 EXAMPLES = {
     "train": "bpl train --data ucm --data-root ../shared/data/ucmerced --arch resnet18 "
              "--image-size 112 --epochs 30 --out runs/ucm-r18",
-    "compress": "bpl compress --baseline runs/ucm-r18/last.pt --data ucm --data-root "
+    "compress": "bpl compress --baseline runs/ucm-r18/best.pt --data ucm --data-root "
                 "../shared/data/ucmerced --image-size 112 --flops-reduction 0.74 --epochs 15 "
                 "--out runs/ucm-r18-bpl",
     "evaluate": "bpl evaluate runs/ucm-r18-bpl/deploy.pt --data-root ../shared/data/ucmerced",
@@ -82,7 +82,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 def _compress_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
-    _flag(g, "baseline", metavar="CKPT", help="checkpoint written by bpl train")
+    _flag(g, "baseline", metavar="CKPT", help="checkpoint written by bpl train (best.pt: the epoch validation chose)")
     _flag(g, "flops-reduction", type=float, metavar="R",
           help="fraction of MACs to remove, e.g. 0.74")
     _flag(g, "soft", action="store_true",

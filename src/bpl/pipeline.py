@@ -466,7 +466,7 @@ def demo(out: str | Path = "runs/demo", *, epochs: int | None = None,
     train_baseline(Config(**base), progress=progress)
     # global pruning: tiny_resnet's narrow stages make a uniform ratio move in coarse steps
     comp = dict(DEMO, epochs=epochs or 10, lr=0.05, out=str(out / "compressed"),
-                baseline=str(out / "baseline" / "last.pt"), flops_reduction=0.7,
+                baseline=str(out / "baseline" / "best.pt"), flops_reduction=0.7,
                 global_pruning=True)
     comp["resume"] = (out / "compressed" / "last.pt").exists()
     log.info("demo 2/2: pruning 70%% of the MACs, training with partners, fusing -> %s", comp["out"])
