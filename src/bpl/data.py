@@ -46,7 +46,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from .errors import BPLError
+from .errors import ChecksumError, CorruptImageError, DataError
+from .files import atomic_save, atomic_write_json
 
 __all__ = [
     "DATASETS",
@@ -87,18 +88,6 @@ IMAGENET_STD: Stats = (0.229, 0.224, 0.225)
 # The 65 original TIFFs of ucmerced-tif-sample agree with their JPEGs to within 3e-4.
 UCM_MEAN: Stats = (0.4842, 0.4901, 0.4505)
 UCM_STD: Stats = (0.2179, 0.2018, 0.1964)
-
-
-class DataError(BPLError):
-    """A dataset folder, split file or download is not usable; the message says how to fix it."""
-
-
-class CorruptImageError(DataError):
-    """An image file could not be decoded."""
-
-
-class ChecksumError(DataError):
-    """A downloaded file does not have the expected size or checksum."""
 
 
 @dataclass(frozen=True)
@@ -522,16 +511,8 @@ def read_split(path: str | Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename) so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a split file atomically (compact indentation, as split files always were)."""
+    atomic_write_json(path, obj, indent=1, newline=False)
 
 
 def _check_split_files(split: dict[str, Any], root: Path, split_file: Path) -> None:
@@ -611,23 +592,15 @@ def _load_cache_file(path: Path, key: str) -> tuple[PackedImages, list[str], lis
 def _save_cache_file(
     path: Path, key: str, packed: PackedImages, relpaths: list[str], bad: list[str]
 ) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        blob = {
-            "format": CACHE_FORMAT,
-            "key": key,
-            "relpaths": relpaths,
-            "bad": bad,
-            "buffer": packed.buffer,
-            "shapes": packed.shapes,
-        }
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    blob = {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "relpaths": relpaths,
+        "bad": bad,
+        "buffer": packed.buffer,
+        "shapes": packed.shapes,
+    }
+    atomic_save(blob, path)
 
 
 def _build_cache(

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,10 @@ import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import BPLError
+from .errors import BPLError, CheckpointError
 from .extend import extend, partner_blocks
+from .files import atomic_save
+from .modules import find_output_layers, unwrap_parallel
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -46,10 +47,6 @@ log = logging.getLogger(__name__)
 #: Value of the ``format`` field of every checkpoint written by :func:`save_model`.
 CHECKPOINT_FORMAT = "bpl-checkpoint"
 _VERSION = 1
-
-
-class CheckpointError(BPLError):
-    """A checkpoint that cannot be read or does not fit the architecture it names."""
 
 
 # --------------------------------------------------------------------------- tiny CNNs
@@ -136,20 +133,10 @@ def list_models() -> list[str]:
 # --------------------------------------------------------------------------- factory
 
 
-def _output_layers(model: nn.Module, classes: int) -> list[tuple[str, nn.Module]]:
-    """The classifier layers: every Linear producing ``classes`` outputs (else the last such conv)."""
-    linears = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and m.out_features == classes]
-    if linears:
-        return linears
-    convs = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, nn.Conv2d) and m.out_channels == classes]
-    return convs[-1:]
-
-
 def replace_classifier(model: nn.Module, old_classes: int, num_classes: int) -> nn.Module:
     """Swap every classifier layer with ``old_classes`` outputs for a fresh one with ``num_classes``."""
-    layers = _output_layers(model, old_classes)
+    layers = [(n, model.get_submodule(n))
+              for n in find_output_layers(model, num_classes=old_classes)]
     if not layers:
         raise BPLError(
             f"cannot find the classifier of {type(model).__name__} (no Linear or conv with "
@@ -198,7 +185,7 @@ def _load_weights(model: nn.Module, path: Path, num_classes: int) -> None:
     """Load a stock state_dict; a classifier of another size is kept freshly initialised."""
     state = _read_state_dict(path)
     own = model.state_dict()
-    heads = {n for n, _ in _output_layers(model, num_classes)}
+    heads = set(find_output_layers(model, num_classes=num_classes))
     resized = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     skipped = [k for k in resized if k.rsplit(".", 1)[0] in heads]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
@@ -331,8 +318,7 @@ def model_payload(
     partners, the modules replaced by ``nn.Identity`` (BN folded into conv), and
     ``meta`` (plain values: numbers, strings, lists, dicts, tensors).
     """
-    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
+    model = unwrap_parallel(model)
     widths, pairs, identities = _architecture(model)
     return {
         "format": CHECKPOINT_FORMAT,
@@ -345,27 +331,6 @@ def model_payload(
         "meta": dict(meta or {}),
         "state_dict": model.state_dict(),
     }
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then move it into place.
-
-    A crash or a full disk never leaves half a file at ``path``: the previous file (if
-    any) stays until the new one is complete and synced.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_model(

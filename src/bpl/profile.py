@@ -14,40 +14,18 @@ import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .modules import Inputs, as_args, eval_mode
+
 __all__ = ["count_macs", "count_params", "profile", "compare_latency", "as_args"]
 
 log = logging.getLogger(__name__)
-
-Inputs = torch.Tensor | Sequence[torch.Tensor]
-
-
-def as_args(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
-    """The positional arguments of the forward call: a tensor becomes a 1-tuple."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put ``models`` in eval mode and restore every module's own training flag afterwards."""
-    flags = [[(m, m.training) for m in model.modules()] for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for per_model in flags:
-            for module, training in per_model:
-                module.training = training
-
 
 def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
     """Multiply-accumulates of one forward pass on ``example_inputs`` (FLOPs / 2).

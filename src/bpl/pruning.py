@@ -36,10 +36,11 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import BPLError
+from .errors import PruningError
 from .extend import partner_blocks
 from .fuse import fuse
-from .profile import Inputs, as_args, count_macs, count_params, eval_mode
+from .modules import Inputs, as_args, eval_mode, unwrap_parallel
+from .profile import count_macs, count_params
 from .verify import max_relative_error, verify
 
 __all__ = [
@@ -71,10 +72,6 @@ _FILTER_FNS = (
 )
 
 LayerRef = nn.Module | str
-
-
-class PruningError(BPLError):
-    """A pruning request that cannot be carried out as asked."""
 
 
 # --------------------------------------------------------------------------- importance
@@ -617,7 +614,7 @@ class SoftPruner:
         ignored_layers: Iterable[LayerRef] | LayerRef | None = None,
         tolerance: float = 0.01,
     ) -> None:
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        model = unwrap_parallel(model)
         if not partner_blocks(model):
             raise PruningError(
                 f"{type(model).__name__} has no partner blocks; SoftPruner works on an extended "
@@ -892,7 +889,7 @@ class SoftPruner:
         (``relative_error``).
         """
         if model is not None:
-            model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+            model = unwrap_parallel(model)
             if model is not self.model:
                 raise PruningError("finalize() got a different model than the pruner was built on")
         model = self.model
