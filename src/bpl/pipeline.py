@@ -287,8 +287,8 @@ def _compress(
     metrics: dict[str, Any] = {"command": "compress", "config": cfg.to_dict()}
     if cfg.soft:
         deploy = hooks[0].finalize(student, check_x, tol=cfg.verify_tol)
-        metrics["removal_error"] = hooks[0].report["removal_error"]
-        metrics["fusion_error"] = hooks[0].report["fusion_error"]
+        metrics["removal_error"] = hooks[0].report.removal_error
+        metrics["fusion_error"] = hooks[0].report.fusion_error
     elif cfg.partners:
         deploy = fuse(student)
         metrics["fusion_error"] = verify(student, deploy, check_x, tol=cfg.verify_tol)
