@@ -35,9 +35,8 @@ def test_writes_leave_no_temp_file_and_normal_permissions(tmp_path):
 def test_failed_write_keeps_the_previous_file(tmp_path):
     target = tmp_path / "out.bin"
     target.write_bytes(b"old")
-    with pytest.raises(RuntimeError, match="check failed"):
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"new, unchecked")
-            raise RuntimeError("check failed")
+    with pytest.raises(RuntimeError, match="check failed"), atomic_path(target) as tmp:
+        tmp.write_bytes(b"new, unchecked")
+        raise RuntimeError("check failed")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]

@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import BPLError
 from .partner import INITS
+from .pruning import SOFT_IMPORTANCES
 
 __all__ = ["Config", "PLACEMENTS", "RECIPES", "SELECT", "load_config_file", "resolve_config"]
 
@@ -176,6 +177,8 @@ def _check(cfg: Config) -> None:
         raise BPLError(f"--select must be one of {', '.join(SELECT)}, got {cfg.select!r}")
     if cfg.placement not in PLACEMENTS:
         raise BPLError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {cfg.placement!r}")
+    if cfg.soft and cfg.importance not in SOFT_IMPORTANCES:
+        raise BPLError(f"--soft takes --importance {', '.join(SOFT_IMPORTANCES)}, got {cfg.importance!r}")
     if cfg.init not in INITS:
         raise BPLError(f"--init must be one of {', '.join(INITS)}, got {cfg.init!r}")
     if cfg.distill_temperature <= 0 or cfg.distill_weight < 0:
