@@ -107,11 +107,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict of known fields (``-`` or ``_`` keys)."""
+def read_options_file(
+    path: str | Path, what: str = "config file", *, empty_ok: bool = False
+) -> dict[str, Any]:
+    """A YAML or JSON file of ``option: value`` as a dict (``-`` in keys becomes ``_``)."""
     path = Path(path)
     if not path.is_file():
-        raise BPLError(f"config file not found: {path}; pass an existing YAML or JSON file")
+        raise BPLError(f"{what} not found: {path}; pass an existing YAML or JSON file")
     text = path.read_text()
     try:
         if path.suffix.lower() == ".json":
@@ -121,10 +123,17 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
             raw = yaml.safe_load(text)
     except Exception as exc:
-        raise BPLError(f"cannot parse config file {path}: {exc}".splitlines()[0]) from exc
+        raise BPLError(f"cannot parse {what} {path}: {exc}".splitlines()[0]) from exc
+    if raw is None and empty_ok:
+        raw = {}
     if not isinstance(raw, dict):
-        raise BPLError(f"config file {path} must hold a mapping of option: value")
-    out = {str(k).replace("-", "_"): v for k, v in raw.items()}
+        raise BPLError(f"{what} {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict of known fields (``-`` or ``_`` keys)."""
+    out = read_options_file(path)
     unknown = sorted(set(out) - set(_FIELDS))
     if unknown:
         raise BPLError(
