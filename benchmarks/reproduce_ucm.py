@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from bpl.config import Config, resolve_config
+from bpl.config import Config, read_options_file, resolve_config
 from bpl.errors import BPLError
 from bpl.models import load_model
 from bpl.pipeline import compress, train_baseline
@@ -147,15 +147,7 @@ def _relative_to_repo(path: str | None) -> str | None:
 
 def load_settings_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML/JSON settings file and check its keys (script keys + Config sections)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise BPLError(f"settings file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise BPLError(f"{path} must hold a mapping of setting: value")
-    settings = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    settings = read_options_file(path, "settings file", empty_ok=True)
     unknown = sorted(set(settings) - set(DEFAULTS))
     if unknown:
         raise BPLError(f"unknown setting(s) in {path}: {', '.join(unknown)}; "

@@ -216,6 +216,30 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args, message, tmp_path, caps
     assert message in err and len(err.splitlines()) == 1 and err.startswith("bpl: error:")
 
 
+def test_soft_with_an_unsupported_criterion_is_refused_before_loading_data(
+    baseline, tmp_path, capsys, monkeypatch
+):
+    import bpl.pipeline
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was loaded")
+
+    monkeypatch.setattr(bpl.pipeline, "load_dataset", no_data)
+    assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--soft",
+                   "--importance", "fpgm", "--out", tmp_path / "r") == 1
+    err = capsys.readouterr().err
+    assert "--soft" in err and "fpgm" in err and "l2" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_importance_choices_are_the_library_criteria():
+    from bpl.cli import build_parser
+    from bpl.pruning import IMPORTANCES
+
+    args = build_parser().parse_args(["compress", "--importance", IMPORTANCES[-1]])
+    assert args.importance == IMPORTANCES[-1]
+
+
 def test_corrupt_and_mismatched_checkpoints(tmp_path, baseline, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")

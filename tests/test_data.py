@@ -16,6 +16,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import bpl.data as bd
+import bpl.data.images
+import bpl.data.splits
 from bpl.data import (
     DATASETS,
     ChecksumError,
@@ -80,7 +82,7 @@ def _count_reads(monkeypatch) -> list[str]:
         calls.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(bd, "read_image", counting)
+    monkeypatch.setattr(bpl.data.images, "read_image", counting)  # where decoding looks it up
     return calls
 
 
@@ -375,7 +377,7 @@ def test_eurosat_layout_split_and_class_count(tmp_path):
 
 @pytest.mark.skipif(not EUROSAT.is_dir(), reason="../shared/data/eurosat not present")
 def test_real_eurosat_split():
-    split = bd._make_split(DATASETS["eurosat"], EUROSAT, 0, None, 0.1, None)
+    split = bpl.data.splits.make_split(DATASETS["eurosat"], EUROSAT, 0, None, 0.1, None)
     assert split["classes"] == sorted(EUROSAT_CLASSES)
     rows = split["train"] + split["val"] + split["test"]
     assert len(rows) == 27_000 and len({r for r, _ in rows}) == 27_000

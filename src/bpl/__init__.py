@@ -5,20 +5,35 @@ Zhang et al., "Block-Wise Partner Learning for Model Compression", IEEE TNNLS 20
 
 from .distill import Distillation, distillation_loss
 from .diversity import diversity_loss
-from .errors import BPLError, InvalidArgumentError, TraceError, VerificationError
+from .errors import (
+    BPLError,
+    CheckpointError,
+    ChecksumError,
+    CorruptImageError,
+    DataError,
+    InvalidArgumentError,
+    PruningError,
+    TraceError,
+    TrainingDiverged,
+    VerificationError,
+)
 from .export import export
 from .extend import ExtendReport, extend, find_conv_bn_pairs, partner_blocks
 from .fuse import fold_batchnorm, fuse
 from .models import build_model, list_models, load_model, save_model
 from .partner import INITS, PartnerBlock
 from .profile import compare_latency, count_macs, count_params, profile
-from .pruning import IMPORTANCES, PruneReport, PruningError, SoftPruner, prune
+from .pruning import IMPORTANCES, PruneReport, SoftPruner, prune
 from .verify import relative_error, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BPLError",
+    "CheckpointError",
+    "ChecksumError",
+    "CorruptImageError",
+    "DataError",
     "Distillation",
     "ExtendReport",
     "IMPORTANCES",
@@ -29,6 +44,7 @@ __all__ = [
     "PruningError",
     "SoftPruner",
     "TraceError",
+    "TrainingDiverged",
     "VerificationError",
     "build_model",
     "compare_latency",

@@ -13,6 +13,7 @@ from typing import Any
 from .config import PLACEMENTS, RECIPES, SELECT, Config, resolve_config
 from .errors import BPLError
 from .partner import INITS
+from .pruning import IMPORTANCES, SOFT_IMPORTANCES
 
 log = logging.getLogger("bpl")
 S = argparse.SUPPRESS
@@ -88,7 +89,8 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "soft", action="store_true",
           help="the reference code's soft schedule instead of pruning first")
     _flag(g, "soft-every", type=int, metavar="N", help="soft schedule: re-pick filters every N epochs")
-    _flag(g, "importance", choices=["l1", "l2", "fpgm", "bn-scale", "random"])
+    _flag(g, "importance", choices=IMPORTANCES,
+          help=f"channel criterion; --soft takes {', '.join(SOFT_IMPORTANCES)}")
     _flag(g, "global-pruning", action="store_true")
     _flag(g, "round-to", type=int, metavar="N", help="keep channel counts multiples of N")
     _flag(g, "init", choices=INITS,
@@ -220,7 +222,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in vars(args).items()
                  if k in {"data", "data_root", "image_size", "cache_dir", "skip_bad"}}
     metrics = evaluate_checkpoint(args.checkpoint, split=args.split, batch_size=args.batch_size,
-                                  device=args.device, overrides=overrides)
+                                  device=args.device, overrides=overrides,
+                                  progress=not args.quiet)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:

@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import BPLError
 from .partner import INITS
+from .pruning import SOFT_IMPORTANCES
 
 __all__ = ["Config", "PLACEMENTS", "RECIPES", "SELECT", "load_config_file", "resolve_config"]
 
@@ -106,11 +107,13 @@ RECIPES: dict[str, dict[str, Any]] = {
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a dict of known fields (``-`` or ``_`` keys)."""
+def read_options_file(
+    path: str | Path, what: str = "config file", *, empty_ok: bool = False
+) -> dict[str, Any]:
+    """A YAML or JSON file of ``option: value`` as a dict (``-`` in keys becomes ``_``)."""
     path = Path(path)
     if not path.is_file():
-        raise BPLError(f"config file not found: {path}; pass an existing YAML or JSON file")
+        raise BPLError(f"{what} not found: {path}; pass an existing YAML or JSON file")
     text = path.read_text()
     try:
         if path.suffix.lower() == ".json":
@@ -120,10 +123,17 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
             raw = yaml.safe_load(text)
     except Exception as exc:
-        raise BPLError(f"cannot parse config file {path}: {exc}".splitlines()[0]) from exc
+        raise BPLError(f"cannot parse {what} {path}: {exc}".splitlines()[0]) from exc
+    if raw is None and empty_ok:
+        raw = {}
     if not isinstance(raw, dict):
-        raise BPLError(f"config file {path} must hold a mapping of option: value")
-    out = {str(k).replace("-", "_"): v for k, v in raw.items()}
+        raise BPLError(f"{what} {path} must hold a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in raw.items()}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict of known fields (``-`` or ``_`` keys)."""
+    out = read_options_file(path)
     unknown = sorted(set(out) - set(_FIELDS))
     if unknown:
         raise BPLError(
@@ -176,6 +186,8 @@ def _check(cfg: Config) -> None:
         raise BPLError(f"--select must be one of {', '.join(SELECT)}, got {cfg.select!r}")
     if cfg.placement not in PLACEMENTS:
         raise BPLError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {cfg.placement!r}")
+    if cfg.soft and cfg.importance not in SOFT_IMPORTANCES:
+        raise BPLError(f"--soft takes --importance {', '.join(SOFT_IMPORTANCES)}, got {cfg.importance!r}")
     if cfg.init not in INITS:
         raise BPLError(f"--init must be one of {', '.join(INITS)}, got {cfg.init!r}")
     if cfg.distill_temperature <= 0 or cfg.distill_weight < 0:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import BPLError
+from .modules import unwrap_parallel
 
 __all__ = [
     "Context",
@@ -121,7 +122,7 @@ def wrap(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Mo
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper, with plain BatchNorm2d again."""
-    model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    model = unwrap_parallel(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.SyncBatchNorm):
             bn = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,

@@ -13,9 +13,9 @@ never enters this module: the caller evaluates it once, at the end.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -32,8 +32,8 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from . import distributed
-from .errors import BPLError
-from .models import atomic_save
+from .errors import BPLError, TrainingDiverged
+from .files import atomic_save, atomic_write_text
 
 __all__ = [
     "EpochHook",
@@ -51,10 +51,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "bpl-train/1"
-
-
-class TrainingDiverged(BPLError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -286,12 +282,11 @@ class _Logs:
             self.writer = None
 
     def write(self, history: list[dict[str, float]]) -> None:
-        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
-        with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(history[-1]))
-            writer.writeheader()
-            writer.writerows(history)
-        os.replace(tmp, self.csv_path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(history[-1]))
+        writer.writeheader()
+        writer.writerows(history)
+        atomic_write_text(self.csv_path, text.getvalue())
         if self.writer is not None:
             row = history[-1]
             for key, value in row.items():

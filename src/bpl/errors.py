@@ -15,3 +15,27 @@ class VerificationError(BPLError):
 
 class InvalidArgumentError(BPLError, ValueError):
     """An argument of a bpl function has a value it does not accept (also a ``ValueError``)."""
+
+
+class DataError(BPLError):
+    """A dataset folder, split file or download is not usable; the message says how to fix it."""
+
+
+class CorruptImageError(DataError):
+    """An image file could not be decoded."""
+
+
+class ChecksumError(DataError):
+    """A downloaded file does not have the expected size or checksum."""
+
+
+class CheckpointError(BPLError):
+    """A checkpoint that cannot be read or does not fit the architecture it names."""
+
+
+class PruningError(BPLError):
+    """A pruning request that cannot be carried out as asked."""
+
+
+class TrainingDiverged(BPLError):
+    """The loss became NaN or infinite."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ from torch import nn
 
 from .errors import BPLError, VerificationError
 from .extend import partner_blocks
+from .files import atomic_path
 from .fuse import fold_batchnorm
 from .verify import max_relative_error as _relative
 
@@ -84,19 +84,16 @@ def export(
         log.info("the model still has %d partner blocks: fusing them before export", len(fused))
     deploy = fold_batchnorm(reference)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     x = example_inputs.cpu()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:  # nothing is written unless the parity check passes
         if format == "onnx":
-            _write_onnx(deploy, x, tmp, opset)
-            run = _onnx_runner(tmp)
+            _write_onnx(deploy, x, str(tmp), opset)
+            run = _onnx_runner(str(tmp))
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                torch.jit.save(torch.jit.trace(deploy, x), tmp)
-            run = _torchscript_runner(tmp)
+                torch.jit.save(torch.jit.trace(deploy, x), str(tmp))
+            run = _torchscript_runner(str(tmp))
         errors = {}
         with torch.inference_mode():
             for bs in check_batch_sizes:
@@ -108,9 +105,6 @@ def export(
                 f"{format} export differs from PyTorch: max relative error {worst:.3g} > {tol:g}; "
                 "nothing was written"
             )
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     log.debug("exported %s to %s (max relative error %.2e)", format, path, worst)
     return {"path": str(path), "format": format, "max_relative_error": worst,
             "errors_by_batch_size": errors, "fused_partners": len(fused)}

@@ -37,7 +37,14 @@ from .engine import (
 from .errors import BPLError
 from .extend import extend, partner_blocks
 from .fuse import fuse
-from .models import build_model, load_checkpoint, model_from_payload, model_payload, save_model
+from .models import (
+    build_model,
+    load_checkpoint,
+    load_model,
+    model_from_payload,
+    model_payload,
+    save_model,
+)
 from .profile import profile
 from .pruning import SoftPruner, prune
 from .report import write_json, write_report
@@ -96,7 +103,7 @@ def _run(cfg: Config, command: str) -> Iterator[Path]:
         raise
 
 
-def load_data(cfg: Config, run_dir: Path):
+def load_data(cfg: Config, run_dir: Path, progress: bool = True):
     """The dataset of ``cfg``, split as recorded in ``run_dir/split.json`` when that exists.
 
     Under torchrun rank 0 decodes, caches and writes the split first; the others read it.
@@ -114,6 +121,7 @@ def load_data(cfg: Config, run_dir: Path):
             cache_dir=cfg.cache_dir,
             skip_bad=cfg.skip_bad,
             download=cfg.download,
+            progress=progress,
         )
     return data
 
@@ -198,7 +206,7 @@ def train_baseline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
 def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
-    data = load_data(cfg, run_dir)
+    data = load_data(cfg, run_dir, progress)
     meta = _meta(cfg, data)
     state = _resume_state(run_dir) if cfg.resume else None
     if state is not None:
@@ -228,7 +236,7 @@ def compress(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     seed_everything(cfg.seed)
     if not cfg.baseline:
         raise BPLError("compress needs a baseline checkpoint: pass --baseline PATH (from bpl train)")
-    baseline, base_meta = model_from_payload(load_checkpoint(cfg.baseline, model_only=True))
+    baseline, base_meta = load_model(cfg.baseline)
     cfg.arch = base_meta.get("arch", cfg.arch)
     with _run(cfg, "compress") as run_dir:
         return _compress(cfg, run_dir, baseline, base_meta, progress)
@@ -238,7 +246,7 @@ def _compress(
     cfg: Config, run_dir: Path, baseline: nn.Module, base_meta: dict[str, Any], progress: bool
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    data = load_data(cfg, run_dir)
+    data = load_data(cfg, run_dir, progress)
     if base_meta.get("num_classes") != data.num_classes:
         raise BPLError(
             f"{cfg.baseline} was trained for {base_meta.get('num_classes')} classes but "
@@ -287,8 +295,8 @@ def _compress(
     metrics: dict[str, Any] = {"command": "compress", "config": cfg.to_dict()}
     if cfg.soft:
         deploy = hooks[0].finalize(student, check_x, tol=cfg.verify_tol)
-        metrics["removal_error"] = hooks[0].report["removal_error"]
-        metrics["fusion_error"] = hooks[0].report["fusion_error"]
+        metrics["removal_error"] = hooks[0].report.removal_error
+        metrics["fusion_error"] = hooks[0].report.fusion_error
     elif cfg.partners:
         deploy = fuse(student)
         metrics["fusion_error"] = verify(student, deploy, check_x, tol=cfg.verify_tol)
@@ -321,9 +329,10 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     device: str = "auto",
     overrides: dict[str, Any] | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """`bpl evaluate`: accuracy of any checkpoint bpl wrote, on the test images of its run."""
-    model, meta = model_from_payload(load_checkpoint(path, model_only=True))
+    model, meta = load_model(path)
     split_file = Path(split) if split else Path(path).parent / "split.json"
     if not split_file.exists():
         raise BPLError(f"no split file at {split_file}; pass --split with the run's split.json")
@@ -335,6 +344,7 @@ def evaluate_checkpoint(
         split_file=split_file,
         cache_dir=o.get("cache_dir"),
         skip_bad=o.get("skip_bad", False),
+        progress=progress,
     )
     if meta.get("classes") and list(data.classes) != list(meta["classes"]):
         raise BPLError(f"{path} was trained on other classes than {split_file} lists; "
@@ -368,7 +378,7 @@ def profile_checkpoints(
         raise BPLError("profile takes one checkpoint, or two (baseline and compressed)")
     models, sizes = {}, set()
     for p in paths:
-        model, meta = model_from_payload(load_checkpoint(p, model_only=True))
+        model, meta = load_model(p)
         model = fuse(model.eval()) if partner_blocks(model) else model.eval()
         models[str(p) if str(p) not in models else f"{p} (2)"] = model
         sizes.add(image_size or meta.get("image_size", 224))
@@ -432,7 +442,7 @@ def export_checkpoint(
     """`bpl export`: a checkpoint to ONNX/TorchScript (fused, BN folded), parity-checked."""
     from .export import export
 
-    model, meta = model_from_payload(load_checkpoint(path, model_only=True))
+    model, meta = load_model(path)
     size = image_size or meta.get("image_size", 224)
     suffix = ".onnx" if format == "onnx" else ".torchscript.pt"
     out = Path(out) if out else Path(path).with_suffix(suffix)

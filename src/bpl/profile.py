@@ -14,40 +14,19 @@ import contextlib
 import logging
 import statistics
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .errors import InvalidArgumentError
+from .modules import Inputs, as_args, eval_mode
+
 __all__ = ["count_macs", "count_params", "profile", "compare_latency", "as_args"]
 
 log = logging.getLogger(__name__)
-
-Inputs = torch.Tensor | Sequence[torch.Tensor]
-
-
-def as_args(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
-    """The positional arguments of the forward call: a tensor becomes a 1-tuple."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    return tuple(example_inputs)
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put ``models`` in eval mode and restore every module's own training flag afterwards."""
-    flags = [[(m, m.training) for m in model.modules()] for model in models]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for per_model in flags:
-            for module, training in per_model:
-                module.training = training
-
 
 def count_macs(model: nn.Module, example_inputs: Inputs) -> int:
     """Multiply-accumulates of one forward pass on ``example_inputs`` (FLOPs / 2).
@@ -73,7 +52,7 @@ def _batched(args: tuple[torch.Tensor, ...], batch_size: int | None) -> tuple[to
     if batch_size is None:
         return args
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InvalidArgumentError(f"batch_size must be >= 1, got {batch_size}")
     return tuple(
         a[:1].expand(batch_size, *a.shape[1:]).contiguous(memory_format=_memory_format(a))
         for a in args
@@ -127,9 +106,9 @@ def compare_latency(
     the torch thread count are restored afterwards.
     """
     if not models:
-        raise ValueError("compare_latency needs at least one model")
+        raise InvalidArgumentError("compare_latency needs at least one model")
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+        raise InvalidArgumentError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     args = _batched(as_args(example_inputs), batch_size)
     times: dict[str, list[float]] = {name: [] for name in models}
     with _threads(threads), eval_mode(*models.values()), torch.inference_mode():

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .files import atomic_write_json, atomic_write_text
 
 __all__ = ["write_json", "write_report", "comparison_table"]
 
@@ -16,17 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=float)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (indented, numbers as floats where json cannot write them)."""
+    atomic_write_json(path, data, indent=2, default=float)
 
 
 def _fmt_count(n: float) -> str:
@@ -136,5 +126,5 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
     lines.append("")
     lines += [f"![{p}]({p})" for p in plots]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -1,183 +1,29 @@
-"""Model factory and checkpoints that rebuild pruned (and extended) models without pickled code.
-
-:func:`build_model` makes a torchvision classification model, or one of the tiny CNNs
-defined here for tests and demos, by name. :func:`save_model` writes the state_dict
-together with the architecture name and the width of every Conv2d / BatchNorm /
-Linear, so :func:`load_model` can rebuild the stock architecture, swap in modules of
-the recorded widths, re-extend the convs that had partners, and load the weights with
-``strict=True`` from a ``torch.load(weights_only=True)`` file.
-"""
+"""Checkpoints that rebuild pruned (and extended) models from widths, without pickled code."""
 
 from __future__ import annotations
 
-import logging
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import BPLError
-from .extend import extend, partner_blocks
-
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "CheckpointError",
-    "TinyResNet",
-    "TinyVGG",
-    "atomic_save",
-    "build_model",
-    "list_models",
-    "load_checkpoint",
-    "load_model",
-    "model_from_payload",
-    "model_payload",
-    "replace_classifier",
-    "save_model",
-]
-
-log = logging.getLogger(__name__)
+from ..errors import BPLError, CheckpointError
+from ..extend import extend, partner_blocks
+from ..files import atomic_save
+from ..modules import unwrap_parallel
+from .zoo import stock_model
 
 #: Value of the ``format`` field of every checkpoint written by :func:`save_model`.
 CHECKPOINT_FORMAT = "bpl-checkpoint"
 _VERSION = 1
 
 
-class CheckpointError(BPLError):
-    """A checkpoint that cannot be read or does not fit the architecture it names."""
-
-
-# --------------------------------------------------------------------------- tiny CNNs
-
-
-def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
-    return nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout)
-
-
-class _BasicBlock(nn.Module):
-    """Two 3x3 conv+BN with a residual addition (1x1 conv+BN on the shortcut when shapes change)."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = _conv_bn(cin, cout, 3, stride)
-        self.conv2, self.bn2 = _conv_bn(cout, cout, 3)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(*_conv_bn(cin, cout, 1, stride))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + identity)
-
-
-class TinyResNet(nn.Module):
-    """A ~100k-parameter ResNet for 32-64 px inputs: 3x3 stem, stages of 16/32/64 channels."""
-
-    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64),
-                 blocks: tuple[int, ...] = (2, 2, 1)) -> None:
-        super().__init__()
-        self.conv1, self.bn1 = _conv_bn(3, widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        cin = widths[0]
-        for i, (w, n) in enumerate(zip(widths, blocks)):
-            stage = [_BasicBlock(cin if j == 0 else w, w, 2 if i > 0 and j == 0 else 1)
-                     for j in range(n)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
-            cin = w
-        self.num_stages = len(widths)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        for i in range(self.num_stages):
-            x = getattr(self, f"layer{i + 1}")(x)
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-class TinyVGG(nn.Module):
-    """A plain conv+BN+ReLU stack (no residuals), ~60k parameters, for 32-64 px inputs."""
-
-    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64, 64)) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        cin = 3
-        for i, w in enumerate(widths):
-            layers += [*_conv_bn(cin, w), nn.ReLU(inplace=True)]
-            if i < len(widths) - 1:
-                layers.append(nn.MaxPool2d(2))
-            cin = w
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Linear(cin, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
-
-
-_TINY: dict[str, Callable[[int], nn.Module]] = {
-    "tiny_resnet": lambda n: TinyResNet(n),
-    "tiny_vgg": lambda n: TinyVGG(n),
-}
-
-
-def list_models() -> list[str]:
-    """Every architecture name :func:`build_model` accepts."""
-    return sorted(_TINY) + sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-# --------------------------------------------------------------------------- factory
-
-
-def _output_layers(model: nn.Module, classes: int) -> list[tuple[str, nn.Module]]:
-    """The classifier layers: every Linear producing ``classes`` outputs (else the last such conv)."""
-    linears = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and m.out_features == classes]
-    if linears:
-        return linears
-    convs = [(n, m) for n, m in model.named_modules()
-             if isinstance(m, nn.Conv2d) and m.out_channels == classes]
-    return convs[-1:]
-
-
-def replace_classifier(model: nn.Module, old_classes: int, num_classes: int) -> nn.Module:
-    """Swap every classifier layer with ``old_classes`` outputs for a fresh one with ``num_classes``."""
-    layers = _output_layers(model, old_classes)
-    if not layers:
-        raise BPLError(
-            f"cannot find the classifier of {type(model).__name__} (no Linear or conv with "
-            f"{old_classes} outputs); replace it by hand"
-        )
-    for name, layer in layers:
-        if isinstance(layer, nn.Linear):
-            new: nn.Module = nn.Linear(layer.in_features, num_classes, bias=layer.bias is not None)
-        else:
-            new = nn.Conv2d(layer.in_channels, num_classes, layer.kernel_size, layer.stride,
-                            layer.padding, layer.dilation, layer.groups, layer.bias is not None)
-        model.set_submodule(name, new)
-    return model
-
-
-def _stock(arch: str, num_classes: int) -> nn.Module:
-    if arch in _TINY:
-        return _TINY[arch](num_classes)
-    try:
-        return torchvision.models.get_model(arch, num_classes=num_classes)
-    except ValueError:
-        raise BPLError(
-            f"unknown architecture {arch!r}; use a torchvision classification model name "
-            f"(e.g. resnet18, resnet50, mobilenet_v2) or one of {', '.join(sorted(_TINY))}"
-        ) from None
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The stock state_dict in a weights file (unwrapped from ``state_dict``/``model``, no ``module.``)."""
     obj = _load_file(path)
     if isinstance(obj, Mapping) and not _is_payload(obj):
         for key in ("state_dict", "model"):
@@ -193,74 +39,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
-
-def _load_weights(model: nn.Module, path: Path, num_classes: int) -> None:
-    """Load a stock state_dict; a classifier of another size is kept freshly initialised."""
-    state = _read_state_dict(path)
-    own = model.state_dict()
-    heads = {n for n, _ in _output_layers(model, num_classes)}
-    resized = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    skipped = [k for k in resized if k.rsplit(".", 1)[0] in heads]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-             for k in resized if k not in skipped]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if wrong or missing or unexpected:
-        raise CheckpointError(
-            f"weights in {path} do not fit {type(model).__name__}: shapes {wrong[:3]}, missing "
-            f"{missing[:3]}, unexpected {unexpected[:3]}; pass weights of the same architecture"
-        )
-    for key in skipped:
-        del state[key]
-    model.load_state_dict(state, strict=False)
-    if skipped:
-        log.info("kept a fresh %d-class classifier (%s) instead of the one in %s",
-                 num_classes, ", ".join(skipped), path)
-
-
-def build_model(
-    arch: str,
-    num_classes: int,
-    *,
-    pretrained: bool = False,
-    weights: str | os.PathLike | None = None,
-) -> nn.Module:
-    """A classification model by name: a torchvision architecture or a tiny built-in CNN.
-
-    ``pretrained=True`` downloads torchvision's published weights (needs internet) and
-    then replaces the classifier for ``num_classes``. ``weights=PATH`` loads a stock
-    state_dict from a file instead (no download; a classifier of another size in the
-    file is skipped and stays freshly initialised).
-    """
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise BPLError(f"num_classes must be a positive int, got {num_classes!r}")
-    if weights is not None:
-        model = _stock(arch, num_classes)
-        _load_weights(model, Path(weights), num_classes)
-        return model
-    if not pretrained:
-        return _stock(arch, num_classes)
-    if arch in _TINY:
-        raise BPLError(f"{arch} has no published weights; use pretrained=False or --weights PATH")
-    try:
-        published = torchvision.models.get_model_weights(arch).DEFAULT
-    except ValueError:
-        _stock(arch, num_classes)  # raises the unknown-architecture error
-        raise
-    try:
-        model = torchvision.models.get_model(arch, weights=published)
-    except Exception as exc:  # no network, bad cache, ...: one actionable message
-        raise BPLError(
-            f"could not get torchvision's pretrained weights for {arch} ({type(exc).__name__}: "
-            f"{exc}); download {published.url} elsewhere and pass it with --weights PATH"
-        ) from exc
-    classes = len(published.meta["categories"])
-    if classes != num_classes:
-        replace_classifier(model, classes, num_classes)
-    return model
-
-
-# --------------------------------------------------------------------------- checkpoints
 
 
 def _widths(module: nn.Module) -> dict[str, Any] | None:
@@ -331,8 +109,7 @@ def model_payload(
     partners, the modules replaced by ``nn.Identity`` (BN folded into conv), and
     ``meta`` (plain values: numbers, strings, lists, dicts, tensors).
     """
-    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        model = model.module
+    model = unwrap_parallel(model)
     widths, pairs, identities = _architecture(model)
     return {
         "format": CHECKPOINT_FORMAT,
@@ -345,27 +122,6 @@ def model_payload(
         "meta": dict(meta or {}),
         "state_dict": model.state_dict(),
     }
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then move it into place.
-
-    A crash or a full disk never leaves half a file at ``path``: the previous file (if
-    any) stays until the new one is complete and synced.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_model(
@@ -466,7 +222,7 @@ def model_from_payload(payload: Mapping[str, Any], *, source: str = "checkpoint"
     except KeyError as exc:
         raise CheckpointError(f"{source} is a damaged bpl checkpoint (no {exc.args[0]!r} field)") from None
     try:
-        model = _stock(arch, num_classes)
+        model = stock_model(arch, num_classes)
     except BPLError as exc:
         raise CheckpointError(f"cannot rebuild {source}: {exc}") from None
     mismatch = f"{source} does not match architecture {arch!r}"

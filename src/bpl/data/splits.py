@@ -1,0 +1,238 @@
+"""Scanning class folders, reproducible stratified splits, and split files."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from ..files import atomic_write_json
+from .images import IMAGE_EXTENSIONS
+from .registry import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+SPLIT_FORMAT = 1
+PARTS = ("train", "val", "test")
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _list_images(folder: Path) -> list[Path]:
+    """Image files below ``folder`` (recursive), sorted, hidden files and folders skipped."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in sorted(filenames) if _is_image(Path(dirpath) / f)]
+    return found
+
+
+# Not torchvision's find_classes: that takes hidden folders (.ipynb_checkpoints) as classes.
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _scan_classes(
+    root: Path, base: Path, classes: list[str] | None = None
+) -> tuple[list[str], list[tuple[str, int]]]:
+    """List ``root/<class>/**/<image>`` as (path relative to ``base``, label) pairs."""
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}; pass root= an existing folder")
+    found = _class_dirs(root)
+    if not found:
+        loose = [p for p in root.iterdir() if _is_image(p)]
+        hint = f" ({len(loose)} images lie directly in it)" if loose else ""
+        raise DataError(
+            f"no images found under {root}{hint}; expected one sub-folder per class: "
+            "root/<class>/<image>"
+        )
+    classes = classes or found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise DataError(
+            f"{root} has class folders not in the training set: {', '.join(unknown)}; "
+            "give train/ a folder for every class"
+        )
+    samples: list[tuple[str, int]] = []
+    empty: list[str] = []
+    for c in found:
+        files, label = _list_images(root / c), classes.index(c)
+        empty += [] if files else [c]
+        samples += [(p.relative_to(base).as_posix(), label) for p in files]
+    if not samples:
+        raise DataError(
+            f"no images found under {root} ({len(found)} class folders, all empty); "
+            f"supported: .jpg .png .tif and other Pillow formats"
+        )
+    if empty:
+        raise DataError(
+            f"class folder {root / empty[0]} has no images ({len(empty)} empty in all); "
+            "add images or remove the folder"
+        )
+    return classes, samples
+
+
+def _presplit(root: Path) -> tuple[Path, Path] | None:
+    """``(train, test)`` folders if ``root`` is already split, else None."""
+    if not (root / "train").is_dir():
+        return None
+    tests = [root / n for n in ("test", "val") if (root / n).is_dir()]
+    if not tests:
+        raise DataError(
+            f"{root} has train/ but neither val/ nor test/; add one, or point root at train/ "
+            "to split it"
+        )
+    if len(tests) == 2:
+        log.warning("%s has both test/ and val/: evaluating on test/, val/ is not used", root)
+    return root / "train", tests[0]
+
+
+def _n_train(n: int, ratio: float) -> int:
+    k = int(math.floor(n * ratio + 0.5))
+    return min(max(k, 1), n - 1) if n >= 2 else n
+
+
+def stratified_split(
+    samples: Sequence[tuple[str, int]], train_ratio: float, seed: int | str
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Split each class separately (``round(n * ratio)`` to train), reproducibly for a seed."""
+    if not 0.0 < train_ratio < 1.0:
+        raise DataError(f"train_ratio must be between 0 and 1 (exclusive), got {train_ratio}")
+    by_class: dict[int, list[str]] = {}
+    for rel, label in samples:
+        by_class.setdefault(label, []).append(rel)
+    train: list[tuple[str, int]] = []
+    test: list[tuple[str, int]] = []
+    for label in sorted(by_class):
+        items = sorted(by_class[label])
+        random.Random(f"bpl-split:{seed}:{label}").shuffle(items)
+        k = _n_train(len(items), train_ratio)
+        train += [(r, label) for r in sorted(items[:k])]
+        test += [(r, label) for r in sorted(items[k:])]
+    return train, test
+
+
+def split_train(
+    split: dict[str, Any], seed: int, val_ratio: float, train_subset: float | None
+) -> None:
+    """Keep ``train_subset`` of the training split (per class), then carve the validation
+    split out of it; both fixed by the seed and recorded in ``split``."""
+    if not 0.0 <= val_ratio < 1.0:
+        raise DataError(f"val_ratio must be in [0, 1), got {val_ratio}")
+    if train_subset is not None and not 0.0 < train_subset <= 1.0:
+        raise DataError(f"train_subset must be in (0, 1], got {train_subset}")
+    train = [tuple(s) for s in split["train"]]
+    if train_subset is not None and train_subset < 1.0:
+        train, _ = stratified_split(train, train_subset, f"{seed}:subset")
+    val: list[tuple[str, int]] = []
+    if val_ratio > 0:
+        train, val = stratified_split(train, 1.0 - val_ratio, f"{seed}:val")
+    split.update(train=[list(r) for r in train], val=[list(r) for r in val],
+                 val_ratio=val_ratio, train_subset=train_subset)
+
+
+
+def make_split(
+    spec: DatasetSpec,
+    root: Path,
+    seed: int,
+    train_ratio: float | None,
+    val_ratio: float,
+    train_subset: float | None,
+) -> dict[str, Any]:
+    """Scan ``root`` and split it (or take its train/ + val|test/ folders as they are)."""
+    dirs = _presplit(root)
+    if dirs is not None:
+        if train_ratio is not None:
+            log.warning("%s is already split into train/ and test/: train_ratio ignored", root)
+        classes, train = _scan_classes(dirs[0], root)
+        _, test = _scan_classes(dirs[1], root, classes)
+        layout, ratio = "presplit", None
+    else:
+        classes, samples = _scan_classes(root, root)
+        ratio = spec.train_ratio if train_ratio is None else train_ratio
+        train, test = stratified_split(samples, ratio, seed)
+        layout = "split"
+    check_class_count(spec, len(classes), root)
+    split = {
+        "format": SPLIT_FORMAT,
+        "dataset": spec.name,
+        "layout": layout,
+        "seed": seed,
+        "train_ratio": ratio,
+        "root": str(root),
+        "classes": classes,
+        "train": [list(s) for s in train],
+        "test": [list(s) for s in test],
+    }
+    split_train(split, seed, val_ratio, train_subset)
+    return split
+
+
+def check_class_count(spec: DatasetSpec, n: int, where: Path | str) -> None:
+    """Refuse a folder or split whose class count differs from the named dataset's."""
+    if spec.num_classes is not None and n != spec.num_classes:
+        raise DataError(
+            f"{spec.name} has {spec.num_classes} classes but {where} has {n}; "
+            f"point root at the folder holding all {spec.num_classes}, or use name='imagefolder'"
+        )
+
+
+def read_split(path: str | Path) -> dict[str, Any]:
+    """Read a split JSON written by ``SceneData.save_split`` and check its shape."""
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(
+            f"cannot read split file {path}: {exc}; delete it to make a new split"
+        ) from exc
+    missing = [
+        k for k in ("classes", "train", "test") if not isinstance(split, dict) or k not in split
+    ]
+    if missing:
+        raise DataError(
+            f"split file {path} is not a bpl split (missing {', '.join(missing)}); "
+            "delete it to make a new split"
+        )
+    return split
+
+
+def write_split(path: Path, obj: Any) -> None:
+    """Write a split file atomically (compact indentation, as split files always were)."""
+    atomic_write_json(path, obj, indent=1, newline=False)
+
+
+def check_split_files(split: dict[str, Any], root: Path, split_file: Path) -> None:
+    """Refuse a split file that lists images missing under ``root``."""
+    for rel, _ in all_rows(split):
+        if not (root / rel).is_file():
+            raise DataError(
+                f"image {root / rel} listed in split file {split_file} is missing; "
+                "restore it, pass the root the split was made from, or delete the split file"
+            )
+
+
+def all_rows(split: dict[str, Any]) -> list[Sequence[Any]]:
+    """Every (path, label) row of a split: train, validation and test."""
+    return [r for part in PARTS for r in split.get(part, [])]
+
+
+def drop_bad(split: dict[str, Any], bad: Sequence[str]) -> None:
+    """Remove unreadable images from every part of ``split`` and record them under ``bad``."""
+    if bad:
+        dropped = set(bad)
+        for part in PARTS:
+            if part in split:
+                split[part] = [s for s in split[part] if s[0] not in dropped]
+        split["bad"] = sorted(set(split.get("bad", [])) | dropped)
+
+

@@ -1,0 +1,84 @@
+"""Atomic file writes: a crash, a full disk or a failed check never leaves half a file.
+
+Every writer puts its bytes in a temporary file beside the target, syncs it, gives it the
+permissions a new file would get (``0666`` less the umask, usually ``0644``) and renames
+it over the target in one step; on any error the temporary file is removed and the
+previous file (if any) is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "atomic_path",
+    "atomic_save",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+]
+
+
+def _new_file_mode() -> int:
+    """Permissions of a newly created file under the current umask (mkstemp uses 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on a clean exit it replaces ``path``.
+
+    Whatever the body writes to the temporary path (any library that takes a file name)
+    becomes ``path`` only if the body finishes; an exception removes it instead.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8, line endings as given) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(
+    path: str | os.PathLike, obj: Any, *, indent: int = 2, default: Any = None,
+    newline: bool = True,
+) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (``newline``: end with a line break)."""
+    text = json.dumps(obj, indent=indent, default=default)
+    return atomic_write_text(path, text + "\n" if newline else text)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)

@@ -1,0 +1,44 @@
+"""Structured channel pruning, built on Torch-Pruning's dependency graph.
+
+Two ways to a physically smaller model:
+
+* :func:`prune` (hard, :mod:`.hard`): remove the least important output channels of
+  every prunable group now. With ``flops_reduction=r`` the channel pruning ratio is
+  searched (:mod:`.search`) so that the MACs of the pruned model drop by ``r`` (within
+  ``tolerance``, one point by default).
+* :class:`SoftPruner` (the paper's reference code, :mod:`.soft`): during training of an
+  extended model, zero the smallest-norm filters of each partner block and its partner
+  every N epochs and keep them at zero; :meth:`SoftPruner.finalize` fuses the partners
+  and then physically removes exactly the zeroed channels.
+
+Torch-Pruning handles the coupling: channels joined by a residual addition or a
+concatenation, depthwise convs, and a partner block (its conv and partner conv both feed
+one addition, so they always lose the same channels). MACs are the FLOPs counted by
+:class:`torch.utils.flop_counter.FlopCounterMode` divided by two, measured on the deployed
+form of the model (an extended model is counted as if fused: partners cost nothing).
+
+The ratio search prunes throw-away copies of the model on PyTorch's ``meta`` device
+(shapes only, no memory, no arithmetic), scoring channels once on the real weights, so a
+trial costs one graph trace instead of a copy of the weights.
+"""
+
+from ..errors import PruningError
+from ..modules import find_output_layers
+from .graph import deploy_macs
+from .hard import PruneReport, prune
+from .importance import IMPORTANCES, SOFT_IMPORTANCES, FilterNormImportance, make_importance
+from .soft import SoftPruner, SoftReport
+
+__all__ = [
+    "IMPORTANCES",
+    "SOFT_IMPORTANCES",
+    "FilterNormImportance",
+    "PruneReport",
+    "PruningError",
+    "SoftPruner",
+    "SoftReport",
+    "deploy_macs",
+    "find_output_layers",
+    "make_importance",
+    "prune",
+]

@@ -1,0 +1,96 @@
+"""The search for the pruning ratio that gives a MAC reduction target."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+
+from ..errors import PruningError
+
+__all__ = ["max_local_ratio", "search_ratio"]
+
+log = logging.getLogger(__name__)
+
+
+def search_ratio(
+    evaluate: Callable[[float], float],
+    target: float,
+    p_max: float,
+    tolerance: float,
+    *,
+    knob: str,
+    max_trials: int = 16,
+) -> tuple[float, float, int]:
+    """Find ``p`` in ``(0, p_max]`` with ``evaluate(p)`` (a MAC reduction) near ``target``.
+
+    The reduction grows with ``p`` roughly like ``1 - (1 - p)^a``: the next guess
+    interpolates in ``-log(1 - .)`` coordinates between the bracketing trials (bisection
+    when that falls outside). Returns ``(p, reduction, trials)`` of the closest trial.
+    """
+    stop = tolerance / 4
+    lo, hi = (0.0, 0.0), None
+    tried: list[tuple[float, float]] = []
+    guess = min(1.0 - math.sqrt(1.0 - target), p_max)
+
+    def u(x: float) -> float:
+        return -math.log1p(-min(x, 1.0 - 1e-12))
+
+    for _ in range(max_trials):
+        p = guess
+        f = evaluate(p)
+        tried.append((p, f))
+        log.debug("trial %d: %s %.4f -> MAC reduction %.2f%% (target %.2f%%)",
+                 len(tried), knob, p, 100 * f, 100 * target)
+        if abs(f - target) <= stop:
+            break
+        if f < target:
+            lo = (p, f)
+            if p >= p_max:
+                if target - f > tolerance:
+                    raise PruningError(
+                        f"a {100 * target:.2f}% MAC reduction cannot be reached: the maximum "
+                        f"{knob} {p_max:.4f} gives {100 * f:.2f}%; ask for at most that, or "
+                        "ignore fewer layers"
+                    )
+                break
+        else:
+            hi = (p, f)
+        if hi is None:
+            a = u(lo[1]) / u(lo[0]) if lo[0] > 0 and lo[1] > 0 else 2.0
+            guess = 1.0 - (1.0 - target) ** (1.0 / max(a, 1e-3))
+            if not lo[0] < guess:
+                guess = (lo[0] + p_max) / 2
+            guess = min(guess, p_max)
+        else:
+            if hi[0] - lo[0] < 1e-4:  # a jump between two widths: nothing lies in between
+                break
+            ul, uh, vl, vh = u(lo[0]), u(hi[0]), u(lo[1]), u(hi[1])
+            guess = -1.0
+            if vh > vl:
+                guess = -math.expm1(-(ul + (u(target) - vl) * (uh - ul) / (vh - vl)))
+            span = hi[0] - lo[0]
+            if not lo[0] + 0.01 * span < guess < hi[0] - 0.01 * span:
+                guess = (lo[0] + hi[0]) / 2
+    p, f = min(tried, key=lambda t: abs(t[1] - target))
+    if abs(f - target) > tolerance:
+        raise PruningError(
+            f"no {knob} gives a MAC reduction within {100 * tolerance:.1f} points of "
+            f"{100 * target:.2f}% (closest: {100 * f:.2f}% at {p:.4f}); the reachable "
+            "reductions jump in coarse steps here: use global pruning (--global-pruning), a "
+            "smaller round_to, or another target"
+        )
+    return p, f, len(tried)
+
+
+def max_local_ratio(sizes: Iterable[int], round_to: int | None) -> float:
+    """Largest ratio at which every group keeps at least ``round_to`` (or one) channel.
+
+    Torch-Pruning keeps ``int(n * (1 - ratio))`` channels and skips a group entirely when
+    that would leave none, so ratios beyond this would make the reduction non-monotonic.
+    """
+    keep = round_to or 1
+    sizes = [n for n in sizes if n > keep]
+    if not sizes:
+        return 0.0
+    return max(0.0, 1.0 - (keep + 0.01) / min(sizes))

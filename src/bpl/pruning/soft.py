@@ -1,0 +1,324 @@
+"""Soft pruning (the paper's reference code): zero filters while training, remove them at the end."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import PruningError
+from ..extend import partner_blocks
+from ..fuse import fuse
+from ..modules import Inputs, Scratch, as_args, find_output_layers, unwrap_parallel
+from ..verify import max_relative_error, verify
+from .graph import (
+    LayerRef,
+    check_fraction,
+    check_round_to,
+    dependency_graph,
+    deploy_macs,
+    resolve_layers,
+)
+from .importance import SOFT_IMPORTANCES, add_filter_norms
+from .search import search_ratio
+from .soft_groups import build_soft_groups, keep_count
+from .soft_masks import ChannelMasks
+
+__all__ = ["SoftPruner", "SoftReport"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SoftReport:
+    """What :meth:`SoftPruner.finalize` did (``pruner.report``).
+
+    ``report["removal_error"]`` reads a field too, as when the report was a dict.
+    """
+
+    macs_before: int
+    macs_after: int
+    reduction: float
+    target: float | None
+    keep_ratio: float
+    fusion_error: float
+    removal_error: float
+    relative_error: float
+
+    def __getitem__(self, key: str) -> Any:
+        return asdict(self)[key]
+
+
+def _check_options(
+    keep_ratio: float | None, flops_reduction: float | None, every: int, importance: str,
+    round_to: int | None,
+) -> float | None:
+    """Refuse options :class:`SoftPruner` cannot use; returns ``flops_reduction`` as a float."""
+    if (keep_ratio is None) == (flops_reduction is None):
+        raise PruningError(
+            "give exactly one of keep_ratio (fraction of channels kept per group) or "
+            "flops_reduction (e.g. 0.74 for 74% fewer MACs)"
+        )
+    if keep_ratio is not None and (isinstance(keep_ratio, bool) or not 0.0 < keep_ratio <= 1.0):
+        raise PruningError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    if flops_reduction is not None:
+        flops_reduction = check_fraction(
+            flops_reduction, "flops_reduction", "pass e.g. 0.74 for 74% fewer MACs"
+        )
+    if not isinstance(every, int) or every < 1:
+        raise PruningError(f"every must be a positive number of epochs, got {every!r}")
+    if importance not in SOFT_IMPORTANCES:
+        raise PruningError(
+            f"unknown soft-pruning importance {importance!r}; choose one of "
+            f"{', '.join(SOFT_IMPORTANCES)}"
+        )
+    check_round_to(round_to)
+    return flops_reduction
+
+
+class SoftPruner:
+    """Soft filter pruning of an extended model, usable from any training loop.
+
+    Each *group* is a set of output channels that Torch-Pruning removes together and
+    that contains a partner block: the block's conv and partner conv, plus, when the
+    block's output meets others in a residual addition, every conv and BN feeding that
+    addition (so what is zeroed is exactly what :meth:`finalize` removes). Groups with
+    grouped (non-depthwise) convs or with layers that cannot be zeroed exactly
+    (anything but Conv/Linear/BatchNorm) are left alone and logged.
+
+    A channel is scored by the norm of its filters in all the group's convs and
+    Linears together (``"l2"``, the paper's choice; ``"l1"``; or ``"random"``). On an
+    update, the lowest ``1 - keep_ratio`` of each group are zeroed: conv/Linear
+    weights and biases and both BNs' weight, bias and running mean, so the channel's
+    output is exactly 0 in train and eval mode. Gradient hooks zero the masked rows'
+    gradients, and :meth:`apply` (call it after ``optimizer.step()``) re-zeroes them,
+    because momentum and weight decay would otherwise revive them. Zeroed filters have
+    norm 0, so they are picked again on the next update: masks only grow.
+
+    ``keep_ratio`` is the fraction of each group's channels kept; with
+    ``flops_reduction`` it is searched so that the model returned by :meth:`finalize`
+    has that many fewer MACs than the fused unpruned model (within ``tolerance``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Inputs,
+        *,
+        keep_ratio: float | None = None,
+        flops_reduction: float | None = None,
+        every: int = 1,
+        importance: str = "l2",
+        round_to: int | None = None,
+        ignored_layers: Iterable[LayerRef] | LayerRef | None = None,
+        tolerance: float = 0.01,
+    ) -> None:
+        model = unwrap_parallel(model)
+        if not partner_blocks(model):
+            raise PruningError(
+                f"{type(model).__name__} has no partner blocks; SoftPruner works on an extended "
+                "model: call bpl.extend(model) first (or use bpl.prune for a plain model)"
+            )
+        flops_reduction = _check_options(keep_ratio, flops_reduction, every, importance, round_to)
+        self.model = model
+        self.args = as_args(example_inputs)
+        self.every = every
+        self.importance = importance
+        self.round_to = round_to
+        self.flops_reduction = flops_reduction
+        self.tolerance = tolerance
+        self.updates = 0
+        self.report: SoftReport | None = None
+        ignored = list(dict.fromkeys(
+            resolve_layers(model, ignored_layers) + find_output_layers(model, self.args)
+        ))
+        self.groups = build_soft_groups(model, self.args, ignored)
+        if not self.groups:
+            raise PruningError(
+                f"no prunable channel group of {type(model).__name__} contains a partner block; "
+                "extend convs whose output channels can be removed, or ignore fewer layers"
+            )
+        self._scratch = Scratch(model, self.args)
+        self.macs_before = deploy_macs(self._scratch.copy(model), self._scratch.args)
+        if flops_reduction is not None:
+            drop, _, _ = search_ratio(
+                self._reduction_at, flops_reduction, 0.999, tolerance, knob="drop ratio"
+            )
+            keep_ratio = 1.0 - drop
+        self.keep_ratio = float(keep_ratio)
+        self._masks = ChannelMasks(self.groups)
+        log.info("soft pruning %d channel groups, keep ratio %.4f, update every %d epochs",
+                 len(self.groups), self.keep_ratio, every)
+
+    def _reduction_at(self, drop: float) -> float:
+        """MAC reduction of the fused model after removing ``drop`` of every group's channels."""
+        trial = self._scratch.copy(self.model)
+        dg = dependency_graph(trial, self._scratch.args)
+        for group in self.groups:
+            n_drop = group.size - keep_count(group.size, 1.0 - drop, self.round_to)
+            if n_drop:
+                root = trial.get_submodule(group.name)
+                dg.get_pruning_group(root, tp.prune_conv_out_channels, list(range(n_drop))).prune()
+        return 1.0 - deploy_macs(trial, self._scratch.args) / self.macs_before
+
+    # -- during training
+
+    def apply(self) -> None:
+        """Re-zero every masked channel (cheap; call it after each ``optimizer.step()``)."""
+        self._masks.apply()
+
+    def after_step(self) -> None:
+        """Training-loop hook name for :meth:`apply` (bpl's engine calls it after each step)."""
+        self.apply()
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Current importance of each group's channels (keyed by the root conv's name)."""
+        out = {}
+        for group in self.groups:
+            if self.importance == "random":
+                out[group.name] = torch.rand(group.size)
+                continue
+            p = 2 if self.importance == "l2" else 1
+            total = torch.zeros(group.size)
+            for sl in group.filters:
+                weight = sl.module.weight
+                add_filter_norms(total, weight, sl.idxs.to(weight.device), sl.root, p)
+            out[group.name] = total
+        return out
+
+    def update(self) -> None:
+        """Pick the lowest-scoring channels of every group anew and zero them."""
+        scores = self.scores()
+        for group in self.groups:
+            n_drop = group.size - keep_count(group.size, self.keep_ratio, self.round_to)
+            keep = torch.ones(group.size, dtype=torch.bool)
+            keep[torch.argsort(scores[group.name], stable=True)[:n_drop]] = False
+            group.keep = keep
+        self.updates += 1
+        self._masks.rebuild()
+        self.apply()
+        log.info("soft pruning update %d: %d of %d channels zeroed", self.updates,
+                 sum(int((~g.keep).sum()) for g in self.groups), sum(g.size for g in self.groups))
+
+    def epoch_end(self, epoch: int) -> bool:
+        """Call after each epoch (0-based); updates the masks every ``every`` epochs."""
+        if (epoch + 1) % self.every:
+            return False
+        self.update()
+        return True
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Keep masks (True = kept) over each group's root-conv channels."""
+        return {g.name: g.keep.clone() for g in self.groups}
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks (the masks stay as they are)."""
+        self._masks.remove_hooks()
+
+    # -- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Masks and schedule state, to save with a training checkpoint."""
+        return {
+            "keep_ratio": self.keep_ratio,
+            "every": self.every,
+            "updates": self.updates,
+            "masks": self.masks,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output and re-zero the masked channels."""
+        masks = state.get("masks") if isinstance(state, Mapping) else None
+        if not isinstance(masks, Mapping):
+            raise PruningError("soft-pruning state has no 'masks'; pass SoftPruner.state_dict() output")
+        mine = {g.name: g for g in self.groups}
+        if set(masks) != set(mine):
+            diff = sorted(set(masks) ^ set(mine))[:3]
+            raise PruningError(
+                f"soft-pruning state does not match this model (groups differ: {diff}); build the "
+                "pruner on the same extended architecture it was saved from"
+            )
+        for name, mask in masks.items():
+            if mask.shape != (mine[name].size,):
+                raise PruningError(
+                    f"soft-pruning mask for {name!r} has {tuple(mask.shape)} entries, the model "
+                    f"has {mine[name].size} channels there; the state belongs to another model"
+                )
+        for name, mask in masks.items():
+            mine[name].keep = mask.to("cpu", torch.bool).clone()
+        self.keep_ratio = float(state.get("keep_ratio", self.keep_ratio))
+        self.every = int(state.get("every", self.every))
+        self.updates = int(state.get("updates", self.updates))
+        self._masks.rebuild()
+        self.apply()
+
+    # -- the end
+
+    def finalize(
+        self,
+        model: nn.Module | None = None,
+        example_inputs: Inputs | None = None,
+        *,
+        tol: float = 1e-5,
+    ) -> nn.Module:
+        """Fuse the partners, then physically remove exactly the zeroed channels.
+
+        Makes a last :meth:`update` first. Returns a new, smaller model with the
+        architecture of the un-extended model (``model``, if given, must be the model
+        the pruner was built on). It is checked in eval mode on ``example_inputs``
+        (default: those given at construction) against the masked extended model:
+        relative error <= ``tol``, else :class:`~bpl.errors.VerificationError`.
+        ``self.report`` (a :class:`SoftReport`) gets the MACs before and after, the
+        reduction, and the errors of the fusion (``fusion_error``), of the removal
+        (``removal_error``) and of both (``relative_error``).
+        """
+        if model is not None:
+            model = unwrap_parallel(model)
+            if model is not self.model:
+                raise PruningError("finalize() got a different model than the pruner was built on")
+        model = self.model
+        device = next(model.parameters()).device
+        check = as_args(example_inputs) if example_inputs is not None else self.args
+        check = tuple(a.to(device) for a in check)
+        self.update()
+        was_training = model.training
+        deploy = copy.deepcopy(model).eval()
+        fuse(deploy, inplace=True)
+        fusion_error = verify(model, deploy, *check, tol=tol)
+        with torch.no_grad():
+            fused_out = deploy(*check)
+        dg = dependency_graph(deploy, check)
+        for group in self.groups:
+            dropped = (~group.keep).nonzero().flatten().tolist()
+            if dropped:
+                root = deploy.get_submodule(group.deploy_name)
+                dg.get_pruning_group(root, tp.prune_conv_out_channels, dropped).prune()
+        with torch.no_grad():
+            removal_error = max_relative_error(fused_out, deploy(*check))
+        err = verify(model, deploy, *check, tol=tol)
+        deploy.train(was_training)
+        macs_after = deploy_macs(self._scratch.copy(deploy), self._scratch.args)
+        reduction = 1.0 - macs_after / self.macs_before
+        self.report = SoftReport(
+            macs_before=self.macs_before,
+            macs_after=macs_after,
+            reduction=reduction,
+            target=self.flops_reduction,
+            keep_ratio=self.keep_ratio,
+            fusion_error=fusion_error,
+            removal_error=removal_error,
+            relative_error=err,
+        )
+        log.info("soft pruning finalized: MACs %d -> %d (%.2f%% fewer), relative error %.2g",
+                 self.macs_before, macs_after, 100 * reduction, err)
+        if self.flops_reduction is not None and abs(reduction - self.flops_reduction) > self.tolerance:
+            log.warning("MAC reduction %.2f%% is off the target %.2f%%",
+                        100 * reduction, 100 * self.flops_reduction)
+        return deploy

@@ -1,0 +1,115 @@
+"""The channel groups soft pruning works on: Torch-Pruning groups that hold a partner block.
+
+A group lists, for every conv/Linear and BatchNorm whose output channels Torch-Pruning
+removes together with a partner block's conv, which of its channels those are and where
+they sit in the block's conv (the group's root).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..extend import partner_blocks
+from .graph import make_pruner
+from .importance import FilterNormImportance
+
+__all__ = ["Slice", "SoftGroup", "build_soft_groups", "keep_count"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Slice:
+    """Output channels of one module that a soft group controls."""
+
+    module: nn.Module
+    idxs: torch.Tensor  # channel indices in the module
+    root: torch.Tensor  # the same channels as positions in the group's root conv
+
+
+@dataclass(eq=False)
+class SoftGroup:
+    """One group of coupled channels, rooted at a partner block's conv, and its keep mask."""
+
+    name: str  # root conv (a partner block's conv) in the extended model
+    deploy_name: str  # the same conv in the fused model
+    size: int
+    filters: list[Slice]
+    norms: list[Slice]
+    keep: torch.Tensor  # bool over the root's channels
+
+
+def keep_count(n: int, keep_ratio: float, round_to: int | None) -> int:
+    """How many of ``n`` channels a group keeps at ``keep_ratio`` (a multiple of ``round_to``)."""
+    if round_to and n > round_to:
+        return min(n, max(round_to, round_to * round(n * keep_ratio / round_to)))
+    return min(n, max(1, round(n * keep_ratio)))
+
+
+def build_soft_groups(
+    model: nn.Module, args: tuple[torch.Tensor, ...], ignored: list[str]
+) -> list[SoftGroup]:
+    """Every prunable group of ``model`` that contains a partner block and can be zeroed exactly."""
+    blocks = partner_blocks(model)
+    block_of_conv = {id(b.conv): name for name, b in blocks}
+    partner_ids = {id(b.partner_conv) for _, b in blocks} | set(block_of_conv)
+    names = {m: n for n, m in model.named_modules()}
+    pruner = make_pruner(model, args, FilterNormImportance(2), 0.0, ignored=ignored)
+    dg = pruner.DG
+    groups = []
+    for group in dg.get_all_groups(
+        ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
+    ):
+        outs = [it.dep.target.module for it in group if dg.is_out_channel_pruning_fn(it.dep.handler)]
+        if not any(id(m) in partner_ids for m in outs):
+            continue
+        root = next(m for m in outs if id(m) in block_of_conv)
+        why = _unsupported(group, dg)
+        if why:
+            log.info("soft pruning skips the group of %s: %s", names[root], why)
+            continue
+        full = dg.get_pruning_group(root, tp.prune_conv_out_channels, list(range(root.out_channels)))
+        filters, norms = [], []
+        for it in full:
+            if not dg.is_out_channel_pruning_fn(it.dep.handler):
+                continue
+            module = it.dep.target.module
+            if isinstance(module, _BatchNorm):
+                bucket = norms
+            elif isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+                bucket = filters
+            else:  # graph-only nodes (additions, concatenations): nothing to zero
+                continue
+            bucket.append(Slice(module, torch.as_tensor(it.idxs, dtype=torch.long),
+                                torch.as_tensor(it.root_idxs, dtype=torch.long)))
+        groups.append(SoftGroup(
+            name=names[root], deploy_name=block_of_conv[id(root)], size=root.out_channels,
+            filters=filters, norms=norms, keep=torch.ones(root.out_channels, dtype=torch.bool),
+        ))
+    return groups
+
+
+def _unsupported(group: Any, dg: tp.DependencyGraph) -> str | None:
+    """Why a group's channels cannot be zeroed exactly and removed by index (None if they can)."""
+    for it in group:
+        module = it.dep.target.module
+        if isinstance(module, nn.modules.conv._ConvNd):
+            if getattr(module, "transposed", False):
+                return f"transposed conv {type(module).__name__}"
+            if module.groups > 1 and not module.groups == module.in_channels == module.out_channels:
+                return f"grouped conv (groups={module.groups})"
+        elif dg.is_out_channel_pruning_fn(it.dep.handler) and not isinstance(
+            module, (nn.Linear, _BatchNorm)
+        ) and isinstance(module, nn.Module) and any(True for _ in module.parameters()):
+            return f"{type(module).__name__} cannot be zeroed exactly"
+        if isinstance(module, _BatchNorm) and not (module.affine and module.track_running_stats):
+            return "BatchNorm without affine parameters or running statistics"
+    return None
+
