@@ -438,13 +438,15 @@ def size(settings: dict[str, Any], steps: int = 3) -> dict[str, Any]:
 
 def _split_counts(settings: dict[str, Any], dataset: str) -> dict[str, int]:
     """Image counts of the seed-0 split (scans the folder; decodes nothing)."""
-    from bpl.data import DATASETS, _make_split, _resolve_root
+    from bpl.data import DATASETS
+    from bpl.data.download import resolve_root
+    from bpl.data.splits import make_split
 
     spec = settings["datasets"][dataset]
     cfg = run_config(settings, dataset, 0)
     ds = DATASETS[dataset]
-    root = _resolve_root(ds, Path(spec["data_root"]), False)
-    split = _make_split(ds, root, 0, cfg.train_ratio, cfg.val_ratio, cfg.train_subset)
+    root = resolve_root(ds, Path(spec["data_root"]), False)
+    split = make_split(ds, root, 0, cfg.train_ratio, cfg.val_ratio, cfg.train_subset)
     return {"classes": len(split["classes"]), "train": len(split["train"]),
             "val": len(split["val"]), "test": len(split["test"])}
 
