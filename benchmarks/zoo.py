@@ -199,6 +199,9 @@ def table(data: dict) -> str:
     head = ("| model | input px | partners (kind) | convs skipped | "
             + " | ".join(CHECK_TITLES[k] for k in CHECKS) + " | time |")
     sep = "|" + "---|" * (5 + len(CHECKS))
+    pending = [n for n in sorted(zoo(), key=_bigness) if n not in data["models"]]
+    scope += [f"- `{n}`: {out_of_scope(n)}" for n in pending if out_of_scope(n)]
+    missing = [n for n in pending if not out_of_scope(n)]
     summary = ", ".join(f"{CHECK_TITLES[k]} {ok}/{ok + bad}" for k, (ok, bad) in counts.items())
     return "\n".join([
         "# bpl across the zoo",
@@ -242,6 +245,11 @@ def table(data: dict) -> str:
         "## Out of scope",
         "",
         *scope,
+        "",
+        "## Not run yet",
+        "",
+        "The run is resumable (`python benchmarks/zoo.py` continues with these): "
+        + (", ".join(f"`{n}`" for n in missing) or "none") + ".",
         "",
     ])
 
