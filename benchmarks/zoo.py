@@ -29,8 +29,8 @@ DOC = HERE.parent / "docs" / "zoo.md"
 OUT_OF_SCOPE = {
     "vit_": "Vision Transformer: one patch-embedding conv, the rest attention and MLP (Linear)",
     "swin_": "Swin Transformer: patch embedding, then windowed attention and MLP (Linear)",
-    "maxvit_": "MaxViT: MBConv stages mixed with block/grid attention; the attention stages "
-               "trace with data-dependent shapes",
+    "maxvit_": "MaxViT: a hybrid transformer (block/grid attention after each MBConv); "
+               "counted with the transformers, not run",
 }
 #: A representative set of timm's CNN families (pretrained=False).
 TIMM_MODELS = [
