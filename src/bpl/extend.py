@@ -82,7 +82,9 @@ class _NamingTracer(torch.fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        leaf = (Partner, NormSlot, _BatchNorm)  # BN subclasses (norm+act) stay one node
+        # BN subclasses (norm+act) stay one node, and so do Conv2d subclasses: their own
+        # forward (timm's dynamic "same" padding) may branch on shapes, and is never extended
+        leaf = (Partner, NormSlot, _BatchNorm, nn.Conv2d)
         return isinstance(m, leaf) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
