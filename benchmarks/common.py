@@ -16,7 +16,7 @@ import torch
 from bpl.errors import BPLError
 from bpl.extend import partner_blocks
 from bpl.models import load_model
-from bpl.partner import fold_conv_bn
+from bpl.partner import PartnerBlock, fold_conv_bn
 from bpl.report import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -90,8 +90,12 @@ def partner_stats(run_dir: Path) -> dict[str, float]:
     model, _ = load_model(run_dir / "last.pt")
     ratios, cosines = [], []
     for _, block in partner_blocks(model):
-        own, partner = fold_conv_bn(block.conv, block.bn)[0], fold_conv_bn(
-            block.partner_conv, block.partner_bn)[0]
+        if isinstance(block, PartnerBlock):  # conv+BN partner: compare the BN-folded kernels
+            own = fold_conv_bn(block.conv, block.bn)[0]
+            partner = fold_conv_bn(block.partner_conv, block.partner_bn)[0]
+        else:  # conv partner: its kernel behind its per-channel scale
+            own = block.conv.weight
+            partner = block.partner_scale.weight.reshape(-1, 1, 1, 1) * block.partner_conv.weight
         ratios.append(float(partner.norm() / own.norm().clamp_min(1e-12)))
         cosines.append(float(torch.nn.functional.cosine_similarity(
             block.conv.weight.flatten(), block.partner_conv.weight.flatten(), dim=0)))

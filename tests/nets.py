@@ -95,3 +95,67 @@ class NoBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+class PreActNet(nn.Module):
+    """Pre-activation design: BN -> ReLU -> conv, outputs going to additions and a concatenation.
+
+    No conv feeds a BatchNorm2d directly except one (``trans`` feeds ``norm_t``), and the
+    stem conv has a bias and no norm: what DenseNets and pre-activation ResNets look like.
+    """
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=True)
+        self.bn1, self.conv1 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn3, self.conv3 = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3, padding=1, bias=False)
+        self.trans = nn.Conv2d(12, 12, 1, bias=False)
+        self.norm_t = nn.BatchNorm2d(12)
+        self.conv4 = nn.Conv2d(12, 12, 3, stride=2, padding=1, bias=True)
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.conv1(torch.relu(self.bn1(x)))
+        x = x + self.conv2(torch.relu(self.bn2(y)))  # pre-activation residual
+        x = torch.cat([x, self.conv3(torch.relu(self.bn3(x)))], 1)  # dense connection
+        x = torch.relu(self.norm_t(self.trans(x)))
+        return self.fc(torch.relu(self.conv4(x)).mean((2, 3)))
+
+
+class GroupedNet(nn.Module):
+    """ResNeXt / MobileNet shapes: 1x1 -> grouped 3x3 -> 1x1 with a residual, and a depthwise 5x5."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 48, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(48), nn.ReLU())
+        self.reduce = nn.Sequential(nn.Conv2d(48, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(48, 48, 3, padding=1, groups=4, bias=False),
+                                     nn.BatchNorm2d(48), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(48, 48, 1, bias=False), nn.BatchNorm2d(48))
+        self.depthwise = nn.Sequential(nn.Conv2d(48, 48, 5, padding=2, groups=48, bias=False),
+                                       nn.BatchNorm2d(48), nn.ReLU())
+        self.fc = nn.Linear(48, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.expand(self.grouped(self.reduce(x))))
+        return self.fc(self.depthwise(x).mean((2, 3)))
+
+
+class NormActStack(nn.Module):
+    """A deeper norm+act net (timm RegNet style): conv -> BatchNormAct2d, grouped, with a residual."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 48, 3, stride=2, padding=1, bias=False), BatchNormAct2d(48)
+        self.conv2, self.bn2 = nn.Conv2d(48, 48, 3, padding=1, groups=2, bias=False), BatchNormAct2d(48)
+        self.conv3, self.bn3 = nn.Conv2d(48, 48, 1, bias=False), nn.BatchNorm2d(48)
+        self.fc = nn.Linear(48, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn1(self.conv1(x))
+        x = torch.relu(x + self.bn3(self.conv3(self.bn2(self.conv2(x)))))
+        return self.fc(x.mean((2, 3)))

@@ -8,7 +8,9 @@ import torchvision
 from torch.nn import functional as F
 
 import bpl
-from nets import ConvZoo
+from bpl.errors import InvalidArgumentError
+from bpl.partner import ConvPartner
+from nets import ConvZoo, PreActNet
 
 
 def reference_loss(student, weight, granularity):
@@ -84,5 +86,17 @@ def test_plan_follows_model_changes():
 
 
 def test_unknown_granularity():
-    with pytest.raises(ValueError, match="granularity"):
+    with pytest.raises(InvalidArgumentError, match="granularity"):  # also a ValueError
         bpl.diversity_loss(ConvZoo(), granularity="layer")
+
+
+@pytest.mark.parametrize("granularity", ["stage", "block", "global"])
+def test_conv_partners_are_covered(granularity):
+    student = bpl.extend(PreActNet(), kernel_sizes=None)
+    conv_partners = [b for _, b in bpl.partner_blocks(student) if isinstance(b, ConvPartner)]
+    assert len(conv_partners) == 4
+    loss = bpl.diversity_loss(student, weight=0.5, granularity=granularity)
+    assert torch.allclose(loss, reference_loss(student, 0.5, granularity), rtol=1e-5, atol=1e-7)
+    loss.backward()
+    for b in conv_partners:  # the kernel before the scale: it has a gradient at scale 0
+        assert b.partner_conv.weight.grad.abs().sum() > 0 and b.conv.weight.grad.abs().sum() > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -10,10 +12,12 @@ import torchvision
 from torch import nn
 
 import bpl
-from bpl.errors import BPLError, TraceError
-from bpl.partner import NormSlot, PartnerBlock
+from bpl.conformance import float_dtypes, randomize_partners
+from bpl.errors import BPLError, InvalidArgumentError, TraceError
+from bpl.models import model_from_payload, model_payload
+from bpl.partner import ConvPartner, NormSlot, PartnerBlock
 from conftest import randomize_bn
-from nets import ConvZoo, NoBatchNorm, NormActNet, SharedOutput, Untraceable
+from nets import ConvZoo, NoBatchNorm, NormActNet, PreActNet, SharedOutput, Untraceable
 
 ARCHS = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 32),
@@ -22,13 +26,13 @@ ARCHS = {
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), 32),
     "convzoo": (ConvZoo, 24),
     "normact": (NormActNet, 16),
+    "preact": (PreActNet, 16),
 }
 
 
 def _trained_like(student: nn.Module, seed: int = 1) -> nn.Module:
-    """Make the partners contribute: random partner BN parameters and statistics."""
-    randomize_bn(student, seed)
-    return student
+    """Make the partners contribute: random partner BNs and conv-partner scales."""
+    return randomize_partners(student, seed)
 
 
 @pytest.mark.parametrize("name", ARCHS)
@@ -115,10 +119,13 @@ def test_kernel_sizes_parameter_forms():
     assert len(by_groups.extended) == 2
 
 
-def test_conv_feeding_something_else_is_left_alone():
+def test_conv_feeding_something_else_gets_a_conv_partner_or_is_left_alone():
     student = bpl.extend(SharedOutput())
-    assert [c for c, _ in student.bpl_report.extended] == ["conv2"]
-    assert "feeds" in student.bpl_report.skipped["conv1"]
+    assert student.bpl_report.kinds == {"conv1": "conv", "conv2": "conv+bn"}
+    assert "feeds bn1, add" in student.bpl_report.without_bn["conv1"]
+    plain = bpl.extend(SharedOutput(), without_bn=False)
+    assert [c for c, _ in plain.bpl_report.extended] == ["conv2"]
+    assert "feeds" in plain.bpl_report.skipped["conv1"]
 
 
 def test_norm_act_layers_count_as_batchnorm():
@@ -187,7 +194,7 @@ def test_untraceable_model_names_the_module():
 
 def test_model_without_pairs_is_a_clear_error():
     with pytest.raises(BPLError, match="no eligible conv->BatchNorm2d pair"):
-        bpl.extend(NoBatchNorm())
+        bpl.extend(NoBatchNorm(), without_bn=False)
     with pytest.raises(BPLError, match="kernel_sizes=None"):
         bpl.extend(ConvZoo(), kernel_sizes=[7])
 
@@ -223,3 +230,160 @@ def test_verify_raises_on_mismatch():
     with pytest.raises(bpl.VerificationError, match="relative error"):
         bpl.verify(a, b, x)
     assert bpl.verify(a, a, x) == 0.0
+
+
+# --------------------------------------------------------------------------- moving a partner model
+
+
+def test_norm_act_model_moved_to_float64_after_extend_fuses_in_float64():
+    model = randomize_bn(NormActNet()).eval()
+    student = _trained_like(bpl.extend(model, kernel_sizes=None)).double()
+    assert float_dtypes(student) == {torch.float64}
+    deploy = bpl.fuse(student)
+    assert float_dtypes(deploy) == {torch.float64}
+    assert type(deploy.bn1) is type(model.bn1) and isinstance(deploy.bn1.act, nn.ReLU)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    assert bpl.relative_error(student, deploy, x) <= 1e-12
+    fresh = NormActNet().double()
+    fresh.load_state_dict(deploy.state_dict(), strict=True)
+
+
+def test_norm_act_tail_with_parameters_travels_and_is_not_duplicated():
+    model = NormActNet()
+    model.bn1.act = nn.PReLU(8)  # an activation with a parameter
+    student = bpl.extend(model)
+    named = list(student.named_parameters(remove_duplicate=False))
+    assert len({id(p) for _, p in named}) == len(named)  # an optimizer sees each once
+    assert len(student.state_dict()) == len(dict(student.named_parameters())) + len(
+        dict(student.named_buffers()))
+    student = student.double()
+    deploy = bpl.fuse(student.eval())
+    assert float_dtypes(deploy) == {torch.float64}
+    assert torch.equal(deploy.bn1.act.weight, student.bn1.tail[1].weight)
+    again = bpl.extend(model).double()
+    again.load_state_dict(student.state_dict(), strict=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_norm_act_model_moved_to_cuda_after_extend_fuses_on_cuda():
+    student = _trained_like(bpl.extend(randomize_bn(NormActNet()), kernel_sizes=None)).cuda()
+    deploy = bpl.fuse(student.eval())
+    assert {t.device.type for t in [*deploy.parameters(), *deploy.buffers()]} == {"cuda"}
+    x = torch.randn(2, 3, 12, 12, device="cuda")
+    assert bpl.relative_error(student, deploy, x) <= 1e-5
+
+
+def test_fuse_finds_slots_in_copies_of_the_model():
+    student = _trained_like(bpl.extend(randomize_bn(NormActNet()))).eval()
+    x = torch.randn(2, 3, 12, 12)
+    for clone in (copy.deepcopy(student), pickle.loads(pickle.dumps(student))):
+        assert bpl.relative_error(student, bpl.fuse(clone), x) <= 1e-5
+    student.bn1 = nn.Identity()  # the slot is gone: say so
+    with pytest.raises(BPLError, match="lost its NormSlot"):
+        bpl.fuse(student)
+
+
+# --------------------------------------------------------------------------- convs without BN
+
+
+def test_pre_activation_convs_get_conv_partners():
+    student = bpl.extend(PreActNet(), kernel_sizes=None)
+    kinds = student.bpl_report.kinds
+    assert kinds == {"stem": "conv", "conv1": "conv+bn", "conv2": "conv", "conv3": "conv",
+                     "trans": "conv+bn", "conv4": "conv"}
+    assert "feeds cat" in student.bpl_report.without_bn["conv3"]
+    assert isinstance(student.conv2, ConvPartner) and student.conv2.kind == "conv"
+    assert "4 convs without BN" in str(student.bpl_report)
+    # the conv partner adds no bias the conv lacks: fused shapes are the stock ones
+    assert student.conv2.partner_conv.bias is None
+    deploy = bpl.fuse(_trained_like(student).eval())
+    fresh = PreActNet()
+    fresh.load_state_dict(deploy.state_dict(), strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    assert bpl.relative_error(student, fresh, x) <= 1e-5
+
+
+@pytest.mark.parametrize("init", ["preserve", "split", "paper"])
+def test_conv_partner_inits(init):
+    model = randomize_bn(PreActNet()).eval()
+    x = torch.randn(4, 3, 16, 16)
+    student = bpl.extend(model, init=init)
+    block = student.conv2
+    if init == "preserve":
+        assert bpl.relative_error(model, student, x) == 0.0
+        assert not block.partner_scale.weight.any()
+    elif init == "split":
+        assert bpl.relative_error(model, student, x) <= 1e-6
+        model.train(), student.train()
+        assert torch.allclose(model(x), student(x), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(block.partner_conv.weight * (1 - bpl.partner.DEFAULT_SHARE),
+                              block.conv.weight)
+    else:
+        assert bpl.relative_error(model, student, x) > 1e-3
+        assert torch.allclose(block.conv.weight, model.conv2.weight * 0.5)
+    # training moves the partner (the scale first under "preserve"), and fusion stays exact
+    opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+    y = torch.arange(4) % 5
+    student.train()
+    for _ in range(3):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(student(x), y) + bpl.diversity_loss(student)
+        loss.backward()
+        opt.step()
+    assert block.partner_scale.weight.abs().sum() > 0
+    student.eval()
+    assert bpl.relative_error(student, bpl.fuse(student), x) <= 1e-5
+    assert bpl.relative_error(student, bpl.fuse(student, fold_bn=True), x) <= 1e-5
+
+
+def test_conv_without_bias_or_bn_fuses_without_a_bias():
+    student = _trained_like(bpl.extend(PreActNet())).eval()
+    deploy = bpl.fuse(student, fold_bn=True)
+    assert deploy.conv2.bias is None and deploy.conv4.bias is not None
+
+
+def test_conv_partner_checkpoint_rebuilds_for_resuming(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_1(num_classes=4)  # convs with a bias and no BN
+    student = _trained_like(bpl.extend(model)).eval()
+    assert set(student.bpl_report.kinds.values()) == {"conv"}
+    payload = model_payload(student, "squeezenet1_1", 4)
+    assert all(bn is None for _, bn in payload["extended"])
+    bpl.save_model(tmp_path / "last.pt", student, arch="squeezenet1_1", num_classes=4)
+    loaded, _ = bpl.load_model(tmp_path / "last.pt")
+    assert loaded.bpl_report.kinds == student.bpl_report.kinds
+    again, _ = model_from_payload(payload)
+    x = torch.randn(1, 3, 64, 64)
+    assert bpl.relative_error(student, loaded.eval(), x) == 0.0
+    assert bpl.relative_error(student, again.eval(), x) == 0.0
+    assert bpl.relative_error(student, bpl.fuse(loaded.eval()), x) <= 1e-5
+
+
+def test_torch_pruning_sees_through_conv_partners():
+    student = bpl.extend(randomize_bn(PreActNet()), kernel_sizes=None)
+    pruned = bpl.prune(student, torch.randn(1, 3, 16, 16), channel_ratio=0.25)
+    for _, block in bpl.partner_blocks(pruned):
+        assert block.partner_conv.weight.shape == block.conv.weight.shape
+        if isinstance(block, ConvPartner):
+            assert block.partner_scale.out_channels == block.conv.out_channels
+    assert pruned.conv2.conv.out_channels < 8
+    x = torch.randn(2, 3, 16, 16)
+    pruned = _trained_like(pruned).eval()
+    assert bpl.relative_error(pruned, bpl.fuse(pruned), x) <= 1e-5
+
+
+def test_soft_pruning_covers_conv_partners():
+    student = bpl.extend(randomize_bn(PreActNet()), kernel_sizes=None)
+    pruner = bpl.SoftPruner(student, torch.randn(1, 3, 16, 16), keep_ratio=0.5)
+    roots = {g.deploy_name for g in pruner.groups}
+    assert roots & {"stem", "conv2", "conv3", "conv4"}  # conv partners are roots of groups
+    deploy = pruner.finalize()
+    assert not bpl.partner_blocks(deploy)
+    assert pruner.report["relative_error"] <= 1e-5
+
+
+def test_bad_arguments_are_invalid_argument_errors():
+    with pytest.raises(InvalidArgumentError, match="granularity"):
+        bpl.diversity_loss(bpl.extend(ConvZoo()), granularity="layer")
+    with pytest.raises(InvalidArgumentError, match="init"):
+        bpl.extend(PreActNet(), init="zeros")

@@ -21,7 +21,7 @@ from .export import export
 from .extend import ExtendReport, extend, find_conv_bn_pairs, partner_blocks
 from .fuse import fold_batchnorm, fuse
 from .models import build_model, list_models, load_model, save_model
-from .partner import INITS, PartnerBlock
+from .partner import INITS, ConvPartner, PartnerBlock
 from .profile import compare_latency, count_macs, count_params, profile
 from .pruning import IMPORTANCES, PruneReport, SoftPruner, prune
 from .verify import relative_error, verify
@@ -32,6 +32,7 @@ __all__ = [
     "BPLError",
     "CheckpointError",
     "ChecksumError",
+    "ConvPartner",
     "CorruptImageError",
     "DataError",
     "Distillation",

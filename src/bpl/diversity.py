@@ -1,7 +1,9 @@
 """The diversity loss (step 3 of BPL): push each partner away from its block's kernels.
 
-For a group of partner blocks the term is ``cos(a, b) + 1`` where ``a`` and ``b`` are
-the flattened original and partner kernels of the group laid end to end. The cosine of
+For a group of partners the term is ``cos(a, b) + 1`` where ``a`` and ``b`` are the
+flattened original and partner kernels of the group laid end to end; both kinds of
+partner count (``conv.weight`` against ``partner_conv.weight``: for a conv->BN partner
+the kernels before their BNs, for a conv partner the kernel before its scale). The cosine of
 two concatenations only needs per-block dot products and squared norms, so nothing is
 concatenated: three reductions per block, then one ``index_add`` per call.
 """
@@ -13,8 +15,10 @@ import weakref
 import torch
 from torch import nn
 
+from .errors import InvalidArgumentError
 from .extend import partner_blocks
-from .partner import PartnerBlock
+from .modules import unwrap_parallel
+from .partner import Partner
 
 __all__ = ["diversity_loss", "GRANULARITIES"]
 
@@ -24,7 +28,7 @@ GRANULARITIES = ("stage", "block", "global")
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _plan(model: nn.Module, granularity: str) -> tuple[list[PartnerBlock], list[int], int]:
+def _plan(model: nn.Module, granularity: str) -> tuple[list[Partner], list[int], int]:
     """Which group each partner block belongs to; cached per model and granularity."""
     blocks = partner_blocks(model)
     ids = tuple(id(b) for _, b in blocks)
@@ -60,8 +64,8 @@ def diversity_loss(
     ``"global"`` (one for all). A model without partners gives a zero tensor.
     """
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        raise InvalidArgumentError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    module = unwrap_parallel(model)
     blocks, groups, n_groups = _plan(module, granularity)
     if not blocks:
         p = next(module.parameters(), None)

@@ -1,10 +1,13 @@
-"""Give every eligible conv->BN pair of a CNN a train-time partner (step 2 of BPL).
+"""Give every eligible conv of a CNN a train-time partner (step 2 of BPL).
 
-Pairs are found in the torch.fx graph, not from attribute names: a ``Conv2d`` call
-whose output is used by exactly one ``BatchNorm2d`` call and by nothing else. The
-conv's slot in the module tree gets a :class:`~bpl.partner.PartnerBlock`, the BN's
-slot a :class:`~bpl.partner.NormSlot`; the model's own ``forward`` is untouched, so
-the extended model is the same class as the input.
+Sites are found in the torch.fx graph, not from attribute names. A ``Conv2d`` call
+whose output is used by exactly one ``BatchNorm2d`` call and by nothing else is a
+conv->BN pair: the conv's slot in the module tree gets a
+:class:`~bpl.partner.PartnerBlock`, the BN's slot a :class:`~bpl.partner.NormSlot`.
+Any other eligible conv (its output goes to an addition, a concatenation, an
+activation: pre-activation nets, DenseNet, convs with a bias and no norm) gets a
+:class:`~bpl.partner.ConvPartner` unless ``without_bn=False``. The model's own
+``forward`` is untouched, so the extended model is the same class as the input.
 """
 
 from __future__ import annotations
@@ -19,9 +22,24 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import BPLError, TraceError
-from .partner import DEFAULT_SHARE, NormSlot, PartnerBlock, _is_plain_batchnorm, check_init
+from .partner import (
+    DEFAULT_SHARE,
+    ConvPartner,
+    NormSlot,
+    Partner,
+    PartnerBlock,
+    check_init,
+    norm_act_problem,
+)
 
-__all__ = ["extend", "find_conv_bn_pairs", "partner_blocks", "ExtendReport", "PAPER_KERNEL_SIZES"]
+__all__ = [
+    "extend",
+    "find_conv_bn_pairs",
+    "partner_blocks",
+    "partner_sites",
+    "ExtendReport",
+    "PAPER_KERNEL_SIZES",
+]
 
 #: The paper's choice: square kernels with 1 < k < 7.
 PAPER_KERNEL_SIZES: tuple[int, ...] = (3, 5)
@@ -31,13 +49,27 @@ KernelSpec = Iterable[int | tuple[int, int]] | Callable[[nn.Conv2d], bool] | Non
 
 @dataclass
 class ExtendReport:
-    """What :func:`extend` did: the conv->BN pairs it extended and every conv it skipped, with why."""
+    """What :func:`extend` did: the convs it gave partners, of which kind, and every conv skipped, with why.
 
-    extended: list[tuple[str, str]] = field(default_factory=list)
+    ``extended`` holds ``(conv, bn)`` for a conv->BN pair (a ``"conv+bn"`` partner) and
+    ``(conv, None)`` for a conv that got a ``"conv"`` partner; ``without_bn`` says why
+    each of the latter has no BN pair; ``skipped`` why each other conv got nothing.
+    """
+
+    extended: list[tuple[str, str | None]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    without_bn: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kinds(self) -> dict[str, str]:
+        """The kind of partner of each extended conv: ``"conv+bn"`` or ``"conv"``."""
+        return {conv: "conv" if bn is None else "conv+bn" for conv, bn in self.extended}
 
     def __str__(self) -> str:
-        lines = [f"extended {len(self.extended)} conv->BN pairs, skipped {len(self.skipped)} convs"]
+        pairs = sum(bn is not None for _, bn in self.extended)
+        lines = [f"extended {pairs} conv->BN pairs and {len(self.extended) - pairs} convs "
+                 f"without BN, skipped {len(self.skipped)} convs"]
+        lines += [f"  conv partner for {name}: {why}" for name, why in self.without_bn.items()]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -50,7 +82,9 @@ class _NamingTracer(torch.fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        leaf = (PartnerBlock, NormSlot, _BatchNorm)  # BN subclasses (norm+act) stay one node
+        # BN subclasses (norm+act) stay one node, and so do Conv2d subclasses: their own
+        # forward (timm's dynamic "same" padding) may branch on shapes, and is never extended
+        leaf = (Partner, NormSlot, _BatchNorm, nn.Conv2d)
         return isinstance(m, leaf) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
@@ -86,13 +120,35 @@ def _kernel_filter(kernel_sizes: KernelSpec) -> Callable[[nn.Conv2d], bool]:
     return lambda conv: tuple(conv.kernel_size) in wanted
 
 
+def _node_name(node: torch.fx.Node) -> str:
+    """A short name for a graph node: a module's name, a function's or method's name."""
+    if node.op == "call_module":
+        return str(node.target)
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _bn_problem(user, bn: nn.Module | None, users: list, calls: Counter) -> str | None:
+    """Why a conv's single user is not a BatchNorm2d it can be paired with (None if it is)."""
+    if not isinstance(bn, _BatchNorm) or isinstance(bn, nn.BatchNorm1d | nn.BatchNorm3d):
+        what = ", ".join(_node_name(u) for u in users) or "nothing"
+        return f"its output feeds {what}, not exactly one BatchNorm2d"
+    if calls[user.target] > 1:
+        return f"BatchNorm '{user.target}' is called more than once"
+    if not (bn.affine and bn.track_running_stats):
+        return f"BatchNorm '{user.target}' has no affine parameters or running statistics"
+    problem = norm_act_problem(bn)
+    return None if problem is None else f"'{user.target}': {problem}"
+
+
 def find_conv_bn_pairs(
-    model: nn.Module, kernel_sizes: KernelSpec = PAPER_KERNEL_SIZES
+    model: nn.Module, kernel_sizes: KernelSpec = PAPER_KERNEL_SIZES, *, without_bn: bool = True
 ) -> ExtendReport:
-    """Find the conv->BN pairs of ``model`` that :func:`extend` would give partners.
+    """Find the convs of ``model`` that :func:`extend` would give partners, and of which kind.
 
     ``kernel_sizes`` is an iterable of ints (square) or (kh, kw) tuples, a predicate on
-    the conv, or ``None`` for every kernel size.
+    the conv, or ``None`` for every kernel size. With ``without_bn`` an eligible conv
+    that is not in a conv->BN pair is listed as ``(conv, None)`` (a conv-only partner);
+    without it, it is skipped.
     """
     graph = trace(model)
     modules = dict(model.named_modules())
@@ -109,46 +165,69 @@ def find_conv_bn_pairs(
         reason = None
         if calls[name] > 1:
             reason = "the conv module is called more than once"
-        elif not isinstance(bn, _BatchNorm) or isinstance(bn, nn.BatchNorm1d | nn.BatchNorm3d):
-            what = ", ".join(str(u.target) for u in users) or "nothing"
-            reason = f"its output feeds {what}, not exactly one BatchNorm2d"
-        elif calls[user.target] > 1:
-            reason = f"BatchNorm '{user.target}' is called more than once"
-        elif not (bn.affine and bn.track_running_stats):
-            reason = f"BatchNorm '{user.target}' has no affine parameters or running statistics"
-        elif not (_is_plain_batchnorm(bn) or hasattr(bn, "act")):
-            reason = f"BatchNorm '{user.target}' ({type(bn).__name__}) overrides forward"
+        elif type(conv).forward is not nn.Conv2d.forward:
+            reason = f"{type(conv).__name__} overrides Conv2d.forward"
         elif not eligible(conv):
             reason = f"kernel {tuple(conv.kernel_size)} is not eligible"
-        if reason is None:
-            report.extended.append((name, user.target))
-        else:
+        problem = _bn_problem(user, bn, users, calls) if reason is None else None
+        if reason is not None:
             report.skipped[name] = reason
+        elif problem is None:
+            report.extended.append((name, user.target))
+        elif without_bn:
+            report.extended.append((name, None))
+            report.without_bn[name] = problem
+        else:
+            report.skipped[name] = problem
     return report
 
 
-def partner_blocks(model: nn.Module) -> list[tuple[str, PartnerBlock]]:
-    """Every partner block of ``model`` with its qualified name, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, PartnerBlock)]
+def partner_blocks(model: nn.Module) -> list[tuple[str, Partner]]:
+    """Every partner (of either kind) of ``model`` with its qualified name, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Partner)]
+
+
+def partner_sites(model: nn.Module) -> list[tuple[str, Partner, str | None]]:
+    """``(partner name, partner, name of its NormSlot or None)`` for every partner of ``model``.
+
+    A ``"conv+bn"`` partner is paired with its slot by key, not by reference, so the
+    pairing holds in any copy of the model, on any device.
+    """
+    slots = {m.key: n for n, m in model.named_modules() if isinstance(m, NormSlot)}
+    sites = []
+    for name, block in partner_blocks(model):
+        slot = None
+        if isinstance(block, PartnerBlock):
+            slot = slots.get(block.slot_key)
+            if slot is None:
+                raise BPLError(
+                    f"partner block '{name}' has lost its NormSlot (the module that stands "
+                    "where its BatchNorm stood); extend the original model again"
+                )
+        sites.append((name, block, slot))
+    return sites
 
 
 def extend(
     model: nn.Module,
     *,
     kernel_sizes: KernelSpec = PAPER_KERNEL_SIZES,
+    without_bn: bool = True,
     init: str = "preserve",
     share: float = DEFAULT_SHARE,
     inplace: bool = False,
 ) -> nn.Module:
-    """Return ``model`` with a partner conv+BN beside every eligible conv->BN pair.
+    """Return ``model`` with a partner beside every eligible conv.
 
     ``kernel_sizes``: which convs get partners; the paper's 3x3 and 5x5 by default,
-    ``None`` for every conv (1x1 included). ``init`` says how the partners start:
-    ``"preserve"`` (partner BN scale 0) and ``"split"`` (a copy of the block, BN scales
-    split ``1 - share`` / ``share``) leave the model's output exactly as it was;
-    ``"paper"`` is the reference code's start and changes it. See
-    :class:`~bpl.partner.PartnerBlock` for the details of each. The report of what was
-    extended and skipped is ``result.bpl_report`` (an :class:`ExtendReport`).
+    ``None`` for every conv (1x1 included). A conv->BN pair gets a partner conv+BN
+    (:class:`~bpl.partner.PartnerBlock`); any other eligible conv a partner conv behind
+    a per-channel scale (:class:`~bpl.partner.ConvPartner`), unless ``without_bn=False``.
+    ``init`` says how the partners start: ``"preserve"`` (partner scale 0) and
+    ``"split"`` (a copy of the block, scales split ``1 - share`` / ``share``) leave the
+    model's output exactly as it was; ``"paper"`` is the reference code's start and
+    changes it. The report of what was extended (and of which kind) and skipped is
+    ``result.bpl_report`` (an :class:`ExtendReport`).
     """
     if partner_blocks(model):
         raise BPLError(
@@ -156,17 +235,22 @@ def extend(
             "or extend the original model"
         )
     check_init(init, share)
-    report = find_conv_bn_pairs(model, kernel_sizes)
+    report = find_conv_bn_pairs(model, kernel_sizes, without_bn=without_bn)
     if not report.extended:
+        what = "conv" if without_bn else "conv->BatchNorm2d pair"
         raise BPLError(
-            f"{type(model).__name__} has no eligible conv->BatchNorm2d pair to extend "
+            f"{type(model).__name__} has no eligible {what} to extend "
             f"({len(report.skipped)} convs skipped); pass kernel_sizes=None to accept every "
-            "kernel size, or check that each conv feeds exactly one BatchNorm2d"
+            "kernel size" + ("" if without_bn else ", or without_bn=True for convs without BN")
         )
     if not inplace:
         model = copy.deepcopy(model)
     for conv_name, bn_name in report.extended:
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        conv = model.get_submodule(conv_name)
+        if bn_name is None:
+            model.set_submodule(conv_name, ConvPartner(conv, init=init, share=share))
+            continue
+        bn = model.get_submodule(bn_name)
         slot = NormSlot(bn)
         model.set_submodule(conv_name, PartnerBlock(conv, bn, slot, init=init, share=share))
         model.set_submodule(bn_name, slot)

@@ -10,27 +10,30 @@ import torch
 from torch import nn
 
 from .errors import BPLError
-from .extend import find_conv_bn_pairs, partner_blocks
-from .partner import NormSlot, PartnerBlock, _is_plain_batchnorm, fold_block, fold_conv_bn
+from .extend import find_conv_bn_pairs, partner_blocks, partner_sites
+from .partner import NormSlot, Partner, PartnerBlock, fold_conv_bn
 
 __all__ = ["fuse", "fold_batchnorm"]
 
 
 @torch.no_grad()
-def _write_back(block: PartnerBlock, fold_bn: bool) -> tuple[nn.Module, nn.Module]:
-    """The conv and the module for the BN's slot that together equal ``block``."""
-    weight, bias = fold_block(block)
+def _write_back(
+    block: Partner, slot: NormSlot | None, fold_bn: bool
+) -> tuple[nn.Module, nn.Module | None]:
+    """The conv and the module for the BN's slot (None for a conv partner) that equal ``block``."""
+    weight, bias = block.fold()
     conv = block.conv
+    if not isinstance(block, PartnerBlock):  # conv partner: kernel addition, bias untouched
+        conv.weight.copy_(weight)
+        return conv, None
     if fold_bn:
         if conv.bias is None:
             conv.bias = nn.Parameter(torch.empty_like(bias))
         conv.weight.copy_(weight)
         conv.bias.copy_(bias)
-        tail = block.slot.tail
-        return conv, (tail if len(tail) else nn.Identity())
+        return conv, (slot.tail if len(slot.tail) else nn.Identity())
     # Keep the BN, made exact by construction: running mean 0, scale 1/sqrt(var + eps) == 1.
-    original = block.slot.original
-    bn = block.bn if _is_plain_batchnorm(original) else original
+    bn = block.bn
     conv.weight.copy_(weight)
     if conv.bias is not None:
         conv.bias.zero_()
@@ -38,19 +41,19 @@ def _write_back(block: PartnerBlock, fold_bn: bool) -> tuple[nn.Module, nn.Modul
     bn.running_var.fill_(1.0)
     bn.weight.fill_(math.sqrt(1.0 + bn.eps))
     bn.bias.copy_(bias)
-    return conv, bn
+    return conv, slot.restore(bn)  # rebuilt from tensors that moved with the model
 
 
 def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> nn.Module:
-    """Fold each partner exactly into its conv->BN pair, using BN running statistics.
+    """Fold each partner exactly into its conv (and BN), using BN running statistics.
 
     The result has the module names and parameter shapes of the model that
     :func:`bpl.extend` received, so its ``state_dict`` loads with ``strict=True`` into
-    that architecture. With ``fold_bn=True`` each BN is folded into its conv's bias
-    instead (a deployment form: the BN modules become ``nn.Identity``).
+    that architecture, on the device and in the dtype the extended model had. With
+    ``fold_bn=True`` each BN of a conv->BN pair is folded into its conv's bias instead
+    (a deployment form: the BN modules become ``nn.Identity``).
     """
-    blocks = partner_blocks(model)
-    if not blocks:
+    if not partner_blocks(model):
         raise BPLError(
             "model has no partner blocks to fuse; call bpl.extend(model) before training, "
             "or use the model as it is"
@@ -63,13 +66,12 @@ def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> n
         )
     if not inplace:
         model = copy.deepcopy(model)
-        blocks = partner_blocks(model)
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
-    for block_name, block in blocks:
-        slot_name = names[id(block.slot)]
-        conv, norm = _write_back(block, fold_bn)
+    for block_name, block, slot_name in partner_sites(model):
+        slot = model.get_submodule(slot_name) if slot_name is not None else None
+        conv, norm = _write_back(block, slot, fold_bn)
         model.set_submodule(block_name, conv)
-        model.set_submodule(slot_name, norm)
+        if norm is not None:
+            model.set_submodule(slot_name, norm)
     if hasattr(model, "bpl_report"):
         del model.bpl_report
     return model
@@ -86,7 +88,9 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         return fuse(model, fold_bn=True, inplace=inplace)
     if not inplace:
         model = copy.deepcopy(model)
-    for conv_name, bn_name in find_conv_bn_pairs(model, kernel_sizes=None).extended:
+    for conv_name, bn_name in find_conv_bn_pairs(
+        model, kernel_sizes=None, without_bn=False
+    ).extended:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         weight, bias = fold_conv_bn(conv, bn)
         if conv.bias is None:

@@ -1,16 +1,27 @@
-"""The train-time partner block and the exact algebra that folds it away.
+"""The train-time partners and the exact algebra that folds them away.
 
-A :class:`PartnerBlock` replaces one conv->BN pair while training:
+Two kinds of partner, both ``nn.Module``s that stand where the block's conv stood:
 
-    y = bn(conv(x)) + partner_bn(partner_conv(x))
+- :class:`PartnerBlock` (kind ``"conv+bn"``) replaces one conv->BN pair while training:
+  ``y = bn(conv(x)) + partner_bn(partner_conv(x))``;
+- :class:`ConvPartner` (kind ``"conv"``) is for a conv whose output does not go to
+  exactly one BatchNorm (pre-activation nets, DenseNet, convs with a bias and no norm):
+  ``y = conv(x) + scale * partner_conv(x)`` with a learnt per-channel ``scale``.
 
-Both branches are linear in ``x`` once the BNs use their running statistics, so
-the sum is one convolution plus a per-channel bias: :func:`fold_block` computes
-that kernel and bias exactly, and :mod:`bpl.fuse` writes them back into the
-original conv (and BN) of the model.
+Both are linear in ``x`` once the BNs use their running statistics, so each is one
+convolution plus a per-channel bias: :meth:`Partner.fold` computes that kernel and bias
+exactly, and :mod:`bpl.fuse` writes them back into the original conv (and BN).
+
+Everything :mod:`bpl.fuse` needs is a registered parameter, buffer or submodule, so it
+moves with the model (``.to()``, ``.double()``, ``.cuda()``, ``state_dict``); the only
+unregistered state is plain Python data (a pairing key, the class and hyper-parameters
+of a replaced norm+activation layer).
 """
 
 from __future__ import annotations
+
+import copy
+import uuid
 
 import torch
 from torch import nn
@@ -20,22 +31,31 @@ from .errors import InvalidArgumentError
 
 __all__ = [
     "INITS",
+    "KINDS",
     "DEFAULT_SHARE",
+    "Partner",
     "PartnerBlock",
+    "ConvPartner",
     "NormSlot",
     "fold_conv_bn",
     "fold_block",
     "same_conv_like",
 ]
 
-#: How a partner can start; see :class:`PartnerBlock`.
+#: How a partner can start; see :class:`PartnerBlock` and :class:`ConvPartner`.
 INITS: tuple[str, ...] = ("preserve", "split", "paper")
+#: The kinds of partner (``Partner.kind``): beside a conv->BN pair, or beside a bare conv.
+KINDS: tuple[str, ...] = ("conv+bn", "conv")
 #: The partner's share of the block under ``init="split"`` (ACNet's branch scale, 1/3).
 DEFAULT_SHARE = 1 / 3
 
+_BN_PARAMETERS = ("weight", "bias")
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_TAIL = ("drop", "act")
 
-def same_conv_like(conv: nn.Conv2d) -> nn.Conv2d:
-    """A freshly initialised Conv2d with every hyper-parameter of ``conv``."""
+
+def same_conv_like(conv: nn.Conv2d, *, bias: bool | None = None) -> nn.Conv2d:
+    """A freshly initialised Conv2d with every hyper-parameter of ``conv`` (bias as ``conv``'s unless given)."""
     return nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
@@ -44,7 +64,7 @@ def same_conv_like(conv: nn.Conv2d) -> nn.Conv2d:
         padding=conv.padding,
         dilation=conv.dilation,
         groups=conv.groups,
-        bias=conv.bias is not None,
+        bias=conv.bias is not None if bias is None else bias,
         padding_mode=conv.padding_mode,
         device=conv.weight.device,
         dtype=conv.weight.dtype,
@@ -66,31 +86,84 @@ def plain_batchnorm_like(bn: _BatchNorm) -> nn.BatchNorm2d:
     return out
 
 
+def _is_plain_batchnorm(bn: nn.Module) -> bool:
+    """True for BatchNorm2d and subclasses that do not override forward."""
+    return isinstance(bn, _BatchNorm) and type(bn).forward is _BatchNorm.forward
+
+
+def norm_act_problem(bn: _BatchNorm) -> str | None:
+    """Why a BN subclass that overrides forward cannot be split into BN + tail (None if it can).
+
+    Accepted: timm's ``BatchNormAct2d`` shape: the BN's own parameters and buffers, and
+    only ``drop`` / ``act`` children, applied after the normalisation in that order.
+    """
+    if _is_plain_batchnorm(bn):
+        return None
+    name = type(bn).__name__
+    if not hasattr(bn, "act"):
+        return f"BatchNorm ({name}) overrides forward"
+    extra = [n for n in bn._parameters if n not in _BN_PARAMETERS]
+    extra += [n for n in bn._buffers if n not in _BN_BUFFERS]
+    extra += [n for n in bn._modules if n not in _TAIL]
+    if extra:
+        return f"norm+activation layer {name} has state a BatchNorm2d lacks ({', '.join(extra)})"
+    return None
+
+
 class NormSlot(nn.Module):
     """Stands where the block's BatchNorm stood, so the model's own forward keeps working.
 
     For a plain BatchNorm it is the identity (the block already normalised). For a
     norm+activation layer (timm's ``BatchNormAct2d`` style: a BN subclass with ``drop``
-    and ``act`` children) it applies the tail that came after the normalisation.
-    ``original`` keeps the replaced module (unregistered) so ``fuse`` can put it back.
+    and ``act`` children) it applies the tail that came after the normalisation, and
+    :meth:`restore` rebuilds the layer at fuse time from the block's (plain) BN and this
+    tail: both are registered, so they moved with the model wherever it went. Only a
+    tensorless skeleton of the layer (its class and hyper-parameters) is kept outside
+    the module tree. ``key`` pairs the slot with its :class:`PartnerBlock`.
     """
 
     def __init__(self, original: _BatchNorm) -> None:
         super().__init__()
-        self._original = [original]  # a list so it is not registered as a child
-        drop, act = getattr(original, "drop", None), getattr(original, "act", None)
-        self.tail = nn.Sequential(*[m for m in (drop, act) if isinstance(m, nn.Module)])
+        problem = norm_act_problem(original)
+        if problem is not None:
+            raise InvalidArgumentError(f"cannot stand in for {type(original).__name__}: {problem}")
+        self.key = uuid.uuid4().hex
+        self._tail_names = tuple(
+            n for n in original._modules if isinstance(original._modules[n], nn.Module)
+        ) if not _is_plain_batchnorm(original) else ()
+        self.tail = nn.Sequential(*[original._modules[n] for n in self._tail_names])
+        self._skeleton: list[nn.Module] = []  # a list, so it is not registered as a child
+        if not _is_plain_batchnorm(original):
+            self._persistent = {n: n not in original._non_persistent_buffers_set
+                                for n in original._buffers}
+            skeleton = copy.copy(original)
+            for store in ("_parameters", "_buffers", "_modules"):
+                skeleton.__dict__[store] = {}
+            self._skeleton.append(copy.deepcopy(skeleton))  # own hook dicts, no tensors
 
-    @property
-    def original(self) -> _BatchNorm:
-        return self._original[0]
+    def restore(self, bn: nn.BatchNorm2d) -> nn.Module:
+        """The module that goes back into this slot at fuse time, built on ``bn``'s tensors.
+
+        ``bn`` itself for a plain BatchNorm; for a norm+activation layer, a new layer of
+        the original class holding ``bn``'s parameters and buffers and this slot's tail.
+        """
+        if not self._skeleton:
+            return bn
+        norm = copy.deepcopy(self._skeleton[0])
+        for name in _BN_PARAMETERS:
+            norm.register_parameter(name, bn._parameters[name])
+        for name, persistent in self._persistent.items():
+            norm.register_buffer(name, bn._buffers.get(name), persistent=persistent)
+        for name, module in zip(self._tail_names, self.tail):
+            norm.add_module(name, module)
+        return norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tail(x) if len(self.tail) else x
 
 
 def check_init(init: str, share: float) -> None:
-    """Refuse a partner start or share that :class:`PartnerBlock` does not know."""
+    """Refuse a partner start or share that the partners do not know."""
     if init not in INITS:
         raise InvalidArgumentError(f"init must be one of {', '.join(INITS)}; got {init!r}")
     if not 0.0 < share < 1.0 or share == 0.5:
@@ -100,7 +173,22 @@ def check_init(init: str, share: float) -> None:
         )
 
 
-class PartnerBlock(nn.Module):
+class Partner(nn.Module):
+    """Base of the partners: ``conv`` (the block's own conv) and ``partner_conv`` (same shape).
+
+    ``kind`` is one of :data:`KINDS`; :meth:`fold` gives the kernel and bias of the one
+    conv that equals the partner in eval mode (bias ``None`` when the conv needs none).
+    """
+
+    kind: str = ""
+    conv: nn.Conv2d
+    partner_conv: nn.Conv2d
+
+    def fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+class PartnerBlock(Partner):
     """conv->BN with a parallel partner conv->BN of the same shape; the outputs are added.
 
     How the partner starts (``init``):
@@ -117,6 +205,8 @@ class PartnerBlock(nn.Module):
     - ``"paper"``: the reference code's start: a random partner with BN scale 0.5 and the
       block's BN scale halved. Not exact: the model's output changes.
     """
+
+    kind = "conv+bn"
 
     def __init__(
         self,
@@ -138,7 +228,7 @@ class PartnerBlock(nn.Module):
             device=conv.weight.device,
             dtype=conv.weight.dtype,
         )
-        self._slot = [slot]  # unregistered back-reference to where the BN stood
+        self.slot_key = slot.key  # plain data: fuse finds the slot by it, wherever it went
         with torch.no_grad():
             if init == "preserve":
                 self.partner_bn.weight.zero_()
@@ -154,17 +244,68 @@ class PartnerBlock(nn.Module):
                 self.partner_bn.weight.fill_(0.5)
                 self.partner_bn.bias.zero_()
 
-    @property
-    def slot(self) -> NormSlot:
-        return self._slot[0]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x)) + self.partner_bn(self.partner_conv(x))
 
+    @torch.no_grad()
+    def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel and bias of the single conv equal to the whole block in eval mode."""
+        w1, b1 = fold_conv_bn(self.conv, self.bn)
+        w2, b2 = fold_conv_bn(self.partner_conv, self.partner_bn)
+        return w1 + w2, b1 + b2
 
-def _is_plain_batchnorm(bn: nn.Module) -> bool:
-    """True for BatchNorm2d and subclasses that do not override forward."""
-    return isinstance(bn, _BatchNorm) and type(bn).forward is _BatchNorm.forward
+
+class ConvPartner(Partner):
+    """A conv with a parallel partner conv of the same shape behind a per-channel scale.
+
+    ``y = conv(x) + scale * partner_conv(x)``, for convs whose output does not go to
+    exactly one BatchNorm. The partner has no bias and no BN (nothing to fold into a
+    bias the conv may lack); ``partner_scale`` plays the partner BN's scale: a
+    depthwise 1x1 conv, so Torch-Pruning removes its channels with the conv's. There
+    are no statistics, so the block is linear in training mode too and fusion is
+    ``conv.weight += scale * partner_conv.weight`` (the conv's bias is kept).
+
+    How the partner starts (``init``), as for :class:`PartnerBlock`:
+
+    - ``"preserve"``: a random partner kernel behind scale 0: exact (the partner adds
+      zeros); the scale trains at once, the partner kernel once the scale is non-zero.
+    - ``"split"``: the partner kernel is a copy of the conv's, its scale ``share``, and
+      the conv's kernel is scaled by ``1 - share`` (its bias is kept). Exact up to
+      rounding, in training mode too; the conv's kernel gets the full gradient and the
+      partner's ``share`` of it, so the copies drift apart.
+    - ``"paper"``: a random partner kernel with scale 0.5 and the conv's kernel halved
+      (its bias kept). Not exact: the model's output changes.
+    """
+
+    kind = "conv"
+
+    def __init__(self, conv: nn.Conv2d, init: str = "preserve", share: float = DEFAULT_SHARE):
+        super().__init__()
+        check_init(init, share)
+        self.conv = conv
+        self.partner_conv = same_conv_like(conv, bias=False)
+        n = conv.out_channels
+        self.partner_scale = nn.Conv2d(n, n, 1, groups=n, bias=False,
+                                       device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            if init == "preserve":
+                self.partner_scale.weight.zero_()
+            elif init == "split":
+                self.partner_conv.weight.copy_(conv.weight)
+                self.partner_scale.weight.fill_(share)
+                conv.weight.mul_(1.0 - share)
+            else:
+                self.partner_scale.weight.fill_(0.5)
+                conv.weight.mul_(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.partner_scale(self.partner_conv(x))
+
+    @torch.no_grad()
+    def fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Kernel and bias of the single conv equal to the block (bias ``None`` if it has none)."""
+        scale = self.partner_scale.weight.reshape(-1, 1, 1, 1)
+        return self.conv.weight + scale * self.partner_conv.weight, self.conv.bias
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,8 +317,6 @@ def fold_conv_bn(conv: nn.Conv2d, bn: _BatchNorm) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def fold_block(block: PartnerBlock) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel and bias of the single conv equal to the whole block in eval mode."""
-    w1, b1 = fold_conv_bn(block.conv, block.bn)
-    w2, b2 = fold_conv_bn(block.partner_conv, block.partner_bn)
-    return w1 + w2, b1 + b2
+def fold_block(block: Partner) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kernel and bias of the single conv equal to the whole partner in eval mode."""
+    return block.fold()

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BPLError, CheckpointError
-from ..extend import extend, partner_blocks
+from ..extend import extend, partner_sites
 from ..files import atomic_save
 from ..modules import unwrap_parallel
 from .zoo import stock_model
@@ -60,16 +60,16 @@ def _architecture(model: nn.Module) -> tuple[dict[str, dict], list[list[str]], l
     conv ``B`` and its NormSlot at ``S`` for the BN ``S``; the partner's own widths
     follow from the block's, so they are not recorded.
     """
-    names = {id(m): n for n, m in model.named_modules()}
     widths: dict[str, dict] = {}
-    pairs: list[list[str]] = []
+    pairs: list[list[str | None]] = []
     skip: set[str] = set()
-    for block_name, block in partner_blocks(model):
-        slot_name = names[id(block.slot)]
-        pairs.append([block_name, slot_name])
+    for block_name, block, slot_name in partner_sites(model):
+        pairs.append([block_name, slot_name])  # slot None: a conv partner (no BN)
         widths[block_name] = _widths(block.conv)
-        widths[slot_name] = _widths(block.bn)
-        skip |= {block_name, slot_name}
+        skip.add(block_name)
+        if slot_name is not None:
+            widths[slot_name] = _widths(block.bn)
+            skip.add(slot_name)
     identities = []
     for name, module in model.named_modules():
         if any(name == s or name.startswith(s + ".") for s in skip):

@@ -1,0 +1,52 @@
+"""The zoo's checks (benchmarks/zoo.py) on hand-made nets, fast and without timm.
+
+One pre-activation net (convs feeding additions and a concatenation: conv partners), one
+norm+act net (timm's BatchNormAct2d shape) and one grouped/depthwise net go through every
+check of :func:`bpl.conformance.check_model`; ONNX parity only when onnx is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import bpl
+from bpl.conformance import CHECKS, check_model, float_dtypes
+from nets import GroupedNet, NormActStack, PreActNet
+
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+NETS = {
+    "preact": (PreActNet, {"conv", "conv+bn"}),
+    "normact": (NormActStack, {"conv+bn"}),
+    "grouped": (GroupedNet, {"conv+bn"}),
+}
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_every_check_passes(name):
+    build, kinds = NETS[name]
+    result = check_model(build, torch.randn(2, 3, 16, 16), do_onnx=HAS_ONNX)
+    failed = {k: (v["error"], v["note"]) for k, v in result["checks"].items() if not v["ok"]}
+    assert not failed
+    expected = set(CHECKS) - (set() if HAS_ONNX else {"onnx"})
+    assert set(result["checks"]) == expected
+    assert set(result["partners"]) == kinds
+
+
+def test_a_broken_fusion_is_reported_not_raised(monkeypatch):
+    monkeypatch.setattr(bpl.partner.ConvPartner, "fold",
+                        lambda self: (self.conv.weight, self.conv.bias))  # drops the partner
+    result = check_model(PreActNet, torch.randn(2, 3, 16, 16), do_prune=False, do_onnx=False)
+    assert not result["checks"]["fuse_fp64"]["ok"] and not result["checks"]["fuse_fp32"]["ok"]
+
+
+def test_timm_norm_act_model_moves_to_float64():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("regnety_002", pretrained=False, num_classes=4).eval()
+    student = bpl.conformance.randomize_partners(bpl.extend(model)).eval().double()
+    deploy = bpl.fuse(student)
+    assert float_dtypes(deploy) == {torch.float64}
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    assert bpl.relative_error(student, deploy, x) <= 1e-9
