@@ -17,6 +17,8 @@ from torch.utils.data import DataLoader
 
 import bpl.data as bd
 import bpl.data.images
+import bpl.data.load
+import bpl.data.registry
 import bpl.data.splits
 from bpl.data import (
     DATASETS,
@@ -400,10 +402,20 @@ def test_digits_dataset():
     assert data.split == load_dataset("digits", image_size=16, seed=0).split
 
 
-def test_registry():
+def test_registry_keys_aliases_and_class_counts_of_the_real_copies():
     assert {"ucm", "nwpu-resisc45", "rsd46-whu", "eurosat", "imagefolder", "digits"} <= set(DATASETS)
-    assert [DATASETS[n].num_classes for n in ("ucm", "nwpu-resisc45", "rsd46-whu")] == [21, 45, 46]
-    assert DATASETS["ucm"].md5 is None and DATASETS["ucm"].sha256 is None
+    assert all(spec.name == key for key, spec in DATASETS.items())
+    for alias, name in (("UCMerced", "ucm"), ("uc-merced", "ucm"), ("NWPU", "nwpu-resisc45"),
+                        ("rsd46", "rsd46-whu"), ("EuroSAT", "eurosat")):
+        assert bpl.data.registry.get_spec(alias).name == name
+    # the class counts the registry enforces are those of the datasets themselves
+    assert DATASETS["digits"].num_classes == len(set(bpl.data.load._digits()[1]))
+    for name, root in (("ucm", UCM / "Images"), ("eurosat", EUROSAT)):
+        if root.is_dir():
+            folders = [d for d in root.iterdir() if d.is_dir()]
+            assert len(folders) == DATASETS[name].num_classes
+    if EUROSAT.is_dir():
+        assert sorted(d.name for d in EUROSAT.iterdir() if d.is_dir()) == sorted(EUROSAT_CLASSES)
 
 
 # --------------------------------------------------------------------------- download

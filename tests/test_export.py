@@ -42,7 +42,6 @@ def test_exported_onnx_runs_at_any_batch_size(pruned_student, tmp_path):
     x = torch.randn(3, 3, 32, 32)
     out = session.run(None, {"images": x.numpy()})[0]
     assert out.shape == (3, 7)
-    assert bpl.relative_error(deploy, deploy, x) == 0.0
     assert torch.allclose(torch.from_numpy(out), deploy(x), rtol=1e-4, atol=1e-4)
 
 

@@ -229,7 +229,20 @@ def test_verify_raises_on_mismatch():
     x = torch.randn(2, 3, 16, 16)
     with pytest.raises(bpl.VerificationError, match="relative error"):
         bpl.verify(a, b, x)
-    assert bpl.verify(a, a, x) == 0.0
+    tiny = bpl.relative_error(a.double(), a.float().double(), x.double())  # fp32 rounding only
+    assert bpl.verify(a.double(), b.double(), x.double(), tol=10.0) > 1e-3 > tiny
+
+
+def test_verify_refuses_nan_outputs():
+    a = ConvZoo().eval()
+    broken = copy.deepcopy(a)
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(bpl.VerificationError, match="relative error nan"):
+        bpl.verify(a, broken, x)
+    with pytest.raises(bpl.VerificationError, match="relative error nan"):
+        bpl.verify(broken, a, x)
 
 
 # --------------------------------------------------------------------------- moving a partner model

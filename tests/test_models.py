@@ -124,13 +124,22 @@ def test_loaded_extended_checkpoint_resumes_training(tmp_path):
     torch.manual_seed(0)
     pruned = bpl.prune(bpl.build_model("tiny_resnet", 10), X, channel_ratio=0.4)
     student = bpl.extend(pruned, kernel_sizes=None)  # partners on the 1x1 shortcut convs too
+    _train_a_little(student)  # partners with trained, non-trivial weights
     bpl.save_model(tmp_path / "last.pt", student, arch="tiny_resnet", num_classes=10)
     loaded, _ = bpl.load_model(tmp_path / "last.pt")
     assert [n for n, _ in bpl.partner_blocks(loaded)] == [n for n, _ in bpl.partner_blocks(student)]
-    assert {k: v.shape for k, v in loaded.state_dict().items()} == {
-        k: v.shape for k, v in student.state_dict().items()
-    }
-    _train_a_little(loaded)  # trains, diversity loss included
+    saved = {k: v.clone() for k, v in student.state_dict().items()}
+    restored = loaded.state_dict()
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    # the same training step from both gives the same weights: nothing was lost or reset
+    torch.manual_seed(1)
+    _train_a_little(student)
+    torch.manual_seed(1)
+    _train_a_little(loaded)
+    after, again = student.state_dict(), loaded.state_dict()
+    assert all(torch.allclose(after[k].float(), again[k].float(), atol=1e-6) for k in after)
+    assert not all(torch.equal(after[k], saved[k]) for k in after)  # the step did train
     assert bpl.relative_error(loaded, bpl.fuse(loaded), X) <= 1e-5
 
 

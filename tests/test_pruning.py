@@ -58,6 +58,43 @@ def test_channel_ratio_importances_and_round_to():
     assert abs(glob.bpl_prune_report.reduction - 0.5) <= 0.01
 
 
+def _known_answer_net() -> nn.Sequential:
+    """conv1's eight filters are built so that L2, L1, BN scale and FPGM keep different halves:
+    spikes (one large entry: large L2, small L1) and spreads (many small entries: the reverse)."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    w = torch.zeros(8, 3, 3, 3)
+    for i, v in {0: 3.0, 1: 2.5, 4: 1.5, 6: 0.1}.items():  # L2 = L1 = v
+        w[i, i % 3, 1, 1] = v
+    for i, v in {2: 0.2, 3: 0.15, 5: 0.12, 7: 0.01}.items():  # L2 = v * sqrt(27), L1 = 27 v
+        w[i] = v
+    with torch.no_grad():
+        m[0].weight.copy_(w)
+        m[1].weight.copy_(torch.tensor([0.1, 2, 0.2, 3, 0.3, 0.4, 4, 5]))
+    return m
+
+
+def test_each_criterion_keeps_the_channels_it_should():
+    x = torch.randn(2, 3, 16, 16)
+    filters = _known_answer_net()[0].weight.detach().flatten(1)
+    # FPGM keeps the filters farthest from the others (sum of distances), computed directly
+    far = sorted(torch.cdist(filters, filters).sum(1).argsort(descending=True)[:4].tolist())
+    expected = {
+        "l2": [0, 1, 2, 4],  # norms 3, 2.5, 1.04, 1.5 beat 0.78, 0.62, 0.1, 0.05
+        "l1": [0, 2, 3, 5],  # sums 3, 5.4, 4.05, 3.24 beat 2.5, 1.5, 0.27, 0.1
+        "bn-scale": [1, 3, 6, 7],  # |gamma| 2, 3, 4, 5
+        "fpgm": far,
+    }
+    assert expected["fpgm"] == [0, 1, 2, 4] and len({tuple(v) for v in expected.values()}) == 3
+    for name, keep in expected.items():
+        model = _known_answer_net()
+        pruned = bpl.prune(model, x, channel_ratio=0.5, importance=name)
+        kept = pruned[0].weight.detach().flatten(1)
+        found = sorted(int((filters - k).abs().sum(1).argmin()) for k in kept)
+        assert found == keep, name
+
+
 def test_l2_keeps_the_largest_filters():
     model = _seeded("tiny_vgg")
     conv = model.features[0]
