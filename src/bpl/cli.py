@@ -1,4 +1,4 @@
-"""The `bpl` command: train, compress, evaluate, profile, demo."""
+"""The `bpl` command: train, compress, evaluate, predict, profile, export, demo."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import PLACEMENTS, RECIPES, SELECT, Config, resolve_config
+from . import __version__
+from .cli_words import FlagWording, in_flags
+from .config import PLACEMENTS, RECIPES, SELECT, Config, resolve_config, resume_config
 from .errors import BPLError
 from .partner import INITS
 from .pruning import IMPORTANCES, SOFT_IMPORTANCES
@@ -31,8 +33,21 @@ EXAMPLES = {
 }
 
 
+_DEFAULTS = Config()
+
+
 def _flag(group, name: str, **kw: Any) -> None:
-    group.add_argument(f"--{name}", dest=name.replace("-", "_"), default=S, **kw)
+    """A config flag: unset unless given (so a --config file can fill it); --help shows
+    the default. A yes/no flag gets its --no-... switch too."""
+    dest = name.replace("-", "_")
+    default = getattr(_DEFAULTS, dest, None)
+    if kw.get("action") == "store_true":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif default is not None and default != []:
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        shown = f"{shown:.4g}" if isinstance(shown, float) else shown
+        kw["help"] = f"{kw.get('help', '')} (default: {shown})".lstrip()
+    group.add_argument(f"--{name}", dest=dest, default=S, **kw)
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
@@ -91,7 +106,11 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "soft-every", type=int, metavar="N", help="soft schedule: re-pick filters every N epochs")
     _flag(g, "importance", choices=IMPORTANCES,
           help=f"channel criterion; --soft takes {', '.join(SOFT_IMPORTANCES)}")
-    _flag(g, "global-pruning", action="store_true")
+    _flag(g, "global-pruning", action="store_true",
+          help="rank channels across all layers instead of the same ratio in each")
+    _flag(g, "accept-closest", action="store_true",
+          help="when --flops-reduction cannot be reached, keep the closest reachable "
+               "reduction instead of stopping with an error")
     _flag(g, "round-to", type=int, metavar="N", help="keep channel counts multiples of N")
     _flag(g, "init", choices=INITS,
           help="how partners start: preserve (partner BN scale 0; exact), split (a copy of the "
@@ -125,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress CNNs with Block-wise Partner Learning (Zhang et al., TNNLS 2023).",
         epilog="Start with `bpl demo`. Every command has --help with an example.",
     )
+    parser.add_argument("--version", action="version", version=f"bpl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -184,8 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
+    """Defaults < --config file < flags; with --resume, the run's own config.json instead."""
+    from .config import load_config_file
+    from .pipeline import run_dir_of
+
     skip = {"command", "config", "debug", "quiet"}
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    if overrides.get("resume"):
+        given = {**(load_config_file(args.config) if args.config else {}), **overrides}
+        out = given.get("out") or run_dir_of(resolve_config(base, args.config, overrides),
+                                             args.command)
+        return resume_config(out, args.command, given)
     return resolve_config(base, args.config, overrides)
 
 
@@ -293,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
+    wording = FlagWording()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(wording)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -302,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BPLError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         if args.debug:
             raise
-        print(f"bpl: error: {exc}", file=sys.stderr)
+        print(f"bpl: error: {in_flags(str(exc))}", file=sys.stderr)
         return 1
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "export_checkpoint",
     "load_data",
     "prepare_run_dir",
+    "run_dir_of",
     "profile_checkpoints",
     "train_baseline",
 ]
@@ -64,14 +65,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _run_dir(cfg: Config, command: str) -> Path:
+def run_dir_of(cfg: Config, command: str) -> Path:
     """``--out``, or ``runs/<command>-<arch>-<data>``."""
     return Path(cfg.out or f"runs/{command}-{cfg.arch}-{cfg.data}")
 
 
 def prepare_run_dir(cfg: Config, command: str) -> Path:
     """Create the run directory and save the resolved config; refuses to clobber a run."""
-    run_dir = _run_dir(cfg, command)
+    run_dir = run_dir_of(cfg, command)
     if (run_dir / "last.pt").exists() and not cfg.resume:
         raise BPLError(
             f"{run_dir} already holds a run; pass --resume to continue it or --out DIR for a new one"
@@ -79,7 +80,7 @@ def prepare_run_dir(cfg: Config, command: str) -> Path:
     if cfg.resume and not (run_dir / "last.pt").exists():
         raise BPLError(f"--resume: no last.pt in {run_dir}; run without --resume to start")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", {"command": command, **cfg.to_dict()})
+    write_json(run_dir / "config.json", {"command": command, **cfg.to_dict(command)})
     return run_dir
 
 
@@ -90,7 +91,7 @@ def _run(cfg: Config, command: str) -> Iterator[Path]:
     Under torchrun rank 0 prepares it (and loads the data first, see :func:`load_data`).
     """
     main = distributed.current().is_main
-    run_dir = _run_dir(cfg, command)
+    run_dir = run_dir_of(cfg, command)
     existed = run_dir.exists()
     with distributed.main_first():
         if main:
@@ -148,13 +149,20 @@ def _measure(model: nn.Module, cfg: Config, top1: float | None) -> dict[str, Any
             "latency_ms": prof.get("latency_ms")}
 
 
-def _resume_state(run_dir: Path) -> dict | None:
-    return load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").exists() else None
+def _resume_state(run_dir: Path, cfg: Config) -> dict | None:
+    """``last.pt`` of the run being resumed; more epochs than it has done may be asked, not fewer."""
+    if not (run_dir / "last.pt").exists():
+        return None
+    state = load_checkpoint(run_dir / "last.pt")
+    if state.get("epoch", 0) > cfg.epochs:
+        raise BPLError(f"--epochs {cfg.epochs} is fewer than the {state['epoch']} epochs {run_dir} "
+                       "has already trained; pass --epochs of at least that")
+    return state
 
 
 def _fit(cfg: Config, model: nn.Module, data, run_dir: Path, meta: dict[str, Any], *,
-         state: dict | None, progress: bool, loss_terms: dict[str, LossTerm] | None = None,
-         hooks: list | None = None) -> FitResult:
+         command: str, state: dict | None, progress: bool, started: float,
+         loss_terms: dict[str, LossTerm] | None = None, hooks: list | None = None) -> FitResult:
     """Train ``model`` on the training split, validating on the validation split."""
     return fit(
         model, data.train, data.val, TrainSettings.from_object(cfg), run_dir,
@@ -163,8 +171,9 @@ def _fit(cfg: Config, model: nn.Module, data, run_dir: Path, meta: dict[str, Any
         loss_terms=loss_terms,
         hooks=hooks or (),
         resume_state=state,
-        record=cfg.to_dict(),
+        record=cfg.to_dict(command),
         progress=progress,
+        started=started,
     )
 
 
@@ -208,24 +217,26 @@ def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any
     t0 = time.perf_counter()
     data = load_data(cfg, run_dir, progress)
     meta = _meta(cfg, data)
-    state = _resume_state(run_dir) if cfg.resume else None
+    state = _resume_state(run_dir, cfg) if cfg.resume else None
     if state is not None:
         model, _ = model_from_payload(state["model"])
     else:
         model = build_model(cfg.arch, data.num_classes, pretrained=cfg.pretrained, weights=cfg.weights)
-    result = _fit(cfg, model, data, run_dir, meta, state=state, progress=progress)
+    result = _fit(cfg, model, data, run_dir, meta, command="train", state=state,
+                  progress=progress, started=t0)
     if not distributed.current().is_main:
         return {}
     selected = _select(cfg, model, run_dir, result)
     final = _test(model, data, cfg, select_device(cfg.device))
     metrics = {
         "command": "train",
-        "config": cfg.to_dict(),
+        "config": cfg.to_dict("train"),
         "final": final,
         "selected": selected,
         "history": result.history,
         "models": {"baseline": _measure(model, cfg, final["top1"])},
-        "wall_time_s": time.perf_counter() - t0,
+        "wall_time_s": result.earlier_wall_time_s + time.perf_counter() - t0,
+        "segments": result.segments,
     }
     write_report(run_dir, metrics)
     return metrics
@@ -256,7 +267,7 @@ def _compress(
     main = distributed.current().is_main
     device = select_device(cfg.device)
     example = _example(cfg)
-    state = _resume_state(run_dir) if cfg.resume else None
+    state = _resume_state(run_dir, cfg) if cfg.resume else None
     hooks: list = []
     partner_args = dict(kernel_sizes=PLACEMENTS[cfg.placement], init=cfg.init,
                         share=cfg.partner_share)
@@ -284,15 +295,15 @@ def _compress(
     if cfg.distill:
         terms["distill"] = Distillation(baseline, temperature=cfg.distill_temperature,
                                         weight=cfg.distill_weight)
-    result = _fit(cfg, student, data, run_dir, meta, state=state, progress=progress,
-                  loss_terms=terms, hooks=hooks)
+    result = _fit(cfg, student, data, run_dir, meta, command="compress", state=state,
+                  progress=progress, started=t0, loss_terms=terms, hooks=hooks)
     if not main:
         return {}
     selected = _select(cfg, student, run_dir, result, soft=cfg.soft)
     student = student.cpu().eval()
     base_eval = _test(baseline, data, cfg, device)
     check_x = torch.stack([data.test[i][0] for i in range(min(8, len(data.test)))])
-    metrics: dict[str, Any] = {"command": "compress", "config": cfg.to_dict()}
+    metrics: dict[str, Any] = {"command": "compress", "config": cfg.to_dict("compress")}
     if cfg.soft:
         deploy = hooks[0].finalize(student, check_x, tol=cfg.verify_tol)
         metrics["removal_error"] = hooks[0].report.removal_error
@@ -316,7 +327,8 @@ def _compress(
         history=result.history,
         models=models,
         macs_reduction=1 - models["compressed"]["macs"] / models["baseline"]["macs"],
-        wall_time_s=time.perf_counter() - t0,
+        wall_time_s=result.earlier_wall_time_s + time.perf_counter() - t0,
+        segments=result.segments,
     )
     write_report(run_dir, metrics)
     return metrics

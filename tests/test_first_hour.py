@@ -1,0 +1,126 @@
+"""A newcomer's first hour: their own image folder through the `bpl` command, and bad inputs.
+
+Each test is one trap from issue 15, on a small generated image tree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from bpl.cli import main
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+QUICK = ["--image-size", "16", "--batch-size", "8", "--quiet", "--no-latency"]
+TINY = ["--arch", "tiny_resnet", "--epochs", "1"]
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def make_tree(root: Path, classes: int = 3, per_class: int = 10, size: int = 20,
+              names: list[str] | None = None) -> Path:
+    """``root/<class>/<i>.png``: noisy solid colours, one colour per class."""
+    g = torch.Generator().manual_seed(0)
+    names = names or [f"class{c}" for c in range(classes)]
+    for c, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        colour = torch.tensor(COLOURS[c % len(COLOURS)]) // (1 + c // len(COLOURS))
+        for i in range(per_class):
+            noise = torch.randint(0, 40, (size, size, 3), generator=g)
+            pixels = (noise + colour).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("data") / "scenes")
+
+
+@pytest.fixture(scope="module")
+def trained(tree, tmp_path_factory) -> Path:
+    """A baseline trained on the folder given with --data-root alone."""
+    out = tmp_path_factory.mktemp("runs") / "base"
+    assert run_cli("train", "--data-root", tree, *QUICK, *TINY, "--out", out) == 0
+    return out
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bpl: error:") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_data_root_alone_means_that_folder(trained):
+    config = json.loads((trained / "config.json").read_text())
+    split = json.loads((trained / "split.json").read_text())
+    assert config["data"] == "imagefolder"
+    assert split["classes"] == ["class0", "class1", "class2"]
+
+
+def test_resume_reads_the_runs_own_config(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    root = json.loads((trained / "config.json").read_text())["data_root"]
+    assert run_cli("train", "--data-root", root, *QUICK, *TINY, "--out", out) == 0
+    # more epochs, nothing else: the run's own settings (folder, size, arch) are used
+    assert run_cli("train", "--out", out, "--resume", "--epochs", "2", "--quiet") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["config"]["data"] == "imagefolder" and metrics["segments"] == 2
+    assert metrics["wall_time_s"] >= sum(h["epoch_time_s"] for h in metrics["history"])
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    # a setting the run was computed with cannot change under --resume
+    assert run_cli("train", "--out", out, "--resume", "--epochs", "3", "--lr", "0.5",
+                   "--quiet") == 1
+    err = one_line_error(capsys)
+    assert "--lr" in err and "--resume" in err and "--epochs" in err
+    # the saved config.json is a valid --config for a new run
+    assert run_cli("train", "--config", out / "config.json", "--out", tmp_path / "again",
+                   "--quiet", "--epochs", "1") == 0
+
+
+def test_train_config_has_no_compress_only_fields(trained):
+    config = json.loads((trained / "config.json").read_text())
+    assert config["command"] == "train"
+    assert not {"flops_reduction", "diversity_weight", "baseline", "partners"} & set(config)
+
+
+def test_errors_name_the_commands_flags(tmp_path, capsys):
+    assert run_cli("train", "--data", "imagefolder", *QUICK, "--out", tmp_path / "a") == 1
+    err = one_line_error(capsys)
+    assert "--data-root" in err and "root=" not in err
+    seven = make_tree(tmp_path / "seven", classes=7, per_class=3)
+    assert run_cli("train", "--data", "ucm", "--data-root", seven, *QUICK,
+                   "--out", tmp_path / "b") == 1
+    err = one_line_error(capsys)
+    assert "--data imagefolder" in err and "name=" not in err and "--data-root" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_every_bad_image_is_named_and_skip_bad_does_not_advise_itself(tmp_path, capsys,
+                                                                      caplog):
+    root = make_tree(tmp_path / "imgs", per_class=4)
+    for c in range(3):
+        (root / f"class{c}" / "broken.jpg").write_bytes(b"not an image")
+    assert run_cli("train", "--data-root", root, *QUICK, *TINY, "--out", tmp_path / "a") == 1
+    err = one_line_error(capsys)
+    assert "3 unreadable" in err and "--skip-bad" in err and "skip_bad" not in err
+    assert all(f"class{c}/broken.jpg" in err for c in range(3))
+    assert run_cli("train", "--data-root", root, *QUICK, *TINY, "--skip-bad",
+                   "--out", tmp_path / "b") == 0
+    logged = caplog.text
+    assert "class2/broken.jpg" in logged and "skip_bad" not in logged
+    assert "--skip-bad" not in logged
+
+
+def test_a_one_class_folder_is_refused(tmp_path, capsys):
+    root = make_tree(tmp_path / "one", classes=1)
+    assert run_cli("train", "--data-root", root, *QUICK, *TINY, "--out", tmp_path / "r") == 1
+    assert "at least 2" in one_line_error(capsys)
+    assert not (tmp_path / "r").exists()
