@@ -124,3 +124,77 @@ def test_a_one_class_folder_is_refused(tmp_path, capsys):
     assert run_cli("train", "--data-root", root, *QUICK, *TINY, "--out", tmp_path / "r") == 1
     assert "at least 2" in one_line_error(capsys)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_no_unsafe_advice(trained, tmp_path, capsys):
+    import torchvision
+
+    pickled = tmp_path / "whole_model.pt"
+    torch.save(torchvision.models.resnet18(num_classes=3), pickled)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    for path, what in ((pickled, "pickled Python objects"), (text, "not a PyTorch checkpoint")):
+        for args in (["evaluate", path], ["compress", "--baseline", path, *QUICK,
+                                          "--out", tmp_path / "c"]):
+            assert run_cli(*args) == 1
+            err = one_line_error(capsys)
+            assert what in err and "weights_only" not in err and "best.pt" in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_unreachable_macs_target_is_an_error_unless_accepted(trained, tmp_path, capsys):
+    args = ["compress", "--baseline", trained / "best.pt", *QUICK, "--epochs", "1",
+            "--flops-reduction", "0.999"]
+    assert run_cli(*args, "--out", tmp_path / "a") == 1
+    err = one_line_error(capsys)
+    assert "99.90%" in err and "--accept-closest" in err and "accept_closest" not in err
+    assert not (tmp_path / "a").exists()
+    assert run_cli(*args, "--accept-closest", "--out", tmp_path / "b") == 0
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert 0.98 < metrics["macs_reduction"] < 0.999
+
+
+def test_a_baseline_of_other_classes_is_refused(trained, tmp_path, capsys):
+    other = make_tree(tmp_path / "other", names=["cat", "dog", "eel"])
+    assert run_cli("compress", "--baseline", trained / "best.pt", "--data-root", other, *QUICK,
+                   "--epochs", "1", "--flops-reduction", "0.5", "--out", tmp_path / "r") == 1
+    err = one_line_error(capsys)
+    assert "class0" in err and "cat" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_compress_takes_the_baselines_data_and_size_and_says_when_they_differ(
+        trained, tmp_path, caplog):
+    assert run_cli("compress", "--baseline", trained / "best.pt", "--epochs", "1", "--quiet",
+                   "--no-latency", "--flops-reduction", "0.5", "--out", tmp_path / "a") == 0
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["image_size"] == 16 and config["data"] == "imagefolder"
+    assert "trained at" not in caplog.text
+    assert run_cli("compress", "--baseline", trained / "best.pt", "--epochs", "1", "--quiet",
+                   "--no-latency", "--flops-reduction", "0.5", "--image-size", "24",
+                   "--out", tmp_path / "b") == 0
+    assert "trained at 16 px" in caplog.text and "--image-size 24" in caplog.text
+
+
+def test_help_shows_defaults_version_and_off_switches(capsys):
+    from bpl import __version__
+    from bpl.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        run_cli("compress", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.7)" in text and "(default: 0.01)" in text and "--no-global-pruning" in text
+    with pytest.raises(SystemExit) as exit_:
+        run_cli("--version")
+    assert exit_.value.code == 0 and __version__ in capsys.readouterr().out
+    args = build_parser().parse_args(["compress", "--global-pruning", "--no-global-pruning"])
+    assert args.global_pruning is False
+
+
+def test_written_files_follow_the_umask(trained):
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("best.pt", "last.pt", "config.json", "metrics.json", "split.json", "report.md"):
+        assert (trained / name).stat().st_mode & 0o777 == 0o666 & ~umask, name

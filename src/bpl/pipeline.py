@@ -263,6 +263,7 @@ def _compress(
             f"{cfg.baseline} was trained for {base_meta.get('num_classes')} classes but "
             f"{cfg.data} has {data.num_classes}; pass the baseline trained on this dataset"
         )
+    _check_baseline_fits(cfg, base_meta, data)
     meta = _meta(cfg, data)
     main = distributed.current().is_main
     device = select_device(cfg.device)
@@ -282,6 +283,7 @@ def _compress(
             importance=cfg.importance,
             global_pruning=cfg.global_pruning,
             round_to=cfg.round_to,
+            accept_closest=cfg.accept_closest,
         )
         student = extend(pruned, **partner_args) if cfg.partners else pruned
     if cfg.soft:
@@ -332,6 +334,24 @@ def _compress(
     )
     write_report(run_dir, metrics)
     return metrics
+
+
+def _check_baseline_fits(cfg: Config, base_meta: dict[str, Any], data) -> None:
+    """Refuse a baseline trained on other classes; say so when its image size differs."""
+    classes = base_meta.get("classes")
+    if classes and list(classes) != list(data.classes):
+        def show(names) -> str:
+            return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise BPLError(
+            f"{cfg.baseline} was trained on the classes [{show(list(classes))}] but the data "
+            f"has [{show(list(data.classes))}]; pass the baseline trained on this data, or the "
+            "--data-root it was trained on"
+        )
+    size = base_meta.get("image_size")
+    if size and size != cfg.image_size:
+        log.warning("the baseline was trained at %d px but this run uses --image-size %d: "
+                    "its accuracy and MACs are measured at %d px; pass --image-size %d to "
+                    "keep the baseline's", size, cfg.image_size, cfg.image_size, size)
 
 
 def evaluate_checkpoint(
