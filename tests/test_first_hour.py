@@ -198,3 +198,39 @@ def test_written_files_follow_the_umask(trained):
     os.umask(umask)
     for name in ("best.pt", "last.pt", "config.json", "metrics.json", "split.json", "report.md"):
         assert (trained / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_the_compress_report_can_be_trusted(trained, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures: dict[str, Figure] = {}
+    save = Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        figures[Path(path).name] = fig
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    out = tmp_path / "bpl"
+    assert run_cli("compress", "--baseline", trained / "best.pt", *QUICK, "--epochs", "2",
+                   "--flops-reduction", "0.5", "--out", out) == 0
+    report = (out / "report.md").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    pruned = metrics["after_pruning"]
+    assert 0 <= pruned["test_top1"] <= 100 and 0 <= pruned["val_top1"] <= 100
+    assert "| right after pruning | +0 |" in report and "| baseline | 1 |" in report
+    assert "--no-partners" in report
+    assert "| class1 |" in report and "confusion.png" in report and (out / "confusion.png").exists()
+    assert set(figures) == {"curves.png", "accuracy_vs_macs.png", "confusion.png"}
+    for name, fig in figures.items():
+        for ax in fig.axes:
+            if ax.get_label() == "<colorbar>":
+                continue
+            assert ax.get_title(), f"{name}: an axis without a title"
+            if "%" in ax.get_ylabel():
+                assert ax.get_ylim()[1] <= 100, name
+    curves = figures["curves.png"].axes
+    ce_lines = [line.get_label() for line in curves[0].get_lines()]
+    assert not any("diversity" in label for label in ce_lines)
+    assert any("diversity" in line.get_label() for line in curves[1].get_lines())
+    assert any("baseline" in line.get_label() for line in curves[-1].get_lines())

@@ -133,6 +133,7 @@ def _meta(cfg: Config, data) -> dict[str, Any]:
         "mean": list(data.mean),
         "std": list(data.std),
         "image_size": cfg.image_size,
+        "epochs": cfg.epochs,
         "data": cfg.data,
         "data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
     }
@@ -199,11 +200,35 @@ def _select(cfg: Config, model: nn.Module, run_dir: Path, result: FitResult,
             "val_top1": result.best_val_top1}
 
 
-def _test(model: nn.Module, data, cfg: Config, device: torch.device) -> dict[str, Any]:
-    """The one evaluation of the test split, at the end of a run."""
-    loader = make_loader(data.test, batch_size=cfg.batch_size, train=False, device=device,
-                         shard=False)
+def _test(model: nn.Module, data, cfg: Config, device: torch.device,
+          part: str = "test") -> dict[str, Any]:
+    """The one evaluation of the test split, at the end of a run (or of another ``part``)."""
+    loader = make_loader(getattr(data, part), batch_size=cfg.batch_size, train=False,
+                         device=device, shard=False)
     return evaluate(model.to(device), loader, data.num_classes, device=device)
+
+
+def _phase_accuracy(model: nn.Module, data, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """Validation and test top-1 of ``model``: report figures only, nothing is chosen from them."""
+    out = {"test_top1": _test(model, data, cfg, device)["top1"]}
+    if data.val is not None and len(data.val):
+        out["val_top1"] = _test(model, data, cfg, device, "val")["top1"]
+    model.cpu()
+    return out
+
+
+def _after_pruning(pruned: nn.Module, data, cfg: Config, run_dir: Path,
+                   device: torch.device) -> dict[str, Any]:
+    """Accuracy right after pruning, before any fine-tuning; kept in the run for a resume."""
+    path = run_dir / "after_pruning.json"
+    if path.exists():
+        import json
+
+        return json.loads(path.read_text())
+    result = _phase_accuracy(pruned, data, cfg, device) if distributed.current().is_main else {}
+    if result:
+        write_json(path, result)
+    return result
 
 
 def train_baseline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
@@ -232,6 +257,7 @@ def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any
         "command": "train",
         "config": cfg.to_dict("train"),
         "final": final,
+        "classes": list(data.classes),
         "selected": selected,
         "history": result.history,
         "models": {"baseline": _measure(model, cfg, final["top1"])},
@@ -272,8 +298,11 @@ def _compress(
     hooks: list = []
     partner_args = dict(kernel_sizes=PLACEMENTS[cfg.placement], init=cfg.init,
                         share=cfg.partner_share)
+    after_pruning: dict[str, Any] = {}
     if state is not None:
         student, _ = model_from_payload(state["model"])
+        if (run_dir / "after_pruning.json").exists():
+            after_pruning = _after_pruning(student, data, cfg, run_dir, device)
     elif cfg.soft:
         student = extend(baseline.cpu(), **partner_args)
     else:
@@ -285,6 +314,7 @@ def _compress(
             round_to=cfg.round_to,
             accept_closest=cfg.accept_closest,
         )
+        after_pruning = _after_pruning(pruned, data, cfg, run_dir, device)
         student = extend(pruned, **partner_args) if cfg.partners else pruned
     if cfg.soft:
         hooks.append(SoftPruner(student, example, flops_reduction=cfg.flops_reduction,
@@ -304,6 +334,8 @@ def _compress(
     selected = _select(cfg, student, run_dir, result, soft=cfg.soft)
     student = student.cpu().eval()
     base_eval = _test(baseline, data, cfg, device)
+    if data.val is not None and len(data.val):  # the reference line of the curves
+        base_eval["val_top1"] = _test(baseline, data, cfg, device, "val")["top1"]
     check_x = torch.stack([data.test[i][0] for i in range(min(8, len(data.test)))])
     metrics: dict[str, Any] = {"command": "compress", "config": cfg.to_dict("compress")}
     if cfg.soft:
@@ -317,14 +349,17 @@ def _compress(
         deploy = student
     deploy_eval = _test(deploy, data, cfg, device)
     save_model(run_dir / "deploy.pt", deploy.cpu(), arch=cfg.arch, num_classes=data.num_classes,
-               meta=meta)
+               meta={**meta, "baseline_epochs": base_meta.get("epochs")})
     models = {
         "baseline": _measure(baseline, cfg, base_eval["top1"]),
         "compressed": _measure(deploy, cfg, deploy_eval["top1"]),
     }
     metrics.update(
         baseline=base_eval,
+        baseline_epochs=base_meta.get("epochs"),
+        after_pruning=after_pruning or None,
         final=deploy_eval,
+        classes=list(data.classes),
         selected=selected,
         history=result.history,
         models=models,
