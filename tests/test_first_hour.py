@@ -234,3 +234,35 @@ def test_the_compress_report_can_be_trusted(trained, tmp_path, monkeypatch):
     assert not any("diversity" in label for label in ce_lines)
     assert any("diversity" in line.get_label() for line in curves[1].get_lines())
     assert any("baseline" in line.get_label() for line in curves[-1].get_lines())
+
+
+def test_predict_with_a_checkpoint_and_an_onnx_file(trained, tree, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from bpl import __version__
+
+    out = tmp_path / "bpl"
+    assert run_cli("compress", "--baseline", trained / "best.pt", *QUICK, "--epochs", "1",
+                   "--flops-reduction", "0.5", "--out", out) == 0
+    onnx_file = tmp_path / "model.onnx"
+    assert run_cli("export", out / "deploy.pt", "--out", onnx_file) == 0
+    props = {p.key: json.loads(p.value) for p in onnx.load(onnx_file).metadata_props}
+    assert props["classes"] == ["class0", "class1", "class2"] and props["image_size"] == 16
+    assert props["bpl_version"] == __version__ and len(props["mean"]) == len(props["std"]) == 3
+    capsys.readouterr()
+    images = [tree / "class0" / "0.png", tree / "class2"]
+    answers = {}
+    for model in (out / "deploy.pt", onnx_file):
+        assert run_cli("predict", model, *images, "--top-k", "2", "--json", "--quiet") == 0
+        answers[model.suffix] = json.loads(capsys.readouterr().out)
+    pt, ox = answers[".pt"], answers[".onnx"]
+    assert len(pt) == 11 and [r["image"] for r in pt] == [r["image"] for r in ox]
+    for a, b in zip(pt, ox):
+        assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
+        assert len(a["top"]) == 2 and a["top"][0]["probability"] >= a["top"][1]["probability"]
+        assert a["top"][0]["probability"] == pytest.approx(b["top"][0]["probability"], abs=1e-4)
+    assert run_cli("predict", out / "deploy.pt", images[0], "--quiet") == 0
+    table = capsys.readouterr().out
+    assert "0.png" in table and "class0" in table and "%" in table
+    assert run_cli("predict", out / "deploy.pt", tmp_path / "nothing-here") == 1

@@ -29,6 +29,7 @@ EXAMPLES = {
     "evaluate": "bpl evaluate runs/ucm-r18-bpl/deploy.pt --data-root ../shared/data/ucmerced",
     "profile": "bpl profile runs/ucm-r18/best.pt runs/ucm-r18-bpl/deploy.pt --batch-size 1 16",
     "demo": "bpl demo --out runs/demo",
+    "predict": "bpl predict runs/ucm-r18-bpl/deploy.pt photos/ --top-k 3",
     "export": "bpl export runs/ucm-r18-bpl/deploy.pt --format onnx --out deploy.onnx",
 }
 
@@ -177,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _common(p)
 
+    p = command("predict", "the top classes of images, from a deploy.pt or an exported .onnx")
+    p.add_argument("model", help="a checkpoint bpl wrote (deploy.pt) or an ONNX file from bpl export")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="images, or folders of them")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    _common(p)
+
     p = command("profile", "MACs, params and CPU latency of one or two checkpoints")
     p.add_argument("checkpoints", nargs="+", metavar="checkpoint", help="one, or baseline and compressed")
     p.add_argument("--image-size", type=int, help="input size (default: the checkpoint's)")
@@ -282,6 +291,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import format_table, predict
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise BPLError("--top-k and --batch-size must be at least 1")
+    results = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                      progress=not args.quiet)
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
+
+
 def _cmd_profile(args: argparse.Namespace) -> int:
     from .pipeline import profile_checkpoints
 
@@ -327,6 +347,7 @@ COMMANDS = {
     "train": _cmd_train,
     "compress": _cmd_compress,
     "evaluate": _cmd_evaluate,
+    "predict": _cmd_predict,
     "profile": _cmd_profile,
     "demo": _cmd_demo,
     "export": _cmd_export,

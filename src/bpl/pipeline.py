@@ -508,12 +508,15 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """`bpl export`: a checkpoint to ONNX/TorchScript (fused, BN folded), parity-checked."""
     from .export import export
+    from .predict import onnx_metadata
 
     model, meta = load_model(path)
     size = image_size or meta.get("image_size", 224)
     suffix = ".onnx" if format == "onnx" else ".torchscript.pt"
     out = Path(out) if out else Path(path).with_suffix(suffix)
-    return export(model, torch.randn(1, 3, size, size), out, format=format, tol=tol)
+    metadata = onnx_metadata({**meta, "image_size": size}) if format == "onnx" else None
+    return export(model, torch.randn(1, 3, size, size), out, format=format, tol=tol,
+                  metadata=metadata)
 
 
 #: The demo's settings: small enough for about two minutes on two CPU cores.
