@@ -174,7 +174,7 @@ def _unreadable(path: Path, exc: Exception) -> str:
             f"{path} is not a bpl checkpoint or a state_dict: it holds pickled Python objects "
             "(e.g. a whole model saved with torch.save(model)), which bpl does not unpickle; "
             "pass a checkpoint bpl wrote (best.pt, deploy.pt), or save model.state_dict() "
-            "and pass that file with --arch"
+            "and start from it with `bpl train --weights FILE --arch NAME`"
         )
     return (
         f"{path} is not a PyTorch checkpoint (torch.load cannot read it); pass a .pt file bpl wrote "
