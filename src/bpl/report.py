@@ -65,6 +65,10 @@ def _curves(plt, history: list[dict[str, Any]], metrics: dict[str, Any]):
     terms = [k for k in history[-1] if k.startswith("train_") and k not in _NOT_TERMS]
     n = 3 if terms else 2
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.8))
+    marker = "o" if len(epochs) <= 20 else None  # a run of few epochs still shows its points
+    for ax in axes:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_prop_cycle(marker=[marker] * 10, color=plt.rcParams["axes.prop_cycle"].by_key()["color"])
     ax_loss, ax_acc = axes[0], axes[-1]
     validated = all("val_loss" in h for h in history)
     ax_loss.plot(epochs, [h.get("train_ce", h["train_loss"]) for h in history],
