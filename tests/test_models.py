@@ -158,7 +158,7 @@ def test_bad_checkpoints_name_the_file_and_problem(tmp_path):
         bpl.load_model(missing)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file at all")
-    with pytest.raises(BPLError, match="garbage.pt as a weights-only torch file"):
+    with pytest.raises(BPLError, match="garbage.pt is not a PyTorch checkpoint"):
         bpl.load_model(garbage)
     plain = tmp_path / "plain.pt"
     torch.save(bpl.build_model("tiny_vgg", 10).state_dict(), plain)

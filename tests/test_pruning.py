@@ -193,8 +193,11 @@ def test_both_or_neither_target():
 def test_unreachable_target_says_what_was_reached():
     model = _seeded("tiny_resnet")
     keep = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and "layer3" not in n]
-    with pytest.raises(BPLError, match=r"cannot be reached: the maximum channel ratio .* gives \d"):
+    with pytest.raises(BPLError, match=r"cannot be reached: the most this model allows is "
+                       r"\d+\.\d+% \(the maximum channel ratio.*accept_closest=True"):
         bpl.prune(model, X32, flops_reduction=0.9, ignored_layers=keep)
+    closest = bpl.prune(model, X32, flops_reduction=0.9, ignored_layers=keep, accept_closest=True)
+    assert closest.bpl_prune_report.reduction < 0.9
 
 
 def test_ignored_layers_not_in_model():

@@ -1,4 +1,4 @@
-"""The `bpl` command: train, compress, evaluate, profile, demo."""
+"""The `bpl` command: train, compress, evaluate, predict, profile, export, demo."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import PLACEMENTS, RECIPES, SELECT, Config, resolve_config
+from . import __version__
+from .cli_words import FlagWording, in_flags
+from .config import PLACEMENTS, RECIPES, SELECT, Config, resolve_config, resume_config
 from .errors import BPLError
 from .partner import INITS
 from .pruning import IMPORTANCES, SOFT_IMPORTANCES
@@ -27,12 +29,26 @@ EXAMPLES = {
     "evaluate": "bpl evaluate runs/ucm-r18-bpl/deploy.pt --data-root ../shared/data/ucmerced",
     "profile": "bpl profile runs/ucm-r18/best.pt runs/ucm-r18-bpl/deploy.pt --batch-size 1 16",
     "demo": "bpl demo --out runs/demo",
+    "predict": "bpl predict runs/ucm-r18-bpl/deploy.pt photos/ --top-k 3",
     "export": "bpl export runs/ucm-r18-bpl/deploy.pt --format onnx --out deploy.onnx",
 }
 
 
+_DEFAULTS = Config()
+
+
 def _flag(group, name: str, **kw: Any) -> None:
-    group.add_argument(f"--{name}", dest=name.replace("-", "_"), default=S, **kw)
+    """A config flag: unset unless given (so a --config file can fill it); --help shows
+    the default. A yes/no flag gets its --no-... switch too."""
+    dest = name.replace("-", "_")
+    default = getattr(_DEFAULTS, dest, None)
+    if kw.get("action") == "store_true":
+        kw["action"] = argparse.BooleanOptionalAction
+    elif default is not None and default != []:
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        shown = f"{shown:.4g}" if isinstance(shown, float) else shown
+        kw["help"] = f"{kw.get('help', '')} (default: {shown})".lstrip()
+    group.add_argument(f"--{name}", dest=dest, default=S, **kw)
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
@@ -91,7 +107,11 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "soft-every", type=int, metavar="N", help="soft schedule: re-pick filters every N epochs")
     _flag(g, "importance", choices=IMPORTANCES,
           help=f"channel criterion; --soft takes {', '.join(SOFT_IMPORTANCES)}")
-    _flag(g, "global-pruning", action="store_true")
+    _flag(g, "global-pruning", action="store_true",
+          help="rank channels across all layers instead of the same ratio in each")
+    _flag(g, "accept-closest", action="store_true",
+          help="when --flops-reduction cannot be reached, keep the closest reachable "
+               "reduction instead of stopping with an error")
     _flag(g, "round-to", type=int, metavar="N", help="keep channel counts multiples of N")
     _flag(g, "init", choices=INITS,
           help="how partners start: preserve (partner BN scale 0; exact), split (a copy of the "
@@ -125,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress CNNs with Block-wise Partner Learning (Zhang et al., TNNLS 2023).",
         epilog="Start with `bpl demo`. Every command has --help with an example.",
     )
+    parser.add_argument("--version", action="version", version=f"bpl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -157,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _common(p)
 
+    p = command("predict", "the top classes of images, from a deploy.pt or an exported .onnx")
+    p.add_argument("model", help="a checkpoint bpl wrote (deploy.pt) or an ONNX file from bpl export")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="images, or folders of them")
+    p.add_argument("--top-k", type=int, default=5, help="classes shown per image (default: 5)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    _common(p)
+
     p = command("profile", "MACs, params and CPU latency of one or two checkpoints")
     p.add_argument("checkpoints", nargs="+", metavar="checkpoint", help="one, or baseline and compressed")
     p.add_argument("--image-size", type=int, help="input size (default: the checkpoint's)")
@@ -184,9 +213,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
+    """Defaults < --config file < flags; with --resume, the run's own config.json instead."""
+    from .config import load_config_file
+    from .pipeline import run_dir_of
+
     skip = {"command", "config", "debug", "quiet"}
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
+    if args.command == "compress" and not overrides.get("resume"):
+        base = {**_baseline_defaults(args, overrides), **(base or {})}
+    if overrides.get("resume"):
+        given = {**(load_config_file(args.config) if args.config else {}), **overrides}
+        out = given.get("out") or run_dir_of(resolve_config(base, args.config, overrides),
+                                             args.command)
+        return resume_config(out, args.command, given)
     return resolve_config(base, args.config, overrides)
+
+
+def _baseline_defaults(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The data and image size a baseline was trained on: compress's defaults for them."""
+    from .config import load_config_file
+    from .models import load_checkpoint
+
+    path = overrides.get("baseline") or (
+        load_config_file(args.config).get("baseline") if args.config else None)
+    try:
+        meta = load_checkpoint(path, model_only=True).get("meta", {}) if path else {}
+    except BPLError:
+        return {}  # compress itself says what is wrong with the file
+    given = {**(load_config_file(args.config) if args.config else {}), **overrides}
+    # a folder of the user's own replaces the baseline's data entirely
+    keys = ("image_size",) if "data_root" in given else ("data", "data_root", "image_size")
+    return {k: meta[k] for k in keys if meta.get(k) is not None}
 
 
 def _run_training(job, args: argparse.Namespace) -> int:
@@ -231,6 +288,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
               f"({metrics['samples']} test images)")
         for name, acc in zip(metrics["classes"], metrics["per_class_top1"]):
             print(f"  {name:<24} {acc:6.2f}%")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import format_table, predict
+
+    if args.top_k < 1 or args.batch_size < 1:
+        raise BPLError("--top-k and --batch-size must be at least 1")
+    results = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                      progress=not args.quiet)
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
     return 0
 
 
@@ -279,6 +347,7 @@ COMMANDS = {
     "train": _cmd_train,
     "compress": _cmd_compress,
     "evaluate": _cmd_evaluate,
+    "predict": _cmd_predict,
     "profile": _cmd_profile,
     "demo": _cmd_demo,
     "export": _cmd_export,
@@ -293,6 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         stream=sys.stderr,
     )
+    wording = FlagWording()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(wording)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -302,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BPLError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         if args.debug:
             raise
-        print(f"bpl: error: {exc}", file=sys.stderr)
+        print(f"bpl: error: {in_flags(str(exc))}", file=sys.stderr)
         return 1
 
 

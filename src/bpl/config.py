@@ -17,7 +17,17 @@ from .errors import BPLError
 from .partner import INITS
 from .pruning import SOFT_IMPORTANCES
 
-__all__ = ["Config", "PLACEMENTS", "RECIPES", "SELECT", "load_config_file", "resolve_config"]
+__all__ = [
+    "COMPRESS_ONLY",
+    "Config",
+    "PLACEMENTS",
+    "RECIPES",
+    "RESUME_SAFE",
+    "SELECT",
+    "load_config_file",
+    "resolve_config",
+    "resume_config",
+]
 
 #: Where partners go: the paper's 3x3/5x5 convs, or every conv (1x1 and 7x7 included).
 PLACEMENTS: dict[str, tuple[int, ...] | None] = {"paper": (3, 5), "all": None}
@@ -59,6 +69,7 @@ class Config:
     label_smoothing: float = 0.0
     # compression
     flops_reduction: float = 0.7
+    accept_closest: bool = False
     soft: bool = False
     soft_every: int = 1
     importance: str = "l2"
@@ -86,8 +97,26 @@ class Config:
     verify_tol: float = 1e-4
     latency: bool = True
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, command: str | None = None) -> dict[str, Any]:
+        """All fields, or the settings of a ``command`` (``train``/``compress``) run: only
+        the fields it uses, and not ``resume`` (an action, so the saved file is a valid
+        ``--config`` for a new run)."""
+        out = dataclasses.asdict(self)
+        drop = {"train": COMPRESS_ONLY | {"resume"},
+                "compress": TRAIN_ONLY | {"resume"}}.get(command or "", set())
+        return {k: v for k, v in out.items() if k not in drop}
+
+
+#: Fields only `bpl compress` reads (a train run's config.json leaves them out).
+COMPRESS_ONLY = frozenset({
+    "baseline", "flops_reduction", "accept_closest", "soft", "soft_every", "importance",
+    "global_pruning", "round_to", "init", "partner_share", "placement", "diversity_weight",
+    "granularity", "partners", "distill", "distill_temperature", "distill_weight", "verify_tol",
+})
+#: Fields only `bpl train` reads.
+TRAIN_ONLY = frozenset({"weights", "pretrained"})
+#: What ``--resume`` lets a flag change: none of it alters what the run computes so far.
+RESUME_SAFE = frozenset({"epochs", "device", "workers", "latency", "cache_dir", "out", "resume"})
 
 
 #: Named recipes; a recipe fills fields before the config file and the flags do.
@@ -134,6 +163,7 @@ def read_options_file(
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON config file into a dict of known fields (``-`` or ``_`` keys)."""
     out = read_options_file(path)
+    out.pop("command", None)  # a run's own config.json names the command that wrote it
     unknown = sorted(set(out) - set(_FIELDS))
     if unknown:
         raise BPLError(
@@ -158,9 +188,67 @@ def resolve_config(
         values.update(RECIPES[recipe])
     values.update(from_file)
     values.update(overrides)
+    if values.get("data_root") and "data" not in values:
+        # a folder without a dataset name is the user's own data, never the bundled digits
+        from .data.registry import guess_dataset
+
+        values["data"] = guess_dataset(values["data_root"])
     cfg = Config(**values)
     _check(cfg)
     return cfg
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resume_config(run_dir: str | Path, command: str, overrides: dict[str, Any]) -> Config:
+    """The config of the run in ``run_dir`` (its own ``config.json``), to continue it.
+
+    ``overrides`` (flags and ``--config`` values given with ``--resume``) may change only
+    :data:`RESUME_SAFE` fields, e.g. more ``--epochs``; any other value that differs from
+    the run's is refused, since the run so far was computed with the saved one.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise BPLError(f"--resume: no run in {run_dir} (no config.json); run without --resume "
+                       "to start one, or pass --out with the run directory")
+    raw = read_options_file(path)
+    saved_command = raw.pop("command", command)
+    if saved_command != command:
+        raise BPLError(f"{run_dir} is a `bpl {saved_command}` run; continue it with "
+                       f"`bpl {saved_command} --out {run_dir} --resume`")
+    saved = {k: v for k, v in raw.items() if k in _FIELDS}
+    changed = []
+    for key, value in overrides.items():
+        if key in RESUME_SAFE or key not in _FIELDS:
+            continue
+        was = saved.get(key, _FIELDS[key].default if _FIELDS[key].default is not
+                        dataclasses.MISSING else _FIELDS[key].default_factory())
+        if _normal(value) != _normal(was):
+            changed.append(f"{_flag(key)} {value!r} (the run has {was!r})")
+    if changed:
+        raise BPLError(
+            f"--resume continues {run_dir} with the settings in its config.json; "
+            f"{'; '.join(changed)}: leave these out, or start a new run with another --out "
+            f"(with --resume only {', '.join(_flag(k) for k in sorted(RESUME_SAFE - {'out', 'resume'}))} "
+            "may change)"
+        )
+    values = {**saved, **{k: v for k, v in overrides.items() if k in RESUME_SAFE}}
+    values.update(out=str(run_dir), resume=True)
+    cfg = Config(**values)
+    _check(cfg)
+    return cfg
+
+
+def _normal(value: Any) -> Any:
+    """Compare config values as JSON would store them (tuples as lists, ints as floats)."""
+    if isinstance(value, tuple | list):
+        return [_normal(v) for v in value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _check(cfg: Config) -> None:

@@ -113,6 +113,8 @@ class FitResult:
     best_epoch: int = 0  # the epoch in best.pt: best validation top-1 (the last without one)
     best_val_top1: float | None = None
     resumed_from: int = 0
+    earlier_wall_time_s: float = 0.0  # wall time of the segments before a resume
+    segments: int = 1  # how many runs (the first and each resume) made this one
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -313,6 +315,7 @@ def fit(
     resume_state: dict | None = None,
     record: Mapping[str, Any] | None = None,
     progress: bool = True,
+    started: float | None = None,
 ) -> FitResult:
     """Train ``model`` for ``settings.epochs`` epochs, checkpointing ``last.pt`` and ``best.pt``.
 
@@ -324,7 +327,11 @@ def fit(
     so the last). ``payload(model)`` turns the model into the dict stored in a
     checkpoint; ``record`` (the run's config) is stored beside it. ``resume_state`` is
     a ``last.pt`` loaded by the caller, whose model weights are already in ``model``.
+    ``started`` (a ``time.perf_counter()`` value, default: now) is when this segment of the
+    run began; each checkpoint adds its time to that of the earlier segments, so a
+    resumed run reports its whole wall time (``FitResult.earlier_wall_time_s``).
     """
+    started = time.perf_counter() if started is None else started
     run_dir = Path(run_dir)
     ctx = distributed.current()
     device = select_device(settings.device)
@@ -360,6 +367,8 @@ def fit(
         result.history = list(resume_state["history"])
         result.best_val_top1 = resume_state.get("best_val_top1")
         result.best_epoch = resume_state["best_epoch"]
+        result.earlier_wall_time_s = resume_state.get("wall_time_s", 0.0)
+        result.segments = resume_state.get("segments", 1) + 1
         _set_rng_state(resume_state["rng"])
         log.info("resuming after epoch %d of %d", start, settings.epochs)
     net = distributed.wrap(model, device, sync_bn=settings.sync_bn)  # DDP under torchrun
@@ -404,6 +413,8 @@ def fit(
                 "config": dict(record or {}),
                 "best_val_top1": result.best_val_top1,
                 "best_epoch": result.best_epoch,
+                "wall_time_s": result.earlier_wall_time_s + time.perf_counter() - started,
+                "segments": result.segments,
             }
             if improved:
                 atomic_save(state["model"], run_dir / "best.pt")

@@ -22,7 +22,11 @@ class DataError(BPLError):
 
 
 class CorruptImageError(DataError):
-    """An image file could not be decoded."""
+    """An image file could not be decoded (``reason``: the decoder's complaint, short)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class ChecksumError(DataError):

@@ -34,6 +34,13 @@ def _write_onnx(model: nn.Module, x: torch.Tensor, path: str, opset: int) -> Non
         )
 
 
+def _set_onnx_metadata(path: str, metadata: dict[str, str]) -> None:
+    onnx, _ = _require_onnx()
+    proto = onnx.load(path)
+    onnx.helper.set_model_props(proto, {str(k): str(v) for k, v in metadata.items()})
+    onnx.save(proto, path)
+
+
 def _require_onnx():
     """The onnx and onnxruntime modules, or a clear error naming the extra to install."""
     try:
@@ -66,13 +73,16 @@ def export(
     tol: float = 1e-4,
     check_batch_sizes: tuple[int, ...] = (1, 5),
     opset: int = 17,
+    metadata: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Fold BN (fusing partners first), export with a dynamic batch axis, check parity.
 
     The exported file is run (onnxruntime, or the loaded TorchScript module) on random
     inputs of each batch size in ``check_batch_sizes`` and compared with ``model`` in
     PyTorch; above ``tol`` max relative error nothing is written and
-    :class:`~bpl.errors.VerificationError` is raised.
+    :class:`~bpl.errors.VerificationError` is raised. ``metadata`` (ONNX only) goes into
+    the file's ``metadata_props`` (`bpl export` writes class names, mean/std, input size
+    and the bpl version there, and `bpl predict` reads them back).
     """
     if format not in FORMATS:
         raise BPLError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -88,6 +98,8 @@ def export(
     with atomic_path(path) as tmp:  # nothing is written unless the parity check passes
         if format == "onnx":
             _write_onnx(deploy, x, str(tmp), opset)
+            if metadata:
+                _set_onnx_metadata(str(tmp), metadata)
             run = _onnx_runner(str(tmp))
         else:
             with warnings.catch_warnings():

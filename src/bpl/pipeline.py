@@ -57,6 +57,7 @@ __all__ = [
     "export_checkpoint",
     "load_data",
     "prepare_run_dir",
+    "run_dir_of",
     "profile_checkpoints",
     "train_baseline",
 ]
@@ -64,14 +65,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _run_dir(cfg: Config, command: str) -> Path:
+def run_dir_of(cfg: Config, command: str) -> Path:
     """``--out``, or ``runs/<command>-<arch>-<data>``."""
     return Path(cfg.out or f"runs/{command}-{cfg.arch}-{cfg.data}")
 
 
 def prepare_run_dir(cfg: Config, command: str) -> Path:
     """Create the run directory and save the resolved config; refuses to clobber a run."""
-    run_dir = _run_dir(cfg, command)
+    run_dir = run_dir_of(cfg, command)
     if (run_dir / "last.pt").exists() and not cfg.resume:
         raise BPLError(
             f"{run_dir} already holds a run; pass --resume to continue it or --out DIR for a new one"
@@ -79,7 +80,7 @@ def prepare_run_dir(cfg: Config, command: str) -> Path:
     if cfg.resume and not (run_dir / "last.pt").exists():
         raise BPLError(f"--resume: no last.pt in {run_dir}; run without --resume to start")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", {"command": command, **cfg.to_dict()})
+    write_json(run_dir / "config.json", {"command": command, **cfg.to_dict(command)})
     return run_dir
 
 
@@ -90,7 +91,7 @@ def _run(cfg: Config, command: str) -> Iterator[Path]:
     Under torchrun rank 0 prepares it (and loads the data first, see :func:`load_data`).
     """
     main = distributed.current().is_main
-    run_dir = _run_dir(cfg, command)
+    run_dir = run_dir_of(cfg, command)
     existed = run_dir.exists()
     with distributed.main_first():
         if main:
@@ -132,6 +133,7 @@ def _meta(cfg: Config, data) -> dict[str, Any]:
         "mean": list(data.mean),
         "std": list(data.std),
         "image_size": cfg.image_size,
+        "epochs": cfg.epochs,
         "data": cfg.data,
         "data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
     }
@@ -148,13 +150,20 @@ def _measure(model: nn.Module, cfg: Config, top1: float | None) -> dict[str, Any
             "latency_ms": prof.get("latency_ms")}
 
 
-def _resume_state(run_dir: Path) -> dict | None:
-    return load_checkpoint(run_dir / "last.pt") if (run_dir / "last.pt").exists() else None
+def _resume_state(run_dir: Path, cfg: Config) -> dict | None:
+    """``last.pt`` of the run being resumed; more epochs than it has done may be asked, not fewer."""
+    if not (run_dir / "last.pt").exists():
+        return None
+    state = load_checkpoint(run_dir / "last.pt")
+    if state.get("epoch", 0) > cfg.epochs:
+        raise BPLError(f"--epochs {cfg.epochs} is fewer than the {state['epoch']} epochs {run_dir} "
+                       "has already trained; pass --epochs of at least that")
+    return state
 
 
 def _fit(cfg: Config, model: nn.Module, data, run_dir: Path, meta: dict[str, Any], *,
-         state: dict | None, progress: bool, loss_terms: dict[str, LossTerm] | None = None,
-         hooks: list | None = None) -> FitResult:
+         command: str, state: dict | None, progress: bool, started: float,
+         loss_terms: dict[str, LossTerm] | None = None, hooks: list | None = None) -> FitResult:
     """Train ``model`` on the training split, validating on the validation split."""
     return fit(
         model, data.train, data.val, TrainSettings.from_object(cfg), run_dir,
@@ -163,8 +172,9 @@ def _fit(cfg: Config, model: nn.Module, data, run_dir: Path, meta: dict[str, Any
         loss_terms=loss_terms,
         hooks=hooks or (),
         resume_state=state,
-        record=cfg.to_dict(),
+        record=cfg.to_dict(command),
         progress=progress,
+        started=started,
     )
 
 
@@ -190,11 +200,35 @@ def _select(cfg: Config, model: nn.Module, run_dir: Path, result: FitResult,
             "val_top1": result.best_val_top1}
 
 
-def _test(model: nn.Module, data, cfg: Config, device: torch.device) -> dict[str, Any]:
-    """The one evaluation of the test split, at the end of a run."""
-    loader = make_loader(data.test, batch_size=cfg.batch_size, train=False, device=device,
-                         shard=False)
+def _test(model: nn.Module, data, cfg: Config, device: torch.device,
+          part: str = "test") -> dict[str, Any]:
+    """The one evaluation of the test split, at the end of a run (or of another ``part``)."""
+    loader = make_loader(getattr(data, part), batch_size=cfg.batch_size, train=False,
+                         device=device, shard=False)
     return evaluate(model.to(device), loader, data.num_classes, device=device)
+
+
+def _phase_accuracy(model: nn.Module, data, cfg: Config, device: torch.device) -> dict[str, Any]:
+    """Validation and test top-1 of ``model``: report figures only, nothing is chosen from them."""
+    out = {"test_top1": _test(model, data, cfg, device)["top1"]}
+    if data.val is not None and len(data.val):
+        out["val_top1"] = _test(model, data, cfg, device, "val")["top1"]
+    model.cpu()
+    return out
+
+
+def _after_pruning(pruned: nn.Module, data, cfg: Config, run_dir: Path,
+                   device: torch.device) -> dict[str, Any]:
+    """Accuracy right after pruning, before any fine-tuning; kept in the run for a resume."""
+    path = run_dir / "after_pruning.json"
+    if path.exists():
+        import json
+
+        return json.loads(path.read_text())
+    result = _phase_accuracy(pruned, data, cfg, device) if distributed.current().is_main else {}
+    if result:
+        write_json(path, result)
+    return result
 
 
 def train_baseline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
@@ -208,24 +242,27 @@ def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any
     t0 = time.perf_counter()
     data = load_data(cfg, run_dir, progress)
     meta = _meta(cfg, data)
-    state = _resume_state(run_dir) if cfg.resume else None
+    state = _resume_state(run_dir, cfg) if cfg.resume else None
     if state is not None:
         model, _ = model_from_payload(state["model"])
     else:
         model = build_model(cfg.arch, data.num_classes, pretrained=cfg.pretrained, weights=cfg.weights)
-    result = _fit(cfg, model, data, run_dir, meta, state=state, progress=progress)
+    result = _fit(cfg, model, data, run_dir, meta, command="train", state=state,
+                  progress=progress, started=t0)
     if not distributed.current().is_main:
         return {}
     selected = _select(cfg, model, run_dir, result)
     final = _test(model, data, cfg, select_device(cfg.device))
     metrics = {
         "command": "train",
-        "config": cfg.to_dict(),
+        "config": cfg.to_dict("train"),
         "final": final,
+        "classes": list(data.classes),
         "selected": selected,
         "history": result.history,
         "models": {"baseline": _measure(model, cfg, final["top1"])},
-        "wall_time_s": time.perf_counter() - t0,
+        "wall_time_s": result.earlier_wall_time_s + time.perf_counter() - t0,
+        "segments": result.segments,
     }
     write_report(run_dir, metrics)
     return metrics
@@ -252,16 +289,20 @@ def _compress(
             f"{cfg.baseline} was trained for {base_meta.get('num_classes')} classes but "
             f"{cfg.data} has {data.num_classes}; pass the baseline trained on this dataset"
         )
+    _check_baseline_fits(cfg, base_meta, data)
     meta = _meta(cfg, data)
     main = distributed.current().is_main
     device = select_device(cfg.device)
     example = _example(cfg)
-    state = _resume_state(run_dir) if cfg.resume else None
+    state = _resume_state(run_dir, cfg) if cfg.resume else None
     hooks: list = []
     partner_args = dict(kernel_sizes=PLACEMENTS[cfg.placement], init=cfg.init,
                         share=cfg.partner_share)
+    after_pruning: dict[str, Any] = {}
     if state is not None:
         student, _ = model_from_payload(state["model"])
+        if (run_dir / "after_pruning.json").exists():
+            after_pruning = _after_pruning(student, data, cfg, run_dir, device)
     elif cfg.soft:
         student = extend(baseline.cpu(), **partner_args)
     else:
@@ -271,7 +312,9 @@ def _compress(
             importance=cfg.importance,
             global_pruning=cfg.global_pruning,
             round_to=cfg.round_to,
+            accept_closest=cfg.accept_closest,
         )
+        after_pruning = _after_pruning(pruned, data, cfg, run_dir, device)
         student = extend(pruned, **partner_args) if cfg.partners else pruned
     if cfg.soft:
         hooks.append(SoftPruner(student, example, flops_reduction=cfg.flops_reduction,
@@ -284,15 +327,17 @@ def _compress(
     if cfg.distill:
         terms["distill"] = Distillation(baseline, temperature=cfg.distill_temperature,
                                         weight=cfg.distill_weight)
-    result = _fit(cfg, student, data, run_dir, meta, state=state, progress=progress,
-                  loss_terms=terms, hooks=hooks)
+    result = _fit(cfg, student, data, run_dir, meta, command="compress", state=state,
+                  progress=progress, started=t0, loss_terms=terms, hooks=hooks)
     if not main:
         return {}
     selected = _select(cfg, student, run_dir, result, soft=cfg.soft)
     student = student.cpu().eval()
     base_eval = _test(baseline, data, cfg, device)
+    if data.val is not None and len(data.val):  # the reference line of the curves
+        base_eval["val_top1"] = _test(baseline, data, cfg, device, "val")["top1"]
     check_x = torch.stack([data.test[i][0] for i in range(min(8, len(data.test)))])
-    metrics: dict[str, Any] = {"command": "compress", "config": cfg.to_dict()}
+    metrics: dict[str, Any] = {"command": "compress", "config": cfg.to_dict("compress")}
     if cfg.soft:
         deploy = hooks[0].finalize(student, check_x, tol=cfg.verify_tol)
         metrics["removal_error"] = hooks[0].report.removal_error
@@ -304,22 +349,44 @@ def _compress(
         deploy = student
     deploy_eval = _test(deploy, data, cfg, device)
     save_model(run_dir / "deploy.pt", deploy.cpu(), arch=cfg.arch, num_classes=data.num_classes,
-               meta=meta)
+               meta={**meta, "baseline_epochs": base_meta.get("epochs")})
     models = {
         "baseline": _measure(baseline, cfg, base_eval["top1"]),
         "compressed": _measure(deploy, cfg, deploy_eval["top1"]),
     }
     metrics.update(
         baseline=base_eval,
+        baseline_epochs=base_meta.get("epochs"),
+        after_pruning=after_pruning or None,
         final=deploy_eval,
+        classes=list(data.classes),
         selected=selected,
         history=result.history,
         models=models,
         macs_reduction=1 - models["compressed"]["macs"] / models["baseline"]["macs"],
-        wall_time_s=time.perf_counter() - t0,
+        wall_time_s=result.earlier_wall_time_s + time.perf_counter() - t0,
+        segments=result.segments,
     )
     write_report(run_dir, metrics)
     return metrics
+
+
+def _check_baseline_fits(cfg: Config, base_meta: dict[str, Any], data) -> None:
+    """Refuse a baseline trained on other classes; say so when its image size differs."""
+    classes = base_meta.get("classes")
+    if classes and list(classes) != list(data.classes):
+        def show(names) -> str:
+            return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise BPLError(
+            f"{cfg.baseline} was trained on the classes [{show(list(classes))}] but the data "
+            f"has [{show(list(data.classes))}]; pass the baseline trained on this data, or the "
+            "--data-root it was trained on"
+        )
+    size = base_meta.get("image_size")
+    if size and size != cfg.image_size:
+        log.warning("the baseline was trained at %d px but this run uses --image-size %d: "
+                    "its accuracy and MACs are measured at %d px; pass --image-size %d to "
+                    "keep the baseline's", size, cfg.image_size, cfg.image_size, size)
 
 
 def evaluate_checkpoint(
@@ -441,12 +508,15 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """`bpl export`: a checkpoint to ONNX/TorchScript (fused, BN folded), parity-checked."""
     from .export import export
+    from .predict import onnx_metadata
 
     model, meta = load_model(path)
     size = image_size or meta.get("image_size", 224)
     suffix = ".onnx" if format == "onnx" else ".torchscript.pt"
     out = Path(out) if out else Path(path).with_suffix(suffix)
-    return export(model, torch.randn(1, 3, size, size), out, format=format, tol=tol)
+    metadata = onnx_metadata({**meta, "image_size": size}) if format == "onnx" else None
+    return export(model, torch.randn(1, 3, size, size), out, format=format, tol=tol,
+                  metadata=metadata)
 
 
 #: The demo's settings: small enough for about two minutes on two CPU cores.

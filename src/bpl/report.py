@@ -49,8 +49,75 @@ def comparison_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: History columns that are not extra loss terms, though they start with ``train_``.
+_NOT_TERMS = {"train_loss", "train_ce", "train_top1"}
+
+
+def _percent_axis(ax) -> None:
+    """An accuracy axis never runs above 100%."""
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, 0.0), min(high, 100.0) if high > 0 else 100.0)
+
+
+def _curves(plt, history: list[dict[str, Any]], metrics: dict[str, Any]):
+    """Losses, extra loss terms (own axis: their scale is not the cross-entropy's) and accuracy."""
+    epochs = [h["epoch"] for h in history]
+    terms = [k for k in history[-1] if k.startswith("train_") and k not in _NOT_TERMS]
+    n = 3 if terms else 2
+    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.8))
+    marker = "o" if len(epochs) <= 20 else None  # a run of few epochs still shows its points
+    for ax in axes:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_prop_cycle(marker=[marker] * 10, color=plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    ax_loss, ax_acc = axes[0], axes[-1]
+    validated = all("val_loss" in h for h in history)
+    ax_loss.plot(epochs, [h.get("train_ce", h["train_loss"]) for h in history],
+                 label="train cross-entropy")
+    if validated:
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
+    ax_loss.set(title="cross-entropy", xlabel="epoch", ylabel="loss")
+    ax_loss.legend()
+    if terms:
+        ax_terms = axes[1]
+        for key in terms:
+            ax_terms.plot(epochs, [h.get(key, float("nan")) for h in history],
+                          label=key.removeprefix("train_") + " loss")
+        ax_terms.set(title="extra loss terms (weighted)", xlabel="epoch", ylabel="loss")
+        ax_terms.legend()
+    ax_acc.plot(epochs, [h["train_top1"] for h in history], label="train top-1")
+    if validated:
+        ax_acc.plot(epochs, [h["val_top1"] for h in history], label="validation top-1")
+    base = (metrics.get("baseline") or {}).get("val_top1")
+    if base is not None:
+        ax_acc.axhline(base, color="grey", linestyle="--", label=f"baseline validation ({base:.1f}%)")
+    ax_acc.set(title="accuracy", xlabel="epoch", ylabel="top-1 (%)")
+    _percent_axis(ax_acc)
+    ax_acc.legend(fontsize="small")
+    return fig
+
+
+def _confusion(plt, confusion: list[list[int]], classes: list[str]):
+    """The test confusion matrix, rows = true class, as a picture with class names."""
+    n = len(classes)
+    side = min(3.0 + 0.45 * n, 14.0)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(confusion, cmap="Blues")
+    fig.colorbar(image, ax=ax, label="test images")
+    ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize="small")
+    ax.set_yticks(range(n), classes, fontsize="small")
+    if n <= 25:
+        top = max(max(row) for row in confusion) or 1
+        for i, row in enumerate(confusion):
+            for j, v in enumerate(row):
+                if v:
+                    ax.text(j, i, str(v), ha="center", va="center", fontsize="x-small",
+                            color="white" if v > top / 2 else "black")
+    ax.set(title="confusion matrix (test split)", xlabel="predicted", ylabel="true")
+    return fig
+
+
 def _plots(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
-    """Training curves and accuracy vs MACs as PNGs; returns the file names written."""
+    """Training curves, accuracy vs MACs and the confusion matrix as PNGs; returns file names."""
     try:
         import matplotlib
 
@@ -59,44 +126,73 @@ def _plots(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
     except Exception as exc:  # plotting is a nicety, never a failure
         log.warning("no plots: matplotlib unavailable (%s)", exc)
         return []
-    written = []
+    figures = {}
     history = metrics.get("history") or []
     if history:
-        epochs = [h["epoch"] for h in history]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-        ax1.plot(epochs, [h["train_loss"] for h in history], label="train loss")
-        validated = all("val_loss" in h for h in history)
-        if validated:
-            ax1.plot(epochs, [h["val_loss"] for h in history], label="validation loss")
-        if any(h.get("train_diversity") for h in history):
-            ax1.plot(epochs, [h["train_diversity"] for h in history], label="diversity loss")
-        ax1.set_xlabel("epoch")
-        ax1.legend()
-        ax2.plot(epochs, [h["train_top1"] for h in history], label="train top-1")
-        if validated:
-            ax2.plot(epochs, [h["val_top1"] for h in history], label="validation top-1")
-        ax2.set_xlabel("epoch")
-        ax2.set_ylabel("%")
-        ax2.legend()
-        fig.tight_layout()
-        fig.savefig(run_dir / "curves.png", dpi=110)
-        plt.close(fig)
-        written.append("curves.png")
+        figures["curves.png"] = _curves(plt, history, metrics)
     models = metrics.get("models") or {}
     if len(models) > 1:
-        fig, ax = plt.subplots(figsize=(5, 3.6))
+        fig, ax = plt.subplots(figsize=(5.5, 4))
         for name, r in models.items():
             ax.scatter(r["macs"] / 1e6, r["top1"], s=40)
-            ax.annotate(name, (r["macs"] / 1e6, r["top1"]), textcoords="offset points", xytext=(5, 3))
-        ax.set_xlabel("MACs (millions)")
-        ax.set_ylabel("top-1 (%)")
-        ax.set_title("accuracy vs MACs")
+            ax.annotate(name, (r["macs"] / 1e6, r["top1"]), textcoords="offset points",
+                        xytext=(5, 3))
+        ax.set(title="accuracy vs MACs (test split)", xlabel="MACs (millions)",
+               ylabel="top-1 (%)")
+        ax.margins(x=0.25, y=0.15)
+        _percent_axis(ax)
         ax.grid(alpha=0.3)
+        figures["accuracy_vs_macs.png"] = fig
+    final, classes = metrics.get("final") or {}, metrics.get("classes")
+    if final.get("confusion") and classes:
+        figures["confusion.png"] = _confusion(plt, final["confusion"], classes)
+    for name, fig in figures.items():
         fig.tight_layout()
-        fig.savefig(run_dir / "accuracy_vs_macs.png", dpi=110)
+        fig.savefig(run_dir / name, dpi=110, bbox_inches="tight")  # no label is clipped
         plt.close(fig)
-        written.append("accuracy_vs_macs.png")
-    return written
+    return list(figures)
+
+
+def _phases(metrics: dict[str, Any]) -> list[str]:
+    """Baseline -> right after pruning -> after fine-tuning, with the epochs of each phase."""
+    cfg = metrics.get("config", {})
+    base, pruned, final = metrics.get("baseline") or {}, metrics.get("after_pruning"), metrics["final"]
+    kept = metrics.get("selected") or {}
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    method = ("partners + diversity loss" if cfg.get("partners", True) else "plain fine-tuning")
+    if cfg.get("distill"):
+        method += " + distillation"
+    base_epochs = metrics.get("baseline_epochs")
+    lines = ["| phase | epochs of training | validation top-1 (%) | test top-1 (%) |",
+             "|---|---:|---:|---:|",
+             f"| baseline | {base_epochs if base_epochs is not None else '?'} | "
+             f"{cell(base.get('val_top1'))} | {cell(base.get('top1'))} |"]
+    if pruned:
+        lines.append(f"| right after pruning | +0 | {cell(pruned.get('val_top1'))} | "
+                     f"{cell(pruned.get('test_top1'))} |")
+    lines.append(f"| after fine-tuning ({method}) | +{kept.get('epoch', cfg.get('epochs', '?'))} | "
+                 f"{cell(kept.get('val_top1'))} | {cell(final.get('top1'))} |")
+    lines += ["", f"The compressed model trained {kept.get('epoch', cfg.get('epochs', '?'))} more "
+              "epochs than the baseline: part of any gain over the baseline can come from that "
+              "training alone, not from the partners. To isolate the partners' effect, run the "
+              "control with the same settings and `--no-partners` (plain fine-tuning of the "
+              "same pruned model) and compare the two, over several `--seed`s."]
+    return lines
+
+
+def _per_class(metrics: dict[str, Any]) -> list[str]:
+    final, classes = metrics.get("final") or {}, metrics.get("classes")
+    if not classes or not final.get("per_class_top1"):
+        return []
+    counts = [sum(row) for row in final.get("confusion", [])] or [None] * len(classes)
+    lines = ["## Per-class accuracy (test split)", "", "| class | test images | top-1 (%) |",
+             "|---|---:|---:|"]
+    for name, n, acc in zip(classes, counts, final["per_class_top1"]):
+        lines.append(f"| {name} | {n if n is not None else '-'} | {acc:.2f} |")
+    return lines + [""]
 
 
 def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
@@ -108,6 +204,8 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
     lines = [f"# bpl {metrics.get('command', 'run')}: {cfg.get('arch', '?')} on {cfg.get('data', '?')}", ""]
     if metrics.get("models"):
         lines += [comparison_table(metrics["models"]), ""]
+    if metrics.get("command") == "compress" and metrics.get("final"):
+        lines += _phases(metrics) + [""]
     for key, label in (
         ("fusion_error", "fusion check (max relative error, fused vs partner model)"),
         ("removal_error", "channel removal check (max relative error, pruned vs masked model)"),
@@ -122,8 +220,11 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
         lines.append(f"- kept epoch {kept['epoch']} of {kept['of']}: {kept['why']}; the test "
                      "split was evaluated once, on this model")
     if metrics.get("wall_time_s") is not None:
-        lines.append(f"- wall time: {metrics['wall_time_s']:.0f} s")
+        segments = metrics.get("segments", 1)
+        resumed = f" over {segments} segments (the run was resumed)" if segments > 1 else ""
+        lines.append(f"- wall time: {metrics['wall_time_s']:.0f} s{resumed}")
     lines.append("")
+    lines += _per_class(metrics)
     lines += [f"![{p}]({p})" for p in plots]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")

@@ -20,21 +20,28 @@ from .registry import Stats
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+#: How many unreadable files an error names (all are counted).
+MAX_BAD_NAMED = 10
 
 
 def decode_all(
     root: Path, relpaths: Sequence[str], size: int, skip_bad: bool, keep: bool = True,
     progress: bool = True,
 ) -> tuple[list[torch.Tensor | None], list[str]]:
-    """Decode (and resize) every image with a small thread pool; returns images and bad paths."""
+    """Decode (and resize) every image with a small thread pool; returns images and bad paths.
+
+    Without ``skip_bad`` every file is still tried, so the error names all the unreadable
+    ones (up to :data:`MAX_BAD_NAMED`) at once, not one per run.
+    """
+    reasons: dict[str, str] = {}
 
     def work(rel: str) -> torch.Tensor | None:
         try:
             img = load_resized(root / rel, size)
         except CorruptImageError as exc:
-            if not skip_bad:
-                raise
-            log.warning("skipping unreadable image: %s", exc)
+            reasons[rel] = exc.reason
+            if skip_bad:
+                log.warning("skipping unreadable image %s (%s)", root / rel, exc.reason)
             return None
         return img if keep else torch.empty(0, dtype=torch.uint8)  # checked, not kept
 
@@ -53,6 +60,14 @@ def decode_all(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     bad = [rel for rel, img in zip(relpaths, images) if img is None]
+    if bad and not skip_bad:
+        named = ", ".join(f"{rel} ({reasons[rel]})" for rel in bad[:MAX_BAD_NAMED])
+        more = f" and {len(bad) - MAX_BAD_NAMED} more" if len(bad) > MAX_BAD_NAMED else ""
+        raise CorruptImageError(
+            f"{len(bad)} unreadable image(s) under {root}: {named}{more}; replace or delete "
+            "them, or pass skip_bad=True to skip unreadable images",
+            reason=f"{len(bad)} unreadable",
+        )
     return (images if keep else []), bad
 
 

@@ -44,9 +44,10 @@ def read_image(path: str | Path) -> torch.Tensor:
         with Image.open(path) as im:
             arr = np.array(_to_rgb(im), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         raise CorruptImageError(
-            f"cannot read image {path} ({type(exc).__name__}: {exc}); replace or delete the file, "
-            "or pass skip_bad=True to skip unreadable images"
+            f"cannot read image {path} ({reason}); replace or delete the file, "
+            "or pass skip_bad=True to skip unreadable images", reason=reason,
         ) from exc
     return torch.from_numpy(arr).permute(2, 0, 1)  # channels-last strides: fast uint8 resize
 

@@ -275,7 +275,7 @@ def _image_source(
         source = ImageFiles(root, good, size)
     if bad:
         log.warning(
-            "skipped %d unreadable images (skip_bad=True), e.g. %s", len(bad), root / bad[0]
+            "skipped %d unreadable images, e.g. %s", len(bad), root / bad[0]
         )
     drop_bad(split, bad)
     return source, {rel: i for i, rel in enumerate(good)}, cache_file

@@ -92,6 +92,22 @@ DATASETS: dict[str, DatasetSpec] = {
 _ALIASES = {"ucmerced": "ucm", "uc-merced": "ucm", "nwpu": "nwpu-resisc45", "rsd46": "rsd46-whu"}
 
 
+#: Folder names (lower case, ``_`` as ``-``) that say which named dataset a folder holds.
+_FOLDER_NAMES = {
+    "ucm": "ucm", "ucmerced": "ucm", "uc-merced": "ucm", "ucmerced-landuse": "ucm",
+    "nwpu-resisc45": "nwpu-resisc45", "rsd46-whu": "rsd46-whu",
+    "eurosat": "eurosat", "eurosat-rgb": "eurosat",
+}
+
+
+def guess_dataset(root: str | Path) -> str:
+    """The dataset a folder given without a name holds: a named one its folder name
+    recognises (``UCMerced_LandUse`` -> ``ucm``, ``NWPU-RESISC45`` -> ``nwpu-resisc45``),
+    else ``imagefolder`` (any ``root/<class>/<image>`` tree).
+    """
+    name = Path(root).expanduser().resolve().name.lower().replace("_", "-")
+    return _FOLDER_NAMES.get(name, "imagefolder")
+
 
 def get_spec(name: str) -> DatasetSpec:
     """The spec of a dataset name or alias (case-insensitive); unknown names raise DataError."""
@@ -99,7 +115,6 @@ def get_spec(name: str) -> DatasetSpec:
     if key not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[key]
-
 
 
 def default_root(name: str) -> Path:

@@ -77,6 +77,11 @@ def _scan_classes(
             f"class folder {root / empty[0]} has no images ({len(empty)} empty in all); "
             "add images or remove the folder"
         )
+    if len(classes) < 2:
+        raise DataError(
+            f"{root} has {len(found)} class folder ({found[0]}); a classifier needs at least 2: "
+            "give root one sub-folder per class"
+        )
     return classes, samples
 
 

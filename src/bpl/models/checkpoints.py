@@ -160,11 +160,26 @@ def _load_file(path: Path, map_location: Any = "cpu") -> Any:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"cannot read {path} as a weights-only torch file ({first}); is it a checkpoint "
-            "written by bpl.save_model or torch.save?"
-        ) from None
+        raise CheckpointError(_unreadable(path, exc)) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """What ``path`` is not, and what to pass instead (never "load it with weights_only=False":
+    unpickling a file that is not a checkpoint can run any code in it)."""
+    import zipfile
+
+    text = str(exc)
+    if zipfile.is_zipfile(path) and "weights_only" in text.replace("Weights only", "weights_only"):
+        return (
+            f"{path} is not a bpl checkpoint or a state_dict: it holds pickled Python objects "
+            "(e.g. a whole model saved with torch.save(model)), which bpl does not unpickle; "
+            "pass a checkpoint bpl wrote (best.pt, deploy.pt), or save model.state_dict() "
+            "and start from it with `bpl train --weights FILE --arch NAME`"
+        )
+    return (
+        f"{path} is not a PyTorch checkpoint (torch.load cannot read it); pass a .pt file bpl wrote "
+        "(best.pt, deploy.pt) or one saved with torch.save(model.state_dict())"
+    )
 
 
 def _is_payload(obj: Any) -> bool:

@@ -68,6 +68,7 @@ def prune(
     ignored_layers: Iterable[LayerRef] | LayerRef | None = None,
     inplace: bool = False,
     tolerance: float = 0.01,
+    accept_closest: bool = False,
 ) -> nn.Module:
     """Physically remove channels from ``model`` (plain or extended) and return it.
 
@@ -77,7 +78,10 @@ def prune(
     (see :data:`IMPORTANCES`; ``"l2"`` is the paper's filter norm). The layers producing
     the model's outputs are never pruned, so the output shape is unchanged;
     ``ignored_layers`` (modules or qualified names) protects more. ``round_to`` keeps
-    channel counts multiples of that number (faster kernels). The result carries a
+    channel counts multiples of that number (faster kernels). A ``flops_reduction`` beyond
+    what the model allows, or missed by more than ``tolerance``, raises
+    :class:`PruningError` naming the closest reachable value; ``accept_closest=True``
+    prunes to that value instead. The result carries a
     :class:`PruneReport` as ``bpl_prune_report``.
     """
     if (flops_reduction is None) == (channel_ratio is None):
@@ -124,7 +128,8 @@ def prune(
             return 1.0 - deploy_macs(trial, scratch.args) / macs_before
 
         ratio, _, trials = search_ratio(
-            reduction_at, flops_reduction, p_max, tolerance, knob="channel ratio"
+            reduction_at, flops_reduction, p_max, tolerance, knob="channel ratio",
+            accept_closest=accept_closest,
         )
         make_pruner(target, args, CachedImportance(scores, target), ratio, **options).step()
     check = scratch.copy(target)

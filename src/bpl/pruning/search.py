@@ -8,9 +8,11 @@ from collections.abc import Callable, Iterable
 
 from ..errors import PruningError
 
-__all__ = ["max_local_ratio", "search_ratio"]
+__all__ = ["UNREACHABLE", "max_local_ratio", "search_ratio"]
 
 log = logging.getLogger(__name__)
+#: A target above the largest reachable reduction by more than this is unreachable (0.01 points).
+UNREACHABLE = 1e-4
 
 
 def search_ratio(
@@ -21,12 +23,16 @@ def search_ratio(
     *,
     knob: str,
     max_trials: int = 16,
+    accept_closest: bool = False,
 ) -> tuple[float, float, int]:
     """Find ``p`` in ``(0, p_max]`` with ``evaluate(p)`` (a MAC reduction) near ``target``.
 
     The reduction grows with ``p`` roughly like ``1 - (1 - p)^a``: the next guess
     interpolates in ``-log(1 - .)`` coordinates between the bracketing trials (bisection
     when that falls outside). Returns ``(p, reduction, trials)`` of the closest trial.
+    A target beyond the largest reduction (``evaluate(p_max)``), or one missed by more
+    than ``tolerance``, raises :class:`PruningError` naming the closest reachable
+    reduction, unless ``accept_closest``.
     """
     stop = tolerance / 4
     lo, hi = (0.0, 0.0), None
@@ -47,11 +53,12 @@ def search_ratio(
         if f < target:
             lo = (p, f)
             if p >= p_max:
-                if target - f > tolerance:
+                if target - f > UNREACHABLE and not accept_closest:
                     raise PruningError(
-                        f"a {100 * target:.2f}% MAC reduction cannot be reached: the maximum "
-                        f"{knob} {p_max:.4f} gives {100 * f:.2f}%; ask for at most that, or "
-                        "ignore fewer layers"
+                        f"a {100 * target:.2f}% MAC reduction cannot be reached: the most this "
+                        f"model allows is {100 * f:.2f}% (the maximum {knob}, {p_max:.4f}); ask "
+                        f"for flops_reduction={math.floor(f * 1e4) / 1e4:g} or less, or pass "
+                        "accept_closest=True to take the closest"
                     )
                 break
         else:
@@ -73,13 +80,16 @@ def search_ratio(
             if not lo[0] + 0.01 * span < guess < hi[0] - 0.01 * span:
                 guess = (lo[0] + hi[0]) / 2
     p, f = min(tried, key=lambda t: abs(t[1] - target))
-    if abs(f - target) > tolerance:
+    if abs(f - target) > tolerance and not accept_closest:
         raise PruningError(
             f"no {knob} gives a MAC reduction within {100 * tolerance:.1f} points of "
             f"{100 * target:.2f}% (closest: {100 * f:.2f}% at {p:.4f}); the reachable "
             "reductions jump in coarse steps here: use global pruning (--global-pruning), a "
-            "smaller round_to, or another target"
+            "smaller round_to, another target, or pass accept_closest=True to take the closest"
         )
+    if abs(f - target) > tolerance / 4:
+        log.warning("MAC reduction %.2f%% instead of the %.2f%% asked (the closest reachable)",
+                    100 * f, 100 * target)
     return p, f, len(tried)
 
 

@@ -1,0 +1,123 @@
+"""`bpl predict`: the top classes of images, from a deployed checkpoint or an exported ONNX file.
+
+Images get exactly the evaluation preprocessing (decode to RGB, shorter side to
+``round(size / 0.875)``, centre crop, normalise with the training run's mean/std), read
+from the checkpoint's meta or the ONNX file's metadata (written by `bpl export`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .data.images import IMAGE_EXTENSIONS, load_resized, resize_size
+from .data.transforms import eval_transform
+from .errors import BPLError
+
+__all__ = ["ONNX_META_KEYS", "load_predictor", "onnx_metadata", "predict"]
+
+#: What `bpl export` writes into an ONNX file's metadata_props (values are JSON).
+ONNX_META_KEYS = ("classes", "mean", "std", "image_size", "bpl_version", "arch")
+
+
+def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
+    """The metadata_props of an exported model: class names, mean/std, input size, version."""
+    from . import __version__
+
+    values = {**meta, "bpl_version": __version__}
+    return {k: json.dumps(values[k]) for k in ONNX_META_KEYS if values.get(k) is not None}
+
+
+def _images(paths: Sequence[str | Path]) -> list[Path]:
+    """The image files named, and those below each folder named (sorted)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file()
+                            and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise BPLError(f"{p} is neither an image file nor a folder; pass images or folders")
+    if not found:
+        raise BPLError(f"no images found in {', '.join(map(str, paths))}")
+    return found
+
+
+def load_predictor(path: str | Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
+    """A function from a normalised batch to logits, and the meta (classes, mean/std, size)."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        from .export import OnnxModule
+
+        if not path.is_file():
+            raise BPLError(f"{path} does not exist; pass a file written by bpl export")
+        module = OnnxModule(path)
+        raw = module.session.get_modelmeta().custom_metadata_map
+        meta = {k: json.loads(v) for k, v in raw.items() if k in ONNX_META_KEYS}
+        if "classes" not in meta:
+            raise BPLError(f"{path} has no bpl metadata (class names, mean/std); export it "
+                           "again with bpl export")
+        return module, meta
+    from .extend import partner_blocks
+    from .fuse import fuse
+    from .models import load_model
+
+    model, meta = load_model(path)
+    model = fuse(model.eval()) if partner_blocks(model) else model.eval()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)
+
+    return run, meta
+
+
+def predict(
+    model_path: str | Path,
+    inputs: Sequence[str | Path],
+    *,
+    top_k: int = 5,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Top-``top_k`` classes with probabilities for every image in ``inputs`` (files, folders)."""
+    run, meta = load_predictor(model_path)
+    classes = list(meta.get("classes") or [str(i) for i in range(meta.get("num_classes", 0))])
+    if not classes or meta.get("mean") is None:
+        raise BPLError(f"{model_path} does not record its classes and mean/std; pass a "
+                       "checkpoint written by bpl (deploy.pt) or an ONNX file from bpl export")
+    size = int(meta.get("image_size", 224))
+    transform = eval_transform(size, meta["mean"], meta["std"])
+    files = _images(inputs)
+    k = min(top_k, len(classes))
+    results: list[dict[str, Any]] = []
+    bar = tqdm(total=len(files), desc="predict", unit="img", leave=False,
+               disable=None if progress else True)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        # the cache's decode + resize, then the evaluation transform: identical tensors
+        x = torch.stack([transform(load_resized(f, resize_size(size))) for f in chunk])
+        probs = torch.softmax(run(x).float(), dim=1)
+        top = probs.topk(k, dim=1)
+        for f, p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            results.append({"image": str(f), "top": [
+                {"class": classes[j], "probability": q} for j, q in zip(i, p)]})
+        bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """One line per image: the image and its top classes with probabilities."""
+    width = max(len(r["image"]) for r in results)
+    return "\n".join(
+        f"{r['image']:<{width}}  " + "  ".join(f"{t['class']} {100 * t['probability']:.1f}%"
+                                                for t in r["top"])
+        for r in results
+    )

@@ -1,0 +1,268 @@
+"""A newcomer's first hour: their own image folder through the `bpl` command, and bad inputs.
+
+Each test is one trap from issue 15, on a small generated image tree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from bpl.cli import main
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+QUICK = ["--image-size", "16", "--batch-size", "8", "--quiet", "--no-latency"]
+TINY = ["--arch", "tiny_resnet", "--epochs", "1"]
+
+
+def run_cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def make_tree(root: Path, classes: int = 3, per_class: int = 10, size: int = 20,
+              names: list[str] | None = None) -> Path:
+    """``root/<class>/<i>.png``: noisy solid colours, one colour per class."""
+    g = torch.Generator().manual_seed(0)
+    names = names or [f"class{c}" for c in range(classes)]
+    for c, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        colour = torch.tensor(COLOURS[c % len(COLOURS)]) // (1 + c // len(COLOURS))
+        for i in range(per_class):
+            noise = torch.randint(0, 40, (size, size, 3), generator=g)
+            pixels = (noise + colour).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("data") / "scenes")
+
+
+@pytest.fixture(scope="module")
+def trained(tree, tmp_path_factory) -> Path:
+    """A baseline trained on the folder given with --data-root alone."""
+    out = tmp_path_factory.mktemp("runs") / "base"
+    assert run_cli("train", "--data-root", tree, *QUICK, *TINY, "--out", out) == 0
+    return out
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bpl: error:") and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_a_data_root_alone_means_that_folder(trained):
+    config = json.loads((trained / "config.json").read_text())
+    split = json.loads((trained / "split.json").read_text())
+    assert config["data"] == "imagefolder"
+    assert split["classes"] == ["class0", "class1", "class2"]
+
+
+def test_resume_reads_the_runs_own_config(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    root = json.loads((trained / "config.json").read_text())["data_root"]
+    assert run_cli("train", "--data-root", root, *QUICK, *TINY, "--out", out) == 0
+    # more epochs, nothing else: the run's own settings (folder, size, arch) are used
+    assert run_cli("train", "--out", out, "--resume", "--epochs", "2", "--quiet") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["config"]["data"] == "imagefolder" and metrics["segments"] == 2
+    assert metrics["wall_time_s"] >= sum(h["epoch_time_s"] for h in metrics["history"])
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    # a setting the run was computed with cannot change under --resume
+    assert run_cli("train", "--out", out, "--resume", "--epochs", "3", "--lr", "0.5",
+                   "--quiet") == 1
+    err = one_line_error(capsys)
+    assert "--lr" in err and "--resume" in err and "--epochs" in err
+    # the saved config.json is a valid --config for a new run
+    assert run_cli("train", "--config", out / "config.json", "--out", tmp_path / "again",
+                   "--quiet", "--epochs", "1") == 0
+
+
+def test_train_config_has_no_compress_only_fields(trained):
+    config = json.loads((trained / "config.json").read_text())
+    assert config["command"] == "train"
+    assert not {"flops_reduction", "diversity_weight", "baseline", "partners"} & set(config)
+
+
+def test_errors_name_the_commands_flags(tmp_path, capsys):
+    assert run_cli("train", "--data", "imagefolder", *QUICK, "--out", tmp_path / "a") == 1
+    err = one_line_error(capsys)
+    assert "--data-root" in err and "root=" not in err
+    seven = make_tree(tmp_path / "seven", classes=7, per_class=3)
+    assert run_cli("train", "--data", "ucm", "--data-root", seven, *QUICK,
+                   "--out", tmp_path / "b") == 1
+    err = one_line_error(capsys)
+    assert "--data imagefolder" in err and "name=" not in err and "--data-root" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_every_bad_image_is_named_and_skip_bad_does_not_advise_itself(tmp_path, capsys,
+                                                                      caplog):
+    root = make_tree(tmp_path / "imgs", per_class=4)
+    for c in range(3):
+        (root / f"class{c}" / "broken.jpg").write_bytes(b"not an image")
+    assert run_cli("train", "--data-root", root, *QUICK, *TINY, "--out", tmp_path / "a") == 1
+    err = one_line_error(capsys)
+    assert "3 unreadable" in err and "--skip-bad" in err and "skip_bad" not in err
+    assert all(f"class{c}/broken.jpg" in err for c in range(3))
+    assert run_cli("train", "--data-root", root, *QUICK, *TINY, "--skip-bad",
+                   "--out", tmp_path / "b") == 0
+    logged = caplog.text
+    assert "class2/broken.jpg" in logged and "skip_bad" not in logged
+    assert "--skip-bad" not in logged
+
+
+def test_a_one_class_folder_is_refused(tmp_path, capsys):
+    root = make_tree(tmp_path / "one", classes=1)
+    assert run_cli("train", "--data-root", root, *QUICK, *TINY, "--out", tmp_path / "r") == 1
+    assert "at least 2" in one_line_error(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_no_unsafe_advice(trained, tmp_path, capsys):
+    import torchvision
+
+    pickled = tmp_path / "whole_model.pt"
+    torch.save(torchvision.models.resnet18(num_classes=3), pickled)
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    for path, what in ((pickled, "pickled Python objects"), (text, "not a PyTorch checkpoint")):
+        for args in (["evaluate", path], ["compress", "--baseline", path, *QUICK,
+                                          "--out", tmp_path / "c"]):
+            assert run_cli(*args) == 1
+            err = one_line_error(capsys)
+            assert what in err and "weights_only" not in err and "best.pt" in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_unreachable_macs_target_is_an_error_unless_accepted(trained, tmp_path, capsys):
+    args = ["compress", "--baseline", trained / "best.pt", *QUICK, "--epochs", "1",
+            "--flops-reduction", "0.999"]
+    assert run_cli(*args, "--out", tmp_path / "a") == 1
+    err = one_line_error(capsys)
+    assert "99.90%" in err and "--accept-closest" in err and "accept_closest" not in err
+    assert not (tmp_path / "a").exists()
+    assert run_cli(*args, "--accept-closest", "--out", tmp_path / "b") == 0
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert 0.98 < metrics["macs_reduction"] < 0.999
+
+
+def test_a_baseline_of_other_classes_is_refused(trained, tmp_path, capsys):
+    other = make_tree(tmp_path / "other", names=["cat", "dog", "eel"])
+    assert run_cli("compress", "--baseline", trained / "best.pt", "--data-root", other, *QUICK,
+                   "--epochs", "1", "--flops-reduction", "0.5", "--out", tmp_path / "r") == 1
+    err = one_line_error(capsys)
+    assert "class0" in err and "cat" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_compress_takes_the_baselines_data_and_size_and_says_when_they_differ(
+        trained, tmp_path, caplog):
+    assert run_cli("compress", "--baseline", trained / "best.pt", "--epochs", "1", "--quiet",
+                   "--no-latency", "--flops-reduction", "0.5", "--out", tmp_path / "a") == 0
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert config["image_size"] == 16 and config["data"] == "imagefolder"
+    assert "trained at" not in caplog.text
+    assert run_cli("compress", "--baseline", trained / "best.pt", "--epochs", "1", "--quiet",
+                   "--no-latency", "--flops-reduction", "0.5", "--image-size", "24",
+                   "--out", tmp_path / "b") == 0
+    assert "trained at 16 px" in caplog.text and "--image-size 24" in caplog.text
+
+
+def test_help_shows_defaults_version_and_off_switches(capsys):
+    from bpl import __version__
+    from bpl.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        run_cli("compress", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.7)" in text and "(default: 0.01)" in text and "--no-global-pruning" in text
+    with pytest.raises(SystemExit) as exit_:
+        run_cli("--version")
+    assert exit_.value.code == 0 and __version__ in capsys.readouterr().out
+    args = build_parser().parse_args(["compress", "--global-pruning", "--no-global-pruning"])
+    assert args.global_pruning is False
+
+
+def test_written_files_follow_the_umask(trained):
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("best.pt", "last.pt", "config.json", "metrics.json", "split.json", "report.md"):
+        assert (trained / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_the_compress_report_can_be_trusted(trained, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    figures: dict[str, Figure] = {}
+    save = Figure.savefig
+
+    def keep(fig, path, *args, **kwargs):
+        figures[Path(path).name] = fig
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    out = tmp_path / "bpl"
+    assert run_cli("compress", "--baseline", trained / "best.pt", *QUICK, "--epochs", "2",
+                   "--flops-reduction", "0.5", "--out", out) == 0
+    report = (out / "report.md").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    pruned = metrics["after_pruning"]
+    assert 0 <= pruned["test_top1"] <= 100 and 0 <= pruned["val_top1"] <= 100
+    assert "| right after pruning | +0 |" in report and "| baseline | 1 |" in report
+    assert "--no-partners" in report
+    assert "| class1 |" in report and "confusion.png" in report and (out / "confusion.png").exists()
+    assert set(figures) == {"curves.png", "accuracy_vs_macs.png", "confusion.png"}
+    for name, fig in figures.items():
+        for ax in fig.axes:
+            if ax.get_label() == "<colorbar>":
+                continue
+            assert ax.get_title(), f"{name}: an axis without a title"
+            if "%" in ax.get_ylabel():
+                assert ax.get_ylim()[1] <= 100, name
+    curves = figures["curves.png"].axes
+    ce_lines = [line.get_label() for line in curves[0].get_lines()]
+    assert not any("diversity" in label for label in ce_lines)
+    assert any("diversity" in line.get_label() for line in curves[1].get_lines())
+    assert any("baseline" in line.get_label() for line in curves[-1].get_lines())
+
+
+def test_predict_with_a_checkpoint_and_an_onnx_file(trained, tree, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from bpl import __version__
+
+    out = tmp_path / "bpl"
+    assert run_cli("compress", "--baseline", trained / "best.pt", *QUICK, "--epochs", "1",
+                   "--flops-reduction", "0.5", "--out", out) == 0
+    onnx_file = tmp_path / "model.onnx"
+    assert run_cli("export", out / "deploy.pt", "--out", onnx_file) == 0
+    props = {p.key: json.loads(p.value) for p in onnx.load(onnx_file).metadata_props}
+    assert props["classes"] == ["class0", "class1", "class2"] and props["image_size"] == 16
+    assert props["bpl_version"] == __version__ and len(props["mean"]) == len(props["std"]) == 3
+    capsys.readouterr()
+    images = [tree / "class0" / "0.png", tree / "class2"]
+    answers = {}
+    for model in (out / "deploy.pt", onnx_file):
+        assert run_cli("predict", model, *images, "--top-k", "2", "--json", "--quiet") == 0
+        answers[model.suffix] = json.loads(capsys.readouterr().out)
+    pt, ox = answers[".pt"], answers[".onnx"]
+    assert len(pt) == 11 and [r["image"] for r in pt] == [r["image"] for r in ox]
+    for a, b in zip(pt, ox):
+        assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
+        assert len(a["top"]) == 2 and a["top"][0]["probability"] >= a["top"][1]["probability"]
+        assert a["top"][0]["probability"] == pytest.approx(b["top"][0]["probability"], abs=1e-4)
+    assert run_cli("predict", out / "deploy.pt", images[0], "--quiet") == 0
+    table = capsys.readouterr().out
+    assert "0.png" in table and "class0" in table and "%" in table
+    assert run_cli("predict", out / "deploy.pt", tmp_path / "nothing-here") == 1
