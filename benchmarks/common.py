@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from bpl.errors import BPLError
-from bpl.extend import partner_blocks
+from bpl.extension import partner_blocks
 from bpl.models import load_model
 from bpl.partner import PartnerBlock, fold_conv_bn
 from bpl.report import write_json

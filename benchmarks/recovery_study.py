@@ -56,7 +56,7 @@ from bpl.distill import Distillation
 from bpl.diversity import diversity_loss
 from bpl.engine import Step
 from bpl.errors import BPLError
-from bpl.extend import extend
+from bpl.extension import extend
 from bpl.models import build_model
 from bpl.pipeline import compress, train_baseline
 from bpl.pruning import prune

@@ -58,7 +58,7 @@ from bpl.config import Config, read_options_file, resolve_config
 from bpl.errors import BPLError
 from bpl.models import load_model
 from bpl.pipeline import compress, train_baseline
-from bpl.profile import compare_latency
+from bpl.profiling import compare_latency
 from bpl.report import write_json
 from common import log_to, machine, saved_partner_stats
 

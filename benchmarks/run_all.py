@@ -24,7 +24,7 @@ import torchvision
 
 import bpl
 from bench_train_step import make_step, timed
-from bpl.profile import compare_latency
+from bpl.profiling import compare_latency
 from common import machine, write_results
 
 R = 0.7397  # the paper's ResNet-50 reduction on UC Merced
@@ -68,7 +68,7 @@ def fusion_time(size: int) -> dict:
 
 
 def deploy_latency(size: int, repeats: int) -> dict:
-    from bpl.export import onnx_module
+    from bpl.exporting import onnx_module
 
     base = torchvision.models.resnet50(num_classes=21).eval()
     x1 = torch.randn(1, 3, size, size)

@@ -11,8 +11,8 @@ import torchvision
 
 import bpl
 from bpl.errors import BPLError, VerificationError
-from bpl.export import export
-from bpl.fuse import fold_batchnorm
+from bpl.exporting import export
+from bpl.fusion import fold_batchnorm
 from conftest import randomize_bn
 
 
@@ -73,7 +73,7 @@ def test_missing_onnx_extra_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_parity_failure_writes_nothing(tmp_path, monkeypatch):
-    ex = importlib.import_module("bpl.export")  # the module, not the bpl.export function
+    ex = importlib.import_module("bpl.exporting")  # the module, not the bpl.export function
 
     monkeypatch.setattr(ex, "_relative", lambda ref, out: 1.0)
     with pytest.raises(VerificationError, match="nothing was written"):

@@ -17,14 +17,14 @@ from .errors import (
     TrainingDiverged,
     VerificationError,
 )
-from .export import export
-from .extend import ExtendReport, extend, find_conv_bn_pairs, partner_blocks
-from .fuse import fold_batchnorm, fuse
+from .exporting import export
+from .extension import ExtendReport, extend, find_conv_bn_pairs, partner_blocks
+from .fusion import fold_batchnorm, fuse
 from .models import build_model, list_models, load_model, save_model
 from .partner import INITS, ConvPartner, PartnerBlock
-from .profile import compare_latency, count_macs, count_params, profile
+from .profiling import compare_latency, count_macs, count_params, profile
 from .pruning import IMPORTANCES, PruneReport, SoftPruner, prune
-from .verify import relative_error, verify
+from .verification import relative_error, verify
 
 __version__ = "0.1.0"
 

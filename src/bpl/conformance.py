@@ -21,13 +21,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .export import export
-from .extend import extend
-from .fuse import fuse
+from .exporting import export
+from .extension import extend
+from .fusion import fuse
 from .partner import ConvPartner
-from .profile import count_macs
+from .profiling import count_macs
 from .pruning import PruningError, prune
-from .verify import relative_error
+from .verification import relative_error
 
 __all__ = ["CHECKS", "check_model", "randomize_batchnorm", "randomize_partners", "float_dtypes"]
 

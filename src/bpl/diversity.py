@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidArgumentError
-from .extend import partner_blocks
+from .extension import partner_blocks
 from .modules import unwrap_parallel
 from .partner import Partner
 

@@ -35,8 +35,8 @@ from .engine import (
     select_device,
 )
 from .errors import BPLError
-from .extend import extend, partner_blocks
-from .fuse import fuse
+from .extension import extend, partner_blocks
+from .fusion import fuse
 from .models import (
     build_model,
     load_checkpoint,
@@ -45,10 +45,10 @@ from .models import (
     model_payload,
     save_model,
 )
-from .profile import profile
+from .profiling import profile
 from .pruning import SoftPruner, prune
 from .report import write_json, write_report
-from .verify import verify
+from .verification import verify
 
 __all__ = [
     "compress",
@@ -438,8 +438,8 @@ def profile_checkpoints(
     (baseline, compressed) the speedups are fair ratios; they are shown next to the
     ideal speedup, the MACs ratio. A checkpoint that still has partners is fused first.
     """
-    from .export import onnx_module
-    from .profile import compare_latency, count_macs, count_params
+    from .exporting import onnx_module
+    from .profiling import compare_latency, count_macs, count_params
 
     if not 1 <= len(paths) <= 2:
         raise BPLError("profile takes one checkpoint, or two (baseline and compressed)")
@@ -507,7 +507,7 @@ def export_checkpoint(
     tol: float = 1e-4,
 ) -> dict[str, Any]:
     """`bpl export`: a checkpoint to ONNX/TorchScript (fused, BN folded), parity-checked."""
-    from .export import export
+    from .exporting import export
     from .predict import onnx_metadata
 
     model, meta = load_model(path)

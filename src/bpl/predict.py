@@ -53,7 +53,7 @@ def load_predictor(path: str | Path) -> tuple[Callable[[torch.Tensor], torch.Ten
     """A function from a normalised batch to logits, and the meta (classes, mean/std, size)."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        from .export import OnnxModule
+        from .exporting import OnnxModule
 
         if not path.is_file():
             raise BPLError(f"{path} does not exist; pass a file written by bpl export")
@@ -64,8 +64,8 @@ def load_predictor(path: str | Path) -> tuple[Callable[[torch.Tensor], torch.Ten
             raise BPLError(f"{path} has no bpl metadata (class names, mean/std); export it "
                            "again with bpl export")
         return module, meta
-    from .extend import partner_blocks
-    from .fuse import fuse
+    from .extension import partner_blocks
+    from .fusion import fuse
     from .models import load_model
 
     model, meta = load_model(path)

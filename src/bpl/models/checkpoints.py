@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BPLError, CheckpointError
-from ..extend import extend, partner_sites
+from ..extension import extend, partner_sites
 from ..files import atomic_save
 from ..modules import unwrap_parallel
 from .zoo import stock_model

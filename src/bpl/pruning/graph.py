@@ -14,10 +14,10 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import PruningError
-from ..extend import partner_blocks
-from ..fuse import fuse
+from ..extension import partner_blocks
+from ..fusion import fuse
 from ..modules import Inputs, Scratch, as_args, eval_mode
-from ..profile import count_macs
+from ..profiling import count_macs
 
 __all__ = [
     "LayerRef",

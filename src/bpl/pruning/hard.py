@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import PruningError
 from ..modules import Inputs, Scratch, as_args, eval_mode, find_output_layers, flat_tensors
-from ..profile import count_params
+from ..profiling import count_params
 from .graph import (
     LayerRef,
     check_fraction,

@@ -13,10 +13,10 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import PruningError
-from ..extend import partner_blocks
-from ..fuse import fuse
+from ..extension import partner_blocks
+from ..fusion import fuse
 from ..modules import Inputs, Scratch, as_args, find_output_layers, unwrap_parallel
-from ..verify import max_relative_error, verify
+from ..verification import max_relative_error, verify
 from .graph import (
     LayerRef,
     check_fraction,

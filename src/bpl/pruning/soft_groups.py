@@ -16,7 +16,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..extend import partner_blocks
+from ..extension import partner_blocks
 from .graph import make_pruner
 from .importance import FilterNormImportance
 

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from .errors import BPLError, VerificationError
-from .extend import partner_blocks
+from .extension import partner_blocks
 from .files import atomic_path
-from .fuse import fold_batchnorm
-from .verify import max_relative_error as _relative
+from .fusion import fold_batchnorm
+from .verification import max_relative_error as _relative
 
 __all__ = ["FORMATS", "OnnxModule", "export", "onnx_module"]
 

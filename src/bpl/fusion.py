@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .errors import BPLError
-from .extend import find_conv_bn_pairs, partner_blocks, partner_sites
+from .extension import find_conv_bn_pairs, partner_blocks, partner_sites
 from .partner import NormSlot, Partner, PartnerBlock, fold_conv_bn
 
 __all__ = ["fuse", "fold_batchnorm"]
