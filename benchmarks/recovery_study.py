@@ -25,8 +25,12 @@ The test split plays no part in any choice.
 
 Run directories (checkpoints; large) go to ``out`` (``runs/recovery``); the results
 (``results.csv`` with one row per run, ``pilot.csv``, ``summary.md``, ``results.json``,
-``accuracy_vs_macs.png``, ``sizing.json``) to ``results`` (``benchmarks/results/recovery``).
-Re-running skips finished runs and resumes cut-off ones.
+``accuracy_vs_macs.png``, ``sizing.json``) to ``results`` (``benchmarks/results/recovery``),
+with a small ``records/`` entry per finished run. Re-running skips finished runs and
+resumes cut-off ones; with the records committed, a later session on a fresh checkout
+skips them too. It retrains a baseline only when fine-tuning runs of its seed are still
+to come, and keeps that seed's recorded runs only if the retrained weights are identical
+(they are paired with the baseline); otherwise it runs them again.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -210,12 +215,77 @@ def _check_same_protocol(out: Path, cfg: Config) -> None:
                        "or delete that run directory")
 
 
-def run(cfg: Config, *, fmt: logging.Formatter, progress: bool) -> dict[str, Any]:
-    """Run (or resume, or read back) one bpl job; returns its metrics.json."""
+def record_path(settings: dict[str, Any], cfg: Config) -> Path:
+    """Where the committed record of a run lives: ``<results>/records/<dataset>__seed<k>__...``."""
+    rel = Path(cfg.out).relative_to(settings["out"])
+    return Path(settings["results"]) / "records" / ("__".join(rel.parts) + ".json")
+
+
+def _state_sha256(path: Path) -> str:
+    """A fingerprint of the weights in a checkpoint (every tensor, in key order)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _protocol(cfg: Config) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k not in _NOT_PROTOCOL}
+
+
+def write_record(settings: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """Keep what the results need of a finished run (small JSON, committed with the results)
+    so a later session can skip it without its checkpoints; a baseline also keeps a
+    fingerprint of its weights, so a retrained baseline can be checked for sameness."""
     out = Path(cfg.out)
+    timing = out / "timing.json"
+    record: dict[str, Any] = {
+        "config": _protocol(cfg),
+        "metrics": json.loads((out / "metrics.json").read_text()),
+        "wall_time_s": json.loads(timing.read_text())["wall_time_s"] if timing.exists() else None,
+    }
+    if cfg.partners and cfg.baseline and (out / "last.pt").exists():
+        record["partner_stats"] = saved_partner_stats(out)
+    if not cfg.baseline:
+        record["state_sha256"] = _state_sha256(out / "best.pt")
+    path = record_path(settings, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, separators=(",", ":")) + "\n")
+    return record
+
+
+def load_record(settings: dict[str, Any], cfg: Config) -> dict[str, Any] | None:
+    """The record of a finished run (its run directory, else the committed record), or None."""
+    out, path = Path(cfg.out), record_path(settings, cfg)
     if (out / "metrics.json").exists():
         _check_same_protocol(out, cfg)
-        return json.loads((out / "metrics.json").read_text())
+        return json.loads(path.read_text()) if path.exists() else write_record(settings, cfg)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    diff = sorted(k for k, v in _protocol(cfg).items()
+                  if k in record["config"] and record["config"][k] != v)
+    if diff:
+        raise BPLError(f"{path} was run with other settings ({', '.join(diff[:5])}); move the "
+                       "records folder away or pass another results folder")
+    return record
+
+
+def run(settings: dict[str, Any], cfg: Config, *, fmt: logging.Formatter, progress: bool,
+        need_checkpoint: bool = False) -> dict[str, Any]:
+    """Run (or resume, or read back) one bpl job; returns its record.
+
+    A run with a record is not run again, unless it is a baseline whose checkpoint is
+    gone and ``need_checkpoint`` (fine-tuning runs of its seed are still to come): then it
+    is retrained, and :func:`study` checks the new weights against the record.
+    """
+    out = Path(cfg.out)
+    record = load_record(settings, cfg)
+    if record is not None and not (need_checkpoint and not (out / "best.pt").exists()):
+        return record
     cfg.resume = (out / "last.pt").exists()
     _check_same_protocol(out, cfg)
     if cfg.baseline:  # the fine-tuning runs of a seed share the baseline's split
@@ -230,17 +300,19 @@ def run(cfg: Config, *, fmt: logging.Formatter, progress: bool) -> dict[str, Any
     timing = out / "timing.json"  # wall time summed over invocations (a resumed run)
     spent = json.loads(timing.read_text())["wall_time_s"] if timing.exists() else 0.0
     write_json(timing, {"wall_time_s": spent + elapsed})
-    log.info("%s done in %.0f s: val %.2f%%, test %.2f%%", out, elapsed,
-             metrics["selected"].get("val_top1", math.nan), metrics["final"]["top1"])
-    return metrics
+    log.info("%s done in %.0f s: validation top-1 %.2f%%", out, elapsed,
+             metrics["selected"].get("val_top1", math.nan))
+    fresh = write_record(settings, cfg)
+    if record is not None and record.get("state_sha256") != fresh.get("state_sha256"):
+        fresh["retrained_differs"] = True
+    return fresh
 
 
-def row(settings: dict[str, Any], cfg: Config, arm: str, metrics: dict[str, Any],
+def row(settings: dict[str, Any], cfg: Config, arm: str, record: dict[str, Any],
         base: dict[str, Any]) -> dict[str, Any]:
     """One results row: the deployed model of a run, how it was chosen, what it cost."""
-    out = Path(cfg.out)
+    metrics, base_metrics = record["metrics"], base["metrics"]
     history = metrics.get("history") or []
-    timing = out / "timing.json"
     r = {
         "dataset": cfg.data,
         "seed": cfg.seed,
@@ -249,25 +321,24 @@ def row(settings: dict[str, Any], cfg: Config, arm: str, metrics: dict[str, Any]
         "macs": metrics["models"]["compressed"]["macs"],
         "val_top1": metrics["selected"].get("val_top1"),
         "test_top1": metrics["final"]["top1"],
-        "variant": out.name,
+        "variant": Path(cfg.out).name,
         "macs_reduction": metrics["macs_reduction"],
         "params": metrics["models"]["compressed"]["params"],
         "baseline_macs": metrics["models"]["baseline"]["macs"],
-        "baseline_val_top1": base["selected"].get("val_top1"),
-        "baseline_test_top1": base["final"]["top1"],
+        "baseline_val_top1": base_metrics["selected"].get("val_top1"),
+        "baseline_test_top1": base_metrics["final"]["top1"],
         "test_images": metrics["final"]["samples"],
         "selected_epoch": metrics["selected"]["epoch"],
         "epochs": len(history),
         "train_time_s": sum(h.get("epoch_time_s", 0.0) for h in history),
-        "wall_time_s": json.loads(timing.read_text())["wall_time_s"] if timing.exists() else None,
+        "wall_time_s": record.get("wall_time_s"),
         "distill_ms_per_step": statistics.fmean([h["distill_ms_per_step"] for h in history])
         if history and "distill_ms_per_step" in history[0] else None,
         "fusion_error": metrics.get("fusion_error"),
         "image_size": cfg.image_size,
-        "run_dir": str(out),
+        "run_dir": str(Path(cfg.out).relative_to(settings["out"])),
     }
-    if cfg.partners and (out / "last.pt").exists():
-        r.update(saved_partner_stats(out))
+    r.update(record.get("partner_stats") or {})
     return r
 
 
@@ -302,36 +373,62 @@ def choose_variant(pilot_rows: list[dict[str, Any]], variants: list[str]) -> dic
     return {"variant": ranked[0], "val_difference_vs_plain": scores}
 
 
+def _pilot_runs(settings: dict[str, Any], dataset: str, seed: int) -> list[tuple[str, Config]]:
+    p = settings["pilot"]
+    runs = []
+    for name in ["plain"] + [f"bpl-{v}" for v in p["variants"]]:
+        fields = {"partners": False} if name == "plain" else {"partners": True, **VARIANTS[name[4:]]}
+        runs.append((name, run_config(settings, dataset, seed, p["reduction"], fields, name)))
+    return runs
+
+
+def _study_runs(settings: dict[str, Any], variant: str, dataset: str,
+                seed: int) -> list[tuple[str, Config]]:
+    runs = []
+    for reduction in settings["reductions"]:
+        for arm in ARMS:
+            name, fields = arm_fields(settings, arm, variant)
+            runs.append((arm, run_config(settings, dataset, seed, reduction, fields, name)))
+    return runs
+
+
+def _run_seed(settings: dict[str, Any], dataset: str, seed: int,
+              runs: list[tuple[str, Config]], *, fmt: logging.Formatter,
+              progress: bool) -> list[dict[str, Any]]:
+    """The baseline of one seed, then its fine-tuning runs, paired with that baseline.
+
+    When the baseline has to be retrained (a new session has its record but not its
+    checkpoint) and the retrained weights differ from the recorded ones, the seed's
+    recorded fine-tuning runs no longer pair with it: they are discarded and run again.
+    """
+    todo = [cfg for _, cfg in runs if load_record(settings, cfg) is None]
+    base = run(settings, run_config(settings, dataset, seed), fmt=fmt, progress=progress,
+               need_checkpoint=bool(todo))
+    if base.get("retrained_differs"):
+        log.warning("%s seed %d: the retrained baseline differs from the recorded one; its "
+                    "fine-tuning runs are run again against it", dataset, seed)
+        for _, cfg in runs:
+            record_path(settings, cfg).unlink(missing_ok=True)
+    return [row(settings, cfg, name, run(settings, cfg, fmt=fmt, progress=progress), base)
+            for name, cfg in runs]
+
+
 def pilot(settings: dict[str, Any], *, fmt: logging.Formatter,
           progress: bool) -> list[dict[str, Any]]:
     """Every partner variant and plain at the pilot's reduction, on the pilot's seeds."""
     p = settings["pilot"]
-    rows = []
-    for dataset in p["datasets"]:
-        for seed in p["seeds"]:
-            base = run(run_config(settings, dataset, seed), fmt=fmt, progress=progress)
-            for name in ["plain"] + [f"bpl-{v}" for v in p["variants"]]:
-                fields = ({"partners": False} if name == "plain"
-                          else {"partners": True, **VARIANTS[name[4:]]})
-                cfg = run_config(settings, dataset, seed, p["reduction"], fields, name)
-                rows.append(row(settings, cfg, name, run(cfg, fmt=fmt, progress=progress), base))
-    return rows
+    return [r for dataset in p["datasets"] for seed in p["seeds"]
+            for r in _run_seed(settings, dataset, seed, _pilot_runs(settings, dataset, seed),
+                               fmt=fmt, progress=progress)]
 
 
 def study(settings: dict[str, Any], variant: str, datasets: list[str], *,
           fmt: logging.Formatter, progress: bool) -> list[dict[str, Any]]:
     """Every (dataset, seed, reduction, arm); seeds outermost, so a cut-off study is balanced."""
-    rows = []
-    for seed in settings["seeds"]:
-        for dataset in datasets:
-            base = run(run_config(settings, dataset, seed), fmt=fmt, progress=progress)
-            for reduction in settings["reductions"]:
-                for arm in ARMS:
-                    name, fields = arm_fields(settings, arm, variant)
-                    cfg = run_config(settings, dataset, seed, reduction, fields, name)
-                    metrics = run(cfg, fmt=fmt, progress=progress)
-                    rows.append(row(settings, cfg, arm, metrics, base))
-    return rows
+    return [r for seed in settings["seeds"] for dataset in datasets
+            for r in _run_seed(settings, dataset, seed,
+                               _study_runs(settings, variant, dataset, seed),
+                               fmt=fmt, progress=progress)]
 
 
 def finished_rows(settings: dict[str, Any], variant: str | None) -> tuple[list, list]:
@@ -340,27 +437,19 @@ def finished_rows(settings: dict[str, Any], variant: str | None) -> tuple[list, 
     p = settings["pilot"]
     for dataset in settings["datasets"]:
         for seed in sorted(set(settings["seeds"]) | set(p["seeds"])):
-            base_dir = run_dir(settings, dataset, seed, "baseline")
-            if not (base_dir / "metrics.json").exists():
+            base = load_record(settings, run_config(settings, dataset, seed))
+            if base is None:
                 continue
-            base = json.loads((base_dir / "metrics.json").read_text())
+            groups = []
             if dataset in p["datasets"] and seed in p["seeds"]:
-                for name in ["plain"] + [f"bpl-{v}" for v in p["variants"]]:
-                    fields = ({"partners": False} if name == "plain"
-                              else {"partners": True, **VARIANTS[name[4:]]})
-                    cfg = run_config(settings, dataset, seed, p["reduction"], fields, name)
-                    if (Path(cfg.out) / "metrics.json").exists():
-                        metrics = json.loads((Path(cfg.out) / "metrics.json").read_text())
-                        pilot_rows.append(row(settings, cfg, name, metrics, base))
-            if variant is None or seed not in settings["seeds"]:
-                continue
-            for reduction in settings["reductions"]:
-                for arm in ARMS:
-                    name, fields = arm_fields(settings, arm, variant)
-                    cfg = run_config(settings, dataset, seed, reduction, fields, name)
-                    if (Path(cfg.out) / "metrics.json").exists():
-                        metrics = json.loads((Path(cfg.out) / "metrics.json").read_text())
-                        study_rows.append(row(settings, cfg, arm, metrics, base))
+                groups.append((pilot_rows, _pilot_runs(settings, dataset, seed)))
+            if variant is not None and seed in settings["seeds"]:
+                groups.append((study_rows, _study_runs(settings, variant, dataset, seed)))
+            for rows, runs in groups:
+                for name, cfg in runs:
+                    record = load_record(settings, cfg)
+                    if record is not None:
+                        rows.append(row(settings, cfg, name, record, base))
     return study_rows, pilot_rows
 
 

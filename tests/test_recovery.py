@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -91,7 +92,7 @@ def test_study_runs_pilot_then_arms_pairs_them_and_resumes(tmp_path):
         mine = [r for r in rows if r["seed"] == seed]
         # paired: the same pruned model (same MACs) and the same test images in every arm
         assert len({r["macs"] for r in mine}) == 1
-        tests = {json.dumps(json.loads(Path(r["run_dir"], "split.json").read_text())["test"])
+        tests = {json.dumps(json.loads((out / r["run_dir"] / "split.json").read_text())["test"])
                  for r in mine}
         assert len(tests) == 1
         by_arm = {r["arm"]: r for r in mine}
@@ -116,8 +117,36 @@ def test_study_runs_pilot_then_arms_pairs_them_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     # a run cut off after its last epoch resumes; other settings are refused
     (seed0 / "kd" / "metrics.json").unlink()
+    (res / "records" / "imagefolder__seed0__r50__kd.json").unlink()
     assert study.main(["--config", str(config), "--quiet"]) == 0
     assert (seed0 / "kd" / "metrics.json").exists()
+    assert "resuming" in (out / "study.log").read_text()
+    # a new session: a fresh checkout holds the committed records, not the run directories
+    records = res / "records"
+    assert len(list(records.glob("*.json"))) == 11  # 2 baselines + 9 fine-tuning runs
+    shutil.rmtree(out)
+    assert study.main(["--config", str(config), "--quiet"]) == 0
+    assert not out.exists() or not list(out.glob("imagefolder/seed*/*/*/metrics.json"))
+    again = list(csv.DictReader((res / "results.csv").open()))
+    assert [r["test_top1"] for r in again] == [r["test_top1"] for r in rows]
+    # one run still to do: the baseline is retrained, identical, so the others stay paired
+    kd1 = records / "imagefolder__seed1__r50__kd.json"
+    kept = {p: p.stat().st_mtime_ns for p in records.glob("imagefolder__seed1__r50__*.json")
+            if p != kd1}
+    kd1.unlink()
+    assert study.main(["--config", str(config), "--quiet"]) == 0
+    assert kd1.exists() and (out / "imagefolder" / "seed1" / "baseline" / "best.pt").exists()
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    # a retrained baseline that differs from the record: its seed's runs are run again
+    shutil.rmtree(out)
+    base1 = records / "imagefolder__seed1__baseline.json"
+    record = json.loads(base1.read_text())
+    base1.write_text(json.dumps(dict(record, state_sha256="0" * 64)))
+    kd1.unlink()
+    assert study.main(["--config", str(config), "--quiet"]) == 0
+    assert all(p.stat().st_mtime_ns != t for p, t in kept.items())
+    assert json.loads(base1.read_text())["state_sha256"] == record["state_sha256"]
+    # a record made with other settings is refused
     config.write_text(config.read_text().replace('"finetune_epochs": 2', '"finetune_epochs": 3'))
     assert study.main(["--config", str(config), "--quiet"]) == 1
 
