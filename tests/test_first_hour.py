@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import bpl
 from bpl.cli import main
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
@@ -126,11 +127,15 @@ def test_a_one_class_folder_is_refused(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_a_file_that_is_not_a_checkpoint_gets_no_unsafe_advice(trained, tmp_path, capsys):
-    import torchvision
+class _OwnNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 3)
 
-    pickled = tmp_path / "whole_model.pt"
-    torch.save(torchvision.models.resnet18(num_classes=3), pickled)
+
+def test_a_file_that_is_not_a_checkpoint_gets_no_unsafe_advice(trained, tmp_path, capsys):
+    pickled = tmp_path / "whole_model.pt"  # a class of the user's own: not unpickled
+    torch.save(_OwnNet(), pickled)
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
     for path, what in ((pickled, "pickled Python objects"), (text, "not a PyTorch checkpoint")):
@@ -266,3 +271,50 @@ def test_predict_with_a_checkpoint_and_an_onnx_file(trained, tree, tmp_path, cap
     table = capsys.readouterr().out
     assert "0.png" in table and "class0" in table and "%" in table
     assert run_cli("predict", out / "deploy.pt", tmp_path / "nothing-here") == 1
+
+
+def test_compress_a_model_bpl_did_not_train(tree, tmp_path, capsys):
+    """Bring your own model: a plain state_dict or a whole torchvision model file, with --arch."""
+    import torchvision
+
+    torch.manual_seed(0)
+    theirs = torchvision.models.resnet18(num_classes=3)
+    torch.save(theirs.state_dict(), tmp_path / "weights.pt")
+    torch.save(theirs, tmp_path / "whole.pt")
+    common = ["--data-root", tree, *QUICK, "--epochs", "1", "--flops-reduction", "0.5",
+              "--arch", "resnet18"]
+    for name in ("weights.pt", "whole.pt"):
+        out = tmp_path / f"c-{name}"
+        assert run_cli("compress", "--baseline", tmp_path / name, *common, "--out", out) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert abs(metrics["macs_reduction"] - 0.5) <= 0.01
+        model, meta = bpl.load_model(out / "deploy.pt")
+        assert meta["arch"] == "resnet18" and meta["classes"] == ["class0", "class1", "class2"]
+    # the baseline's accuracy is that of the weights given, not of a fresh model
+    first = json.loads((tmp_path / "c-weights.pt" / "metrics.json").read_text())
+    second = json.loads((tmp_path / "c-whole.pt" / "metrics.json").read_text())
+    assert first["baseline"]["top1"] == second["baseline"]["top1"]
+    # weights of another architecture, or trained for other classes: one clear line
+    assert run_cli("compress", "--baseline", tmp_path / "weights.pt", *common[:-1], "resnet34",
+                   "--out", tmp_path / "x") == 1
+    err = one_line_error(capsys)
+    assert "does not fit --arch resnet34" in err and "weights.pt" in err
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "five.pt")
+    assert run_cli("compress", "--baseline", tmp_path / "five.pt", *common,
+                   "--out", tmp_path / "y") == 1
+    assert "does not fit --arch resnet18 with 3 classes" in one_line_error(capsys)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_timm_architectures_by_name(tree, tmp_path):
+    timm = pytest.importorskip("timm")
+    model = bpl.build_model("timm/resnet10t", 3)
+    assert isinstance(model, timm.models.ResNet) and model.get_classifier().out_features == 3
+    torch.save(model.state_dict(), tmp_path / "t.pt")
+    out = tmp_path / "c"
+    assert run_cli("compress", "--baseline", tmp_path / "t.pt", "--data-root", tree, *QUICK,
+                   "--epochs", "1", "--flops-reduction", "0.5", "--arch", "timm/resnet10t",
+                   "--out", out) == 0
+    deployed, meta = bpl.load_model(out / "deploy.pt")  # rebuilt from timm at pruned widths
+    assert meta["arch"] == "timm/resnet10t"
+    assert deployed.eval()(torch.randn(1, 3, 16, 16)).shape == (1, 3)

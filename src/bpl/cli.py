@@ -99,7 +99,11 @@ def _train_options(p: argparse.ArgumentParser) -> None:
 
 def _compress_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("compression")
-    _flag(g, "baseline", metavar="CKPT", help="checkpoint written by bpl train (best.pt: the epoch validation chose)")
+    _flag(g, "baseline", metavar="CKPT",
+          help="checkpoint written by bpl train (best.pt: the epoch validation chose), or a "
+               "plain state_dict / whole torchvision or timm model file with --arch")
+    _flag(g, "arch", help="architecture of a --baseline that is not a bpl checkpoint "
+                          "(a torchvision name, or timm/NAME with the timm extra)")
     _flag(g, "flops-reduction", type=float, metavar="R",
           help="fraction of MACs to remove, e.g. 0.74")
     _flag(g, "soft", action="store_true",

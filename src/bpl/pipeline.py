@@ -34,15 +34,17 @@ from .engine import (
     seed_everything,
     select_device,
 )
-from .errors import BPLError
+from .errors import BPLError, CheckpointError
 from .extension import extend, partner_blocks
 from .fusion import fuse
 from .models import (
+    baseline_from_weights,
     build_model,
     load_checkpoint,
     load_model,
     model_from_payload,
     model_payload,
+    read_state_dict,
     save_model,
 )
 from .profiling import profile
@@ -273,7 +275,7 @@ def compress(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     seed_everything(cfg.seed)
     if not cfg.baseline:
         raise BPLError("compress needs a baseline checkpoint: pass --baseline PATH (from bpl train)")
-    baseline, base_meta = load_model(cfg.baseline)
+    baseline, base_meta = _load_baseline(cfg)
     cfg.arch = base_meta.get("arch", cfg.arch)
     with _run(cfg, "compress") as run_dir:
         return _compress(cfg, run_dir, baseline, base_meta, progress)
@@ -284,6 +286,11 @@ def _compress(
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     data = load_data(cfg, run_dir, progress)
+    if baseline is None:  # a weights file: the stock --arch for this data, strictly loaded
+        baseline = baseline_from_weights(cfg.arch, data.num_classes, cfg.baseline)
+        base_meta["num_classes"] = data.num_classes
+        log.warning("%s holds no class names: its outputs are taken to be %s's classes in "
+                    "sorted order (%s, ...)", cfg.baseline, cfg.data, ", ".join(data.classes[:3]))
     if base_meta.get("num_classes") != data.num_classes:
         raise BPLError(
             f"{cfg.baseline} was trained for {base_meta.get('num_classes')} classes but "
@@ -369,6 +376,20 @@ def _compress(
     )
     write_report(run_dir, metrics)
     return metrics
+
+
+def _load_baseline(cfg: Config) -> tuple[nn.Module | None, dict[str, Any]]:
+    """The baseline a checkpoint bpl wrote holds; for a plain state_dict or a whole
+    torchvision/timm model file, ``(None, meta)``: it is built for ``--arch`` once the
+    data says how many classes it has."""
+    try:
+        return load_model(cfg.baseline)
+    except CheckpointError as not_ours:
+        try:
+            read_state_dict(Path(cfg.baseline))
+        except CheckpointError:
+            raise not_ours from None
+        return None, {"arch": cfg.arch, "weights_file": str(cfg.baseline)}
 
 
 def _check_baseline_fits(cfg: Config, base_meta: dict[str, Any], data) -> None:

@@ -16,9 +16,10 @@ from .checkpoints import (
     load_model,
     model_from_payload,
     model_payload,
+    read_state_dict,
     save_model,
 )
-from .factory import build_model, replace_classifier
+from .factory import baseline_from_weights, build_model, replace_classifier
 from .zoo import TinyResNet, TinyVGG, list_models
 
 __all__ = [
@@ -27,12 +28,14 @@ __all__ = [
     "TinyResNet",
     "TinyVGG",
     "atomic_save",
+    "baseline_from_weights",
     "build_model",
     "list_models",
     "load_checkpoint",
     "load_model",
     "model_from_payload",
     "model_payload",
+    "read_state_dict",
     "replace_classifier",
     "save_model",
 ]

@@ -22,9 +22,51 @@ CHECKPOINT_FORMAT = "bpl-checkpoint"
 _VERSION = 1
 
 
+#: Where the classes of a whole-model file may come from: modules and layers, no other code.
+_MODEL_FILE_PACKAGES = ("torch.nn.", "torchvision.", "timm.")
+
+
+def _model_file_classes(path: Path) -> list[type] | None:
+    """The classes a whole-model file (``torch.save(model)``) needs, when every one of them is
+    a torch.nn / torchvision / timm module class; None when it needs anything else."""
+    import importlib
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        return None
+    classes = []
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        if not name.startswith(_MODEL_FILE_PACKAGES):
+            return None
+        try:
+            cls = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError):
+            return None
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            return None
+        classes.append(cls)
+    return classes
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The stock state_dict in a weights file (unwrapped from ``state_dict``/``model``, no ``module.``)."""
-    obj = _load_file(path)
+    """The stock state_dict in a weights file (unwrapped from ``state_dict``/``model``, no ``module.``).
+
+    A whole model saved with ``torch.save(model)`` is accepted too when it is made of
+    torch.nn, torchvision and timm modules only: those classes are allowed to load, nothing
+    else is unpickled, and its ``state_dict()`` is returned.
+    """
+    try:
+        obj = _load_file(path)
+    except CheckpointError:
+        classes = _model_file_classes(path) if path.is_file() else None
+        if not classes:
+            raise
+        with torch.serialization.safe_globals([*_numpy_safe_globals(), *classes]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
     if isinstance(obj, Mapping) and not _is_payload(obj):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping):
@@ -172,9 +214,9 @@ def _unreadable(path: Path, exc: Exception) -> str:
     if zipfile.is_zipfile(path) and "weights_only" in text.replace("Weights only", "weights_only"):
         return (
             f"{path} is not a bpl checkpoint or a state_dict: it holds pickled Python objects "
-            "(e.g. a whole model saved with torch.save(model)), which bpl does not unpickle; "
-            "pass a checkpoint bpl wrote (best.pt, deploy.pt), or save model.state_dict() "
-            "and start from it with `bpl train --weights FILE --arch NAME`"
+            "(beyond torch.nn, torchvision and timm modules), which bpl does not unpickle; pass "
+            "a checkpoint bpl wrote (best.pt, deploy.pt), or save model.state_dict() and pass "
+            "it with --arch NAME"
         )
     return (
         f"{path} is not a PyTorch checkpoint (torch.load cannot read it); pass a .pt file bpl wrote "

@@ -61,6 +61,32 @@ def _load_weights(model: nn.Module, path: Path, num_classes: int) -> None:
                  num_classes, ", ".join(skipped), path)
 
 
+def baseline_from_weights(arch: str, num_classes: int, path: str | os.PathLike) -> nn.Module:
+    """A stock ``arch`` holding every tensor of a weights file, classifier included.
+
+    For compressing a model bpl did not train: a plain state_dict or a whole torchvision /
+    timm model file. Unlike ``build_model(weights=...)`` nothing may be left fresh: a
+    classifier of another size means the weights were trained for other classes.
+    """
+    model = stock_model(arch, num_classes)
+    state = read_state_dict(Path(path))
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+             for k, v in own.items() if k in state and state[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if wrong or missing or unexpected:
+        detail = "; ".join(f"{what} {items[:2]}" for what, items in
+                           (("shapes", wrong), ("missing", missing), ("unexpected", unexpected))
+                           if items)
+        raise CheckpointError(
+            f"{path} does not fit --arch {arch} with {num_classes} classes ({detail}); pass the "
+            "--arch the weights belong to, and the data its classifier was trained on"
+        )
+    model.load_state_dict(state)
+    return model
+
+
 def build_model(
     arch: str,
     num_classes: int,

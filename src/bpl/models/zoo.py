@@ -95,12 +95,28 @@ def stock_model(arch: str, num_classes: int) -> nn.Module:
     """A freshly initialised architecture by name (tiny CNN or torchvision); unknown names raise."""
     if arch in TINY:
         return TINY[arch](num_classes)
+    if arch.startswith("timm/"):
+        return _timm_model(arch.removeprefix("timm/"), num_classes)
     try:
         return torchvision.models.get_model(arch, num_classes=num_classes)
     except ValueError:
         raise BPLError(
             f"unknown architecture {arch!r}; use a torchvision classification model name "
-            f"(e.g. resnet18, resnet50, mobilenet_v2) or one of {', '.join(sorted(TINY))}"
+            f"(e.g. resnet18, resnet50, mobilenet_v2), timm/NAME (e.g. timm/resnet26d, with "
+            f"the timm extra installed) or one of {', '.join(sorted(TINY))}"
         ) from None
+
+
+def _timm_model(name: str, num_classes: int) -> nn.Module:
+    """A timm architecture by name, freshly initialised (the optional extra ``bpl[timm]``)."""
+    try:
+        import timm
+    except ImportError:
+        raise BPLError(
+            f"--arch timm/{name} needs timm: pip install 'bpl[timm]' (or pip install timm)"
+        ) from None
+    if name not in timm.list_models():
+        raise BPLError(f"timm has no architecture {name!r}; see timm.list_models()")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
