@@ -20,6 +20,9 @@ from bpl.partner import PartnerBlock, fold_conv_bn
 from bpl.report import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Config fields that may differ between a finished run and a later call (paths, execution).
+NOT_PROTOCOL = frozenset({"data_root", "cache_dir", "out", "baseline", "resume", "device",
+                          "workers"})
 
 
 def machine() -> dict:
@@ -103,3 +106,17 @@ def partner_stats(run_dir: Path) -> dict[str, float]:
         raise BPLError(f"{run_dir / 'last.pt'} has no partner blocks")
     return {"partner_norm_ratio": statistics.fmean(ratios),
             "partner_kernel_cos": statistics.fmean(cosines)}
+
+
+def check_same_protocol(run_dir: Path, cfg) -> None:
+    """Refuse to mix a run made with other settings (its config.json) into a study."""
+    saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    new = cfg.to_dict()
+    diff = sorted(k for k in new if k not in NOT_PROTOCOL and k in saved and saved[k] != new[k])
+    if diff:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in diff[:5])
+        raise BPLError(f"{run_dir} was run with other settings ({detail}); pass another output "
+                       "folder or delete that run directory")

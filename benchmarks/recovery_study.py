@@ -66,7 +66,7 @@ from bpl.models import build_model
 from bpl.pipeline import compress, train_baseline
 from bpl.pruning import prune
 from bpl.report import write_json
-from common import log_to, machine, saved_partner_stats
+from common import NOT_PROTOCOL, check_same_protocol, log_to, machine, saved_partner_stats
 
 log = logging.getLogger("recovery_study")
 
@@ -111,7 +111,6 @@ SMOKE: dict[str, Any] = {
 #: Fields the script sets per run; a config section may not set them.
 _OWNED = {"data", "data_root", "image_size", "train_subset", "arch", "seed", "out", "epochs",
           "flops_reduction", "baseline", "resume", "soft", "partners", "distill"}
-_NOT_PROTOCOL = {"data_root", "cache_dir", "out", "baseline", "resume", "device", "workers"}
 
 
 # --------------------------------------------------------------------------- settings
@@ -202,19 +201,6 @@ def run_config(settings: dict[str, Any], dataset: str, seed: int,
 # --------------------------------------------------------------------------- running
 
 
-def _check_same_protocol(out: Path, cfg: Config) -> None:
-    saved_path = out / "config.json"
-    if not saved_path.exists():
-        return
-    saved = json.loads(saved_path.read_text())
-    new = cfg.to_dict()
-    diff = sorted(k for k in new if k not in _NOT_PROTOCOL and k in saved and saved[k] != new[k])
-    if diff:
-        detail = ", ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in diff[:5])
-        raise BPLError(f"{out} was run with other settings ({detail}); pass another out folder "
-                       "or delete that run directory")
-
-
 def record_path(settings: dict[str, Any], cfg: Config) -> Path:
     """Where the committed record of a run lives: ``<results>/records/<dataset>__seed<k>__...``."""
     rel = Path(cfg.out).relative_to(settings["out"])
@@ -233,7 +219,7 @@ def _state_sha256(path: Path) -> str:
 
 
 def _protocol(cfg: Config) -> dict[str, Any]:
-    return {k: v for k, v in cfg.to_dict().items() if k not in _NOT_PROTOCOL}
+    return {k: v for k, v in cfg.to_dict().items() if k not in NOT_PROTOCOL}
 
 
 def write_record(settings: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -261,7 +247,7 @@ def load_record(settings: dict[str, Any], cfg: Config) -> dict[str, Any] | None:
     """The record of a finished run (its run directory, else the committed record), or None."""
     out, path = Path(cfg.out), record_path(settings, cfg)
     if (out / "metrics.json").exists():
-        _check_same_protocol(out, cfg)
+        check_same_protocol(out, cfg)
         return json.loads(path.read_text()) if path.exists() else write_record(settings, cfg)
     if not path.exists():
         return None
@@ -287,7 +273,7 @@ def run(settings: dict[str, Any], cfg: Config, *, fmt: logging.Formatter, progre
     if record is not None and not (need_checkpoint and not (out / "best.pt").exists()):
         return record
     cfg.resume = (out / "last.pt").exists()
-    _check_same_protocol(out, cfg)
+    check_same_protocol(out, cfg)
     if cfg.baseline:  # the fine-tuning runs of a seed share the baseline's split
         out.mkdir(parents=True, exist_ok=True)
         if not (out / "split.json").exists():

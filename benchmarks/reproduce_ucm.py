@@ -60,7 +60,7 @@ from bpl.models import load_model
 from bpl.pipeline import compress, train_baseline
 from bpl.profiling import compare_latency
 from bpl.report import write_json
-from common import log_to, machine, saved_partner_stats
+from common import check_same_protocol, log_to, machine, saved_partner_stats
 
 log = logging.getLogger("reproduce_ucm")
 
@@ -127,7 +127,6 @@ SMOKE: dict[str, Any] = {
 _OWNED = {"data", "data_root", "image_size", "arch", "seed", "out", "cache_dir", "epochs",
           "flops_reduction", "baseline", "resume", "soft", "partners"}
 #: Config fields that may differ between a finished run and this call (paths, bookkeeping).
-_NOT_PROTOCOL = {"data_root", "cache_dir", "out", "baseline", "resume", "device", "workers"}
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(Config)}
 _METRICS = ("top1", "macs", "params", "latency_ms", "speedup", "macs_reduction", "wall_time_s",
             "partner_norm_ratio", "partner_kernel_cos")
@@ -273,20 +272,6 @@ def run_fields(settings: dict[str, Any], seed: int, arm: Arm, run_dir: Path) -> 
 # --------------------------------------------------------------------------- running
 
 
-def _check_same_protocol(run_dir: Path, cfg: Config) -> None:
-    """Refuse to mix a run made with other settings into this reproduction."""
-    saved_path = run_dir / "config.json"
-    if not saved_path.exists():
-        return
-    saved = json.loads(saved_path.read_text())
-    new = cfg.to_dict()
-    diff = sorted(k for k in new if k not in _NOT_PROTOCOL and k in saved and saved[k] != new[k])
-    if diff:
-        detail = ", ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in diff[:5])
-        raise BPLError(f"{run_dir} was run with other settings ({detail}); pass another --out "
-                       "or delete that run directory")
-
-
 def _ledger(out: Path) -> dict[str, float]:
     path = out / "timing.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -301,7 +286,7 @@ def run_one(settings: dict[str, Any], seed: int, arm: Arm, *, progress: bool,
     finished = (run_dir / "metrics.json").exists()
     resume = not finished and (run_dir / "last.pt").exists()
     cfg = resolve_config(overrides={**fields, "resume": resume})
-    _check_same_protocol(run_dir, cfg)
+    check_same_protocol(run_dir, cfg)
     if finished:
         log.info("seed %d arm %s (%s): finished earlier, skipped", seed, arm.key, arm.label)
         return json.loads((run_dir / "metrics.json").read_text())
