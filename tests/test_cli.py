@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+import bpl
 from bpl.cli import main
+from bpl.models import load_model
 
 FAST = ["--data", "digits", "--image-size", "16", "--batch-size", "64", "--quiet", "--no-latency"]
 ARCH = ["--arch", "tiny_resnet"]
@@ -109,14 +112,112 @@ def test_deploy_loads_in_a_fresh_process_and_reproduces_accuracy(compressed):
     assert int(params) == metrics["models"]["compressed"]["params"] and int(classes) == 10
 
 
+def _flop_counter_macs(model: torch.nn.Module, size: int) -> int:
+    """MACs of one image by torch's own FLOP counter (FLOPs / 2), not bpl's count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.eval()(torch.randn(1, 3, size, size))
+    return counter.get_total_flops() // 2
+
+
 def test_profile_compares_two_checkpoints(baseline, compressed, capsys):
-    assert run_cli("profile", baseline / "last.pt", compressed / "deploy.pt", "--batch-size", "1",
-                   "--repeats", "3", "--json") == 0
+    base, comp = baseline / "last.pt", compressed / "deploy.pt"
+    assert run_cli("profile", base, comp, "--batch-size", "1", "3", "--repeats", "3",
+                   "--json") == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ideal_speedup"] == pytest.approx(1 / (1 - 0.6), rel=0.05)
+    rows = result["models"]
+    assert list(rows) == [str(base), str(comp)]
+    for path, row in rows.items():
+        model = load_model(path)[0]
+        assert row["macs"] == _flop_counter_macs(model, 16)
+        assert row["params"] == sum(p.numel() for p in model.parameters())
+        assert set(row["latency_ms"]) == {"torch", "onnxruntime"}
+        for by_batch in row["latency_ms"].values():
+            assert set(by_batch) == {"1", "3"} and min(by_batch.values()) > 0
+    run = json.loads((compressed / "metrics.json").read_text())["models"]
+    assert (rows[str(comp)]["macs"], rows[str(comp)]["params"]) == (
+        run["compressed"]["macs"], run["compressed"]["params"])
+    a, b = rows.values()
+    assert result["ideal_speedup"] == pytest.approx(a["macs"] / b["macs"], rel=1e-12)
     assert set(result["speedup"]) == {"torch", "onnxruntime"}
-    assert set(result["speedup"]["onnxruntime"]) == {"1"}
-    assert all(v > 0 for v in result["speedup"]["torch"].values())
+    for runtime, by_batch in result["speedup"].items():
+        assert set(by_batch) == {"1", "3"}
+        for bs, speedup in by_batch.items():
+            assert speedup == pytest.approx(
+                a["latency_ms"][runtime][bs] / b["latency_ms"][runtime][bs], rel=1e-12)
+
+
+def test_profile_one_checkpoint_without_onnx_on_the_threads_asked(compressed, capsys,
+                                                                   monkeypatch):
+    import bpl.exporting
+    import bpl.pipeline
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("--no-onnx still exported to ONNX")
+
+    monkeypatch.setattr(bpl.exporting, "onnx_module", no_export)
+    threads_seen = []
+    real_load = bpl.pipeline.load_model
+
+    def load_and_watch(path):
+        model, meta = real_load(path)
+        model.register_forward_pre_hook(lambda m, a: threads_seen.append(torch.get_num_threads()))
+        return model, meta
+
+    monkeypatch.setattr(bpl.pipeline, "load_model", load_and_watch)
+    before = torch.get_num_threads()
+    want = 3 if before == 2 else 2
+    assert run_cli("profile", compressed / "deploy.pt", "--batch-size", "2", "--repeats", "4",
+                   "--no-onnx", "--threads", want, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "speedup" not in result and "ideal_speedup" not in result
+    (row,) = result["models"].values()
+    assert set(row["latency_ms"]) == {"torch"} and set(row["latency_ms"]["torch"]) == {"2"}
+    assert result["threads"] == want and f"({want} threads)" in result["table"]
+    # the MAC count runs first, then 5 warm-up and 4 timed passes on the threads asked
+    assert threads_seen == [before] + [want] * (5 + 4)
+    assert torch.get_num_threads() == before
+
+
+def test_profile_without_onnxruntime_warns_and_times_pytorch_alone(compressed, capsys, caplog,
+                                                                   monkeypatch):
+    import builtins
+    import logging
+
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name.startswith("onnx"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    with caplog.at_level(logging.WARNING):
+        assert run_cli("profile", compressed / "deploy.pt", "--batch-size", "1", "--repeats",
+                       "2", "--json") == 0
+    (row,) = json.loads(capsys.readouterr().out)["models"].values()
+    assert set(row["latency_ms"]) == {"torch"} and row["latency_ms"]["torch"]["1"] > 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("onnxruntime latency skipped" in m and "bpl[onnx]" in m for m in warned), warned
+
+
+def test_profile_refuses_checkpoints_of_different_image_sizes(compressed, tmp_path, capsys):
+    payload = torch.load(compressed / "deploy.pt", weights_only=True)
+    payload["meta"]["image_size"] = 24
+    other = tmp_path / "at24.pt"
+    torch.save(payload, other)
+    both = [compressed / "deploy.pt", other, "--no-onnx", "--batch-size", "1", "--repeats", "1"]
+    assert run_cli("profile", *both) == 1
+    err = capsys.readouterr().err
+    assert "different image sizes [16, 24]" in err and "--image-size" in err
+    assert run_cli("profile", *both, "--image-size", "20", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["image_size"] == 20
+    model = load_model(other)[0]
+    assert all(r["macs"] == _flop_counter_macs(model, 20) for r in result["models"].values())
 
 
 def test_soft_schedule_on_an_image_folder(tmp_path):
@@ -170,24 +271,6 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(tmp_path, sig):
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]["state_dict"]
     b = torch.load(cut / "last.pt", weights_only=False)["model"]["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    from bpl import models
-
-    path = tmp_path / "last.pt"
-    models.atomic_save({"v": 1}, path)
-
-    def broken_save(obj, f, *a, **k):
-        Path(f).write_bytes(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        models.atomic_save({"v": 2}, path)
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=False) == {"v": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
 def test_config_file_with_flag_overrides(tmp_path, baseline):
@@ -284,9 +367,119 @@ def test_demo_tells_the_whole_story(tmp_path, capsys):
     assert run_cli("demo", "--epochs", "1", "--out", out, "--quiet") == 0  # re-run: resumes
 
 
+def _close(reference: torch.Tensor, out: torch.Tensor, tol: float = 1e-4) -> bool:
+    return bool((out - reference).abs().max() <= tol * reference.abs().max())
+
+
+def _onnx_output(path: Path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
 def test_export_command_fuses_and_checks_parity(compressed, tmp_path, capsys):
     out = tmp_path / "student.torchscript.pt"
     assert run_cli("export", compressed / "last.pt", "--format", "torchscript", "--out", out) == 0
     assert "max relative error" in capsys.readouterr().out and out.exists()
     assert run_cli("export", compressed / "deploy.pt", "--out", tmp_path / "deploy.onnx") == 0
     assert (tmp_path / "deploy.onnx").exists()
+    # the files themselves, run outside bpl, against the checkpoints' models in PyTorch
+    student = load_model(compressed / "last.pt")[0].eval()
+    assert bpl.partner_blocks(student)  # there were partners to fuse
+    deploy = load_model(compressed / "deploy.pt")[0].eval()
+    scripted = torch.jit.load(str(out), map_location="cpu")
+    names = {m.original_name for m in scripted.modules()}
+    assert not any("BatchNorm" in n or "Partner" in n for n in names), names
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert _close(student(x), scripted(x))
+        assert _close(deploy(x), _onnx_output(tmp_path / "deploy.onnx", x))
+
+
+def test_export_default_path_and_tolerance(compressed, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(compressed / "last.pt", run / "last.pt")
+    student = load_model(run / "last.pt")[0].eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert run_cli("export", run / "last.pt") == 0
+    assert run_cli("export", run / "last.pt", "--format", "torchscript") == 0
+    assert sorted(p.name for p in run.iterdir()) == [
+        "last.onnx", "last.pt", "last.torchscript.pt"]
+    with torch.no_grad():
+        assert _close(student(x), _onnx_output(run / "last.onnx", x))
+        assert _close(student(x), torch.jit.load(str(run / "last.torchscript.pt"))(x))
+    capsys.readouterr()
+    # fusing and exporting change float rounding: a tolerance that small cannot be met
+    for fmt in ("onnx", "torchscript"):
+        out = tmp_path / f"strict.{fmt}"
+        assert run_cli("export", run / "last.pt", "--format", fmt, "--tol", "1e-12",
+                       "--out", out) == 1
+        err = capsys.readouterr().err
+        assert "nothing was written" in err and "1e-12" in err
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert run_cli("export", run / "last.pt", "--tol", "1e-3", "--out", tmp_path / "ok.onnx") == 0
+
+
+def test_evaluate_with_a_split_file_and_its_errors(compressed, tmp_path, capsys):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(compressed / "deploy.pt", alone / "deploy.pt")
+    assert run_cli("evaluate", alone / "deploy.pt", "--quiet") == 1
+    err = capsys.readouterr().err
+    assert str(alone / "split.json") in err and "--split" in err
+    final = json.loads((compressed / "metrics.json").read_text())["final"]
+    assert run_cli("evaluate", alone / "deploy.pt", "--split", compressed / "split.json",
+                   "--json", "--quiet") == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["top1"] == pytest.approx(final["top1"], abs=1e-9)
+    assert got["samples"] == final["samples"]
+    # a split file of its own: only the first 40 test images of the run's split
+    split = json.loads((compressed / "split.json").read_text())
+    split["test"] = split["test"][:40]
+    (tmp_path / "forty.json").write_text(json.dumps(split))
+    assert run_cli("evaluate", alone / "deploy.pt", "--split", tmp_path / "forty.json",
+                   "--json", "--quiet") == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 40
+    # a checkpoint of other classes than the split lists
+    payload = torch.load(alone / "deploy.pt", weights_only=True)
+    payload["meta"]["classes"] = [f"c{i}" for i in range(10)]
+    torch.save(payload, alone / "other.pt")
+    assert run_cli("evaluate", alone / "other.pt", "--split", compressed / "split.json",
+                   "--quiet") == 1
+    err = capsys.readouterr().err
+    assert "other classes" in err and str(alone / "other.pt") in err
+
+
+def test_json_config_file_and_config_file_errors(tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"epochs": 1, "lr": 0.02, "arch": "tiny_resnet", "val-ratio": 0.2,
+                               "image_size": 12}))
+    out = tmp_path / "run"
+    assert run_cli("train", *FAST, "--config", cfg, "--lr", "0.03", "--out", out) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["epochs"], saved["lr"], saved["arch"], saved["val_ratio"]) == (
+        1, 0.03, "tiny_resnet", 0.2)
+    assert saved["image_size"] == 16  # the flag in FAST wins over the file
+    metrics = json.loads((out / "metrics.json").read_text())
+    split = json.loads((out / "split.json").read_text())
+    assert len(metrics["history"]) == 1
+    assert metrics["history"][0]["val_samples"] == len(split["val"])
+    assert len(split["val"]) == pytest.approx(0.2 * (len(split["val"]) + len(split["train"])),
+                                              abs=10)
+    capsys.readouterr()
+    bad = {"unknown.json": ('{"epochs": 1, "learning_rate": 0.1}', "unknown option(s)"),
+           "broken.json": ('{"epochs": 1,', "cannot parse config file"),
+           "list.json": ("[1, 2]", "must hold a mapping"),
+           "missing.json": (None, "config file not found")}
+    for name, (text, message) in bad.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        assert run_cli("train", *FAST, "--config", tmp_path / name,
+                       "--out", tmp_path / "never") == 1, name
+        err = capsys.readouterr().err.strip()
+        assert message in err and str(tmp_path / name) in err, err
+        assert len(err.splitlines()) == 1 and err.startswith("bpl: error:")
+    assert not (tmp_path / "never").exists()
