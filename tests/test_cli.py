@@ -262,11 +262,19 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(tmp_path, sig):
     _, err = proc.communicate(timeout=60)
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "--resume" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    # the signal landed mid-run: not every epoch was done, and the run was not finished
+    before = torch.load(cut / "last.pt", weights_only=False)
+    assert 1 <= before["epoch"] < 3 and not (cut / "metrics.json").exists()
     assert not list(cut.glob("*.tmp"))
     assert run_cli("train", *args, "--out", cut, "--resume") == 0
     straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     resumed = json.loads((cut / "metrics.json").read_text())
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    # it went on from the saved epochs (their rows, timings included, are the cut run's)
+    assert resumed["history"][:before["epoch"]] == before["history"]
+    assert resumed["segments"] == 2
     assert [h["val_top1"] for h in resumed["history"]] == [h["val_top1"] for h in straight["history"]]
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]["state_dict"]
     b = torch.load(cut / "last.pt", weights_only=False)["model"]["state_dict"]
