@@ -491,3 +491,119 @@ def test_json_config_file_and_config_file_errors(tmp_path, capsys):
         assert message in err and str(tmp_path / name) in err, err
         assert len(err.splitlines()) == 1 and err.startswith("bpl: error:")
     assert not (tmp_path / "never").exists()
+
+
+class _Stop(Exception):
+    """Ends a compress run where training would begin."""
+
+
+def _start_of_training(monkeypatch, baseline: Path, tmp_path: Path, *flags) -> dict:
+    """Run `bpl compress` up to its first training step: the pruned model, the student
+    that training would start from, its loss terms and hooks."""
+    import copy
+
+    import bpl.pipeline as pipeline
+
+    seen: dict = {}
+    real_prune = pipeline.prune
+
+    def prune(*args, **kwargs):
+        pruned = real_prune(*args, **kwargs)
+        seen["pruned"] = copy.deepcopy(pruned).eval()
+        return pruned
+
+    def fit(cfg, model, data, run_dir, meta, **kwargs):
+        seen.update(student=copy.deepcopy(model).eval(), terms=kwargs["loss_terms"],
+                    hooks=kwargs["hooks"], cfg=cfg)
+        raise _Stop
+
+    monkeypatch.setattr(pipeline, "prune", prune)
+    monkeypatch.setattr(pipeline, "_fit", fit)
+    with pytest.raises(_Stop):
+        run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--flops-reduction",
+                "0.6", "--out", tmp_path / "never", *flags)
+    monkeypatch.undo()
+    return seen
+
+
+X16 = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+
+
+def _rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    with torch.no_grad():
+        ya, yb = a(X16), b(X16)
+    return float((ya - yb).abs().max() / ya.abs().max())
+
+
+@pytest.mark.parametrize("init, exact", [("preserve", True), ("split", True), ("paper", False)])
+def test_init_sets_where_the_partners_start(baseline, tmp_path, monkeypatch, init, exact):
+    seen = _start_of_training(monkeypatch, baseline, tmp_path, "--init", init)
+    assert bpl.partner_blocks(seen["student"])
+    # preserve and split start from the pruned model's output; the paper's init changes it
+    assert (_rel(seen["pruned"], seen["student"]) <= 1e-5) == exact
+
+
+def test_granularity_and_weight_set_the_diversity_term(baseline, tmp_path, monkeypatch):
+    import types
+
+    import torch.nn.functional as F
+
+    seen = _start_of_training(monkeypatch, baseline, tmp_path, "--granularity", "block",
+                              "--diversity-weight", "0.5")
+    student = seen["student"]
+    # by hand: 0.5 x the sum over partner blocks of (cosine of the two kernels + 1)
+    want = 0.5 * sum(
+        float(F.cosine_similarity(b.conv.weight.flatten(), b.partner_conv.weight.flatten(),
+                                  dim=0)) + 1 for _, b in bpl.partner_blocks(student))
+    term = seen["terms"]["diversity"](types.SimpleNamespace(model=student))
+    assert float(term) == pytest.approx(want, rel=1e-5)
+    per_stage = bpl.diversity_loss(student, weight=0.5, granularity="stage")
+    assert abs(float(per_stage) - want) > 1e-3  # so the flag, not the default, made it
+    assert "diversity" not in _start_of_training(monkeypatch, baseline, tmp_path,
+                                                 "--diversity-weight", "0")["terms"]
+
+
+@pytest.mark.parametrize("flags, kwargs", [(["--importance", "fpgm"], {"importance": "fpgm"}),
+                                           (["--global-pruning"], {"global_pruning": True})])
+def test_pruning_flags_pick_the_channels(baseline, tmp_path, monkeypatch, flags, kwargs):
+    base = load_model(baseline / "last.pt")[0]
+    example = torch.randn(1, 3, 16, 16)
+    pruned = _start_of_training(monkeypatch, baseline, tmp_path, *flags)["pruned"]
+    default = bpl.prune(base, example, flops_reduction=0.6)
+    wanted = bpl.prune(base, example, flops_reduction=0.6, **kwargs)
+    state, other, want = pruned.state_dict(), default.state_dict(), wanted.state_dict()
+    assert all(torch.equal(state[k], want[k]) for k in want)
+    assert set(state) == set(want)
+    assert any(state[k].shape != other[k].shape or not torch.equal(state[k], other[k])
+               for k in other)
+    if "global_pruning" in kwargs:  # layers lose different shares of their channels
+        ratios = {name: m.out_channels / base.get_submodule(name).out_channels
+                  for name, m in pruned.named_modules() if isinstance(m, torch.nn.Conv2d)}
+        uniform = {name: m.out_channels / base.get_submodule(name).out_channels
+                   for name, m in default.named_modules() if isinstance(m, torch.nn.Conv2d)}
+        assert max(ratios.values()) - min(ratios.values()) > \
+            max(uniform.values()) - min(uniform.values()) + 0.1, (ratios, uniform)
+
+
+def test_diversity_weight_zero_and_no_partners_train_other_models(baseline, compressed,
+                                                                  tmp_path):
+    common = [*FAST, "--baseline", baseline / "last.pt", "--epochs", "1",
+              "--flops-reduction", "0.6"]
+    with_partners = torch.load(compressed / "last.pt", weights_only=False)["model"]
+    assert with_partners["extended"]
+    for flag in ("--diversity-weight=0", "--no-partners"):
+        out = tmp_path / flag.strip("-").split("=")[0]
+        assert run_cli("compress", *common, flag, "--out", out) == 0
+        row = json.loads((out / "metrics.json").read_text())["history"][-1]
+        assert "train_diversity" not in row
+        assert row["train_loss"] == pytest.approx(row["train_ce"], rel=1e-6)
+        last = torch.load(out / "last.pt", weights_only=False)["model"]
+        if flag == "--no-partners":
+            assert last["extended"] == []
+            assert not any("partner" in k for k in last["state_dict"])
+            assert any("partner" in k for k in with_partners["state_dict"])
+            assert not bpl.partner_blocks(load_model(out / "deploy.pt")[0])
+        else:  # the same partners, trained without the diversity term
+            assert last["extended"] == with_partners["extended"]
+            a, b = last["state_dict"], with_partners["state_dict"]
+            assert set(a) == set(b) and not all(torch.equal(a[k], b[k]) for k in a)
