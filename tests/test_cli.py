@@ -607,3 +607,59 @@ def test_diversity_weight_zero_and_no_partners_train_other_models(baseline, comp
             assert last["extended"] == with_partners["extended"]
             a, b = last["state_dict"], with_partners["state_dict"]
             assert set(a) == set(b) and not all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["prune-first", "soft"])
+def test_compress_resume_matches_an_uninterrupted_run(baseline, tmp_path, monkeypatch, soft):
+    import bpl.engine
+    from bpl.pruning import SoftPruner
+
+    epochs = 4 if soft else 3
+    args = ["compress", *FAST, "--baseline", baseline / "last.pt", "--epochs", epochs,
+            "--flops-reduction", "0.6", *(["--soft", "--soft-every", "2"] if soft else [])]
+    picked: list[int] = []  # the epochs (0-based) after which the soft masks were re-picked
+    real_end = SoftPruner.epoch_end
+
+    def epoch_end(self, epoch):
+        if real_end(self, epoch):
+            picked.append(epoch)
+        return picked[-1:] == [epoch]
+
+    monkeypatch.setattr(SoftPruner, "epoch_end", epoch_end)
+    assert run_cli(*args, "--out", tmp_path / "straight") == 0
+    if soft:
+        assert picked == [1, 3]  # --soft-every 2: after the 2nd and the 4th epoch
+    real_epoch = bpl.engine._Trainer.train_epoch
+
+    def stop_at_epoch_3(self, loader, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, loader, epoch)
+
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(bpl.engine._Trainer, "train_epoch", stop_at_epoch_3)
+        assert run_cli(*args, "--out", cut) == 130
+    before = torch.load(cut / "last.pt", weights_only=False)
+    assert before["epoch"] == 2 and not (cut / "metrics.json").exists()
+    picked.clear()
+    assert run_cli(*args, "--out", cut, "--resume") == 0
+    if soft:
+        assert picked == [3]
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    resumed = json.loads((cut / "metrics.json").read_text())
+    assert resumed["history"][:2] == before["history"] and resumed["segments"] == 2
+    for key in ("val_top1", "val_loss", "train_loss"):
+        assert [h[key] for h in resumed["history"]] == [h[key] for h in straight["history"]]
+    assert resumed["final"] == straight["final"]
+    for name in ("last.pt", "deploy.pt"):
+        a = torch.load(tmp_path / "straight" / name, weights_only=False)
+        b = torch.load(cut / name, weights_only=False)
+        a, b = a.get("model", a), b.get("model", b)
+        assert set(a["state_dict"]) == set(b["state_dict"])
+        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    if soft:  # the pruner's masks and schedule went on where they were
+        a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["hooks"][0]
+        b = torch.load(cut / "last.pt", weights_only=False)["hooks"][0]
+        assert a["updates"] == b["updates"] == 2 and a["masks"].keys() == b["masks"].keys()
+        assert all(torch.equal(a["masks"][k], b["masks"][k]) for k in a["masks"])
