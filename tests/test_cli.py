@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+import bpl
 from bpl.cli import main
+from bpl.models import load_model
 
 FAST = ["--data", "digits", "--image-size", "16", "--batch-size", "64", "--quiet", "--no-latency"]
 ARCH = ["--arch", "tiny_resnet"]
@@ -109,14 +112,112 @@ def test_deploy_loads_in_a_fresh_process_and_reproduces_accuracy(compressed):
     assert int(params) == metrics["models"]["compressed"]["params"] and int(classes) == 10
 
 
+def _flop_counter_macs(model: torch.nn.Module, size: int) -> int:
+    """MACs of one image by torch's own FLOP counter (FLOPs / 2), not bpl's count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.eval()(torch.randn(1, 3, size, size))
+    return counter.get_total_flops() // 2
+
+
 def test_profile_compares_two_checkpoints(baseline, compressed, capsys):
-    assert run_cli("profile", baseline / "last.pt", compressed / "deploy.pt", "--batch-size", "1",
-                   "--repeats", "3", "--json") == 0
+    base, comp = baseline / "last.pt", compressed / "deploy.pt"
+    assert run_cli("profile", base, comp, "--batch-size", "1", "3", "--repeats", "3",
+                   "--json") == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ideal_speedup"] == pytest.approx(1 / (1 - 0.6), rel=0.05)
+    rows = result["models"]
+    assert list(rows) == [str(base), str(comp)]
+    for path, row in rows.items():
+        model = load_model(path)[0]
+        assert row["macs"] == _flop_counter_macs(model, 16)
+        assert row["params"] == sum(p.numel() for p in model.parameters())
+        assert set(row["latency_ms"]) == {"torch", "onnxruntime"}
+        for by_batch in row["latency_ms"].values():
+            assert set(by_batch) == {"1", "3"} and min(by_batch.values()) > 0
+    run = json.loads((compressed / "metrics.json").read_text())["models"]
+    assert (rows[str(comp)]["macs"], rows[str(comp)]["params"]) == (
+        run["compressed"]["macs"], run["compressed"]["params"])
+    a, b = rows.values()
+    assert result["ideal_speedup"] == pytest.approx(a["macs"] / b["macs"], rel=1e-12)
     assert set(result["speedup"]) == {"torch", "onnxruntime"}
-    assert set(result["speedup"]["onnxruntime"]) == {"1"}
-    assert all(v > 0 for v in result["speedup"]["torch"].values())
+    for runtime, by_batch in result["speedup"].items():
+        assert set(by_batch) == {"1", "3"}
+        for bs, speedup in by_batch.items():
+            assert speedup == pytest.approx(
+                a["latency_ms"][runtime][bs] / b["latency_ms"][runtime][bs], rel=1e-12)
+
+
+def test_profile_one_checkpoint_without_onnx_on_the_threads_asked(compressed, capsys,
+                                                                   monkeypatch):
+    import bpl.exporting
+    import bpl.pipeline
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("--no-onnx still exported to ONNX")
+
+    monkeypatch.setattr(bpl.exporting, "onnx_module", no_export)
+    threads_seen = []
+    real_load = bpl.pipeline.load_model
+
+    def load_and_watch(path):
+        model, meta = real_load(path)
+        model.register_forward_pre_hook(lambda m, a: threads_seen.append(torch.get_num_threads()))
+        return model, meta
+
+    monkeypatch.setattr(bpl.pipeline, "load_model", load_and_watch)
+    before = torch.get_num_threads()
+    want = 3 if before == 2 else 2
+    assert run_cli("profile", compressed / "deploy.pt", "--batch-size", "2", "--repeats", "4",
+                   "--no-onnx", "--threads", want, "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "speedup" not in result and "ideal_speedup" not in result
+    (row,) = result["models"].values()
+    assert set(row["latency_ms"]) == {"torch"} and set(row["latency_ms"]["torch"]) == {"2"}
+    assert result["threads"] == want and f"({want} threads)" in result["table"]
+    # the MAC count runs first, then 5 warm-up and 4 timed passes on the threads asked
+    assert threads_seen == [before] + [want] * (5 + 4)
+    assert torch.get_num_threads() == before
+
+
+def test_profile_without_onnxruntime_warns_and_times_pytorch_alone(compressed, capsys, caplog,
+                                                                   monkeypatch):
+    import builtins
+    import logging
+
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name.startswith("onnx"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)
+    with caplog.at_level(logging.WARNING):
+        assert run_cli("profile", compressed / "deploy.pt", "--batch-size", "1", "--repeats",
+                       "2", "--json") == 0
+    (row,) = json.loads(capsys.readouterr().out)["models"].values()
+    assert set(row["latency_ms"]) == {"torch"} and row["latency_ms"]["torch"]["1"] > 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("onnxruntime latency skipped" in m and "bpl[onnx]" in m for m in warned), warned
+
+
+def test_profile_refuses_checkpoints_of_different_image_sizes(compressed, tmp_path, capsys):
+    payload = torch.load(compressed / "deploy.pt", weights_only=True)
+    payload["meta"]["image_size"] = 24
+    other = tmp_path / "at24.pt"
+    torch.save(payload, other)
+    both = [compressed / "deploy.pt", other, "--no-onnx", "--batch-size", "1", "--repeats", "1"]
+    assert run_cli("profile", *both) == 1
+    err = capsys.readouterr().err
+    assert "different image sizes [16, 24]" in err and "--image-size" in err
+    assert run_cli("profile", *both, "--image-size", "20", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["image_size"] == 20
+    model = load_model(other)[0]
+    assert all(r["macs"] == _flop_counter_macs(model, 20) for r in result["models"].values())
 
 
 def test_soft_schedule_on_an_image_folder(tmp_path):
@@ -161,33 +262,23 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(tmp_path, sig):
     _, err = proc.communicate(timeout=60)
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and "--resume" in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    # the signal landed mid-run: not every epoch was done, and the run was not finished
+    before = torch.load(cut / "last.pt", weights_only=False)
+    assert 1 <= before["epoch"] < 3 and not (cut / "metrics.json").exists()
     assert not list(cut.glob("*.tmp"))
     assert run_cli("train", *args, "--out", cut, "--resume") == 0
     straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     resumed = json.loads((cut / "metrics.json").read_text())
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    # it went on from the saved epochs (their rows, timings included, are the cut run's)
+    assert resumed["history"][:before["epoch"]] == before["history"]
+    assert resumed["segments"] == 2
     assert [h["val_top1"] for h in resumed["history"]] == [h["val_top1"] for h in straight["history"]]
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["model"]["state_dict"]
     b = torch.load(cut / "last.pt", weights_only=False)["model"]["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    from bpl import models
-
-    path = tmp_path / "last.pt"
-    models.atomic_save({"v": 1}, path)
-
-    def broken_save(obj, f, *a, **k):
-        Path(f).write_bytes(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        models.atomic_save({"v": 2}, path)
-    monkeypatch.undo()
-    assert torch.load(path, weights_only=False) == {"v": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
 def test_config_file_with_flag_overrides(tmp_path, baseline):
@@ -284,9 +375,292 @@ def test_demo_tells_the_whole_story(tmp_path, capsys):
     assert run_cli("demo", "--epochs", "1", "--out", out, "--quiet") == 0  # re-run: resumes
 
 
+def _close(reference: torch.Tensor, out: torch.Tensor, tol: float = 1e-4) -> bool:
+    return bool((out - reference).abs().max() <= tol * reference.abs().max())
+
+
+def _onnx_output(path: Path, x: torch.Tensor) -> torch.Tensor:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
 def test_export_command_fuses_and_checks_parity(compressed, tmp_path, capsys):
     out = tmp_path / "student.torchscript.pt"
     assert run_cli("export", compressed / "last.pt", "--format", "torchscript", "--out", out) == 0
     assert "max relative error" in capsys.readouterr().out and out.exists()
     assert run_cli("export", compressed / "deploy.pt", "--out", tmp_path / "deploy.onnx") == 0
     assert (tmp_path / "deploy.onnx").exists()
+    # the files themselves, run outside bpl, against the checkpoints' models in PyTorch
+    student = load_model(compressed / "last.pt")[0].eval()
+    assert bpl.partner_blocks(student)  # there were partners to fuse
+    deploy = load_model(compressed / "deploy.pt")[0].eval()
+    scripted = torch.jit.load(str(out), map_location="cpu")
+    names = {m.original_name for m in scripted.modules()}
+    assert not any("BatchNorm" in n or "Partner" in n for n in names), names
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert _close(student(x), scripted(x))
+        assert _close(deploy(x), _onnx_output(tmp_path / "deploy.onnx", x))
+
+
+def test_export_default_path_and_tolerance(compressed, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(compressed / "last.pt", run / "last.pt")
+    student = load_model(run / "last.pt")[0].eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert run_cli("export", run / "last.pt") == 0
+    assert run_cli("export", run / "last.pt", "--format", "torchscript") == 0
+    assert sorted(p.name for p in run.iterdir()) == [
+        "last.onnx", "last.pt", "last.torchscript.pt"]
+    with torch.no_grad():
+        assert _close(student(x), _onnx_output(run / "last.onnx", x))
+        assert _close(student(x), torch.jit.load(str(run / "last.torchscript.pt"))(x))
+    capsys.readouterr()
+    # fusing and exporting change float rounding: a tolerance that small cannot be met
+    for fmt in ("onnx", "torchscript"):
+        out = tmp_path / f"strict.{fmt}"
+        assert run_cli("export", run / "last.pt", "--format", fmt, "--tol", "1e-12",
+                       "--out", out) == 1
+        err = capsys.readouterr().err
+        assert "nothing was written" in err and "1e-12" in err
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert run_cli("export", run / "last.pt", "--tol", "1e-3", "--out", tmp_path / "ok.onnx") == 0
+
+
+def test_evaluate_with_a_split_file_and_its_errors(compressed, tmp_path, capsys):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(compressed / "deploy.pt", alone / "deploy.pt")
+    assert run_cli("evaluate", alone / "deploy.pt", "--quiet") == 1
+    err = capsys.readouterr().err
+    assert str(alone / "split.json") in err and "--split" in err
+    final = json.loads((compressed / "metrics.json").read_text())["final"]
+    assert run_cli("evaluate", alone / "deploy.pt", "--split", compressed / "split.json",
+                   "--json", "--quiet") == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["top1"] == pytest.approx(final["top1"], abs=1e-9)
+    assert got["samples"] == final["samples"]
+    # a split file of its own: only the first 40 test images of the run's split
+    split = json.loads((compressed / "split.json").read_text())
+    split["test"] = split["test"][:40]
+    (tmp_path / "forty.json").write_text(json.dumps(split))
+    assert run_cli("evaluate", alone / "deploy.pt", "--split", tmp_path / "forty.json",
+                   "--json", "--quiet") == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 40
+    # a checkpoint of other classes than the split lists
+    payload = torch.load(alone / "deploy.pt", weights_only=True)
+    payload["meta"]["classes"] = [f"c{i}" for i in range(10)]
+    torch.save(payload, alone / "other.pt")
+    assert run_cli("evaluate", alone / "other.pt", "--split", compressed / "split.json",
+                   "--quiet") == 1
+    err = capsys.readouterr().err
+    assert "other classes" in err and str(alone / "other.pt") in err
+
+
+def test_json_config_file_and_config_file_errors(tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"epochs": 1, "lr": 0.02, "arch": "tiny_resnet", "val-ratio": 0.2,
+                               "image_size": 12}))
+    out = tmp_path / "run"
+    assert run_cli("train", *FAST, "--config", cfg, "--lr", "0.03", "--out", out) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["epochs"], saved["lr"], saved["arch"], saved["val_ratio"]) == (
+        1, 0.03, "tiny_resnet", 0.2)
+    assert saved["image_size"] == 16  # the flag in FAST wins over the file
+    metrics = json.loads((out / "metrics.json").read_text())
+    split = json.loads((out / "split.json").read_text())
+    assert len(metrics["history"]) == 1
+    assert metrics["history"][0]["val_samples"] == len(split["val"])
+    assert len(split["val"]) == pytest.approx(0.2 * (len(split["val"]) + len(split["train"])),
+                                              abs=10)
+    capsys.readouterr()
+    bad = {"unknown.json": ('{"epochs": 1, "learning_rate": 0.1}', "unknown option(s)"),
+           "broken.json": ('{"epochs": 1,', "cannot parse config file"),
+           "list.json": ("[1, 2]", "must hold a mapping"),
+           "missing.json": (None, "config file not found")}
+    for name, (text, message) in bad.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        assert run_cli("train", *FAST, "--config", tmp_path / name,
+                       "--out", tmp_path / "never") == 1, name
+        err = capsys.readouterr().err.strip()
+        assert message in err and str(tmp_path / name) in err, err
+        assert len(err.splitlines()) == 1 and err.startswith("bpl: error:")
+    assert not (tmp_path / "never").exists()
+
+
+class _Stop(Exception):
+    """Ends a compress run where training would begin."""
+
+
+def _start_of_training(monkeypatch, baseline: Path, tmp_path: Path, *flags) -> dict:
+    """Run `bpl compress` up to its first training step: the pruned model, the student
+    that training would start from, its loss terms and hooks."""
+    import copy
+
+    import bpl.pipeline as pipeline
+
+    seen: dict = {}
+    real_prune = pipeline.prune
+
+    def prune(*args, **kwargs):
+        pruned = real_prune(*args, **kwargs)
+        seen["pruned"] = copy.deepcopy(pruned).eval()
+        return pruned
+
+    def fit(cfg, model, data, run_dir, meta, **kwargs):
+        seen.update(student=copy.deepcopy(model).eval(), terms=kwargs["loss_terms"],
+                    hooks=kwargs["hooks"], cfg=cfg)
+        raise _Stop
+
+    monkeypatch.setattr(pipeline, "prune", prune)
+    monkeypatch.setattr(pipeline, "_fit", fit)
+    with pytest.raises(_Stop):
+        run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--flops-reduction",
+                "0.6", "--out", tmp_path / "never", *flags)
+    monkeypatch.undo()
+    return seen
+
+
+X16 = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+
+
+def _rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    with torch.no_grad():
+        ya, yb = a(X16), b(X16)
+    return float((ya - yb).abs().max() / ya.abs().max())
+
+
+@pytest.mark.parametrize("init, exact", [("preserve", True), ("split", True), ("paper", False)])
+def test_init_sets_where_the_partners_start(baseline, tmp_path, monkeypatch, init, exact):
+    seen = _start_of_training(monkeypatch, baseline, tmp_path, "--init", init)
+    assert bpl.partner_blocks(seen["student"])
+    # preserve and split start from the pruned model's output; the paper's init changes it
+    assert (_rel(seen["pruned"], seen["student"]) <= 1e-5) == exact
+
+
+def test_granularity_and_weight_set_the_diversity_term(baseline, tmp_path, monkeypatch):
+    import types
+
+    import torch.nn.functional as F
+
+    seen = _start_of_training(monkeypatch, baseline, tmp_path, "--granularity", "block",
+                              "--diversity-weight", "0.5")
+    student = seen["student"]
+    # by hand: 0.5 x the sum over partner blocks of (cosine of the two kernels + 1)
+    with torch.no_grad():
+        want = 0.5 * sum(
+            float(F.cosine_similarity(b.conv.weight.flatten(), b.partner_conv.weight.flatten(),
+                                      dim=0)) + 1 for _, b in bpl.partner_blocks(student))
+    term = seen["terms"]["diversity"](types.SimpleNamespace(model=student)).detach()
+    assert term.item() == pytest.approx(want, rel=1e-5)
+    per_stage = bpl.diversity_loss(student, weight=0.5, granularity="stage").detach()
+    assert abs(float(per_stage) - want) > 1e-3  # so the flag, not the default, made it
+    assert "diversity" not in _start_of_training(monkeypatch, baseline, tmp_path,
+                                                 "--diversity-weight", "0")["terms"]
+
+
+@pytest.mark.parametrize("flags, kwargs", [(["--importance", "fpgm"], {"importance": "fpgm"}),
+                                           (["--global-pruning"], {"global_pruning": True})])
+def test_pruning_flags_pick_the_channels(baseline, tmp_path, monkeypatch, flags, kwargs):
+    base = load_model(baseline / "last.pt")[0]
+    example = torch.randn(1, 3, 16, 16)
+    pruned = _start_of_training(monkeypatch, baseline, tmp_path, *flags)["pruned"]
+    default = bpl.prune(base, example, flops_reduction=0.6)
+    wanted = bpl.prune(base, example, flops_reduction=0.6, **kwargs)
+    state, other, want = pruned.state_dict(), default.state_dict(), wanted.state_dict()
+    assert all(torch.equal(state[k], want[k]) for k in want)
+    assert set(state) == set(want)
+    assert any(state[k].shape != other[k].shape or not torch.equal(state[k], other[k])
+               for k in other)
+    if "global_pruning" in kwargs:  # layers lose different shares of their channels
+        ratios = {name: m.out_channels / base.get_submodule(name).out_channels
+                  for name, m in pruned.named_modules() if isinstance(m, torch.nn.Conv2d)}
+        uniform = {name: m.out_channels / base.get_submodule(name).out_channels
+                   for name, m in default.named_modules() if isinstance(m, torch.nn.Conv2d)}
+        assert max(ratios.values()) - min(ratios.values()) > \
+            max(uniform.values()) - min(uniform.values()) + 0.1, (ratios, uniform)
+
+
+def test_diversity_weight_zero_and_no_partners_train_other_models(baseline, compressed,
+                                                                  tmp_path):
+    common = [*FAST, "--baseline", baseline / "last.pt", "--epochs", "1",
+              "--flops-reduction", "0.6"]
+    with_partners = torch.load(compressed / "last.pt", weights_only=False)["model"]
+    assert with_partners["extended"]
+    for flag in ("--diversity-weight=0", "--no-partners"):
+        out = tmp_path / flag.strip("-").split("=")[0]
+        assert run_cli("compress", *common, flag, "--out", out) == 0
+        row = json.loads((out / "metrics.json").read_text())["history"][-1]
+        assert "train_diversity" not in row
+        assert row["train_loss"] == pytest.approx(row["train_ce"], rel=1e-6)
+        last = torch.load(out / "last.pt", weights_only=False)["model"]
+        if flag == "--no-partners":
+            assert last["extended"] == []
+            assert not any("partner" in k for k in last["state_dict"])
+            assert any("partner" in k for k in with_partners["state_dict"])
+            assert not bpl.partner_blocks(load_model(out / "deploy.pt")[0])
+        else:  # the same partners, trained without the diversity term
+            assert last["extended"] == with_partners["extended"]
+            a, b = last["state_dict"], with_partners["state_dict"]
+            assert set(a) == set(b) and not all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["prune-first", "soft"])
+def test_compress_resume_matches_an_uninterrupted_run(baseline, tmp_path, monkeypatch, soft):
+    import bpl.engine
+    from bpl.pruning import SoftPruner
+
+    epochs = 4 if soft else 3
+    args = ["compress", *FAST, "--baseline", baseline / "last.pt", "--epochs", epochs,
+            "--flops-reduction", "0.6", *(["--soft", "--soft-every", "2"] if soft else [])]
+    picked: list[int] = []  # the epochs (0-based) after which the soft masks were re-picked
+    real_end = SoftPruner.epoch_end
+
+    def epoch_end(self, epoch):
+        if real_end(self, epoch):
+            picked.append(epoch)
+        return picked[-1:] == [epoch]
+
+    monkeypatch.setattr(SoftPruner, "epoch_end", epoch_end)
+    assert run_cli(*args, "--out", tmp_path / "straight") == 0
+    if soft:
+        assert picked == [1, 3]  # --soft-every 2: after the 2nd and the 4th epoch
+    real_epoch = bpl.engine._Trainer.train_epoch
+
+    def stop_at_epoch_3(self, loader, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(self, loader, epoch)
+
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        m.setattr(bpl.engine._Trainer, "train_epoch", stop_at_epoch_3)
+        assert run_cli(*args, "--out", cut) == 130
+    before = torch.load(cut / "last.pt", weights_only=False)
+    assert before["epoch"] == 2 and not (cut / "metrics.json").exists()
+    picked.clear()
+    assert run_cli(*args, "--out", cut, "--resume") == 0
+    if soft:
+        assert picked == [3]
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    resumed = json.loads((cut / "metrics.json").read_text())
+    assert resumed["history"][:2] == before["history"] and resumed["segments"] == 2
+    for key in ("val_top1", "val_loss", "train_loss"):
+        assert [h[key] for h in resumed["history"]] == [h[key] for h in straight["history"]]
+    assert resumed["final"] == straight["final"]
+    for name in ("last.pt", "deploy.pt"):
+        a = torch.load(tmp_path / "straight" / name, weights_only=False)
+        b = torch.load(cut / name, weights_only=False)
+        a, b = a.get("model", a), b.get("model", b)
+        assert set(a["state_dict"]) == set(b["state_dict"])
+        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    if soft:  # the pruner's masks and schedule went on where they were
+        a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)["hooks"][0]
+        b = torch.load(cut / "last.pt", weights_only=False)["hooks"][0]
+        assert a["updates"] == b["updates"] == 2 and a["masks"].keys() == b["masks"].keys()
+        assert all(torch.equal(a["masks"][k], b["masks"][k]) for k in a["masks"])

@@ -104,28 +104,51 @@ def baseline(tmp_path_factory) -> Path:
     return out / "last.pt"
 
 
-def test_torchrun_compress_writes_one_run_and_evaluates_every_image_once(tmp_path, baseline):
+def _compress_args(baseline: Path, out: Path) -> list:
+    return ["compress", *FAST, "--baseline", baseline, "--epochs", "3", "--flops-reduction",
+            "0.5", "--out", out]
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory, baseline) -> tuple[Path, str]:
+    """An uninterrupted 3-epoch compress under torchrun: its run directory and stdout."""
+    root = tmp_path_factory.mktemp("torchrun") / "runs"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = tmp_path / "runs" / "bpl"
-    proc = subprocess.run(torchrun("compress", *FAST, "--baseline", baseline, "--epochs", "2",
-                                   "--flops-reduction", "0.5", "--out", out, port=free_port()),
+    proc = subprocess.run(torchrun(*_compress_args(baseline, root / "bpl"), port=free_port()),
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("| compressed |") == 1  # rank 0 alone prints and writes
-    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["bpl"]
+    return root / "bpl", proc.stdout
+
+
+def test_torchrun_compress_writes_one_run_and_evaluates_every_image_once(torchrun_run):
+    out, stdout = torchrun_run
+    assert stdout.count("| compressed |") == 1  # rank 0 alone prints and writes
+    assert [p.name for p in out.parent.iterdir()] == ["bpl"]
     metrics = json.loads((out / "metrics.json").read_text())
     split = json.loads((out / "split.json").read_text())
     n_val, n_test = len(split["val"]), len(split["test"])
-    assert [h["val_samples"] for h in metrics["history"]] == [n_val, n_val]
+    assert [h["val_samples"] for h in metrics["history"]] == [n_val] * 3
     assert metrics["final"]["samples"] == n_test
     assert metrics["fusion_error"] <= 1e-5
 
 
-def test_torchrun_resume_after_the_job_is_stopped(tmp_path, baseline):
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its (killed) parent to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_torchrun_resume_after_the_job_is_stopped(tmp_path, baseline, torchrun_run):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = tmp_path / "run"
-    args = ["compress", *FAST, "--baseline", baseline, "--epochs", "3", "--flops-reduction",
-            "0.5", "--out", out]
+    args = _compress_args(baseline, out)
     proc = subprocess.Popen(torchrun(*args, port=free_port()), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     deadline = time.time() + 240
@@ -133,10 +156,32 @@ def test_torchrun_resume_after_the_job_is_stopped(tmp_path, baseline):
                len((out / "log.csv").read_text().splitlines()) >= 2):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, mid-run
-    proc.wait(timeout=60)
+    # the workers (torchrun starts each in a session of its own), then the launcher, mid-run
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    deadline = time.time() + 30
+    while any(_alive(pid) for pid in workers):
+        assert time.time() < deadline, "a worker outlived the kill"
+        time.sleep(0.05)
+    # the kill landed mid-run: epoch 1 (or 2) saved, not the last, and the run not finished
+    before = torch.load(out / "last.pt", weights_only=False)
+    assert 1 <= before["epoch"] < 3 and not (out / "metrics.json").exists()
     done = subprocess.run(torchrun(*args, "--resume", port=free_port()), capture_output=True,
                           text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    # it went on from the saved epochs, and ends where the uninterrupted job does
+    assert metrics["history"][:before["epoch"]] == before["history"]
+    assert metrics["segments"] == 2
+    straight = json.loads((torchrun_run[0] / "metrics.json").read_text())
+    for key in ("val_top1", "val_loss", "train_loss"):
+        assert [h[key] for h in metrics["history"]] == [h[key] for h in straight["history"]]
+    assert metrics["final"] == straight["final"]
+    a = torch.load(torchrun_run[0] / "deploy.pt", weights_only=False)["state_dict"]
+    b = torch.load(out / "deploy.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

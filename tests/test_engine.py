@@ -160,3 +160,25 @@ def test_best_checkpoint_is_the_best_validation_epoch(tmp_path):
                payload=payload, progress=False)
     assert none.best_epoch == 6 and none.best_val_top1 is None
     assert "val_top1" not in none.history[-1]
+
+
+def test_the_global_batch_must_divide_among_the_processes(monkeypatch):
+    from bpl import distributed
+    from bpl.engine import make_loader
+
+    data = tiny_data(48)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Context(rank=1, world_size=3))
+    with pytest.raises(BPLError, match="--batch-size 16 must be divisible by the 3 processes"):
+        make_loader(data, batch_size=16, train=True, device=cpu)
+    # divisible: each process takes its third of the global batch, in its own share
+    loader = make_loader(data, batch_size=12, train=True, device=cpu)
+    assert loader.batch_size == 4 and len(loader.sampler) == 16
+    assert [len(x) for x, _ in loader] == [4] * 4
+    # evaluation batches are at least 64 globally, rounded up to share out evenly (22 x 3),
+    # and rank 1 evaluates samples 1, 4, 7, ...: every sample once over the 3 processes
+    loader = make_loader(data, batch_size=12, train=False, device=cpu)
+    assert loader.batch_size == 22
+    assert list(loader.dataset.indices) == list(range(1, 48, 3))
+    # shard=False: this process alone, whatever the world size
+    assert make_loader(data, batch_size=16, train=True, device=cpu, shard=False).batch_size == 16

@@ -45,11 +45,30 @@ def test_exported_onnx_runs_at_any_batch_size(pruned_student, tmp_path):
     assert torch.allclose(torch.from_numpy(out), deploy(x), rtol=1e-4, atol=1e-4)
 
 
-def test_unfused_model_is_fused_first(pruned_student, tmp_path):
-    result = export(pruned_student, torch.randn(1, 3, 32, 32), tmp_path / "m.pt",
-                    format="torchscript")
-    assert result["fused_partners"] == len(bpl.partner_blocks(pruned_student))
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_unfused_model_is_fused_first(pruned_student, tmp_path, fmt):
+    path = tmp_path / f"m.{fmt}"
+    result = export(pruned_student, torch.randn(1, 3, 32, 32), path, format=fmt)
+    assert result["fused_partners"] == len(bpl.partner_blocks(pruned_student)) > 0
     assert result["max_relative_error"] <= 1e-4
+    # the file itself, loaded outside bpl, against the unfused student in PyTorch
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = pruned_student(x)
+    if fmt == "torchscript":
+        loaded = torch.jit.load(str(path), map_location="cpu")
+        kinds = {m.original_name for m in loaded.modules()}
+        got = loaded(x)
+    else:
+        onnx = pytest.importorskip("onnx")
+        ort = pytest.importorskip("onnxruntime")
+        kinds = {node.op_type for node in onnx.load(str(path)).graph.node}
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    # every BN folded, the shortcuts' (which have no partners) too, and no partner left
+    assert not {k for k in kinds if "BatchNorm" in k or "Partner" in k}, kinds
+    assert got.shape == (3, 7)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
 def test_fold_batchnorm_is_exact_and_removes_bn():

@@ -211,3 +211,24 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert bpl.load_model(path)[1]["num_classes"] == 10
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+@pytest.mark.parametrize("arch, head", [("vgg11_bn", "classifier.6"),
+                                        ("mobilenet_v2", "classifier.1")])
+def test_replace_classifier_of_vgg_and_mobilenet(arch, head):
+    model = getattr(torchvision.models, arch)(num_classes=1000)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    old = model.get_submodule(head)
+    out = bpl.models.replace_classifier(model, 1000, 7)
+    assert out is model
+    new = model.get_submodule(head)
+    assert isinstance(new, nn.Linear) and new is not old
+    assert (new.in_features, new.out_features) == (old.in_features, 7)
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for key, value in after.items():
+        if key.startswith(head + "."):
+            assert value.shape[0] == 7, key
+        else:
+            assert torch.equal(value, before[key]), key
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -67,4 +68,33 @@ def test_compare_latency_times_every_model():
     result = bpl.compare_latency({"big": big, "small": small}, x, batch_size=4, warmup=1, repeats=5)
     assert set(result) == {"big", "small"}
     assert all(v > 0 for v in result.values())
-    assert result["small"] < result["big"]
+
+
+class _Clocked(nn.Module):
+    """Takes the given times (s) on a fake clock: the warm-up passes first, then the timed."""
+
+    def __init__(self, clock: list[float], name: str, calls: list[str], times: list[float]):
+        super().__init__()
+        self.clock, self.name, self.calls, self.times = clock, name, calls, list(times)
+
+    def forward(self, x):
+        self.calls.append(self.name)
+        self.clock[0] += self.times.pop(0)
+        return x
+
+
+def test_compare_latency_is_the_median_of_interleaved_timed_passes(monkeypatch):
+    import types
+
+    import bpl.profiling
+
+    clock, calls = [0.0], []
+    monkeypatch.setattr(bpl.profiling, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    # two warm-up passes of 1 s that must not count, then five timed passes each, with outliers
+    big = _Clocked(clock, "big", calls, [1, 1, 0.009, 0.005, 0.007, 1.0, 0.008])
+    small = _Clocked(clock, "small", calls, [1, 1, 0.001, 0.002, 0.1, 0.003, 0.002])
+    result = bpl.compare_latency({"big": big, "small": small}, torch.zeros(1, 1), warmup=2,
+                                 repeats=5)
+    assert result == {"big": pytest.approx(8.0), "small": pytest.approx(2.0)}
+    assert calls == ["big", "small"] * 7  # interleaved, warm-up included
+    assert not big.times and not small.times

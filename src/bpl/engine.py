@@ -159,6 +159,8 @@ def make_loader(
     """
     ctx = distributed.current() if shard else distributed.Context()
     batch = batch_size if train else max(batch_size, 64)
+    if ctx.enabled and not train:  # any evaluation batch will do: share it out evenly
+        batch = -(-batch // ctx.world_size) * ctx.world_size
     if ctx.enabled and batch % ctx.world_size:
         raise BPLError(f"--batch-size {batch} must be divisible by the {ctx.world_size} processes")
     batch //= ctx.world_size

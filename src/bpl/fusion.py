@@ -84,9 +84,9 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     For deployment (export): fewer layers, same function in eval mode. A model with
     partners is fused first with ``fuse(model, fold_bn=True)``.
     """
-    if partner_blocks(model):
-        return fuse(model, fold_bn=True, inplace=inplace)
-    if not inplace:
+    if partner_blocks(model):  # then the BNs of convs without partners (1x1 shortcuts, ...)
+        model = fuse(model, fold_bn=True, inplace=inplace)
+    elif not inplace:
         model = copy.deepcopy(model)
     for conv_name, bn_name in find_conv_bn_pairs(
         model, kernel_sizes=None, without_bn=False
