@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -120,3 +121,21 @@ def check_same_protocol(run_dir: Path, cfg) -> None:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in diff[:5])
         raise BPLError(f"{run_dir} was run with other settings ({detail}); pass another output "
                        "folder or delete that run directory")
+
+
+@contextmanager
+def console_logging(quiet: bool = False) -> Iterator[None]:
+    """Log records (bpl's epoch lines included) to stderr with a time stamp while inside;
+    warnings only when ``quiet``. The root logger is put back as it was afterwards."""
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    root = logging.getLogger()
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(console)
+    try:
+        yield
+    finally:
+        root.removeHandler(console)
+        root.setLevel(old_level)

@@ -66,7 +66,14 @@ from bpl.models import build_model
 from bpl.pipeline import compress, train_baseline
 from bpl.pruning import prune
 from bpl.report import write_json
-from common import NOT_PROTOCOL, check_same_protocol, log_to, machine, saved_partner_stats
+from common import (
+    NOT_PROTOCOL,
+    check_same_protocol,
+    console_logging,
+    log_to,
+    machine,
+    saved_partner_stats,
+)
 
 log = logging.getLogger("recovery_study")
 
@@ -709,12 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    console.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    root.addHandler(console)
+    with console_logging(args.quiet):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         overrides: dict[str, Any] = {}
         if args.seeds:
@@ -761,8 +767,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("recovery_study: interrupted; run the same command again to continue",
               file=sys.stderr)
         return 130
-    finally:
-        root.removeHandler(console)
 
 
 if __name__ == "__main__":

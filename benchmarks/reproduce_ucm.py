@@ -60,7 +60,7 @@ from bpl.models import load_model
 from bpl.pipeline import compress, train_baseline
 from bpl.profiling import compare_latency
 from bpl.report import write_json
-from common import check_same_protocol, log_to, machine, saved_partner_stats
+from common import check_same_protocol, console_logging, log_to, machine, saved_partner_stats
 
 log = logging.getLogger("reproduce_ucm")
 
@@ -587,13 +587,11 @@ def reproduce(settings: dict[str, Any], *, progress: bool = False) -> dict[str, 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, run the reproduction, print the summary table; returns the exit status."""
     args = build_parser().parse_args(argv)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    console.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    root = logging.getLogger()
-    old_level = root.level
-    root.setLevel(logging.INFO)
-    root.addHandler(console)
+    with console_logging(args.quiet):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         settings = resolve_settings(args)
         if args.dry_run:
@@ -610,9 +608,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("reproduce_ucm: interrupted; run the same command again to continue",
               file=sys.stderr)
         return 130
-    finally:
-        root.removeHandler(console)
-        root.setLevel(old_level)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torchvision
 
 import bpl
 from bench_train_step import make_step, timed
+from bpl.conformance import randomize_partners
 from bpl.profiling import compare_latency
 from common import machine, write_results
 
@@ -57,24 +58,11 @@ def train_steps(size: int, batch: int, steps: int) -> dict:
     return out
 
 
-@torch.no_grad()
-def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every BatchNorm (the partners' included) non-trivial scales, shifts and
-    statistics, as training would: partners that start at BN scale 0 add nothing, and a
-    fusion check on them would only test the fold of the blocks."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    return model
-
-
 def fusion_time(size: int) -> dict:
-    student = trained_like(bpl.extend(torchvision.models.resnet101(num_classes=21))).eval()
+    # partners as after training: non-zero BN scales, shifts and statistics (the partners'
+    # included); at BN scale 0 they would add nothing and only the blocks' fold were checked
+    student = randomize_partners(bpl.extend(torchvision.models.resnet101(num_classes=21)), 0)
+    student.eval()
     t0 = time.perf_counter()
     deploy = bpl.fuse(student)
     seconds = time.perf_counter() - t0
