@@ -50,3 +50,30 @@ def test_timm_norm_act_model_moves_to_float64():
     assert float_dtypes(deploy) == {torch.float64}
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     assert bpl.relative_error(student, deploy, x) <= 1e-9
+
+
+def test_rounding_floor_measures_how_a_network_amplifies_rounding():
+    from bpl.conformance import rounding_floor
+
+    x = torch.randn(2, 8, dtype=torch.float64)
+    calm = torch.nn.Linear(8, 4).double()
+    assert rounding_floor(calm, x) <= 10 * torch.finfo(torch.float64).eps
+    # subtracting a nearly equal constant cancels digits: input rounding is amplified ~1e10x
+    class Cancel(torch.nn.Module):
+        def __init__(self, near):
+            super().__init__()
+            self.register_buffer("near", near)
+
+        def forward(self, t):
+            return t - self.near
+
+    assert rounding_floor(Cancel(x * (1 + 1e-10)), x) > 1e4 * torch.finfo(torch.float64).eps
+
+
+def test_the_rounding_floor_does_not_excuse_a_broken_fusion(monkeypatch):
+    # on a well-conditioned network the floor is far below the bar, so the bar stays tol
+    monkeypatch.setattr(bpl.partner.ConvPartner, "fold",
+                        lambda self: (self.conv.weight, self.conv.bias))
+    result = check_model(PreActNet, torch.randn(2, 3, 16, 16), do_prune=False, do_onnx=False)
+    check = result["checks"]["fuse_fp64"]
+    assert not check["ok"] and check["floor"] < 1e-12 and "ill-conditioned" not in check["note"]
