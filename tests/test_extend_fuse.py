@@ -414,11 +414,13 @@ def _twin_students(net: nn.Module):
 
 def test_one_conv_matches_two_convs_in_training_and_eval():
     """Outputs, gradients and both BNs' running statistics after a few SGD steps agree to
-    fp64 rounding; the stacked path is taken for groups == 1 and not for grouped convs."""
+    fp64 rounding; the stacked path is taken in training for groups == 1 only."""
     torch.manual_seed(0)
     two, one, blocks = _twin_students(ConvZoo())
     taken = [b._can_stack() for b in blocks]
     assert any(taken) and not all(taken)  # ConvZoo has grouped and depthwise convs too
+    assert not any(b._can_stack() for b in copy.deepcopy(one).eval().modules()
+                   if isinstance(b, PartnerBlock))  # eval (and so Torch-Pruning's trace): two
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (two, one)]
     for _ in range(3):
         x = torch.randn(4, 3, 20, 20, dtype=torch.float64)
@@ -458,3 +460,18 @@ def test_one_conv_with_cumulative_momentum_and_the_extend_option():
         torch.testing.assert_close(one(x), two(x), rtol=1e-12, atol=1e-12)
     for key, value in two.state_dict().items():
         torch.testing.assert_close(one.state_dict()[key], value, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_pruning_sees_one_conv_partners_as_two():
+    """Pruning traces in eval mode, where one-conv blocks run their two branches, so a
+    partner's channels go with its block's, and the pruned one-conv model still trains."""
+    student = bpl.extend(randomize_bn(NormActNet()), one_conv=True)
+    pruned = bpl.prune(student, torch.randn(1, 3, 16, 16), channel_ratio=0.5)
+    blocks = [b for _, b in bpl.partner_blocks(pruned)]
+    assert blocks and all(b.one_conv for b in blocks)
+    assert pruned.conv1.conv.out_channels < 8
+    for b in blocks:
+        assert b.partner_conv.weight.shape == b.conv.weight.shape
+        assert b.partner_bn.num_features == b.bn.num_features == b.conv.out_channels
+    pruned.train()(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert all(b._can_stack() for b in blocks)
