@@ -16,6 +16,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .errors import InvalidArgumentError
 from .extension import partner_blocks
@@ -132,6 +133,7 @@ class _GroupCosines(torch.autograd.Function):
         return cos
 
     @staticmethod
+    @once_differentiable  # no double backward: a clear error instead of a wrong one
     def backward(ctx, grad: torch.Tensor):
         index, cos, root, sq_a, sq_b, clamped, *kernels = ctx.saved_tensors
         cross = grad / root  # the coefficient of the other kernel
@@ -159,7 +161,9 @@ def diversity_loss(
 
     ``granularity`` is ``"stage"`` (one term per top-level child of the model, the
     reference code's one per ResNet stage), ``"block"`` (one per partner) or
-    ``"global"`` (one for all). A model without partners gives a zero tensor.
+    ``"global"`` (one for all). A model without partners gives a zero tensor. The
+    backward keeps one gradient-sized buffer per partnered kernel between calls (reused
+    only when nothing else holds it; freed with the model).
     """
     if granularity not in GRANULARITIES:
         raise InvalidArgumentError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
