@@ -179,7 +179,7 @@ def test_gradient_where_the_denominator_is_clamped():
 
 
 def test_gradients_handed_out_are_never_overwritten():
-    """The backward reuses its output tensors from step to step, but only those nobody kept."""
+    """A gradient once handed out stays as it was; repeated training steps agree with autograd."""
     student = bpl.extend(ConvZoo(), kernel_sizes=None)
     _, first = kernel_grads(student, lambda: bpl.diversity_loss(student, weight=1.0))
     kept = [g.clone() for g in first]

@@ -11,7 +11,6 @@ autograd function whose backward is written out (two passes over each kernel).
 
 from __future__ import annotations
 
-import sys
 import weakref
 
 import torch
@@ -29,8 +28,6 @@ GRANULARITIES = ("stage", "block", "global")
 
 # model -> (granularity -> (blocks, group index per block, number of groups))
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# model -> one reusable gradient buffer per kernel (see _GradBuffers)
-_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _plan(model: nn.Module, granularity: str) -> tuple[list[Partner], list[int], int]:
@@ -65,60 +62,19 @@ def _flat_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return a.permute(order).reshape(-1), b.permute(order).reshape(-1)
 
 
-class _GradBuffers:
-    """Gradient tensors the loss's backward writes into again on the next step.
-
-    Fresh gradient tensors as large as every partnered kernel cost more than the
-    arithmetic on the CPU (new pages for every step), so each slot keeps its tensor. A
-    slot is reused only while nothing but the slot refers to the tensor or its storage
-    (autograd hands it on and adds it into the kernel's own gradient; a caller who
-    kept it, through ``torch.autograd.grad``, a hook or a view, makes the slot take a
-    new one), so a gradient once handed out is never overwritten.
-    """
-
-    def __init__(self) -> None:
-        self.slots: list[torch.Tensor | None] = []
-
-    def take(self, i: int, like: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor shaped and laid out as ``like``, reused when free."""
-        if len(self.slots) <= i:
-            self.slots.extend([None] * (i + 1 - len(self.slots)))
-        buf = self.slots[i]
-        if (buf is None or buf.shape != like.shape or buf.stride() != like.stride()
-                or buf.dtype != like.dtype or buf.device != like.device or _counts(buf) != _ALONE):
-            buf = self.slots[i] = torch.empty_like(like, memory_format=torch.preserve_format)
-        return buf
-
-
-def _counts(buf: torch.Tensor) -> tuple[int, int, int]:
-    """Python references, tensor references and storage references to ``buf``."""
-    return (sys.getrefcount(buf), buf._use_count(),
-            torch._C._storage_Use_Count(buf.untyped_storage()._cdata))
-
-
-def _alone_counts() -> tuple[int, int, int]:
-    """What :func:`_counts` gives in :meth:`_GradBuffers.take` for a tensor that only its
-    slot holds (the slot list, ``take``'s local name, the call)."""
-    slots = [torch.empty(1)]
-    buf = slots[0]
-    return _counts(buf)
-
-
-_ALONE = _alone_counts()
-
-
 class _GroupCosines(torch.autograd.Function):
     """``cos`` of each group's concatenated kernels, with the gradient written analytically.
 
     Forward: three BLAS dot products per block (``a.b``, ``a.a``, ``b.b``), summed per
     group. Backward: ``d cos / d a = (g / s) b - (g cos / A) a`` (and the same for
-    ``b``), two passes over each kernel into a reused buffer (:class:`_GradBuffers`),
-    instead of the five or so fresh temporaries autograd makes of the three dot
-    products and their sums.
+    ``b``), one fresh tensor and two passes per kernel, instead of the five or so
+    temporaries autograd makes of the three dot products and their sums. (Reusing
+    gradient buffers between steps was measured too: slower under ``zero_grad``'s
+    default ``set_to_none=True``, where autograd keeps the tensor as ``.grad``.)
     """
 
     @staticmethod
-    def forward(ctx, index: torch.Tensor, n_groups: int, eps: float, buffers: _GradBuffers,
+    def forward(ctx, index: torch.Tensor, n_groups: int, eps: float,
                 *kernels: torch.Tensor) -> torch.Tensor:  # kernels: a0, b0, a1, b1, ...
         pairs = [_flat_pair(kernels[i], kernels[i + 1]) for i in range(0, len(kernels), 2)]
         stats = torch.stack([torch.stack([torch.dot(a, b), torch.dot(a, a), torch.dot(b, b)])
@@ -129,7 +85,6 @@ class _GroupCosines(torch.autograd.Function):
         clamped = root < eps
         cos = dot / root.clamp_min(eps)
         ctx.save_for_backward(index, cos, root.clamp_min(eps), sq_a, sq_b, clamped, *kernels)
-        ctx.buffers = buffers
         return cos
 
     @staticmethod
@@ -146,12 +101,11 @@ class _GroupCosines(torch.autograd.Function):
             c_cross, c_a, c_b = row.unbind()
             a, b = kernels[2 * i], kernels[2 * i + 1]
             for j, (own, other, c_own) in enumerate(((a, b, c_a), (b, a, c_b))):
-                if not ctx.needs_input_grad[4 + 2 * i + j]:
+                if not ctx.needs_input_grad[3 + 2 * i + j]:
                     grads.append(None)
                     continue
-                out = ctx.buffers.take(2 * i + j, own)
-                grads.append(torch.mul(own, c_own, out=out).addcmul_(other, c_cross))
-        return None, None, None, None, *grads
+                grads.append(torch.mul(own, c_own).addcmul_(other, c_cross))
+        return None, None, None, *grads
 
 
 def diversity_loss(
@@ -161,9 +115,7 @@ def diversity_loss(
 
     ``granularity`` is ``"stage"`` (one term per top-level child of the model, the
     reference code's one per ResNet stage), ``"block"`` (one per partner) or
-    ``"global"`` (one for all). A model without partners gives a zero tensor. The
-    backward keeps one gradient-sized buffer per partnered kernel between calls (reused
-    only when nothing else holds it; freed with the model).
+    ``"global"`` (one for all). A model without partners gives a zero tensor.
     """
     if granularity not in GRANULARITIES:
         raise InvalidArgumentError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
@@ -175,8 +127,5 @@ def diversity_loss(
                            dtype=p.dtype if p is not None else None)
     kernels = [w for b in blocks for w in (b.conv.weight, b.partner_conv.weight)]
     index = torch.tensor(groups, device=kernels[0].device)
-    buffers = _BUFFERS.get(module)
-    if buffers is None:
-        buffers = _BUFFERS[module] = _GradBuffers()
-    cos = _GroupCosines.apply(index, n_groups, eps, buffers, *kernels)
+    cos = _GroupCosines.apply(index, n_groups, eps, *kernels)
     return weight * (cos + 1).sum()
