@@ -1,27 +1,51 @@
-"""Training-step cost of BPL: extend(resnet50) + diversity loss versus plain resnet50.
+"""Training-step cost of BPL: partners (two-conv and one-conv) + diversity loss vs plain training.
 
-Same batch (8x3x224x224 on the CPU by default), the two arms measured interleaved
-(plain, bpl, plain, bpl, ...) in one run so drifting clocks and background load hit
-both. Also times the diversity loss alone (forward + backward) as a share of a step.
+For each model (resnet50, resnet18), unpruned and pruned to 74% fewer MACs, at batch 8
+and 64 (224 px, CPU by default), the arms are measured interleaved in one run (plain,
+two-conv, one-conv, ... in alternating order) so drifting clocks and background load
+hit all of them:
 
-    python benchmarks/bench_train_step.py [--arch resnet50] [--batch 8] [--size 224] [--steps 10]
+- plain: the model alone, SGD step with cross-entropy;
+- BPL two-conv: ``bpl.extend`` (conv->BN and partner conv->BN) + the diversity loss;
+- BPL one-conv: the same with ``one_conv=True`` (one conv over the stacked kernels);
+- the diversity loss alone, forward and backward;
+- with ``--compile``: plain and BPL two-conv under ``torch.compile`` as well.
+
+Beside the measured ratios: the MACs ratio of the extended model to the plain one (the
+floor of exact per-block partners) and the peak resident memory of one training step of
+each arm, counted in a fresh process from before the model is loaded (weights,
+gradients, momentum and activations).
+
+    python benchmarks/bench_train_step.py            # full: every config above
+    python benchmarks/bench_train_step.py --quick    # batch 8 only, 3 steps
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
 import bpl
+from bpl.engine import check_compile
 from common import machine, write_results
 
+R = 0.7397  # the paper's ResNet-50 reduction on UC Merced ("74%")
+NUM_CLASSES = 21
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, diversity: bool):
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, diversity: bool) -> Callable[[], None]:
+    """One SGD training step of ``model`` on ``(x, y)``, with the diversity loss if asked."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     model.train()
 
@@ -36,72 +60,199 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, diversity: boo
     return step
 
 
-def timed(fn) -> float:
+def timed(fn: Callable[[], None]) -> float:
+    """Wall time of one call, in seconds."""
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="resnet50")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    args = parser.parse_args()
+def student(plain: nn.Module, one_conv: bool) -> nn.Module:
+    """``plain`` extended with the paper's partners, two-conv or one-conv."""
+    return bpl.extend(plain, one_conv=one_conv)
 
+
+# One training step in a fresh process: the peak resident set (VmHWM) above the RSS
+# before the model is loaded. argv: model file, size, batch, arm (plain|two|one).
+PEAK = """
+import sys, torch, bpl
+from pathlib import Path
+
+def kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+
+path, size, batch, arm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+x, y = torch.randn(batch, 3, size, size), torch.randint(0, 2, (batch,))
+Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+before = kib("VmRSS:")  # before the model: its weights, gradients and momentum count too
+model = torch.load(path, weights_only=False)
+if arm != "plain":
+    model = bpl.extend(model, one_conv=arm == "one", inplace=True)
+opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+loss = torch.nn.functional.cross_entropy(model(x), y)
+if arm != "plain":
+    loss = loss + bpl.diversity_loss(model)
+loss.backward(); opt.step()
+print((kib("VmHWM:") - before) / 1024)
+"""
+
+
+def peak_memory(model: nn.Module, size: int, batch: int,
+                arms: tuple[str, ...] = ("plain", "two", "one")) -> dict[str, float]:
+    """Peak MiB of one training step of each arm of ``model`` (plain, not yet extended),
+    each in a fresh subprocess; ``ratio_<arm>`` is that arm's peak over the plain one."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        torch.save(model, path)
+        for arm in arms:
+            proc = subprocess.run([sys.executable, "-c", PEAK, str(path), str(size), str(batch), arm],
+                                  capture_output=True, text=True, check=True)
+            out[arm] = float(proc.stdout.split()[-1])
+    for arm in arms:
+        if arm != "plain" and "plain" in out:
+            out[f"ratio_{arm}"] = out[arm] / out["plain"]
+    return out
+
+
+def plain_model(arch: str, reduction: float, size: int) -> nn.Module:
+    """torchvision ``arch`` (21 classes), pruned to ``reduction`` fewer MACs when non-zero."""
     torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 21, (args.batch,))
-    plain = torchvision.models.get_model(args.arch, num_classes=21)
-    student = bpl.extend(plain)
-    steps = {"plain": make_step(plain, x, y, False), "bpl": make_step(student, x, y, True)}
+    model = torchvision.models.get_model(arch, num_classes=NUM_CLASSES)
+    if reduction:
+        model = bpl.prune(model, torch.randn(1, 3, size, size), flops_reduction=reduction,
+                          round_to=8)
+    return model
+
+
+def measure(arch: str, reduction: float, batch: int, size: int, steps: int, warmup: int,
+            compiled: bool, memory: bool) -> dict:
+    """Median step time of every arm of one config, interleaved, with MACs and peak memory."""
+    plain = plain_model(arch, reduction, size)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, NUM_CLASSES, (batch,))
+    two, one = student(plain, False), student(plain, True)
+    base = copy.deepcopy(plain)  # `plain` is trained below; memory and MACs use the untrained copy
+    arms = {"plain": make_step(plain, x, y, False), "bpl_two_conv": make_step(two, x, y, True),
+            "bpl_one_conv": make_step(one, x, y, True)}
+    if compiled:
+        arms["plain_compiled"] = make_step(torch.compile(copy.deepcopy(base)), x, y, False)
+        arms["bpl_two_conv_compiled"] = make_step(torch.compile(student(base, False)), x, y, True)
+    loss_model = student(base, False)
+    for p in loss_model.parameters():  # as in a step: the CE gradients are already there
+        p.grad = torch.zeros_like(p)
 
     def loss_only() -> None:
-        student.zero_grad(set_to_none=True)
-        bpl.diversity_loss(student).backward()
+        bpl.diversity_loss(loss_model).backward()
 
-    for _ in range(args.warmup):
-        for fn in (*steps.values(), loss_only):
+    arms["diversity_loss"] = loss_only
+    for _ in range(warmup):
+        for fn in arms.values():
             fn()
-    times: dict[str, list[float]] = {"plain": [], "bpl": [], "diversity_loss": []}
-    for i in range(args.steps):
-        order = ("plain", "bpl") if i % 2 == 0 else ("bpl", "plain")
-        for name in order:
-            times[name].append(timed(steps[name]))
-        times["diversity_loss"].append(timed(loss_only))
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    names = list(arms)
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            times[name].append(timed(arms[name]))
     med = {k: statistics.median(v) for k, v in times.items()}
     x1 = x[:1]
-    macs_ratio = bpl.count_macs(student, x1) / bpl.count_macs(plain, x1)
     result = {
-        "arch": args.arch,
-        "batch": [args.batch, 3, args.size, args.size],
-        "steps": args.steps,
-        "partners": len(student.bpl_report.extended),
+        "arch": arch,
+        "flops_reduction": reduction,
+        "batch": batch,
+        "size": size,
+        "partners": len(two.bpl_report.extended),
         "median_step_s": med,
-        "bpl_over_plain": med["bpl"] / med["plain"],
-        "diversity_share_of_bpl_step": med["diversity_loss"] / med["bpl"],
-        "train_macs_ratio": macs_ratio,
-        "targets": {"bpl_over_plain": 1.20, "diversity_share_of_bpl_step": 0.03},
-        "machine": machine(),
+        "over_plain": {k: v / med["plain"] for k, v in med.items()
+                       if k not in ("plain", "diversity_loss")},
+        "one_over_two_conv": med["bpl_one_conv"] / med["bpl_two_conv"],
+        "diversity_share_of_bpl_step": med["diversity_loss"] / med["bpl_two_conv"],
+        "macs_ratio": bpl.count_macs(two, x1) / bpl.count_macs(base, x1),
         "raw_s": times,
     }
-    md = (
-        f"# Training step: BPL vs plain ({args.arch}, batch {args.batch}x3x{args.size}x{args.size})\n\n"
-        f"Machine: {result['machine']['cpu']}, {result['machine']['torch_threads']} threads, "
-        f"torch {result['machine']['torch']}\n\n"
-        "| arm | median step (s) |\n|---|---|\n"
-        f"| plain | {med['plain']:.3f} |\n| BPL (partners + diversity loss) | {med['bpl']:.3f} |\n"
-        f"| diversity loss alone (fwd+bwd) | {med['diversity_loss'] * 1000:.2f} ms |\n\n"
-        f"BPL / plain = **{result['bpl_over_plain']:.3f}x** (target <= 1.20x); "
-        f"diversity loss = **{100 * result['diversity_share_of_bpl_step']:.2f}%** of a BPL step "
-        "(target <= 3%).\n\n"
-        f"Compute floor: the partners make a forward pass {macs_ratio:.3f}x the MACs of the plain "
-        "model (backward scales the same way), so no implementation of per-block partners on "
-        "these convs can train faster than about that ratio of convolution work.\n"
-    )
-    path = write_results(f"train_step_{args.arch}", result, md)
+    if compiled:
+        result["compiled_over_eager"] = {
+            "plain": med["plain_compiled"] / med["plain"],
+            "bpl_two_conv": med["bpl_two_conv_compiled"] / med["bpl_two_conv"]}
+    if memory:
+        result["peak_memory_mib"] = peak_memory(base, size, batch)
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The results as a Markdown page."""
+    m = result["machine"]
+    lines = [
+        "# Training step: BPL vs plain" + (" (quick)" if result["quick"] else ""), "",
+        f"Machine: {m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}; "
+        f"{result['steps']} timed steps per arm, medians. {result['note']}", "",
+        "| model | MACs cut | batch | plain (s) | two-conv (s) | one-conv (s) | two-conv / plain "
+        "| one-conv / plain | MACs ratio (floor) | diversity loss (ms, % of step) "
+        "| peak MiB plain / two / one |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["configs"]:
+        med, over = r["median_step_s"], r["over_plain"]
+        peak = r.get("peak_memory_mib")
+        peak_text = (f"{peak['plain']:.0f} / {peak['two']:.0f} ({peak['ratio_two']:.2f}x) / "
+                     f"{peak['one']:.0f} ({peak['ratio_one']:.2f}x)") if peak else "-"
+        lines.append(
+            f"| {r['arch']} | {100 * r['flops_reduction']:.0f}% | {r['batch']} | {med['plain']:.3f} "
+            f"| {med['bpl_two_conv']:.3f} | {med['bpl_one_conv']:.3f} | {over['bpl_two_conv']:.2f}x "
+            f"| {over['bpl_one_conv']:.2f}x | {r['macs_ratio']:.2f}x "
+            f"| {1000 * med['diversity_loss']:.1f} ({100 * r['diversity_share_of_bpl_step']:.1f}%) "
+            f"| {peak_text} |")
+    compiled = [r for r in result["configs"] if "compiled_over_eager" in r]
+    if compiled:
+        lines += ["", "torch.compile (compiled step time / eager step time):", "",
+                  "| model | MACs cut | batch | plain | BPL two-conv |", "|---|---:|---:|---:|---:|"]
+        for r in compiled:
+            c = r["compiled_over_eager"]
+            lines.append(f"| {r['arch']} | {100 * r['flops_reduction']:.0f}% | {r['batch']} "
+                         f"| {c['plain']:.2f}x | {c['bpl_two_conv']:.2f}x |")
+    lines += ["", "MACs ratio: forward MACs of the extended model over the plain one; the "
+              "backward scales the same way, so exact per-block partners with one BN per "
+              "branch cannot train faster than about that ratio of convolution work. Peak "
+              "memory: one training step in a fresh process, counted from before the model "
+              "is loaded.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", nargs="+", default=["resnet50", "resnet18"])
+    parser.add_argument("--reductions", nargs="+", type=float, default=[0.0, R],
+                        help="MACs reductions to prune to (0: unpruned)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[8, 64])
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time plain and BPL two-conv under torch.compile")
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the peak-memory subprocesses")
+    parser.add_argument("--quick", action="store_true", help="batch 8 only and 3 steps")
+    parser.add_argument("--note", default="", help="a line about the conditions, kept in the results")
+    parser.add_argument("--name", default=None, help="results file name (default: train_step[_quick])")
+    args = parser.parse_args()
+    if args.quick:
+        args.batches, args.steps = [b for b in args.batches if b == 8] or args.batches[:1], 3
+    if args.compile:
+        check_compile(torch.device("cpu"))
+    result = {"quick": args.quick, "steps": args.steps, "note": args.note, "machine": machine(),
+              "configs": []}
+    for arch in args.archs:
+        for reduction in args.reductions:
+            for batch in args.batches:
+                r = measure(arch, reduction, batch, args.size, args.steps, args.warmup,
+                            args.compile, args.memory)
+                print({k: v for k, v in r.items() if k != "raw_s"}, flush=True)
+                result["configs"].append(r)
+    md = markdown(result)
+    path = write_results(args.name or ("train_step_quick" if args.quick else "train_step"), result, md)
     print(md)
     print(f"written to {path}")
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
@@ -25,6 +23,7 @@ import torchvision
 
 import bpl
 from bench_train_step import make_step, timed
+from bench_train_step import peak_memory as bench_peak_memory
 from bpl.conformance import randomize_partners
 from bpl.profiling import compare_latency
 from common import machine, write_results
@@ -98,38 +97,11 @@ def deploy_latency(size: int, repeats: int) -> dict:
     return out
 
 
-PEAK = """
-import sys, torch, torchvision, bpl
-from pathlib import Path
-
-def kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-
-size, batch, partners = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
-x, y = torch.randn(batch, 3, size, size), torch.randint(0, 21, (batch,))
-Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-before = kib("VmRSS:")  # before the model: its weights, gradients and momentum count too
-model = torchvision.models.resnet50(num_classes=21)
-if partners:
-    model = bpl.extend(model)
-opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-loss = torch.nn.functional.cross_entropy(model(x), y)
-if partners:
-    loss = loss + bpl.diversity_loss(model)
-loss.backward(); opt.step()
-print((kib("VmHWM:") - before) / 1024)
-"""
-
-
 def peak_memory(size: int, batch: int) -> dict:
-    out = {}
-    for partners in (False, True):
-        proc = subprocess.run([sys.executable, "-c", PEAK, str(size), str(batch), str(int(partners))],
-                              capture_output=True, text=True, check=True)
-        out["bpl" if partners else "plain"] = float(proc.stdout.split()[-1])
-    out["ratio"] = out["bpl"] / out["plain"]
+    """Peak MiB of one resnet50 training step, plain and with partners (bench_train_step's)."""
+    peaks = bench_peak_memory(torchvision.models.resnet50(num_classes=21), size, batch,
+                              arms=("plain", "two"))
+    out = {"plain": peaks["plain"], "bpl": peaks["two"], "ratio": peaks["ratio_two"]}
     print("peak memory MiB", out, flush=True)
     return out
 

@@ -664,3 +664,24 @@ def test_compress_resume_matches_an_uninterrupted_run(baseline, tmp_path, monkey
         b = torch.load(cut / "last.pt", weights_only=False)["hooks"][0]
         assert a["updates"] == b["updates"] == 2 and a["masks"].keys() == b["masks"].keys()
         assert all(torch.equal(a["masks"][k], b["masks"][k]) for k in a["masks"])
+
+
+@pytest.mark.skipif(not shutil.which("g++") and not shutil.which("c++"),
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_compress_with_compile_trains_like_eager(baseline, compressed, tmp_path):
+    """--compile: one epoch of a tiny model under torch.compile (the diversity loss on the
+    compiled model's partners), the same losses as the eager run, a checkpoint with the
+    model's own keys and an exact fusion."""
+    out = tmp_path / "compiled"
+    rc = run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--epochs", "1",
+                 "--flops-reduction", "0.6", "--out", out, "--compile")
+    assert rc == 0
+    assert json.loads((out / "config.json").read_text())["compile"] is True
+    eager = json.loads((compressed / "metrics.json").read_text())["history"][0]
+    got = json.loads((out / "metrics.json").read_text())
+    row = got["history"][0]
+    assert row["train_diversity"] == pytest.approx(eager["train_diversity"], rel=1e-3)
+    assert row["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
+    assert got["fusion_error"] < 1e-4
+    keys = torch.load(out / "last.pt", weights_only=False)["model"]["state_dict"]
+    assert not any("_orig_mod" in k for k in keys)

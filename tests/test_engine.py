@@ -182,3 +182,15 @@ def test_the_global_batch_must_divide_among_the_processes(monkeypatch):
     assert list(loader.dataset.indices) == list(range(1, 48, 3))
     # shard=False: this process alone, whatever the world size
     assert make_loader(data, batch_size=16, train=True, device=cpu, shard=False).batch_size == 16
+
+
+def test_compile_without_a_cpu_compiler_is_a_one_line_error(monkeypatch):
+    from bpl import engine
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    with pytest.raises(BPLError, match=r"C\+\+ compiler .*apt-get install g\+\+") as info:
+        engine.check_compile(torch.device("cpu"))
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
+    engine.check_compile(torch.device("cpu"))  # a compiler on the PATH: no error

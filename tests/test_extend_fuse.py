@@ -400,3 +400,78 @@ def test_bad_arguments_are_invalid_argument_errors():
         bpl.diversity_loss(bpl.extend(ConvZoo()), granularity="layer")
     with pytest.raises(InvalidArgumentError, match="init"):
         bpl.extend(PreActNet(), init="zeros")
+
+
+def _twin_students(net: nn.Module):
+    """The same extended model twice, with trained-like partners: two-branch and one-conv."""
+    two = randomize_partners(bpl.extend(net, kernel_sizes=None, init="split"), 0).double()
+    one = copy.deepcopy(two)
+    blocks = [b for _, b in bpl.partner_blocks(one) if isinstance(b, PartnerBlock)]
+    for b in blocks:
+        b.one_conv = True
+    return two, one, blocks
+
+
+def test_one_conv_matches_two_convs_in_training_and_eval():
+    """Outputs, gradients and both BNs' running statistics after a few SGD steps agree to
+    fp64 rounding; the stacked path is taken in training for groups == 1 only."""
+    torch.manual_seed(0)
+    two, one, blocks = _twin_students(ConvZoo())
+    taken = [b._can_stack() for b in blocks]
+    assert any(taken) and not all(taken)  # ConvZoo has grouped and depthwise convs too
+    assert not any(b._can_stack() for b in copy.deepcopy(one).eval().modules()
+                   if isinstance(b, PartnerBlock))  # eval (and so Torch-Pruning's trace): two
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (two, one)]
+    for _ in range(3):
+        x = torch.randn(4, 3, 20, 20, dtype=torch.float64)
+        outs = []
+        for model, opt in zip((two, one), opts):
+            opt.zero_grad()
+            out = model(x)
+            (out.square().mean() + bpl.diversity_loss(model)).backward()
+            opt.step()
+            outs.append(out)
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for (name, a), (_, b) in zip(two.named_parameters(), one.named_parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12, msg=name)
+    state_two, state_one = two.state_dict(), one.state_dict()
+    assert list(state_one) == list(state_two)
+    for key in state_two:  # running_mean, running_var, num_batches_tracked of both BNs
+        torch.testing.assert_close(state_one[key], state_two[key], rtol=1e-10, atol=1e-12, msg=key)
+    assert int(state_one["stem.0.partner_bn.num_batches_tracked"]) == 3
+    x = torch.randn(2, 3, 20, 20, dtype=torch.float64)
+    two.eval(), one.eval()
+    torch.testing.assert_close(one(x), two(x), rtol=1e-12, atol=1e-12)
+    deploy = bpl.fuse(one)  # the fold is the same algebra: exact
+    assert bpl.relative_error(one, deploy, x) < 1e-12
+
+
+def test_one_conv_with_cumulative_momentum_and_the_extend_option():
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=3)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average: needs num_batches_tracked per BN
+    two = bpl.extend(net, init="split").double()
+    one = bpl.extend(net, init="split", one_conv=True).double()
+    assert all(b.one_conv for _, b in bpl.partner_blocks(one))
+    for _ in range(2):
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        torch.testing.assert_close(one(x), two(x), rtol=1e-12, atol=1e-12)
+    for key, value in two.state_dict().items():
+        torch.testing.assert_close(one.state_dict()[key], value, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_pruning_sees_one_conv_partners_as_two():
+    """Pruning traces in eval mode, where one-conv blocks run their two branches, so a
+    partner's channels go with its block's, and the pruned one-conv model still trains."""
+    student = bpl.extend(randomize_bn(NormActNet()), one_conv=True)
+    pruned = bpl.prune(student, torch.randn(1, 3, 16, 16), channel_ratio=0.5)
+    blocks = [b for _, b in bpl.partner_blocks(pruned)]
+    assert blocks and all(b.one_conv for b in blocks)
+    assert pruned.conv1.conv.out_channels < 8
+    for b in blocks:
+        assert b.partner_conv.weight.shape == b.conv.weight.shape
+        assert b.partner_bn.num_features == b.bn.num_features == b.conv.out_channels
+    pruned.train()(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert all(b._can_stack() for b in blocks)

@@ -88,6 +88,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="disable mixed precision on CUDA")
     _flag(g, "workers", type=int, help="DataLoader worker processes")
     _flag(g, "sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all processes")
+    _flag(g, "compile", action="store_true",
+          help="torch.compile the model for training (off by default; on the CPU it needs a C++ "
+               "compiler, on CUDA Triton)")
     _flag(g, "select", choices=SELECT,
           help="which epoch to keep: the best on the validation split (default) or the last")
     _flag(g, "seed", type=int)

@@ -91,6 +91,7 @@ class Config:
     channels_last: bool = True
     workers: int = 0
     sync_bn: bool = False
+    compile: bool = False
     seed: int = 0
     out: str | None = None
     resume: bool = False
@@ -116,7 +117,8 @@ COMPRESS_ONLY = frozenset({
 #: Fields only `bpl train` reads.
 TRAIN_ONLY = frozenset({"weights", "pretrained"})
 #: What ``--resume`` lets a flag change: none of it alters what the run computes so far.
-RESUME_SAFE = frozenset({"epochs", "device", "workers", "latency", "cache_dir", "out", "resume"})
+RESUME_SAFE = frozenset({"epochs", "device", "workers", "latency", "cache_dir", "out", "resume",
+                         "compile"})
 
 
 #: Named recipes; a recipe fills fields before the config file and the flags do.

@@ -13,10 +13,13 @@ never enters this module: the caller evaluates it once, at the end.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import logging
 import math
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -42,6 +45,7 @@ __all__ = [
     "Step",
     "TrainSettings",
     "TrainingDiverged",
+    "check_compile",
     "evaluate",
     "fit",
     "make_loader",
@@ -74,6 +78,7 @@ class TrainSettings:
     workers: int = 0
     sync_bn: bool = False
     seed: int = 0
+    compile: bool = False  # torch.compile the model for training (evaluation stays eager)
 
     @classmethod
     def from_object(cls, obj: Any) -> TrainSettings:
@@ -128,6 +133,23 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BPLError(f"--device {name} asked for CUDA, but no GPU is visible; use --device cpu")
     return device
+
+
+def check_compile(device: torch.device) -> None:
+    """Refuse ``compile`` up front where torch.compile cannot build its kernels.
+
+    On the CPU its backend compiles C++ (a compiler named by ``$CXX``, or g++ / c++ /
+    clang++ on the PATH); on CUDA it needs Triton.
+    """
+    if device.type == "cpu":
+        names = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+        if not any(name and shutil.which(name) for name in names):
+            raise BPLError("--compile on the CPU needs a C++ compiler and none was found "
+                           "(g++, c++, clang++ or $CXX); install one (apt-get install g++) "
+                           "or train without --compile")
+    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise BPLError("--compile on CUDA needs Triton, which is not installed; "
+                       "pip install triton, or train without --compile")
 
 
 def seed_everything(seed: int) -> None:
@@ -374,6 +396,9 @@ def fit(
         _set_rng_state(resume_state["rng"])
         log.info("resuming after epoch %d of %d", start, settings.epochs)
     net = distributed.wrap(model, device, sync_bn=settings.sync_bn)  # DDP under torchrun
+    if settings.compile:
+        check_compile(device)
+        net = torch.compile(net)  # training steps only; evaluation and checkpoints use `model`
     trainer = _Trainer(net, optimizer, scheduler, scaler, settings, device, amp,
                        dict(loss_terms or {}), hooks, progress and ctx.is_main)
     logs = _Logs(run_dir) if ctx.is_main else None

@@ -215,6 +215,7 @@ def extend(
     without_bn: bool = True,
     init: str = "preserve",
     share: float = DEFAULT_SHARE,
+    one_conv: bool = False,
     inplace: bool = False,
 ) -> nn.Module:
     """Return ``model`` with a partner beside every eligible conv.
@@ -226,7 +227,10 @@ def extend(
     ``init`` says how the partners start: ``"preserve"`` (partner scale 0) and
     ``"split"`` (a copy of the block, scales split ``1 - share`` / ``share``) leave the
     model's output exactly as it was; ``"paper"`` is the reference code's start and
-    changes it. The report of what was extended (and of which kind) and skipped is
+    changes it. ``one_conv`` runs each conv->BN partner as one conv over the stacked
+    kernels and one BN over both halves (:attr:`~bpl.partner.PartnerBlock.one_conv`; the
+    same function, parameters and fold; off by default: it was not faster on the CPU).
+    The report of what was extended (and of which kind) and skipped is
     ``result.bpl_report`` (an :class:`ExtendReport`).
     """
     if partner_blocks(model):
@@ -252,7 +256,9 @@ def extend(
             continue
         bn = model.get_submodule(bn_name)
         slot = NormSlot(bn)
-        model.set_submodule(conv_name, PartnerBlock(conv, bn, slot, init=init, share=share))
+        block = PartnerBlock(conv, bn, slot, init=init, share=share)
+        block.one_conv = one_conv
+        model.set_submodule(conv_name, block)
         model.set_submodule(bn_name, slot)
     model.bpl_report = report
     return model

@@ -55,10 +55,15 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel / DataParallel wrapper; others as they are."""
-    if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-        return model.module
-    return model
+    """The model inside a DistributedDataParallel / DataParallel wrapper and a torch.compile
+    wrapper (in either order); others as they are."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def meta_copy(model: nn.Module) -> nn.Module:

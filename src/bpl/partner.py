@@ -25,6 +25,7 @@ import uuid
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import InvalidArgumentError
@@ -207,6 +208,12 @@ class PartnerBlock(Partner):
     """
 
     kind = "conv+bn"
+    #: Run both branches as one convolution over the stacked kernels (2C outputs) and one
+    #: batch norm over 2C channels: the same function, parameters, statistics and fold.
+    #: Used in training mode where the block allows it (groups == 1, both BNs plain
+    #: BatchNorm2d with the same eps and momentum; not SyncBatchNorm), else the two-branch
+    #: form. Eval mode (inference, Torch-Pruning's trace, export) always uses two branches.
+    one_conv: bool = False
 
     def __init__(
         self,
@@ -245,7 +252,41 @@ class PartnerBlock(Partner):
                 self.partner_bn.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.one_conv and self._can_stack():
+            return self._stacked_forward(x)
         return self.bn(self.conv(x)) + self.partner_bn(self.partner_conv(x))
+
+    def _can_stack(self) -> bool:
+        """Whether the two branches can run as one conv and one BN (see :attr:`one_conv`)."""
+        bn, pbn = self.bn, self.partner_bn
+        return (bn.training and pbn.training and self.conv.groups == 1
+                and type(bn) is type(pbn) is nn.BatchNorm2d
+                and bn.eps == pbn.eps and bn.momentum == pbn.momentum
+                and bn.track_running_stats and pbn.track_running_stats
+                and (bn.momentum is not None or bool(bn.num_batches_tracked
+                                                     == pbn.num_batches_tracked)))
+
+    def _stacked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Both branches as one conv over the kernels stacked to 2C outputs, one batch norm over
+        the 2C channels (training mode), then the halves added: the same numbers as the
+        two-branch form, running statistics included (written back into each BN)."""
+        conv, pconv, bn, pbn = self.conv, self.partner_conv, self.bn, self.partner_bn
+        weight = torch.cat([conv.weight, pconv.weight])
+        bias = None if conv.bias is None else torch.cat([conv.bias, pconv.bias])
+        z = conv._conv_forward(x, weight, bias)
+        bn.num_batches_tracked.add_(1)
+        pbn.num_batches_tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        mean = torch.cat([bn.running_mean, pbn.running_mean])
+        var = torch.cat([bn.running_var, pbn.running_var])
+        z = F.batch_norm(z, mean, var, torch.cat([bn.weight, pbn.weight]),
+                         torch.cat([bn.bias, pbn.bias]), True, factor, bn.eps)
+        with torch.no_grad():  # F.batch_norm updated the concatenated copies
+            for i, norm in enumerate((bn, pbn)):
+                norm.running_mean.copy_(mean.chunk(2)[i])
+                norm.running_var.copy_(var.chunk(2)[i])
+        own, partner = z.chunk(2, dim=1)
+        return own + partner
 
     @torch.no_grad()
     def fold(self) -> tuple[torch.Tensor, torch.Tensor]:
