@@ -318,3 +318,26 @@ def test_timm_architectures_by_name(tree, tmp_path):
     deployed, meta = bpl.load_model(out / "deploy.pt")  # rebuilt from timm at pruned widths
     assert meta["arch"] == "timm/resnet10t"
     assert deployed.eval()(torch.randn(1, 3, 16, 16)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("epochs", [3, 40])
+def test_curves_are_drawn_for_short_and_long_runs(tmp_path, epochs):
+    from bpl.report import write_report
+
+    history = [{"epoch": e, "train_loss": 1.0 / e, "train_top1": 50.0 + e, "val_loss": 1.1 / e,
+                "val_top1": 48.0 + e} for e in range(1, epochs + 1)]
+    write_report(tmp_path, {"command": "train", "history": history})
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "report.md").exists()
+
+
+def test_a_figure_that_fails_costs_the_figure_not_the_run(tmp_path, monkeypatch, caplog):
+    import bpl.report
+
+    def broken(*args):
+        raise ValueError("Supported markers are [string, int]")
+
+    monkeypatch.setattr(bpl.report, "_curves", broken)
+    history = [{"epoch": 1, "train_loss": 1.0, "train_top1": 50.0}]
+    bpl.report.write_report(tmp_path, {"command": "train", "history": history})
+    assert (tmp_path / "metrics.json").exists() and (tmp_path / "report.md").exists()
+    assert not (tmp_path / "curves.png").exists() and "plots skipped" in caplog.text

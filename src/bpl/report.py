@@ -65,7 +65,7 @@ def _curves(plt, history: list[dict[str, Any]], metrics: dict[str, Any]):
     terms = [k for k in history[-1] if k.startswith("train_") and k not in _NOT_TERMS]
     n = 3 if terms else 2
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 3.8))
-    marker = "o" if len(epochs) <= 20 else None  # a run of few epochs still shows its points
+    marker = "o" if len(epochs) <= 20 else "None"  # a run of few epochs still shows its points
     for ax in axes:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_prop_cycle(marker=[marker] * 10, color=plt.rcParams["axes.prop_cycle"].by_key()["color"])
@@ -126,6 +126,16 @@ def _plots(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
     except Exception as exc:  # plotting is a nicety, never a failure
         log.warning("no plots: matplotlib unavailable (%s)", exc)
         return []
+    try:
+        return _draw(plt, run_dir, metrics)
+    except Exception as exc:  # a finished run must never be lost to a figure
+        plt.close("all")
+        log.warning("plots skipped: %s: %s", type(exc).__name__, exc)
+        return []
+
+
+def _draw(plt, run_dir: Path, metrics: dict[str, Any]) -> list[str]:
+    """Draw and save every figure the metrics allow; returns the file names."""
     figures = {}
     history = metrics.get("history") or []
     if history:
