@@ -325,7 +325,8 @@ def _compress(
         student = extend(pruned, **partner_args) if cfg.partners else pruned
     if cfg.soft:
         hooks.append(SoftPruner(student, example, flops_reduction=cfg.flops_reduction,
-                                every=cfg.soft_every, importance=cfg.importance))
+                                every=cfg.soft_every, importance=cfg.importance,
+                                round_to=cfg.round_to))
     terms: dict[str, LossTerm] = {}
     if partner_blocks(student) and cfg.diversity_weight > 0:
         weight, granularity = cfg.diversity_weight, cfg.granularity
