@@ -128,6 +128,7 @@ def test_profile_compares_two_checkpoints(baseline, compressed, capsys):
                    "--json") == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ideal_speedup"] == pytest.approx(1 / (1 - 0.6), rel=0.05)
+    assert "note" in result and set(result["fraction_of_ideal"]) == {"torch", "onnxruntime"}
     rows = result["models"]
     assert list(rows) == [str(base), str(comp)]
     for path, row in rows.items():
