@@ -26,6 +26,7 @@ import torchvision
 from torch.fx.experimental.optimization import fuse as fx_fuse_conv_bn
 
 import bpl
+from common import load_average
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,14 +39,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages: other processes on the machine skew the timings."""
-    try:
-        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
-    except (OSError, ValueError):
-        return None
 
 
 def main() -> None:

@@ -46,6 +46,14 @@ def machine() -> dict:
     }
 
 
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages: other processes on the machine skew the timings."""
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return None
+
+
 def write_results(name: str, data: dict, markdown: str) -> Path:
     """Write ``results/<name>.json`` and ``results/<name>.md``; returns the JSON path."""
     RESULTS.mkdir(parents=True, exist_ok=True)

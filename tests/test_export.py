@@ -104,3 +104,23 @@ def test_parity_failure_writes_nothing(tmp_path, monkeypatch):
 def test_unknown_format():
     with pytest.raises(BPLError, match="unknown export format"):
         export(torch.nn.Conv2d(3, 3, 1), torch.randn(1, 3, 4, 4), "x", format="tflite")
+
+
+def test_deploy_form_is_exact_folded_and_channels_last(pruned_student, tmp_path):
+    from bpl.exporting import ChannelsLast, deploy_form
+
+    deploy = deploy_form(pruned_student)
+    assert isinstance(deploy, ChannelsLast) and not deploy.training
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in deploy.modules())
+    assert bpl.partner_blocks(pruned_student)  # the input is left as it was
+    conv = deploy.model.conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32)
+    assert bpl.relative_error(pruned_student.eval(), deploy, x) <= 1e-5
+    # the TorchScript file holds that form, frozen: no parameters left, weights inlined
+    export(pruned_student, x[:1], tmp_path / "m.pt", format="torchscript")
+    loaded = torch.jit.load(str(tmp_path / "m.pt"), map_location="cpu")
+    assert not list(loaded.parameters())
+    assert "channels_last" in str(loaded.graph) or "memory_format" in str(loaded.code)
+    with torch.inference_mode():
+        assert (loaded(x) - pruned_student(x)).abs().max() <= 1e-4 * pruned_student(x).abs().max()

@@ -98,3 +98,26 @@ def test_compare_latency_is_the_median_of_interleaved_timed_passes(monkeypatch):
     assert result == {"big": pytest.approx(8.0), "small": pytest.approx(2.0)}
     assert calls == ["big", "small"] * 7  # interleaved, warm-up included
     assert not big.times and not small.times
+
+
+def test_speed_note_says_why_and_suggests_a_fix():
+    from bpl.profiling import conv_widths, speed_note
+
+    good = {"a": 64, "b": 48, "stem": 12, "narrow": 5}  # under 16: not counted
+    fine = {"torch": {1: 0.8, 16: 0.9}, "onnxruntime": {1: 0.85, 16: 0.95}}
+    assert speed_note(good, fine) is None and speed_note(good) is None
+    odd = speed_note({**good, "layer1.0.conv1": 45, "c": 91}, fine)
+    assert odd.startswith("note: 2 of 6 conv widths are not multiples of 8")
+    assert "layer1.0.conv1: 45" in odd and "--round-to 8" in odd and "\n" not in odd
+    slow = speed_note(good, {"torch": {1: 0.48, 16: 0.62}, "onnxruntime": {16: 0.40}})
+    assert "onnxruntime at batch 16 reaches 0.40" in slow and "torch at batch 1 reaches 0.48" in slow
+    assert "batch 16 reaches 0.62" not in slow and "--round-to" not in slow
+    assert "per-layer fixed costs" in slow
+    both = speed_note({"x": 20}, {"onnxruntime": {16: 0.4}})
+    assert "1 of 1 conv widths" in both and "0.40" in both and "--round-to 8" in both
+    # on real pruned models: unrounded widths get the note, the default's do not
+    torch.manual_seed(0)
+    model = bpl.build_model("resnet18", 10)
+    x = torch.randn(1, 3, 32, 32)
+    assert speed_note(conv_widths(bpl.prune(model, x, channel_ratio=0.3, round_to=1)))
+    assert speed_note(conv_widths(bpl.prune(model, x, channel_ratio=0.3))) is None

@@ -10,6 +10,8 @@ from torch.nn import functional as F
 import bpl
 from bpl.errors import BPLError
 from bpl.pruning import IMPORTANCES, SoftPruner, deploy_macs, find_output_layers
+from bpl.pruning.graph import rounded_keep
+from bpl.pruning.soft_groups import keep_count
 from conftest import randomize_bn
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -47,15 +49,96 @@ def test_flops_target_reached_on_torchvision_models(arch):
 def test_channel_ratio_importances_and_round_to():
     model = _seeded("tiny_resnet")
     for name in IMPORTANCES:
-        pruned = bpl.prune(model, X32, channel_ratio=0.3, importance=name)
+        pruned = bpl.prune(model, X32, channel_ratio=0.3, importance=name, round_to=1)
         assert pruned(X32).shape == (2, 10)
-        assert pruned.layer3[0].conv1.out_channels == int(64 * 0.7)
+        assert pruned.layer3[0].conv1.out_channels == int(64 * 0.7)  # 44: no rounding
+    assert _widths(bpl.prune(model, X32, channel_ratio=0.3, round_to=None)) == _widths(pruned)
+    # the default rounds to the nearest multiple of 8 (44 -> 48), groups of 16 or more only
+    pruned = bpl.prune(model, X32, channel_ratio=0.3)
+    assert pruned.layer3[0].conv1.out_channels == 48
+    assert pruned.bpl_prune_report.round_to == 8
     pruned = bpl.prune(model, X32, channel_ratio=0.4, round_to=8)
     for m in pruned.modules():
         if isinstance(m, nn.Conv2d) and m.out_channels > 8:
             assert m.out_channels % 8 == 0
     glob = bpl.prune(model, X32, flops_reduction=0.5, global_pruning=True)
     assert abs(glob.bpl_prune_report.reduction - 0.5) <= 0.01
+
+
+def _widths(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def test_rounded_keep_rule():
+    # nearest multiple (halves up), at least round_to, a whole group stays whole
+    assert [rounded_keep(64, k, 8) for k in (44, 43, 36, 35, 3, 0, 63, 64, 70)] == \
+        [48, 40, 40, 32, 8, 8, 64, 64, 64]
+    assert rounded_keep(20, 19, 8) == 16 and rounded_keep(20, 20, 8) == 20
+    # narrower than 2 * round_to: not rounded, never below one channel
+    assert [rounded_keep(12, k, 8) for k in (11, 5, 0)] == [11, 5, 1]
+    assert rounded_keep(16, 11, 8) == 8  # 16 = 2 * 8: rounded
+    for none in (None, 1):  # no rounding: round(keep), as before rounding existed
+        assert [rounded_keep(64, k, none) for k in (44, 44.6, 0, 80)] == [44, 45, 1, 64]
+    assert keep_count(64, 0.7, None) == 45 and keep_count(64, 0.7, 8) == 48
+
+
+@pytest.mark.parametrize("reduction", [0.5, 0.74, 0.9])
+def test_default_rounding_lands_on_the_target_resnet18_64px(reduction):
+    model = _seeded("resnet18")
+    x = torch.randn(1, 3, 64, 64)
+    pruned = bpl.prune(model, x, flops_reduction=reduction)
+    report = pruned.bpl_prune_report
+    assert abs(report.reduction - reduction) <= 0.01 and report.round_to == 8
+    assert all(w % 8 == 0 for w in _widths(pruned).values() if w != 3), _widths(pruned)
+
+
+def test_rounding_degrades_on_tiny_networks(caplog):
+    model = _seeded("tiny_resnet")  # stages of 16/32/64: 16-wide groups keep 8 or 16
+    x = torch.randn(1, 3, 32, 32)
+    with caplog.at_level("WARNING", logger="bpl.pruning.hard"):
+        pruned = bpl.prune(model, x, flops_reduction=0.9)
+    report = pruned.bpl_prune_report
+    assert abs(report.reduction - 0.9) <= 0.01
+    assert report.round_to == 4 and "cannot reach a 90.00% MAC reduction" in caplog.text
+    assert all(w % 4 == 0 for w in _widths(pruned).values() if w >= 8)
+    # the demo's setting lands with 8; narrow groups (< 16) stay unrounded, never emptied
+    demo = bpl.prune(model, x, flops_reduction=0.7, global_pruning=True)
+    assert abs(demo.bpl_prune_report.reduction - 0.7) <= 0.01
+    assert demo.bpl_prune_report.round_to == 8
+    assert all(w % 8 == 0 for w in _widths(demo).values() if w >= 16)
+    for arch in ("tiny_vgg", "tiny_resnet"):
+        for r in (0.5, 0.74):
+            got = bpl.prune(_seeded(arch), x, flops_reduction=r).bpl_prune_report
+            assert abs(got.reduction - r) <= 0.01 and got.round_to in (8, 4, 2), (arch, r)
+
+
+def test_rounding_leaves_grouped_convs_whole_groups():
+    from nets import ConvZoo
+
+    torch.manual_seed(0)
+    model = ConvZoo().eval()
+    x = torch.randn(1, 3, 32, 32)
+    pruned = bpl.prune(model, x, channel_ratio=0.5)  # 16-wide groups round to 8
+    widths = _widths(pruned)
+    assert widths["body.3"] == 8 and widths["stem.0"] == 4  # 8-wide: not rounded
+    grouped = pruned.body[6]
+    assert grouped.out_channels % grouped.groups == 0 and grouped.out_channels >= grouped.groups
+    assert pruned(x).shape == (1, 5)
+
+
+def test_soft_pruner_rounds_by_default():
+    torch.manual_seed(0)
+    student = bpl.extend(bpl.build_model("resnet18", 10))
+    x = torch.randn(1, 3, 32, 32)
+    pruner = SoftPruner(student, x, flops_reduction=0.74)
+    assert pruner.round_to == 8 and pruner.state_dict()["round_to"] == 8
+    pruner.update()
+    kept = {g.deploy_name: int(g.keep.sum()) for g in pruner.groups}
+    assert all(k % 8 == 0 for k in kept.values()), kept
+    plain = SoftPruner(student, x, keep_ratio=pruner.keep_ratio, round_to=1)
+    assert plain.round_to == 1
+    pruner.remove_hooks()
+    plain.remove_hooks()
 
 
 def _known_answer_net() -> nn.Sequential:
@@ -262,7 +345,7 @@ def test_soft_schedule_masks_training_removal_and_state():
     group = next(g for g in pruner.groups if g.deploy_name == "layer1.0.conv1")
     block = student.layer1[0].conv1
     assert torch.equal(_dropped_rows(block.conv.weight, True), ~group.keep)
-    assert int((~group.keep).sum()) == 16 - round(16 * pruner.keep_ratio)
+    assert int((~group.keep).sum()) == 16 - keep_count(16, pruner.keep_ratio, pruner.round_to)
     # a gradient never reaches a masked row
     loss = F.cross_entropy(student(x), y)
     opt.zero_grad()

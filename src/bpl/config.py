@@ -74,7 +74,7 @@ class Config:
     soft_every: int = 1
     importance: str = "l2"
     global_pruning: bool = False
-    round_to: int | None = None
+    round_to: int | None = 8  # channel counts multiples of 8 (fast kernels); 1 or None: none
     init: str = "preserve"
     partner_share: float = 1 / 3
     placement: str = "paper"
@@ -278,6 +278,11 @@ def _check(cfg: Config) -> None:
         raise BPLError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {cfg.placement!r}")
     if cfg.soft and cfg.importance not in SOFT_IMPORTANCES:
         raise BPLError(f"--soft takes --importance {', '.join(SOFT_IMPORTANCES)}, got {cfg.importance!r}")
+    if cfg.round_to is not None and (
+        isinstance(cfg.round_to, bool) or not isinstance(cfg.round_to, int) or cfg.round_to < 1
+    ):
+        raise BPLError(f"--round-to must be a positive whole number (1: no rounding), got "
+                       f"{cfg.round_to!r}")
     if cfg.init not in INITS:
         raise BPLError(f"--init must be one of {', '.join(INITS)}, got {cfg.init!r}")
     if cfg.distill_temperature <= 0 or cfg.distill_weight < 0:

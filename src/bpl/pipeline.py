@@ -325,7 +325,8 @@ def _compress(
         student = extend(pruned, **partner_args) if cfg.partners else pruned
     if cfg.soft:
         hooks.append(SoftPruner(student, example, flops_reduction=cfg.flops_reduction,
-                                every=cfg.soft_every, importance=cfg.importance))
+                                every=cfg.soft_every, importance=cfg.importance,
+                                round_to=cfg.round_to))
     terms: dict[str, LossTerm] = {}
     if partner_blocks(student) and cfg.diversity_weight > 0:
         weight, granularity = cfg.diversity_weight, cfg.granularity
@@ -453,14 +454,18 @@ def profile_checkpoints(
     repeats: int = 20,
     onnx: bool = True,
 ) -> dict[str, Any]:
-    """`bpl profile`: MACs, params and CPU latency (PyTorch eager, and onnxruntime if installed).
+    """`bpl profile`: MACs, params and CPU latency (PyTorch, and onnxruntime if installed).
 
     All models and runtimes are timed interleaved in one run, so with two checkpoints
     (baseline, compressed) the speedups are fair ratios; they are shown next to the
-    ideal speedup, the MACs ratio. A checkpoint that still has partners is fused first.
+    ideal speedup, the MACs ratio, as a fraction of it. PyTorch runs the form `bpl
+    predict` uses (:func:`~bpl.exporting.deploy_form`: partners fused, BN folded,
+    channels_last). When the last checkpoint's conv widths are not multiples of 8, or a
+    runtime reaches under 0.6 of the ideal, ``note`` (also the table's last line) says
+    so and suggests a fix (:func:`~bpl.profiling.speed_note`).
     """
-    from .exporting import onnx_module
-    from .profiling import compare_latency, count_macs, count_params
+    from .exporting import deploy_form, onnx_module
+    from .profiling import compare_latency, conv_widths, count_macs, count_params, speed_note
 
     if not 1 <= len(paths) <= 2:
         raise BPLError("profile takes one checkpoint, or two (baseline and compressed)")
@@ -474,7 +479,8 @@ def profile_checkpoints(
         raise BPLError(f"the checkpoints use different image sizes {sorted(sizes)}; pass --image-size")
     size = sizes.pop()
     x1 = torch.randn(1, 3, size, size)
-    runners = {(n, "torch"): m for n, m in models.items()}
+    # PyTorch runs each model as `bpl predict` does: BN folded, channels_last
+    runners = {(n, "torch"): deploy_form(m) for n, m in models.items()}
     if onnx:
         try:
             runners.update({(n, "onnxruntime"): onnx_module(m, x1, threads=threads)
@@ -511,10 +517,18 @@ def profile_checkpoints(
             rt: {bs: a["latency_ms"][rt][bs] / b["latency_ms"][rt][bs] for bs in batch_sizes}
             for rt in runtimes
         }
+        result["fraction_of_ideal"] = {
+            rt: {bs: sp / ideal for bs, sp in by_bs.items()}
+            for rt, by_bs in result["speedup"].items()
+        }
         lines += ["", f"ideal speedup (MACs ratio): {ideal:.2f}x"]
         for rt, by_bs in result["speedup"].items():
             for bs, sp in by_bs.items():
                 lines.append(f"{rt}, batch {bs}: {sp:.2f}x faster = {sp / ideal:.2f} of ideal")
+    result["note"] = speed_note(conv_widths(list(models.values())[-1]),
+                                result.get("fraction_of_ideal"))
+    if result["note"]:
+        lines += ["", result["note"]]
     result["table"] = "\n".join(lines)
     return result
 

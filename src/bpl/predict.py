@@ -50,7 +50,11 @@ def _images(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def load_predictor(path: str | Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
-    """A function from a normalised batch to logits, and the meta (classes, mean/std, size)."""
+    """A function from a normalised batch to logits, and the meta (classes, mean/std, size).
+
+    A checkpoint runs in :func:`~bpl.exporting.deploy_form` (BN folded, channels_last)
+    under :func:`torch.inference_mode`; an ``.onnx`` file in onnxruntime.
+    """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         from .exporting import OnnxModule
@@ -64,12 +68,11 @@ def load_predictor(path: str | Path) -> tuple[Callable[[torch.Tensor], torch.Ten
             raise BPLError(f"{path} has no bpl metadata (class names, mean/std); export it "
                            "again with bpl export")
         return module, meta
-    from .extension import partner_blocks
-    from .fusion import fuse
+    from .exporting import deploy_form
     from .models import load_model
 
     model, meta = load_model(path)
-    model = fuse(model.eval()) if partner_blocks(model) else model.eval()
+    model = deploy_form(model)  # partners fused, BN folded, channels_last
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -24,7 +24,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import InvalidArgumentError
 from .modules import Inputs, as_args, eval_mode
 
-__all__ = ["count_macs", "count_params", "profile", "compare_latency", "as_args"]
+__all__ = [
+    "as_args",
+    "compare_latency",
+    "conv_widths",
+    "count_macs",
+    "count_params",
+    "profile",
+    "speed_note",
+]
+
+#: Channel counts CPU kernels handle in full vector blocks are multiples of this.
+FAST_MULTIPLE = 8
+#: A runtime below this fraction of the ideal speedup gets a note from :func:`speed_note`.
+SLOW_FRACTION = 0.6
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +179,48 @@ def profile(
             threads=used,
         )
     return report
+
+
+def conv_widths(model: nn.Module) -> dict[str, int]:
+    """Output channels of every convolution of ``model``, by qualified name."""
+    return {name: m.out_channels for name, m in model.named_modules()
+            if isinstance(m, nn.modules.conv._ConvNd)}
+
+
+def speed_note(
+    widths: Mapping[str, int],
+    fraction_of_ideal: Mapping[str, Mapping[int, float]] | None = None,
+    *,
+    multiple: int = FAST_MULTIPLE,
+    slow: float = SLOW_FRACTION,
+) -> str | None:
+    """One line on why a compressed model may run short of its ideal speedup, or None.
+
+    ``widths`` are the compressed model's conv widths (:func:`conv_widths`); widths
+    narrower than ``2 * multiple`` are not counted (``bpl.prune`` leaves them unrounded,
+    and they are too narrow to matter). ``fraction_of_ideal`` maps runtime -> batch size
+    -> measured speedup / ideal speedup. The line names the odd widths and the runtimes
+    under ``slow``, and suggests a fix.
+    """
+    odd = {n: w for n, w in widths.items() if w >= 2 * multiple and w % multiple}
+    slow_runs = sorted(
+        ((f, rt, bs) for rt, by_bs in (fraction_of_ideal or {}).items()
+         for bs, f in by_bs.items() if f < slow),
+        key=lambda t: t[0],
+    )
+    if not odd and not slow_runs:
+        return None
+    said = []
+    if odd:
+        name, width = next(iter(odd.items()))
+        said.append(f"{len(odd)} of {len(widths)} conv widths are not multiples of {multiple} "
+                    f"(e.g. {name}: {width})")
+    if slow_runs:
+        said.append(", ".join(f"{rt} at batch {bs} reaches {f:.2f} of the ideal speedup"
+                              for f, rt, bs in slow_runs[:3])
+                    + f" (under {slow:g})")
+    fix = (f"prune again with --round-to {multiple} (the default), whose widths CPU kernels "
+           "run in full blocks" if odd else
+           "the widths are fine: at small inputs per-layer fixed costs dominate; larger "
+           "batches or `bpl export` (onnxruntime, TorchScript) run closer to the ideal")
+    return "note: " + "; ".join(said) + "; " + fix

@@ -8,11 +8,13 @@ from collections.abc import Callable, Iterable
 
 from ..errors import PruningError
 
-__all__ = ["UNREACHABLE", "max_local_ratio", "search_ratio"]
+__all__ = ["ROUNDED_MAX_RATIO", "UNREACHABLE", "max_local_ratio", "search_ratio"]
 
 log = logging.getLogger(__name__)
 #: A target above the largest reachable reduction by more than this is unreachable (0.01 points).
 UNREACHABLE = 1e-4
+#: The largest channel ratio the search tries with rounding (every group at its minimum).
+ROUNDED_MAX_RATIO = 0.99
 
 
 def search_ratio(
@@ -94,13 +96,17 @@ def search_ratio(
 
 
 def max_local_ratio(sizes: Iterable[int], round_to: int | None) -> float:
-    """Largest ratio at which every group keeps at least ``round_to`` (or one) channel.
+    """Largest channel ratio worth trying when every group is pruned by the same ratio.
 
-    Torch-Pruning keeps ``int(n * (1 - ratio))`` channels and skips a group entirely when
-    that would leave none, so ratios beyond this would make the reduction non-monotonic.
+    Without rounding, Torch-Pruning keeps ``int(n * (1 - ratio))`` channels and skips a
+    group entirely when that would leave none, so ratios beyond the one where the
+    narrowest group keeps one channel would make the reduction non-monotonic. With
+    rounding (``round_to`` above 1, :func:`~bpl.pruning.graph.rounded_keep`) no group is
+    ever emptied, so the ratio may go up to :data:`ROUNDED_MAX_RATIO`.
     """
-    keep = round_to or 1
-    sizes = [n for n in sizes if n > keep]
+    if round_to is not None and round_to > 1:
+        return ROUNDED_MAX_RATIO
+    sizes = [n for n in sizes if n > 1]
     if not sizes:
         return 0.0
-    return max(0.0, 1.0 - (keep + 0.01) / min(sizes))
+    return max(0.0, 1.0 - 1.01 / min(sizes))

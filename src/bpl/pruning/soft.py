@@ -18,12 +18,14 @@ from ..fusion import fuse
 from ..modules import Inputs, Scratch, as_args, find_output_layers, unwrap_parallel
 from ..verification import max_relative_error, verify
 from .graph import (
+    DEFAULT_ROUND_TO,
     LayerRef,
     check_fraction,
     check_round_to,
     dependency_graph,
     deploy_macs,
     resolve_layers,
+    round_to_fallbacks,
 )
 from .importance import SOFT_IMPORTANCES, add_filter_norms
 from .search import search_ratio
@@ -104,6 +106,10 @@ class SoftPruner:
     ``keep_ratio`` is the fraction of each group's channels kept; with
     ``flops_reduction`` it is searched so that the model returned by :meth:`finalize`
     has that many fewer MACs than the fused unpruned model (within ``tolerance``).
+    ``round_to`` (8 by default; 1 or None: no rounding) keeps each group's kept count a
+    multiple of it, as in :func:`~bpl.pruning.prune`, with the same fallback to half the
+    ``round_to`` when the target cannot be reached with it (``self.round_to`` is the one
+    used).
     """
 
     def __init__(
@@ -115,7 +121,7 @@ class SoftPruner:
         flops_reduction: float | None = None,
         every: int = 1,
         importance: str = "l2",
-        round_to: int | None = None,
+        round_to: int | None = DEFAULT_ROUND_TO,
         ignored_layers: Iterable[LayerRef] | LayerRef | None = None,
         tolerance: float = 0.01,
     ) -> None:
@@ -147,9 +153,19 @@ class SoftPruner:
         self._scratch = Scratch(model, self.args)
         self.macs_before = deploy_macs(self._scratch.copy(model), self._scratch.args)
         if flops_reduction is not None:
-            drop, _, _ = search_ratio(
-                self._reduction_at, flops_reduction, 0.999, tolerance, knob="drop ratio"
-            )
+            candidates = round_to_fallbacks(round_to)
+            for i, self.round_to in enumerate(candidates):
+                try:
+                    drop, _, _ = search_ratio(
+                        self._reduction_at, flops_reduction, 0.999, tolerance, knob="drop ratio"
+                    )
+                    break
+                except PruningError:
+                    if i == len(candidates) - 1:
+                        raise
+                    log.warning("round_to=%d cannot reach a %.2f%% MAC reduction within %.1f "
+                                "points; trying round_to=%d", self.round_to,
+                                100 * flops_reduction, 100 * tolerance, candidates[i + 1])
             keep_ratio = 1.0 - drop
         self.keep_ratio = float(keep_ratio)
         self._masks = ChannelMasks(self.groups)
@@ -228,6 +244,7 @@ class SoftPruner:
         """Masks and schedule state, to save with a training checkpoint."""
         return {
             "keep_ratio": self.keep_ratio,
+            "round_to": self.round_to,
             "every": self.every,
             "updates": self.updates,
             "masks": self.masks,
@@ -254,6 +271,7 @@ class SoftPruner:
         for name, mask in masks.items():
             mine[name].keep = mask.to("cpu", torch.bool).clone()
         self.keep_ratio = float(state.get("keep_ratio", self.keep_ratio))
+        self.round_to = state.get("round_to", self.round_to)
         self.every = int(state.get("every", self.every))
         self.updates = int(state.get("updates", self.updates))
         self._masks.rebuild()

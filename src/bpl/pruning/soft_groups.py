@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..extension import partner_blocks
-from .graph import make_pruner
+from .graph import make_pruner, rounded_keep
 from .importance import FilterNormImportance
 
 __all__ = ["Slice", "SoftGroup", "build_soft_groups", "keep_count"]
@@ -47,10 +47,8 @@ class SoftGroup:
 
 
 def keep_count(n: int, keep_ratio: float, round_to: int | None) -> int:
-    """How many of ``n`` channels a group keeps at ``keep_ratio`` (a multiple of ``round_to``)."""
-    if round_to and n > round_to:
-        return min(n, max(round_to, round_to * round(n * keep_ratio / round_to)))
-    return min(n, max(1, round(n * keep_ratio)))
+    """How many of ``n`` channels a group keeps at ``keep_ratio`` (see :func:`rounded_keep`)."""
+    return rounded_keep(n, n * keep_ratio, round_to)
 
 
 def build_soft_groups(

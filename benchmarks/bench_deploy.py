@@ -1,0 +1,189 @@
+"""Deployed CPU speed of pruned models: the fraction of the ideal speedup each runtime reaches.
+
+For each model and input size, a torchvision model (random weights: latency does not
+depend on them) is pruned with ``bpl.prune(flops_reduction=r)`` and bpl's defaults
+(channel counts rounded to 8) for each reduction ``r``. The baseline and the pruned
+models then run, interleaved in one ``bpl.compare_latency`` call per batch size, in
+
+- ``eager``: the model as it is, NCHW, BatchNorm unfolded (``model(x)``);
+- ``deploy``: :func:`bpl.exporting.deploy_form` (BN folded, channels_last), what
+  `bpl predict` runs and `bpl export --format torchscript` writes;
+- ``onnxruntime``: the parity-checked ONNX export (BN folded) in onnxruntime.
+
+The fraction of ideal is (baseline latency / pruned latency) / (baseline MACs / pruned
+MACs), each runtime against the baseline in the same runtime. Results go to
+``benchmarks/results/deploy.{json,md}`` (``deploy_quick.*`` with ``--quick``), written
+after every model and size, and a rerun skips what the file already holds (``--fresh``
+starts over). On a machine shared with other jobs the medians are noisy; compare the
+fractions, not the milliseconds, and say so.
+
+    python benchmarks/bench_deploy.py --quick          # resnet18, 64 px, 74%: minutes
+    python benchmarks/bench_deploy.py                  # the full table: hours on 2 cores
+    python benchmarks/bench_deploy.py --models resnet50 --sizes 224 --reductions 0.74
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+import torch
+import torchvision
+
+import bpl
+from bpl.errors import BPLError
+from bpl.exporting import deploy_form, onnx_module
+from bpl.profiling import FAST_MULTIPLE, conv_widths
+from common import RESULTS, load_average, machine, write_results
+
+FORMS = ("eager", "deploy", "onnxruntime")
+
+
+def _key(row: dict) -> tuple:
+    return (row["model"], row["size"], row["batch_size"], row["reduction"], row["form"])
+
+
+def measure(arch: str, size: int, args: argparse.Namespace, done: set[tuple]) -> list[dict]:
+    """Rows for one model at one input size (every reduction, form and batch size)."""
+    todo = [(bs, r) for bs in args.batch_sizes for r in args.reductions
+            if any((arch, size, bs, r, f) not in done for f in args.forms)]
+    if not todo:
+        return []
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, size, size)
+    base = getattr(torchvision.models, arch)(num_classes=args.classes).eval()
+    models = {"baseline": base}
+    info: dict[str, dict] = {"baseline": {"macs": bpl.count_macs(base, x)}}
+    for r in sorted({r for _, r in todo}):
+        start = time.perf_counter()
+        pruned = bpl.prune(base, x, flops_reduction=r, round_to=args.round_to).eval()
+        report = pruned.bpl_prune_report
+        widths = conv_widths(pruned)
+        name = f"{r:g}"
+        models[name] = pruned
+        info[name] = {
+            "macs": report.macs_after, "achieved": report.reduction,
+            "round_to": report.round_to, "prune_s": time.perf_counter() - start,
+            "odd_widths": sum(1 for w in widths.values() if w % FAST_MULTIPLE and w >= 16),
+        }
+        print(f"{arch} {size}px: {report}", flush=True)
+    runners = {}
+    for name, model in models.items():
+        if "eager" in args.forms:
+            runners[(name, "eager")] = model
+        if "deploy" in args.forms:
+            runners[(name, "deploy")] = deploy_form(model)
+        if "onnxruntime" in args.forms:
+            try:
+                runners[(name, "onnxruntime")] = onnx_module(model, x, threads=args.threads)
+            except BPLError as exc:
+                logging.warning("onnxruntime skipped: %s", exc)
+    forms = [f for f in args.forms if any(form == f for _, form in runners)]
+    rows = []
+    for bs in sorted({bs for bs, _ in todo}):
+        repeats = args.repeats[0] if bs == 1 else args.repeats[-1]
+        keyed = {f"{n}|{f}": m for (n, f), m in runners.items()}
+        load = load_average()
+        ms = bpl.compare_latency(keyed, x, batch_size=bs, threads=args.threads,
+                                 warmup=args.warmup, repeats=repeats)
+        for name in models:
+            if name == "baseline":
+                continue
+            ideal = info["baseline"]["macs"] / info[name]["macs"]
+            for form in forms:
+                speedup = ms[f"baseline|{form}"] / ms[f"{name}|{form}"]
+                rows.append({
+                    "model": arch, "size": size, "batch_size": bs, "reduction": float(name),
+                    "form": form, "achieved_reduction": info[name]["achieved"],
+                    "round_to": info[name]["round_to"], "odd_widths": info[name]["odd_widths"],
+                    "baseline_ms": ms[f"baseline|{form}"], "pruned_ms": ms[f"{name}|{form}"],
+                    "speedup": speedup, "ideal_speedup": ideal,
+                    "fraction_of_ideal": speedup / ideal, "repeats": repeats,
+                    "load_average_before": load,
+                })
+                print(f"{arch:>12} {size:>3}px batch {bs:>2} {100 * float(name):>4.0f}% "
+                      f"{form:>11}: {ms[f'baseline|{form}']:8.2f} -> {ms[f'{name}|{form}']:8.2f} ms "
+                      f"{speedup:5.2f}x of {ideal:5.2f}x = {speedup / ideal:.2f}", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict, command: str) -> str:
+    """The results as a table: one line per model, size, reduction and batch size."""
+    forms = [f for f in FORMS if any(r["form"] == f for r in rows)]
+    lines = [
+        "# Deployed CPU speed of pruned models: fraction of the ideal speedup",
+        "",
+        f"- `{command}`",
+        f"- CPU: {meta['machine']['cpu']} ({meta['machine']['cpu_count']} logical CPUs), torch "
+        f"{meta['machine']['torch']}, onnxruntime {meta.get('onnxruntime')}, "
+        f"{meta['threads']} thread(s); median of interleaved runs",
+        f"- load average (1/5/15 min) at the start {meta['load_average_start']}, at the end "
+        f"{meta['load_average_end']}: above the thread count, other jobs shared the cores",
+        "- cell: speedup / ideal speedup (ideal = baseline MACs / pruned MACs), each runtime "
+        "against the baseline in the same runtime; `eager` = the model as is (NCHW, BN), "
+        "`deploy` = BN folded + channels_last (`bpl predict`, TorchScript export), "
+        "`onnxruntime` = the ONNX export",
+        "",
+        "| model | px | MACs removed | round_to | batch | " + " | ".join(forms) + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(forms),
+    ]
+    by = {_key(r): r for r in rows}
+    seen = sorted({(r["model"], r["size"], r["reduction"], r["batch_size"]) for r in rows})
+    for arch, size, red, bs in seen:
+        cells = []
+        for f in forms:
+            r = by.get((arch, size, bs, red, f))
+            cells.append(f"{r['fraction_of_ideal']:.2f}" if r else "")
+        first = next(r for r in rows if (r["model"], r["size"], r["reduction"]) == (arch, size, red))
+        lines.append(f"| {arch} | {size} | {100 * first['achieved_reduction']:.1f}% | "
+                     f"{first['round_to'] or 1} | {bs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="resnet18 at 64 px, 74%%, fewer repeats (files deploy_quick.*)")
+    ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2"])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 224])
+    ap.add_argument("--reductions", type=float, nargs="+", default=[0.5, 0.74, 0.9])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS))
+    ap.add_argument("--round-to", type=int, default=8, help="as bpl.prune (1: no rounding)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, nargs="+", default=[20, 8],
+                    help="timed passes at batch 1, and at larger batches")
+    ap.add_argument("--name", default=None, help="results file name (default: deploy)")
+    ap.add_argument("--fresh", action="store_true", help="ignore the results already written")
+    args = ap.parse_args()
+    if args.quick:
+        args.models, args.sizes, args.reductions = ["resnet18"], [64], [0.74]
+        args.repeats = [10, 5]
+    name = args.name or ("deploy_quick" if args.quick else "deploy")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    path = RESULTS / f"{name}.json"
+    old = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+    rows: list[dict] = old.get("results", [])
+    try:
+        import onnxruntime
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    meta = {"machine": machine(), "onnxruntime": ort_version, "threads": args.threads,
+            "load_average_start": old.get("meta", {}).get("load_average_start", load_average()),
+            "weights": "random (latency does not depend on values)"}
+    command = "python benchmarks/bench_deploy.py" + (" --quick" if args.quick else "")
+    for arch in args.models:
+        for size in args.sizes:
+            rows += measure(arch, size, args, {_key(r) for r in rows})
+            meta["load_average_end"] = load_average()
+            write_results(name, {"meta": meta, "results": rows}, markdown(rows, meta, command))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
