@@ -77,3 +77,14 @@ def test_the_rounding_floor_does_not_excuse_a_broken_fusion(monkeypatch):
     result = check_model(PreActNet, torch.randn(2, 3, 16, 16), do_prune=False, do_onnx=False)
     check = result["checks"]["fuse_fp64"]
     assert not check["ok"] and check["floor"] < 1e-12 and "ill-conditioned" not in check["note"]
+
+
+def test_a_check_no_error_could_fail_is_reported_as_not_judged(monkeypatch):
+    import bpl.conformance as conformance
+
+    monkeypatch.setattr(conformance, "rounding_floor", lambda model, x: 0.05)  # output = noise
+    result = check_model(PreActNet, torch.randn(2, 3, 16, 16), do_prune=False, do_onnx=False)
+    assert result["checks"]["fuse_fp32"].get("unjudged") and result["checks"]["fuse_fp64"].get("unjudged")
+    monkeypatch.setattr(conformance, "rounding_floor", lambda model, x: 1e-20)
+    result = check_model(PreActNet, torch.randn(2, 3, 16, 16), do_prune=False, do_onnx=False)
+    assert not any(c.get("unjudged") for c in result["checks"].values())

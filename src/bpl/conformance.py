@@ -44,6 +44,9 @@ CHECKS: dict[str, float | None] = {
 
 #: A fusion passes where its error is within this many rounding floors (see _exact).
 FLOOR_FACTOR = 10.0
+#: Above this bar a check cannot judge anything (the randomised net's output is rounding
+#: noise at that precision): it is reported as not judged, neither passed nor failed.
+UNJUDGED_BAR = 1e-2
 
 
 @torch.no_grad()
@@ -120,6 +123,8 @@ def _exact(student: nn.Module, x: torch.Tensor, tol: float) -> dict[str, Any]:
         note += f"; ill-conditioned: input rounding alone moves the output {floor:.1e}"
     result = _result(worst <= bar, worst, note)
     result["floor"] = floor
+    if bar > UNJUDGED_BAR:  # no error this size would say anything about the fusion
+        result["unjudged"] = True
     return result
 
 
@@ -190,6 +195,8 @@ def check_model(
         achieved = 1.0 - count_macs(pruned, x) / count_macs(base, x)
         state["pruned"] = pruned
         gap = abs(achieved - flops_reduction)
+        used = pruned.bpl_prune_report.round_to
+        note += f", round_to {used}" if used and used > 1 else ", no rounding"
         return _result(gap <= CHECKS["prune"], gap, f"{100 * achieved:.1f}% fewer MACs{note}")
 
     def prune_fuse() -> dict[str, Any]:
@@ -209,7 +216,10 @@ def check_model(
                 note = "at 224 px: ONNX exports adaptive pooling only to sizes dividing its input"
         if state["onnx_tol"] > CHECKS["onnx"]:
             note = "; ".join(filter(None, [note, f"ill-conditioned: bar {state['onnx_tol']:.1e}"]))
-        return _result(True, info["max_relative_error"], note)
+        result = _result(True, info["max_relative_error"], note)
+        if state["onnx_tol"] > UNJUDGED_BAR:
+            result["unjudged"] = True
+        return result
 
     def move_fp64() -> dict[str, Any]:
         student = randomize_partners(extend(base, kernel_sizes=kernel_sizes).eval()).double()
