@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import time
 
 import torch
@@ -43,6 +44,84 @@ FORMS = ("eager", "deploy", "onnxruntime")
 
 def _key(row: dict) -> tuple:
     return (row["model"], row["size"], row["batch_size"], row["reduction"], row["form"])
+
+
+def conv_kind(conv: torch.nn.Conv2d) -> str:
+    """depthwise, pointwise (1x1), or full (any other kernel) convolution."""
+    if conv.groups > 1 and conv.groups == conv.in_channels:
+        return "depthwise"
+    return "pointwise" if conv.kernel_size == (1, 1) else "full"
+
+
+@torch.inference_mode()
+def layer_split(model: torch.nn.Module, x: torch.Tensor, repeats: int = 10) -> dict[str, dict]:
+    """Eager time and MACs per conv kind (the rest: "other"), medians of ``repeats`` passes.
+
+    Forward hooks time each conv; on one CPU thread a layer's work is done when its call
+    returns. Shows where the time goes that the MACs ratio does not predict.
+    """
+    spans: dict[str, list[float]] = {}
+    macs: dict[str, int] = {}
+    start: dict[int, float] = {}
+    handles = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            kind = conv_kind(m)
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, inp: start.__setitem__(id(mod), time.perf_counter())))
+            handles.append(m.register_forward_hook(
+                lambda mod, inp, out, kind=kind: spans.setdefault(kind, []).append(
+                    time.perf_counter() - start[id(mod)])))
+    totals: dict[str, list[float]] = {}
+    try:
+        model(x)  # warm-up
+        for _ in range(repeats):
+            spans.clear()
+            t0 = time.perf_counter()
+            model(x)
+            total = time.perf_counter() - t0
+            per = {k: sum(v) for k, v in spans.items()}
+            per["other"] = total - sum(per.values())
+            for k, v in per.items():
+                totals.setdefault(k, []).append(v)
+    finally:
+        for h in handles:
+            h.remove()
+    shapes: dict[int, tuple] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o: shapes.__setitem__(id(mod), o.shape))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            kh, kw = m.kernel_size
+            out = shapes[id(m)]
+            macs[conv_kind(m)] = macs.get(conv_kind(m), 0) + out.numel() * (m.in_channels // m.groups) * kh * kw
+    return {k: {"ms": 1e3 * statistics.median(v), "macs": macs.get(k, 0)}
+            for k, v in totals.items()}
+
+
+def explain(arch: str, size: int, batch: int, reduction: float, round_to: int) -> str:
+    """Per conv kind: time and MACs of the baseline and the pruned model, as a table."""
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size)
+    base = getattr(torchvision.models, arch)(num_classes=1000).eval()
+    pruned = bpl.prune(base, x[:1], flops_reduction=reduction, round_to=round_to).eval()
+    b, p = layer_split(base, x), layer_split(pruned, x)
+    lines = [f"{arch}, {size} px, batch {batch}, {100 * reduction:.0f}% fewer MACs, eager, "
+             "1 thread (conv kinds timed by forward hooks)", "",
+             "| kind | baseline ms | share | pruned ms | time ratio | MACs ratio |",
+             "|---|---:|---:|---:|---:|---:|"]
+    total_b = sum(v["ms"] for v in b.values())
+    for kind in ("full", "pointwise", "depthwise", "other"):
+        if kind not in b:
+            continue
+        mr = (b[kind]["macs"] / p[kind]["macs"]) if p[kind]["macs"] else float("nan")
+        lines.append(f"| {kind} | {b[kind]['ms']:.1f} | {100 * b[kind]['ms'] / total_b:.0f}% | "
+                     f"{p[kind]['ms']:.1f} | {b[kind]['ms'] / p[kind]['ms']:.2f}x | "
+                     + ("–" if kind == "other" else f"{mr:.2f}x") + " |")
+    return "\n".join(lines)
 
 
 def measure(arch: str, size: int, args: argparse.Namespace, done: set[tuple]) -> list[dict]:
@@ -120,7 +199,9 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
         f"{meta['machine']['torch']}, onnxruntime {meta.get('onnxruntime')}, "
         f"{meta['threads']} thread(s); median of interleaved runs",
         f"- load average (1/5/15 min) at the start {meta['load_average_start']}, at the end "
-        f"{meta['load_average_end']}: above the thread count, other jobs shared the cores",
+        f"{meta['load_average_end']} (a 1-minute average above the thread count means other "
+        "jobs may have shared the cores)",
+        *([f"- conditions: {meta['note']}"] if meta.get("note") else []),
         "- cell: speedup / ideal speedup (ideal = baseline MACs / pruned MACs), each runtime "
         "against the baseline in the same runtime; `eager` = the model as is (NCHW, BN), "
         "`deploy` = BN folded + channels_last (`bpl predict`, TorchScript export), "
@@ -159,6 +240,10 @@ def main() -> None:
                     help="timed passes at batch 1, and at larger batches")
     ap.add_argument("--name", default=None, help="results file name (default: deploy)")
     ap.add_argument("--fresh", action="store_true", help="ignore the results already written")
+    ap.add_argument("--note", default="", help="a line about the conditions, kept in the results")
+    ap.add_argument("--table", action="store_true", help="only rewrite the .md from the .json")
+    ap.add_argument("--explain", nargs=4, metavar=("ARCH", "PX", "BATCH", "REDUCTION"),
+                    help="time per conv kind, baseline vs pruned (where the ideal is lost)")
     args = ap.parse_args()
     if args.quick:
         args.models, args.sizes, args.reductions = ["resnet18"], [64], [0.74]
@@ -176,7 +261,16 @@ def main() -> None:
     meta = {"machine": machine(), "onnxruntime": ort_version, "threads": args.threads,
             "load_average_start": old.get("meta", {}).get("load_average_start", load_average()),
             "weights": "random (latency does not depend on values)"}
+    meta["note"] = args.note or old.get("meta", {}).get("note", "")
     command = "python benchmarks/bench_deploy.py" + (" --quick" if args.quick else "")
+    if args.explain:
+        arch, size, batch, reduction = args.explain
+        torch.set_num_threads(1)
+        print(explain(arch, int(size), int(batch), float(reduction), args.round_to))
+        return
+    if args.table:
+        write_results(name, old, markdown(rows, old["meta"], command))
+        return
     for arch in args.models:
         for size in args.sizes:
             rows += measure(arch, size, args, {_key(r) for r in rows})
