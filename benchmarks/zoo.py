@@ -44,6 +44,7 @@ TOO_BIG = {"regnet_y_128gf": "644M parameters: the float64 copies (base, extende
 #: Models whose prune / ONNX checks are skipped as impractically slow here (>= 100M parameters).
 SLOW_PARAMS = 100e6
 SIZES = (64, 96, 128, 160, 224, 299)
+CHECK_LIMIT = 300  # seconds per check: a check that never ends is recorded, the rest still run
 #: Why a check fails where that is understood (shown under the table).
 EXPLAINED = {
     ("timm:efficientnet_b0", "fuse_fp32"):
@@ -122,7 +123,7 @@ def run_one(name: str) -> dict:
     params = sum(p.numel() for p in build().parameters())
     slow = params >= SLOW_PARAMS
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    result = check_model(build, x, do_prune=not slow, do_onnx=not slow)
+    result = check_model(build, x, do_prune=not slow, do_onnx=not slow, time_limit=CHECK_LIMIT)
     result.update(size=size, params=params, slow_skipped=slow,
                   seconds_total=round(time.perf_counter() - start, 1))
     return result

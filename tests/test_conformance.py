@@ -88,3 +88,19 @@ def test_a_check_no_error_could_fail_is_reported_as_not_judged(monkeypatch):
     monkeypatch.setattr(conformance, "rounding_floor", lambda model, x: 1e-20)
     result = check_model(PreActNet, torch.randn(2, 3, 16, 16), do_prune=False, do_onnx=False)
     assert not any(c.get("unjudged") for c in result["checks"].values())
+
+
+def test_a_check_that_never_ends_is_stopped_and_the_others_still_run(monkeypatch):
+    import time
+
+    import bpl.conformance as conformance
+
+    def forever(*args, **kwargs):
+        while True:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(conformance, "prune", forever)
+    result = check_model(PreActNet, torch.randn(2, 3, 16, 16), do_onnx=False, time_limit=0.5)
+    checks = result["checks"]
+    assert not checks["prune"]["ok"] and "longer than 0.5 s" in checks["prune"]["note"]
+    assert checks["move_fp64"]["ok"] and "prune_fuse" not in checks

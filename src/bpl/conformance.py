@@ -9,7 +9,10 @@ passed or failed with its error, never raised, so one model's failure names itse
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -128,6 +131,27 @@ def _exact(student: nn.Module, x: torch.Tensor, tol: float) -> dict[str, Any]:
     return result
 
 
+@contextlib.contextmanager
+def _time_limit(seconds: float | None, what: str):
+    """Raise TimeoutError in the block after ``seconds`` (SIGALRM; a no-op where unavailable)."""
+    usable = (seconds and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"{what} took longer than {seconds:g} s and was stopped")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def check_model(
     build: Callable[[], nn.Module],
     x: torch.Tensor,
@@ -136,11 +160,14 @@ def check_model(
     flops_reduction: float = 0.5,
     do_prune: bool = True,
     do_onnx: bool = True,
+    time_limit: float | None = None,
 ) -> dict[str, Any]:
     """Run every check of :data:`CHECKS` on a fresh ``build()`` model with input ``x``.
 
     Returns ``{"partners": {kind: count}, "skipped": {reason: count}, "checks":
-    {name: {"ok", "error", "note"}}, "seconds": {name: s}}``. Partners go on every conv
+    {name: {"ok", "error", "note"}}, "seconds": {name: s}}``. ``time_limit`` (seconds,
+    main thread on Unix) stops a check that runs longer and records it as failed, so
+    one check that never ends (a dependency graph search, say) does not hide the others. Partners go on every conv
     that can have one (``kernel_sizes=None``) unless told otherwise. A check that
     raises is recorded as failed with the exception's first line.
     """
@@ -152,7 +179,8 @@ def check_model(
     def run(name: str, fn: Callable[[], dict[str, Any]]) -> None:
         start = time.perf_counter()
         try:
-            out["checks"][name] = fn()
+            with _time_limit(time_limit, name):
+                out["checks"][name] = fn()
         except Exception as exc:  # recorded, not raised: the next check still runs
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             out["checks"][name] = _result(False, None, f"{type(exc).__name__}: {first}")
