@@ -83,6 +83,8 @@ EXPLAINED = {
         "adaptive pooling to 6x6 from the 1x1 map of a 64 px input (not bpl); rerun with "
         "--redo",
 }
+EXPLAINED.update({(f"tv:shufflenet_v2_{w}", "prune"): EXPLAINED[("tv:shufflenet_v2_x0_5", "prune")]
+                  for w in ("x1_0", "x1_5", "x2_0")})  # the same channel shuffle
 
 
 def zoo() -> list[str]:
