@@ -65,12 +65,6 @@ EXPLAINED = {
         "moves 1.5e-10 when the input is rounded) that the end-to-end error sits at the "
         "bar; block by block, the same input into each extended and fused MBConv differs "
         "by at most 1.3e-13 (float64), so each fusion is exact",
-    ("timm:efficientnet_b0", "fuse_fp32"):
-        "float32 rounding, not the fold: at float64 the same fusion is exact to 4e-15. With "
-        "random partners on every conv (SE 1x1 convs included) the extended net amplifies "
-        "rounding about 40x (its own fp32-vs-fp64 error is 1.1e-5, the plain net's 2.8e-7), "
-        "so fused-vs-extended lands at 1.6e-4, above the 1e-4 bar",
-    ("timm:efficientnet_b0", "onnx"): "the same float32 rounding (1.06e-4 against 1e-4)",
     ("tv:shufflenet_v2_x0_5", "prune"):
         "Torch-Pruning's dependency graph fails on the channel shuffle (reshape index mapping, "
         "ZeroDivisionError) while pruning the plain model: a limit of the pruning step, not "
@@ -78,10 +72,6 @@ EXPLAINED = {
     ("timm:cspresnet50", "prune"):
         "Torch-Pruning's groups index past a conv across CSP's split/concat (IndexError in "
         "the importance scores) while pruning the plain model: a limit of the pruning step",
-    ("tv:alexnet", "onnx"):
-        "run before the ONNX check learnt to retry at 224 px: the exporter cannot export "
-        "adaptive pooling to 6x6 from the 1x1 map of a 64 px input (not bpl); rerun with "
-        "--redo",
 }
 EXPLAINED.update({(f"tv:shufflenet_v2_{w}", "prune"): EXPLAINED[("tv:shufflenet_v2_x0_5", "prune")]
                   for w in ("x1_0", "x1_5", "x2_0")})  # the same channel shuffle
