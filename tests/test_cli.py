@@ -251,6 +251,12 @@ def _wait_for_epoch(run_dir: Path, proc: subprocess.Popen, epoch: int) -> None:
     raise AssertionError("training made no progress")
 
 
+def _default_sigint() -> None:
+    """A shell runs background jobs with SIGINT ignored, and children inherit that; the run
+    under test must see Ctrl-C as a user's terminal would deliver it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_resume_after_a_killed_run_matches_an_uninterrupted_one(tmp_path, sig):
     # small batches: epochs long enough (many steps) for the signal to land mid-run
@@ -259,7 +265,8 @@ def test_resume_after_a_killed_run_matches_an_uninterrupted_one(tmp_path, sig):
     for attempt in range(3):  # on a loaded machine the run may finish before the signal
         cut = tmp_path / f"cut{attempt}"
         proc = subprocess.Popen([sys.executable, "-m", "bpl", "train", *args, "--out", str(cut)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_default_sigint)
         _wait_for_epoch(cut, proc, 1)
         os.kill(proc.pid, sig)
         _, err = proc.communicate(timeout=60)
