@@ -57,21 +57,25 @@ def conv_kind(conv: torch.nn.Conv2d) -> str:
 def layer_split(model: torch.nn.Module, x: torch.Tensor, repeats: int = 10) -> dict[str, dict]:
     """Eager time and MACs per conv kind (the rest: "other"), medians of ``repeats`` passes.
 
-    Forward hooks time each conv; on one CPU thread a layer's work is done when its call
-    returns. Shows where the time goes that the MACs ratio does not predict.
+    Forward hooks time each conv (on one CPU thread a layer's work is done when its call
+    returns) and note its output size for the MACs. Shows where the time goes that the
+    MACs ratio does not predict.
     """
-    spans: dict[str, list[float]] = {}
-    macs: dict[str, int] = {}
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    spans: dict[str, float] = {}
+    outputs: dict[int, int] = {}  # conv -> output elements
     start: dict[int, float] = {}
-    handles = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            kind = conv_kind(m)
-            handles.append(m.register_forward_pre_hook(
-                lambda mod, inp: start.__setitem__(id(mod), time.perf_counter())))
-            handles.append(m.register_forward_hook(
-                lambda mod, inp, out, kind=kind: spans.setdefault(kind, []).append(
-                    time.perf_counter() - start[id(mod)])))
+
+    def before(mod, inp):
+        start[id(mod)] = time.perf_counter()
+
+    def after(mod, inp, out):
+        kind = conv_kind(mod)
+        spans[kind] = spans.get(kind, 0.0) + time.perf_counter() - start[id(mod)]
+        outputs[id(mod)] = out.numel()
+
+    handles = [h for m in convs for h in (m.register_forward_pre_hook(before),
+                                          m.register_forward_hook(after))]
     totals: dict[str, list[float]] = {}
     try:
         model(x)  # warm-up
@@ -79,25 +83,17 @@ def layer_split(model: torch.nn.Module, x: torch.Tensor, repeats: int = 10) -> d
             spans.clear()
             t0 = time.perf_counter()
             model(x)
-            total = time.perf_counter() - t0
-            per = {k: sum(v) for k, v in spans.items()}
-            per["other"] = total - sum(per.values())
+            per = dict(spans, other=time.perf_counter() - t0 - sum(spans.values()))
             for k, v in per.items():
                 totals.setdefault(k, []).append(v)
     finally:
         for h in handles:
             h.remove()
-    shapes: dict[int, tuple] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o: shapes.__setitem__(id(mod), o.shape))
-             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    model(x)
-    for h in hooks:
-        h.remove()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            kh, kw = m.kernel_size
-            out = shapes[id(m)]
-            macs[conv_kind(m)] = macs.get(conv_kind(m), 0) + out.numel() * (m.in_channels // m.groups) * kh * kw
+    macs: dict[str, int] = {}
+    for m in convs:
+        kh, kw = m.kernel_size
+        per_output = (m.in_channels // m.groups) * kh * kw
+        macs[conv_kind(m)] = macs.get(conv_kind(m), 0) + outputs[id(m)] * per_output
     return {k: {"ms": 1e3 * statistics.median(v), "macs": macs.get(k, 0)}
             for k, v in totals.items()}
 

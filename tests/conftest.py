@@ -26,3 +26,18 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def without_onnx(monkeypatch):
+    """Make every ``import onnx*`` fail, as on a machine without the ``bpl[onnx]`` extra."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_onnx(name, *args, **kwargs):
+        if name.startswith("onnx"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnx)

@@ -184,18 +184,9 @@ def test_profile_one_checkpoint_without_onnx_on_the_threads_asked(compressed, ca
 
 
 def test_profile_without_onnxruntime_warns_and_times_pytorch_alone(compressed, capsys, caplog,
-                                                                   monkeypatch):
-    import builtins
+                                                                   without_onnx):
     import logging
 
-    real_import = builtins.__import__
-
-    def no_onnx(name, *args, **kwargs):
-        if name.startswith("onnx"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_onnx)
     with caplog.at_level(logging.WARNING):
         assert run_cli("profile", compressed / "deploy.pt", "--batch-size", "1", "--repeats",
                        "2", "--json") == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import importlib
 
 import pytest
@@ -78,15 +77,7 @@ def test_fold_batchnorm_is_exact_and_removes_bn():
     assert bpl.relative_error(model, folded, torch.randn(2, 3, 32, 32)) <= 1e-5
 
 
-def test_missing_onnx_extra_is_a_clear_error(monkeypatch, tmp_path):
-    real_import = builtins.__import__
-
-    def no_onnx(name, *a, **k):
-        if name.startswith("onnx"):
-            raise ImportError(name)
-        return real_import(name, *a, **k)
-
-    monkeypatch.setattr(builtins, "__import__", no_onnx)
+def test_missing_onnx_extra_is_a_clear_error(without_onnx, tmp_path):
     with pytest.raises(BPLError, match=r"pip install 'bpl\[onnx\]'"):
         export(torch.nn.Conv2d(3, 3, 1), torch.randn(1, 3, 4, 4), tmp_path / "x.onnx")
 
