@@ -100,6 +100,7 @@ DEFAULTS: dict[str, Any] = {
     "baseline_epochs": 30,
     "finetune_epochs": 10,
     "bpl_variant": "auto",  # a VARIANTS key, or auto: the pilot's choice
+    "arms": list(ARMS),  # the study's arms (a subset of ARMS); plain is always one of them
     "pilot": {"seeds": [0, 1], "reduction": 0.9, "variants": list(VARIANTS), "datasets": None},
     "threads": None,
     "common": {},  # bpl Config fields of every run
@@ -159,6 +160,10 @@ def load_settings(path: str | Path | None, smoke: bool = False,
     if unknown or (settings["bpl_variant"] not in VARIANTS and settings["bpl_variant"] != "auto"):
         raise BPLError(f"unknown partner variant(s) {unknown or settings['bpl_variant']}; "
                        f"choose from {', '.join(VARIANTS)}")
+    arms = settings["arms"]
+    if not arms or set(arms) - set(ARMS) or "plain" not in arms:
+        raise BPLError(f"arms must be some of {', '.join(ARMS)}, plain among them (every arm is "
+                       f"compared with it), got {arms}")
     for spec in settings["datasets"].values():
         spec["data_root"] = _repo_path(spec.get("data_root"))
     settings["out"] = _repo_path(settings["out"])
@@ -379,7 +384,7 @@ def _study_runs(settings: dict[str, Any], variant: str, dataset: str,
                 seed: int) -> list[tuple[str, Config]]:
     runs = []
     for reduction in settings["reductions"]:
-        for arm in ARMS:
+        for arm in settings["arms"]:
             name, fields = arm_fields(settings, arm, variant)
             runs.append((arm, run_config(settings, dataset, seed, reduction, fields, name)))
     return runs
@@ -648,7 +653,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.errorbar(macs, [s["mean"] for s in st], yerr=[s["ci95"] or 0 for s in st],
                         marker="o", capsize=3, color=f"C{i}", label=arm)
             if arm != "plain":
-                diffs = [ci95(_paired(sub, "test_top1", arm, "plain")) for f, _ in pts]
+                diffs = [ci95(_paired([r for r in sub if r["flops_reduction"] == f],
+                                      "test_top1", arm, "plain")) for f, _ in pts]
                 xs = [100 * f + (i - 2) * 0.6 for f, _ in pts]
                 axd.errorbar(xs, [s["mean"] for s in diffs], yerr=[s["ci95"] or 0 for s in diffs],
                              marker="o", capsize=3, ls="none", color=f"C{i}", label=f"{arm} − plain")

@@ -159,3 +159,61 @@ def test_shipped_config_resolves():
     cfg = study.run_config(settings, "eurosat", 3, 0.9, {"partners": False, "distill": True}, "kd")
     assert cfg.distill and not cfg.partners and cfg.select == "best" and cfg.val_ratio == 0.1
     assert cfg.baseline.endswith("eurosat/seed3/baseline/best.pt")
+
+
+def test_arms_setting_picks_the_study_arms_and_refuses_a_study_without_plain(tmp_path):
+    study = _load_script()
+    base = {"datasets": {"imagefolder": {"data_root": str(tmp_path), "image_size": 16}},
+            "reductions": [0.5, 0.9]}
+
+    def settings_with(arms):
+        path = tmp_path / "s.yaml"
+        path.write_text(json.dumps(dict(base, arms=arms)))
+        return study.load_settings(path)
+
+    runs = study._study_runs(settings_with(["plain", "bpl"]), "preserve", "imagefolder", 0)
+    assert [(arm, Path(cfg.out).name) for arm, cfg in runs] == [
+        ("plain", "plain"), ("bpl", "bpl-preserve")] * 2
+    assert len(study._study_runs(settings_with(list(study.ARMS)), "split", "imagefolder", 0)) == 8
+    for bad in (["bpl", "kd"], ["plain", "distill"], []):
+        with pytest.raises(study.BPLError, match="arms must be"):
+            settings_with(bad)
+
+
+def test_long_finetune_config_resolves():
+    study = _load_script()
+    path = SCRIPT.parent / "configs" / "recovery_long_cpu.yaml"
+    long, main = study.load_settings(path), study.load_settings(study.DEFAULT_CONFIG)
+    # the same baselines as the main study (its run directories can be linked in) ...
+    assert (study._protocol(study.run_config(long, "ucm", 0))
+            == study._protocol(study.run_config(main, "ucm", 0)))
+    # ... and the same fine-tuning but four times as long
+    assert long["finetune_epochs"] == 4 * main["finetune_epochs"]
+    name, fields = study.arm_fields(long, "bpl", long["bpl_variant"])
+    cfg = study.run_config(long, "ucm", 0, 0.9, fields, name)
+    ref = study._protocol(study.run_config(main, "ucm", 0, 0.9, fields, name))
+    assert study._protocol(cfg) == dict(ref, epochs=cfg.epochs)
+
+
+def test_plot_draws_each_reductions_own_paired_difference(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    study = _load_script()
+    rows = []
+    for seed in (0, 1, 2):
+        for f, gain in ((0.5, 1.0), (0.9, 3.0)):
+            for arm, top1 in (("plain", 70.0 + seed), ("bpl", 70.0 + seed + gain)):
+                rows.append({"dataset": "d", "seed": seed, "flops_reduction": f, "arm": arm,
+                             "test_top1": top1, "macs": 1e6 * (1 - f),
+                             "baseline_test_top1": 80.0})
+    drawn = {}
+    errorbar = Axes.errorbar
+
+    def keep(ax, x, y, *args, **kwargs):
+        drawn[kwargs.get("label")] = list(y)
+        return errorbar(ax, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", keep)
+    study.plot(rows, tmp_path / "plot.png")
+    assert drawn["bpl − plain"] == pytest.approx([1.0, 3.0])  # not one pooled value twice
+    assert (tmp_path / "plot.png").stat().st_size > 0
