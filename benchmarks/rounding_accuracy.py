@@ -3,8 +3,10 @@
 A side arm of the recovery study (``recovery_study.py``, whose protocol keeps
 ``round_to: null``): the ``plain`` arm again, pruned with ``round_to=8``, from the same
 baseline, seed, split and data order, compared with the study's own ``plain`` run of
-the same seed and reduction. Only seeds whose baseline has finished are run; records
-go beside the study's, so a rerun skips what is done and a later session resumes.
+the same seed and reduction. Only seeds whose baseline checkpoint is at hand are run;
+records go beside the study's, so a rerun skips what is done and a later session resumes.
+The report always aggregates every recorded pair of the study's seeds, whichever
+``--seeds`` ran (a fresh checkout reports from the committed records alone).
 
     python benchmarks/rounding_accuracy.py [--seeds 0 1 2] [--reductions 0.74 0.9]
     python benchmarks/rounding_accuracy.py --report    # aggregate, run nothing
@@ -31,14 +33,17 @@ ARM = "plain-r8"
 
 def pairs(settings: dict, seeds: list[int], reductions: list[float], *, execute: bool,
           fmt: logging.Formatter) -> list[dict]:
-    """Rows for every (dataset, seed, reduction) whose both runs exist (running the r8 one)."""
+    """Rows for every (dataset, seed, reduction) whose both runs are recorded; with
+    ``execute``, the missing round_to=8 runs are run first where the baseline's checkpoint
+    is at hand (the baselines are the study's to train)."""
     rows = []
     for dataset in settings["datasets"]:
         for seed in seeds:
             base_cfg = study.run_config(settings, dataset, seed)
             base = study.load_record(settings, base_cfg)
-            if base is None or not (Path(base_cfg.out) / "best.pt").exists():
-                continue  # this seed's baseline is the study's to train
+            if base is None:
+                continue
+            trained = (Path(base_cfg.out) / "best.pt").exists()
             for reduction in reductions:
                 plain_cfg = study.run_config(settings, dataset, seed, reduction,
                                              {"partners": False, "distill": False}, "plain")
@@ -46,7 +51,7 @@ def pairs(settings: dict, seeds: list[int], reductions: list[float], *, execute:
                 cfg = study.run_config(settings, dataset, seed, reduction,
                                        {"partners": False, "distill": False, "round_to": 8}, ARM)
                 record = study.load_record(settings, cfg)
-                if record is None and execute:
+                if record is None and execute and trained:
                     record = study.run(settings, cfg, fmt=fmt, progress=False)
                 if record is None or plain is None:
                     continue
@@ -93,20 +98,23 @@ def report(settings: dict, rows: list[dict]) -> str:
     return text
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(study.DEFAULT_CONFIG))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--seeds", type=int, nargs="+",
+                    help="run only these seeds (default: the study's); the report has them all")
     ap.add_argument("--reductions", type=float, nargs="+", default=[0.74, 0.9])
     ap.add_argument("--report", action="store_true", help="aggregate finished runs only")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     settings = study.load_settings(args.config)
     if settings.get("threads"):
         torch.set_num_threads(int(settings["threads"]))
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     with log_to(Path(settings["out"]) / "rounding.log", fmt):
-        rows = pairs(settings, args.seeds, args.reductions, execute=not args.report, fmt=fmt)
+        if not args.report:
+            pairs(settings, args.seeds or settings["seeds"], args.reductions, execute=True, fmt=fmt)
+        rows = pairs(settings, settings["seeds"], args.reductions, execute=False, fmt=fmt)
     print(report(settings, rows))
     return 0
 

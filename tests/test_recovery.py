@@ -217,3 +217,48 @@ def test_plot_draws_each_reductions_own_paired_difference(tmp_path, monkeypatch)
     study.plot(rows, tmp_path / "plot.png")
     assert drawn["bpl − plain"] == pytest.approx([1.0, 3.0])  # not one pooled value twice
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_rounding_report_aggregates_every_recorded_seed_whichever_seeds_ran(tmp_path,
+                                                                          monkeypatch):
+    study = _load_script()
+    spec = importlib.util.spec_from_file_location("rounding_accuracy",
+                                                  SCRIPT.parent / "rounding_accuracy.py")
+    rounding = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rounding)
+    config = tmp_path / "s.yaml"
+    config.write_text(json.dumps({
+        "out": str(tmp_path / "runs"), "results": str(tmp_path / "res"), "seeds": [0, 1, 2],
+        "datasets": {"imagefolder": {"data_root": str(tmp_path), "image_size": 16}}}))
+    missing_r8 = {1, 2}  # seed 1 has no baseline checkpoint here; seed 2 has one
+    (tmp_path / "runs" / "imagefolder" / "seed2" / "baseline").mkdir(parents=True)
+    (tmp_path / "runs" / "imagefolder" / "seed2" / "baseline" / "best.pt").write_bytes(b"")
+    ran = []
+
+    def load_record(settings, cfg):
+        if Path(cfg.out).name == rounding.ARM and cfg.seed in missing_r8:
+            return None
+        return {"seed": cfg.seed}
+
+    def run(settings, cfg, **kwargs):
+        ran.append(cfg.seed)
+        missing_r8.discard(cfg.seed)
+        return {"seed": cfg.seed}
+
+    def row(settings, cfg, arm, record, base):
+        gain = 1.0 if arm == rounding.ARM else 0.0
+        return {"macs": 1e6, "test_top1": 80.0 + cfg.seed + gain, "val_top1": 70.0 + gain}
+
+    monkeypatch.setattr(study, "load_record", load_record)
+    monkeypatch.setattr(study, "run", run)
+    monkeypatch.setattr(study, "row", row)
+    monkeypatch.setattr(rounding, "study", study)
+    assert rounding.main(["--config", str(config), "--seeds", "1", "2",
+                          "--reductions", "0.9"]) == 0
+    assert ran == [2]  # seed 1's baseline checkpoint is not here: not run
+    md = (tmp_path / "res" / "rounding.md").read_text()
+    assert "| imagefolder | 90% | 1.0 / 1.0 | +1.00 ± 0.00 (2) | +1.00 ± 0.00 (2) |" in md
+    rows = list(csv.DictReader((tmp_path / "res" / "rounding.csv").open()))
+    assert sorted(r["seed"] for r in rows) == ["0", "2"]  # seed 0 ran before, not this time
+    assert rounding.main(["--config", str(config), "--report", "--reductions", "0.9"]) == 0
+    assert ran == [2] and (tmp_path / "res" / "rounding.md").read_text() == md
