@@ -101,6 +101,7 @@ DEFAULTS: dict[str, Any] = {
     "finetune_epochs": 10,
     "bpl_variant": "auto",  # a VARIANTS key, or auto: the pilot's choice
     "arms": list(ARMS),  # the study's arms (a subset of ARMS); plain is always one of them
+    "paired_with": None,  # another study's results folder: report this one against it, run by run
     "pilot": {"seeds": [0, 1], "reduction": 0.9, "variants": list(VARIANTS), "datasets": None},
     "threads": None,
     "common": {},  # bpl Config fields of every run
@@ -168,6 +169,7 @@ def load_settings(path: str | Path | None, smoke: bool = False,
         spec["data_root"] = _repo_path(spec.get("data_root"))
     settings["out"] = _repo_path(settings["out"])
     settings["results"] = _repo_path(settings["results"])
+    settings["paired_with"] = _repo_path(settings["paired_with"])
     return settings
 
 
@@ -430,16 +432,21 @@ def study(settings: dict[str, Any], variant: str, datasets: list[str], *,
 
 
 def finished_rows(settings: dict[str, Any], variant: str | None) -> tuple[list, list]:
-    """(study rows, pilot rows) of every run that has finished, without running anything."""
+    """(study rows, pilot rows) of every run that has finished, without running anything.
+
+    There are pilot rows only when the settings choose the variant by pilot
+    (``bpl_variant: auto``); with a fixed variant no pilot ran, and the study's own runs
+    at the pilot's reduction must not be reported as one."""
     study_rows, pilot_rows = [], []
     p = settings["pilot"]
+    piloted = settings["bpl_variant"] == "auto"
     for dataset in settings["datasets"]:
-        for seed in sorted(set(settings["seeds"]) | set(p["seeds"])):
+        for seed in sorted(set(settings["seeds"]) | (set(p["seeds"]) if piloted else set())):
             base = load_record(settings, run_config(settings, dataset, seed))
             if base is None:
                 continue
             groups = []
-            if dataset in p["datasets"] and seed in p["seeds"]:
+            if piloted and dataset in p["datasets"] and seed in p["seeds"]:
                 groups.append((pilot_rows, _pilot_runs(settings, dataset, seed)))
             if variant is not None and seed in settings["seeds"]:
                 groups.append((study_rows, _study_runs(settings, variant, dataset, seed)))
@@ -584,6 +591,38 @@ def summarize(rows: list[dict[str, Any]], pilot_rows: list[dict[str, Any]],
     return out
 
 
+def against_other(rows: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (dataset, reduction, arm): this study's run minus the other study's run of the same
+    dataset, seed, reduction and arm (the same baseline and pruned model when the two share
+    their baselines), test and validation top-1."""
+    theirs = {(r["dataset"], int(r["seed"]), float(r["flops_reduction"]), r["arm"]): r
+              for r in other}
+    out: dict[str, Any] = {}
+    for r in rows:
+        mine = theirs.get((r["dataset"], int(r["seed"]), float(r["flops_reduction"]), r["arm"]))
+        if mine is None:
+            continue
+        cell = out.setdefault(f"{r['dataset']}/{_pct(r['flops_reduction'])}/{r['arm']}",
+                              {"test_top1": [], "val_top1": []})
+        for key in cell:
+            cell[key].append(float(r[key]) - float(mine[key]))
+    return {k: {key: ci95(v) for key, v in cell.items()} for k, cell in out.items()}
+
+
+def _against_lines(settings: dict[str, Any], against: dict[str, Any]) -> list[str]:
+    other = Path(settings["paired_with"])
+    where = other.relative_to(REPO) if other.is_relative_to(REPO) else other
+    lines = [f"## Against `{where}`, run by run", "",
+             "This study's run minus that study's run of the same dataset, seed, reduction "
+             "and arm, in points (both runs keep their validation-chosen epoch).", "",
+             "| dataset | fewer MACs | arm | test top-1 | val top-1 |", "|---|---:|---|---:|---:|"]
+    for key, st in against.items():
+        d, r, arm = key.split("/")
+        lines.append(f"| {d} | {r[1:]}% | {arm} | {_fmt(dict(st['test_top1'], signed=True))} "
+                     f"| {_fmt(dict(st['val_top1'], signed=True))} |")
+    return lines + [""]
+
+
 def markdown(settings: dict[str, Any], summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"# Recovery study: {settings['arch']}, {', '.join(settings['datasets'])}", "",
              "Mean over seeds ± half-width of the 95% confidence interval (t distribution), "
@@ -621,6 +660,8 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], rows: list[dict[
             lines.append(f"Chosen for the study's bpl arms: **{summary['choice']['variant']}** "
                          "(best mean paired validation difference against plain, all pilot "
                          "datasets and seeds together).")
+    if summary.get("against"):
+        lines += [""] + _against_lines(settings, summary["against"])
     lines += ["", f"{len(rows)} study runs.", ""]
     return "\n".join(lines)
 
@@ -668,6 +709,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         axd.axhline(0, color="0.4", lw=1)
+        ticks = [100 * f for f in reductions]  # the arms sit side by side around each tick
+        axd.set_xticks(ticks, [f"{t:.0f}" for t in ticks])
+        axd.set_xlim(min(ticks) - 4, max(ticks) + 4)
         axd.set_title(f"{d}: paired difference against plain pruning")
         axd.set_xlabel("MACs removed (%)")
         axd.set_ylabel("test top-1 difference (points)")
@@ -684,12 +728,19 @@ def write_results(settings: dict[str, Any], rows: list[dict[str, Any]],
     res.mkdir(parents=True, exist_ok=True)
     for name, rs in (("results.csv", rows), ("pilot.csv", pilot_rows)):
         if not rs:
+            (res / name).unlink(missing_ok=True)  # never a stale file beside fresh results
             continue
         with (res / name).open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rs for k in r)))
             writer.writeheader()
             writer.writerows(rs)
     summary = summarize(rows, pilot_rows, choice)
+    if settings.get("paired_with"):
+        other = Path(settings["paired_with"]) / "results.csv"
+        if not other.is_file():
+            raise BPLError(f"paired_with: {other} not found; run that study's --report first")
+        with other.open(newline="") as fh:
+            summary["against"] = against_other(rows, list(csv.DictReader(fh)))
     write_json(res / "results.json", {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "settings": settings, "machine": machine(), "summary": summary,

@@ -205,8 +205,12 @@ def test_written_files_follow_the_umask(trained):
         assert (trained / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
-def test_the_compress_report_can_be_trusted(trained, tmp_path, monkeypatch):
+def test_the_compress_report_can_be_trusted(trained, tmp_path, monkeypatch, caplog):
+    import logging
+
     from matplotlib.figure import Figure
+
+    caplog.set_level(logging.INFO, logger="bpl.pipeline")
 
     figures: dict[str, Figure] = {}
     save = Figure.savefig
@@ -225,6 +229,10 @@ def test_the_compress_report_can_be_trusted(trained, tmp_path, monkeypatch):
     assert 0 <= pruned["test_top1"] <= 100 and 0 <= pruned["val_top1"] <= 100
     assert "| right after pruning | +0 |" in report and "| baseline | 1 |" in report
     assert "--no-partners" in report
+    # the tool says what bpl's study measured: partners cost time and did not beat plain
+    assert "docs/results.md" in report and "length of the fine-tuning" in report
+    assert any("recovery study" in r.getMessage() and "--no-partners" in r.getMessage()
+               for r in caplog.records if r.name == "bpl.pipeline")
     assert "| class1 |" in report and "confusion.png" in report and (out / "confusion.png").exists()
     assert set(figures) == {"curves.png", "accuracy_vs_macs.png", "confusion.png"}
     for name, fig in figures.items():
@@ -341,3 +349,20 @@ def test_a_figure_that_fails_costs_the_figure_not_the_run(tmp_path, monkeypatch,
     bpl.report.write_report(tmp_path, {"command": "train", "history": history})
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "report.md").exists()
     assert not (tmp_path / "curves.png").exists() and "plots skipped" in caplog.text
+
+
+def test_a_compress_report_below_the_baseline_says_what_measurably_helped(tmp_path):
+    from bpl.report import write_report
+
+    def report(base_val: float, kept_val: float) -> str:
+        write_report(tmp_path, {
+            "command": "compress", "config": {"arch": "resnet18", "epochs": 10},
+            "baseline": {"val_top1": base_val, "top1": 80.0}, "baseline_epochs": 40,
+            "final": {"top1": 75.0},
+            "selected": {"epoch": 8, "of": 10, "why": "best validation", "val_top1": kept_val}})
+        return (tmp_path / "report.md").read_text()
+
+    low = report(84.0, 79.5)
+    assert "4.5 points below the baseline on validation" in low
+    assert "`--epochs 40`" in low and "smaller `--flops-reduction`" in low
+    assert "below the baseline on validation" not in report(84.0, 83.5)  # within a point

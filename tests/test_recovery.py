@@ -189,6 +189,7 @@ def test_long_finetune_config_resolves():
             == study._protocol(study.run_config(main, "ucm", 0)))
     # ... and the same fine-tuning but four times as long
     assert long["finetune_epochs"] == 4 * main["finetune_epochs"]
+    assert long["paired_with"] == main["results"]
     name, fields = study.arm_fields(long, "bpl", long["bpl_variant"])
     cfg = study.run_config(long, "ucm", 0, 0.9, fields, name)
     ref = study._protocol(study.run_config(main, "ucm", 0, 0.9, fields, name))
@@ -262,3 +263,33 @@ def test_rounding_report_aggregates_every_recorded_seed_whichever_seeds_ran(tmp_
     assert sorted(r["seed"] for r in rows) == ["0", "2"]  # seed 0 ran before, not this time
     assert rounding.main(["--config", str(config), "--report", "--reductions", "0.9"]) == 0
     assert ran == [2] and (tmp_path / "res" / "rounding.md").read_text() == md
+
+
+def test_a_fixed_variant_reports_no_pilot(tmp_path, monkeypatch):
+    study = _load_script()
+    monkeypatch.setattr(study, "load_record", lambda settings, cfg: {"seed": cfg.seed})
+    monkeypatch.setattr(study, "row", lambda settings, cfg, name, record, base: {"arm": name})
+    path = tmp_path / "s.yaml"
+    spec = {"datasets": {"imagefolder": {"data_root": str(tmp_path), "image_size": 16}},
+            "seeds": [0, 1], "reductions": [0.9], "arms": ["plain", "bpl"]}
+    path.write_text(json.dumps(dict(spec, bpl_variant="preserve")))
+    rows, pilot_rows = study.finished_rows(study.load_settings(path), "preserve")
+    assert [r["arm"] for r in rows] == ["plain", "bpl"] * 2 and pilot_rows == []
+    path.write_text(json.dumps(spec))  # auto: the pilot's variants at its seeds
+    rows, pilot_rows = study.finished_rows(study.load_settings(path), "preserve")
+    assert len(rows) == 4 and len(pilot_rows) == 2 * (1 + len(study.VARIANTS))
+
+
+def test_against_other_pairs_run_by_run():
+    study = _load_script()
+    mine = [{"dataset": "d", "seed": s, "flops_reduction": 0.9, "arm": "plain",
+             "test_top1": 80.0 + s + 2, "val_top1": 70.0 + 1} for s in (0, 1, 2)]
+    # the other study's results.csv as csv.DictReader gives it: strings, one extra seed
+    theirs = [{"dataset": "d", "seed": str(s), "flops_reduction": "0.9", "arm": "plain",
+               "test_top1": str(80.0 + s), "val_top1": "70.0"} for s in (0, 1, 2, 3)]
+    got = study.against_other(mine, theirs)
+    assert list(got) == ["d/r90/plain"]
+    assert got["d/r90/plain"]["test_top1"]["mean"] == pytest.approx(2.0)
+    assert got["d/r90/plain"]["test_top1"]["n"] == 3
+    assert got["d/r90/plain"]["val_top1"]["mean"] == pytest.approx(1.0)
+    assert study.against_other(mine, [dict(theirs[0], arm="kd")]) == {}

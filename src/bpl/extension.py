@@ -227,7 +227,9 @@ def extend(
     ``init`` says how the partners start: ``"preserve"`` (partner scale 0) and
     ``"split"`` (a copy of the block, scales split ``1 - share`` / ``share``) leave the
     model's output exactly as it was; ``"paper"`` is the reference code's start and
-    changes it. ``one_conv`` runs each conv->BN partner as one conv over the stacked
+    changes it. The defaults (3x3/5x5, ``"preserve"``) are what bpl's recovery study chose
+    on its validation split (docs/results.md), where no partner variant beat plain
+    fine-tuning of the pruned model beyond its 95% interval. ``one_conv`` runs each conv->BN partner as one conv over the stacked
     kernels and one BN over both halves (:attr:`~bpl.partner.PartnerBlock.one_conv`; the
     same function, parameters and fold; off by default: it was not faster on the CPU).
     The report of what was extended (and of which kind) and skipped is

@@ -327,6 +327,10 @@ def _compress(
         hooks.append(SoftPruner(student, example, flops_reduction=cfg.flops_reduction,
                                 every=cfg.soft_every, importance=cfg.importance,
                                 round_to=cfg.round_to))
+    if partner_blocks(student) and state is None and main:
+        log.info("partners: each training step costs 1.1-1.8x a --no-partners step; in bpl's "
+                 "recovery study (docs/results.md) they were no more accurate than plain "
+                 "fine-tuning (--no-partners); more --epochs was what won accuracy back")
     terms: dict[str, LossTerm] = {}
     if partner_blocks(student) and cfg.diversity_weight > 0:
         weight, granularity = cfg.diversity_weight, cfg.granularity
