@@ -190,6 +190,10 @@ def test_long_finetune_config_resolves():
     # ... and the same fine-tuning but four times as long
     assert long["finetune_epochs"] == 4 * main["finetune_epochs"]
     assert long["paired_with"] == main["results"]
+    assert long["datasets"] == main["datasets"]
+    for dataset in long["datasets"]:
+        assert (study._protocol(study.run_config(long, dataset, 4))
+                == study._protocol(study.run_config(main, dataset, 4)))
     name, fields = study.arm_fields(long, "bpl", long["bpl_variant"])
     cfg = study.run_config(long, "ucm", 0, 0.9, fields, name)
     ref = study._protocol(study.run_config(main, "ucm", 0, 0.9, fields, name))
