@@ -297,3 +297,17 @@ def test_against_other_pairs_run_by_run():
     assert got["d/r90/plain"]["test_top1"]["n"] == 3
     assert got["d/r90/plain"]["val_top1"]["mean"] == pytest.approx(1.0)
     assert study.against_other(mine, [dict(theirs[0], arm="kd")]) == {}
+
+
+def test_long_paper_probe_shares_the_long_probes_plain_runs():
+    study = _load_script()
+    configs = SCRIPT.parent / "configs"
+    long = study.load_settings(configs / "recovery_long_cpu.yaml")
+    paper = study.load_settings(configs / "recovery_long_paper_cpu.yaml")
+    assert paper["bpl_variant"] == "paper" and paper["paired_with"] == long["results"]
+    for dataset in long["datasets"]:
+        name, fields = study.arm_fields(paper, "plain", paper["bpl_variant"])
+        mine = study.run_config(paper, dataset, 2, 0.9, fields, name)
+        assert mine.to_dict() == study.run_config(long, dataset, 2, 0.9, fields, name).to_dict()
+        name, fields = study.arm_fields(paper, "bpl", paper["bpl_variant"])
+        assert study.run_config(paper, dataset, 2, 0.9, fields, name).init == "paper"
