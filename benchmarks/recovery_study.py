@@ -724,6 +724,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def write_results(settings: dict[str, Any], rows: list[dict[str, Any]],
                   pilot_rows: list[dict[str, Any]], choice: dict[str, Any] | None) -> None:
+    other = Path(settings["paired_with"]) / "results.csv" if settings.get("paired_with") else None
+    if other is not None and not other.is_file():  # checked before any file is written
+        raise BPLError(f"paired_with: {other} not found; run that study's --report first")
     res = Path(settings["results"])
     res.mkdir(parents=True, exist_ok=True)
     for name, rs in (("results.csv", rows), ("pilot.csv", pilot_rows)):
@@ -735,10 +738,7 @@ def write_results(settings: dict[str, Any], rows: list[dict[str, Any]],
             writer.writeheader()
             writer.writerows(rs)
     summary = summarize(rows, pilot_rows, choice)
-    if settings.get("paired_with"):
-        other = Path(settings["paired_with"]) / "results.csv"
-        if not other.is_file():
-            raise BPLError(f"paired_with: {other} not found; run that study's --report first")
+    if other is not None:
         with other.open(newline="") as fh:
             summary["against"] = against_other(rows, list(csv.DictReader(fh)))
     write_json(res / "results.json", {

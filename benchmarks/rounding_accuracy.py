@@ -86,9 +86,8 @@ def report(settings: dict, rows: list[dict]) -> str:
                 continue
 
             def cell(key: str, sub: list[dict] = sub) -> str:
-                c = study.ci95([r[f"{key}_r8"] - r[f"{key}_plain"] for r in sub])
-                half = f" ± {c['ci95']:.2f}" if c["ci95"] is not None else ""
-                return f"{c['mean']:+.2f}{half} ({c['n']})"
+                diffs = [r[f"{key}_r8"] - r[f"{key}_plain"] for r in sub]
+                return study._fmt(dict(study.ci95(diffs), signed=True))
 
             macs = f"{sub[0]['macs_plain'] / 1e6:.1f} / {sub[0]['macs_r8'] / 1e6:.1f}"
             lines.append(f"| {dataset} | {100 * reduction:.0f}% | {macs} | {cell('test_top1')} "
