@@ -8,7 +8,9 @@ models then run, interleaved in one ``bpl.compare_latency`` call per batch size,
 - ``eager``: the model as it is, NCHW, BatchNorm unfolded (``model(x)``);
 - ``deploy``: :func:`bpl.exporting.deploy_form` (BN folded, channels_last), what
   `bpl predict` runs and `bpl export --format torchscript` writes;
-- ``onnxruntime``: the parity-checked ONNX export (BN folded) in onnxruntime.
+- ``onnxruntime``: the parity-checked ONNX export (BN folded) in onnxruntime;
+- ``deploy_bf16`` (asked with ``--forms``): the deploy form under bfloat16 autocast,
+  timed beside ``deploy`` to see whether bf16 inference pays (issue 25).
 
 The fraction of ideal is (baseline latency / pruned latency) / (baseline MACs / pruned
 MACs), each runtime against the baseline in the same runtime. Results go to
@@ -20,6 +22,11 @@ fractions, not the milliseconds, and say so.
     python benchmarks/bench_deploy.py --quick          # resnet18, 64 px, 74%: minutes
     python benchmarks/bench_deploy.py                  # the full table: hours on 2 cores
     python benchmarks/bench_deploy.py --models resnet50 --sizes 224 --reductions 0.74
+    python benchmarks/bench_deploy.py --forms deploy deploy_bf16 --name deploy_bf16 \
+        --agreement runs/precision_fp32/ucm/seed0/r90/plain ...   # bf16 inference: speed, top-1
+
+``--agreement RUN_DIR...`` evaluates each run's ``deploy.pt`` on its validation split in the
+deploy form, fp32 and bf16, and counts the predictions that agree.
 """
 
 from __future__ import annotations
@@ -39,7 +46,19 @@ from bpl.exporting import deploy_form, onnx_module
 from bpl.profiling import FAST_MULTIPLE, conv_widths
 from common import RESULTS, load_average, machine, write_results
 
-FORMS = ("eager", "deploy", "onnxruntime")
+FORMS = ("eager", "deploy", "onnxruntime", "deploy_bf16")
+
+
+class Bf16(torch.nn.Module):
+    """``model`` under bfloat16 autocast, float32 out: the deploy form in bf16."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x).float()
 
 
 def _key(row: dict) -> tuple:
@@ -150,6 +169,8 @@ def measure(arch: str, size: int, args: argparse.Namespace, done: set[tuple]) ->
             runners[(name, "eager")] = model
         if "deploy" in args.forms:
             runners[(name, "deploy")] = deploy_form(model)
+        if "deploy_bf16" in args.forms:
+            runners[(name, "deploy_bf16")] = Bf16(deploy_form(model))
         if "onnxruntime" in args.forms:
             try:
                 runners[(name, "onnxruntime")] = onnx_module(model, x, threads=args.threads)
@@ -216,7 +237,49 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
         first = next(r for r in rows if (r["model"], r["size"], r["reduction"]) == (arch, size, red))
         lines.append(f"| {arch} | {size} | {100 * first['achieved_reduction']:.1f}% | "
                      f"{first['round_to'] or 1} | {bs} | " + " | ".join(cells) + " |")
+    if "deploy" in forms and "deploy_bf16" in forms:
+        lines += ["", "bf16 inference: deploy-form time in fp32 / in bf16 (above 1: bf16 faster)",
+                  "", "| model | px | MACs removed | batch | unpruned | pruned |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for arch, size, red, bs in seen:
+            a, b = by.get((arch, size, bs, red, "deploy")), by.get((arch, size, bs, red, "deploy_bf16"))
+            if a and b:
+                lines.append(f"| {arch} | {size} | {100 * a['achieved_reduction']:.1f}% | {bs} | "
+                             f"{a['baseline_ms'] / b['baseline_ms']:.2f}x | "
+                             f"{a['pruned_ms'] / b['pruned_ms']:.2f}x |")
+    if meta.get("agreement"):
+        lines += ["", "bf16 against fp32 on the validation split (deploy form):", "",
+                  "| run | images | fp32 top-1 | bf16 top-1 | same prediction |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in meta["agreement"]:
+            lines.append(f"| {r['run']} | {r['images']} | {r['fp32_top1']:.2f} | "
+                         f"{r['bf16_top1']:.2f} | {r['agree']:.2f}% |")
     return "\n".join(lines) + "\n"
+
+
+@torch.inference_mode()
+def agreement(run_dir: str) -> dict:
+    """Top-1 of a run's deploy.pt on its validation split in the deploy form, fp32 and bf16,
+    and the share of images both predict alike."""
+    from bpl.data import load_dataset
+    from bpl.models import load_model
+
+    model, meta = load_model(f"{run_dir}/deploy.pt")
+    data = load_dataset(meta.get("data", "imagefolder"), meta.get("data_root"),
+                        image_size=meta["image_size"], split_file=f"{run_dir}/split.json",
+                        progress=False)
+    fp32 = deploy_form(model)
+    bf16 = Bf16(fp32)
+    labels, preds = [], {"fp32": [], "bf16": []}
+    for x, y in torch.utils.data.DataLoader(data.val, batch_size=64):
+        labels.append(y)
+        preds["fp32"].append(fp32(x).argmax(1))
+        preds["bf16"].append(bf16(x).argmax(1))
+    y = torch.cat(labels)
+    a, b = torch.cat(preds["fp32"]), torch.cat(preds["bf16"])
+    return {"run": run_dir, "images": len(y), "fp32_top1": 100 * (a == y).float().mean().item(),
+            "bf16_top1": 100 * (b == y).float().mean().item(),
+            "agree": 100 * (a == b).float().mean().item()}
 
 
 def main() -> None:
@@ -227,7 +290,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 224])
     ap.add_argument("--reductions", type=float, nargs="+", default=[0.5, 0.74, 0.9])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS))
+    ap.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS[:3]))
+    ap.add_argument("--agreement", nargs="+", metavar="RUN_DIR",
+                    help="bf16 against fp32 top-1 of these runs' deploy.pt on their validation split")
     ap.add_argument("--round-to", type=int, default=8, help="as bpl.prune (1: no rounding)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--classes", type=int, default=1000)
@@ -264,6 +329,11 @@ def main() -> None:
         torch.set_num_threads(1)
         print(explain(arch, int(size), int(batch), float(reduction), args.round_to))
         return
+    if args.agreement:
+        torch.set_num_threads(args.threads)
+        meta["agreement"] = [agreement(run) for run in args.agreement]
+        for r in meta["agreement"]:
+            print(r, flush=True)
     if args.table:
         write_results(name, old, markdown(rows, old["meta"], command))
         return

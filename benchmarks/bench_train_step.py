@@ -18,12 +18,25 @@ gradients, momentum and activations).
 
     python benchmarks/bench_train_step.py            # full: every config above
     python benchmarks/bench_train_step.py --quick    # batch 8 only, 3 steps
+
+With ``--precision`` (issue 25) it times instead every arm (plain, BPL two-conv, BPL
+one-conv, distillation from the unpruned model) in fp32 and bf16 autocast, each NCHW and
+channels_last, interleaved, on resnet18 at 64 px (batch 64) and resnet50 at 224 px
+(batch 16), unpruned and pruned to 74%: the step exactly as ``bpl.engine`` runs it
+(:class:`bpl.precision.Precision`). ``--command-data DIR`` adds whole ``bpl train`` runs
+of resnet50 at 128 and 224 px with the defaults against ``--no-amp`` (images/s of the
+last epoch), alternated, and the defaults with oneDNN held below AMX
+(``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``), which must fall back to fp32.
+
+    python benchmarks/bench_train_step.py --precision --command-data ../shared/data/ucmerced
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
 import subprocess
 import sys
@@ -37,8 +50,10 @@ import torchvision
 from torch import nn
 
 import bpl
-from bpl.engine import check_compile
-from common import machine, write_results
+from bpl.distill import Distillation
+from bpl.engine import Step, check_compile
+from bpl.precision import Precision, cpu_bf16
+from common import load_average, machine, write_results
 
 R = 0.7397  # the paper's ResNet-50 reduction on UC Merced ("74%")
 NUM_CLASSES = 21
@@ -221,6 +236,170 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- precision
+
+PRECISIONS = {  # name -> (autocast dtype, channels_last)
+    "fp32": (None, False), "fp32_cl": (None, True),
+    "bf16": (torch.bfloat16, False), "bf16_cl": (torch.bfloat16, True),
+}
+PRECISION_CONFIGS = [("resnet18", 64, 64), ("resnet50", 224, 16)]  # arch, size, batch
+
+
+def engine_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: Precision,
+                terms: list) -> Callable[[], None]:
+    """One training step as ``bpl.engine`` runs it: inputs in the run's memory format, the
+    forward and cross-entropy under its autocast, the loss terms after, SGD."""
+    if precision.channels_last:
+        model.to(memory_format=torch.channels_last)
+    x = precision.prepare(x)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    model.train()
+
+    def step() -> None:
+        with precision.autocast():
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
+        loss = loss.float()
+        for term in terms:
+            loss = loss + term(Step(model, x, y, logits, precision.autocast)).float()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def measure_precision(arch: str, reduction: float, batch: int, size: int, steps: int,
+                      warmup: int) -> dict:
+    """Median step time of every (arm, precision) of one config, all interleaved."""
+    base = plain_model(arch, 0.0, size)
+    pruned = plain_model(arch, reduction, size) if reduction else base
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, NUM_CLASSES, (batch,))
+
+    def div(step: Step) -> torch.Tensor:
+        return bpl.diversity_loss(step.model)
+
+    arms: dict[str, Callable[[], None]] = {}
+    for pname, (dtype, cl) in PRECISIONS.items():
+        p = Precision(dtype, cl, "cpu", "benchmark")
+        arms[f"plain/{pname}"] = engine_step(copy.deepcopy(pruned), x, y, p, [])
+        arms[f"bpl_two_conv/{pname}"] = engine_step(student(pruned, False), x, y, p, [div])
+        arms[f"bpl_one_conv/{pname}"] = engine_step(student(pruned, True), x, y, p, [div])
+        arms[f"kd/{pname}"] = engine_step(copy.deepcopy(pruned), x, y, p, [Distillation(base)])
+    for _ in range(warmup):
+        for fn in arms.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    names = list(arms)
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            times[name].append(timed(arms[name]))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    speedup = {k: med[f"{k.split('/')[0]}/fp32"] / v for k, v in med.items()}
+    return {"arch": arch, "flops_reduction": reduction, "batch": batch, "size": size,
+            "median_step_s": med, "speedup_over_fp32": speedup,
+            "images_per_s": {k: batch / v for k, v in med.items()}, "raw_s": times}
+
+
+def run_command(data: str, size: int, epochs: int, subset: float, cache: str,
+                extra: list[str], env: dict[str, str]) -> dict:
+    """One `bpl train` of resnet50; images/s of its last epoch and the precision it used."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "bpl", "train", "--data-root", data, "--arch", "resnet50",
+               "--image-size", str(size), "--epochs", str(epochs), "--train-subset", str(subset),
+               "--no-latency", "--quiet", "--cache-dir", cache, "--out", f"{tmp}/run", *extra]
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, **env})
+        metrics = json.loads(Path(f"{tmp}/run/metrics.json").read_text())
+    return {"images_per_s": metrics["history"][-1]["images_per_s"],
+            "precision": metrics["precision"][-1]}
+
+
+def measure_command(data: str, sizes: list[int], pairs: int, epochs: int, subset: float) -> list:
+    """`bpl train` with the defaults against --no-amp (and the defaults on oneDNN held below
+    AMX), alternated ``pairs`` times per size; medians of the last epoch's images/s."""
+    arms = {"defaults": ([], {}), "no_amp": (["--no-amp"], {}),
+            "defaults_no_amx": ([], {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})}
+    out = []
+    with tempfile.TemporaryDirectory() as cache:
+        for size in sizes:
+            runs: dict[str, list[dict]] = {k: [] for k in arms}
+            for i in range(pairs):
+                for name in list(arms) if i % 2 == 0 else list(arms)[::-1]:
+                    runs[name].append(run_command(data, size, epochs, subset, cache, *arms[name]))
+            med = {k: statistics.median(r["images_per_s"] for r in v) for k, v in runs.items()}
+            out.append({"arch": "resnet50", "size": size, "images_per_s": med,
+                        "precision": {k: v[0]["precision"] for k, v in runs.items()},
+                        "defaults_over_no_amp": med["defaults"] / med["no_amp"],
+                        "no_amx_over_no_amp": med["defaults_no_amx"] / med["no_amp"],
+                        "raw": runs})
+            print(out[-1], flush=True)
+    return out
+
+
+def precision_markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = ["# Training step: bf16 and channels_last against fp32 NCHW", "",
+             f"Machine: {m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}; "
+             f"bf16 detected: {result['bf16_detected']}. {result['steps']} timed steps per arm, "
+             f"medians, every arm and precision interleaved. Load average before: "
+             f"{result['load_average']}. {result['note']}", "",
+             "Speed-up over the same arm in fp32 NCHW (step time in brackets):", "",
+             "| model | MACs cut | batch | arm | fp32 | fp32 channels_last | bf16 "
+             "| bf16 channels_last |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in result["configs"]:
+        for arm in ("plain", "bpl_two_conv", "bpl_one_conv", "kd"):
+            cells = [f"{r['speedup_over_fp32'][f'{arm}/{p}']:.2f}x "
+                     f"({r['median_step_s'][f'{arm}/{p}']:.3f} s)" for p in PRECISIONS]
+            lines.append(f"| {r['arch']} {r['size']} px | {100 * r['flops_reduction']:.0f}% "
+                         f"| {r['batch']} | {arm} | {' | '.join(cells)} |")
+    lines += ["", "BPL / plain step time in each precision (the partners' cost):", "",
+              "| model | MACs cut | " + " | ".join(PRECISIONS) + " |",
+              "|---|---:|" + "---:|" * len(PRECISIONS)]
+    for r in result["configs"]:
+        med = r["median_step_s"]
+        lines.append(f"| {r['arch']} {r['size']} px | {100 * r['flops_reduction']:.0f}% | " + " | ".join(
+            f"{med[f'bpl_two_conv/{p}'] / med[f'plain/{p}']:.2f}x" for p in PRECISIONS) + " |")
+    if result.get("command"):
+        lines += ["", "`bpl train` (resnet50, whole command, images/s of the last epoch, "
+                  "median of the alternated runs):", "",
+                  "| size | defaults | --no-amp | defaults / --no-amp | defaults, oneDNN below "
+                  "AMX | that / --no-amp | precision the defaults chose |",
+                  "|---:|---:|---:|---:|---:|---:|---|"]
+        for c in result["command"]:
+            ips, p = c["images_per_s"], c["precision"]
+            lines.append(f"| {c['size']} | {ips['defaults']:.1f} | {ips['no_amp']:.1f} "
+                         f"| {c['defaults_over_no_amp']:.2f}x | {ips['defaults_no_amx']:.1f} "
+                         f"| {c['no_amx_over_no_amp']:.2f}x | {p['defaults']['autocast']} "
+                         f"{p['defaults']['memory_format']}; below AMX: "
+                         f"{p['defaults_no_amx']['autocast']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main_precision(args: argparse.Namespace) -> None:
+    native, why = cpu_bf16()
+    result = {"steps": args.steps, "note": args.note, "machine": machine(),
+              "bf16_detected": f"{native} ({why})", "load_average": load_average(),
+              "capabilities": {k: v for k, v in torch.cpu.get_capabilities().items()
+                               if "bf16" in k or "amx" in k or k == "avx512_f"},
+              "configs": []}
+    for arch, size, batch in PRECISION_CONFIGS:
+        if arch not in args.archs:
+            continue
+        for reduction in args.reductions:
+            r = measure_precision(arch, reduction, batch, size, args.steps, args.warmup)
+            print({k: v for k, v in r.items() if k != "raw_s"}, flush=True)
+            result["configs"].append(r)
+    if args.command_data:
+        result["command"] = measure_command(args.command_data, args.command_sizes,
+                                            args.command_pairs, 2, args.command_subset)
+    md = precision_markdown(result)
+    path = write_results(args.name or "train_precision", result, md)
+    print(md)
+    print(f"written to {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["resnet50", "resnet18"])
@@ -237,7 +416,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="batch 8 only and 3 steps")
     parser.add_argument("--note", default="", help="a line about the conditions, kept in the results")
     parser.add_argument("--name", default=None, help="results file name (default: train_step[_quick])")
+    parser.add_argument("--precision", action="store_true",
+                        help="fp32/bf16 x NCHW/channels_last instead (results: train_precision)")
+    parser.add_argument("--command-data", metavar="DIR",
+                        help="with --precision: also time `bpl train` on this image folder")
+    parser.add_argument("--command-sizes", nargs="+", type=int, default=[128, 224])
+    parser.add_argument("--command-pairs", type=int, default=2)
+    parser.add_argument("--command-subset", type=float, default=0.2,
+                        help="--train-subset of those runs")
     args = parser.parse_args()
+    if args.precision:
+        main_precision(args)
+        return
     if args.quick:
         args.batches, args.steps = [b for b in args.batches if b == 8] or args.batches[:1], 3
     if args.compile:

@@ -102,6 +102,7 @@ DEFAULTS: dict[str, Any] = {
     "bpl_variant": "auto",  # a VARIANTS key, or auto: the pilot's choice
     "arms": list(ARMS),  # the study's arms (a subset of ARMS); plain is always one of them
     "paired_with": None,  # another study's results folder: report this one against it, run by run
+    "baselines_from": None,  # another study's `out`: use its baselines (linked), train none here
     "pilot": {"seeds": [0, 1], "reduction": 0.9, "variants": list(VARIANTS), "datasets": None},
     "threads": None,
     "common": {},  # bpl Config fields of every run
@@ -170,6 +171,7 @@ def load_settings(path: str | Path | None, smoke: bool = False,
     settings["out"] = _repo_path(settings["out"])
     settings["results"] = _repo_path(settings["results"])
     settings["paired_with"] = _repo_path(settings["paired_with"])
+    settings["baselines_from"] = _repo_path(settings["baselines_from"])
     return settings
 
 
@@ -335,6 +337,7 @@ def row(settings: dict[str, Any], cfg: Config, arm: str, record: dict[str, Any],
         "distill_ms_per_step": statistics.fmean([h["distill_ms_per_step"] for h in history])
         if history and "distill_ms_per_step" in history[0] else None,
         "fusion_error": metrics.get("fusion_error"),
+        "precision": ((metrics.get("precision") or [{}])[-1]).get("autocast"),
         "image_size": cfg.image_size,
         "run_dir": str(Path(cfg.out).relative_to(settings["out"])),
     }
@@ -402,6 +405,8 @@ def _run_seed(settings: dict[str, Any], dataset: str, seed: int,
     recorded fine-tuning runs no longer pair with it: they are discarded and run again.
     """
     todo = [cfg for _, cfg in runs if load_record(settings, cfg) is None]
+    if settings.get("baselines_from"):
+        _link_baseline(settings, dataset, seed)
     base = run(settings, run_config(settings, dataset, seed), fmt=fmt, progress=progress,
                need_checkpoint=bool(todo))
     if base.get("retrained_differs"):
@@ -411,6 +416,20 @@ def _run_seed(settings: dict[str, Any], dataset: str, seed: int,
             record_path(settings, cfg).unlink(missing_ok=True)
     return [row(settings, cfg, name, run(settings, cfg, fmt=fmt, progress=progress), base)
             for name, cfg in runs]
+
+
+def _link_baseline(settings: dict[str, Any], dataset: str, seed: int) -> None:
+    """Link the other study's finished baseline of (dataset, seed) into this one's ``out``, so
+    both fine-tune from the same weights; refuse to go on without it (it is not trained here,
+    where it would be written into the other study's folder)."""
+    theirs = Path(settings["baselines_from"]) / dataset / f"seed{seed}" / "baseline"
+    mine = run_dir(settings, dataset, seed, "baseline")
+    if not (theirs / "metrics.json").exists():
+        raise BPLError(f"baselines_from: {theirs} has no finished baseline; run that study "
+                       f"for seed {seed} first")
+    if not mine.exists():
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        mine.symlink_to(theirs.resolve(), target_is_directory=True)
 
 
 def pilot(settings: dict[str, Any], *, fmt: logging.Formatter,
@@ -716,7 +735,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         axd.set_xlabel("MACs removed (%)")
         axd.set_ylabel("test top-1 difference (points)")
         axd.grid(alpha=0.3)
-        axd.legend(fontsize=8)
+        if axd.get_legend_handles_labels()[0]:  # no paired arm: nothing to label
+            axd.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

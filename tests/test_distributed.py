@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -113,7 +114,7 @@ def _compress_args(baseline: Path, out: Path) -> list:
 def torchrun_run(tmp_path_factory, baseline) -> tuple[Path, str]:
     """An uninterrupted 3-epoch compress under torchrun: its run directory and stdout."""
     root = tmp_path_factory.mktemp("torchrun") / "runs"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", BPL_CPU_BF16="1")  # DDP (gloo) with bf16
     proc = subprocess.run(torchrun(*_compress_args(baseline, root / "bpl"), port=free_port()),
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -130,6 +131,10 @@ def test_torchrun_compress_writes_one_run_and_evaluates_every_image_once(torchru
     assert [h["val_samples"] for h in metrics["history"]] == [n_val] * 3
     assert metrics["final"]["samples"] == n_test
     assert metrics["fusion_error"] <= 1e-5
+    # every rank trained in bf16 autocast with channels_last (forced: on any CPU)
+    assert metrics["precision"] == [{"autocast": "bfloat16", "memory_format": "channels_last",
+                                     "why": "BPL_CPU_BF16=1"}]
+    assert all(math.isfinite(h["train_loss"]) for h in metrics["history"])
 
 
 def _children(pid: int) -> list[int]:
@@ -146,7 +151,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_torchrun_resume_after_the_job_is_stopped(tmp_path, baseline, torchrun_run):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", BPL_CPU_BF16="1")
     out = tmp_path / "run"
     args = _compress_args(baseline, out)
     proc = subprocess.Popen(torchrun(*args, port=free_port()), stdout=subprocess.DEVNULL,

@@ -311,3 +311,53 @@ def test_long_paper_probe_shares_the_long_probes_plain_runs():
         assert mine.to_dict() == study.run_config(long, dataset, 2, 0.9, fields, name).to_dict()
         name, fields = study.arm_fields(paper, "bpl", paper["bpl_variant"])
         assert study.run_config(paper, dataset, 2, 0.9, fields, name).init == "paper"
+
+
+def test_precision_configs_share_baselines_and_differ_only_in_precision():
+    """The bf16 check: the same baselines, pruned models and protocol as the fp32 side,
+    fine-tuned with amp + channels_last instead of pinned fp32 NCHW."""
+    study = _load_script()
+    configs = SCRIPT.parent / "configs"
+    fp32 = study.load_settings(configs / "precision_fp32_cpu.yaml")
+    bf16 = study.load_settings(configs / "precision_bf16_cpu.yaml")
+    assert bf16["baselines_from"] == fp32["out"] and bf16["paired_with"] == fp32["results"]
+    for dataset in fp32["datasets"]:
+        base = study.run_config(fp32, dataset, 3)
+        assert not base.amp and not base.channels_last  # pinned, whatever the defaults
+        assert study._protocol(study.run_config(bf16, dataset, 3)) == study._protocol(base)
+        for arm in ("plain", "bpl"):
+            name, fields = study.arm_fields(fp32, arm, fp32["bpl_variant"])
+            a = study.run_config(fp32, dataset, 3, 0.9, fields, name)
+            b = study.run_config(bf16, dataset, 3, 0.9, fields, name)
+            assert not a.amp and b.amp and b.channels_last
+            assert study._protocol(a) == dict(study._protocol(b), amp=False, channels_last=False)
+
+
+def test_baselines_from_links_the_other_studys_baselines_and_trains_none(tmp_path):
+    study = _load_script()
+    data = _image_folder(tmp_path / "images", classes=3, per_class=8)
+    common = {"arch": "tiny_resnet", "seeds": [0], "reductions": [0.5], "baseline_epochs": 1,
+              "finetune_epochs": 1, "bpl_variant": "preserve", "arms": ["plain"],
+              "datasets": {"imagefolder": {"data_root": str(data), "image_size": 16}},
+              "common": {"batch_size": 8, "device": "cpu", "latency": False, "val_ratio": 0.25}}
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text(json.dumps({**common, "out": str(tmp_path / "a"),
+                                 "results": str(tmp_path / "ra")}))
+    second.write_text(json.dumps({**common, "out": str(tmp_path / "b"),
+                                  "results": str(tmp_path / "rb"),
+                                  "baselines_from": str(tmp_path / "a"),
+                                  "paired_with": str(tmp_path / "ra"),
+                                  "finetune": {"amp": False}}))
+    assert study.main(["--config", str(second), "--quiet"]) == 1  # no baseline there yet
+    assert not (tmp_path / "b" / "imagefolder" / "seed0" / "baseline").exists()
+    assert study.main(["--config", str(first), "--quiet"]) == 0
+    base = tmp_path / "a" / "imagefolder" / "seed0" / "baseline" / "best.pt"
+    before = base.stat().st_mtime_ns
+    assert study.main(["--config", str(second), "--quiet"]) == 0
+    link = tmp_path / "b" / "imagefolder" / "seed0" / "baseline"
+    assert link.is_symlink() and base.stat().st_mtime_ns == before  # linked, not retrained
+    rows = list(csv.DictReader((tmp_path / "rb" / "results.csv").open()))
+    theirs = list(csv.DictReader((tmp_path / "ra" / "results.csv").open()))
+    assert rows[0]["macs"] == theirs[0]["macs"]  # the same pruned model
+    assert rows[0]["precision"] == "float32"
+    assert "Against" in (tmp_path / "rb" / "summary.md").read_text()

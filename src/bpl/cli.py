@@ -85,7 +85,10 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     _flag(g, "device", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--no-amp", dest="amp", action="store_false", default=S,
-                   help="disable mixed precision on CUDA")
+                   help="train in float32: no float16 autocast on CUDA, and no bfloat16 on a CPU "
+                        "with AMX (both on by default; a CPU without AMX trains in float32 anyway)")
+    g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=S,
+                   help="keep tensors NCHW where mixed precision would use channels_last")
     _flag(g, "workers", type=int, help="DataLoader worker processes")
     _flag(g, "sync-bn", action="store_true", help="under torchrun: BatchNorm statistics over all processes")
     _flag(g, "compile", action="store_true",

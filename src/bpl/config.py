@@ -87,8 +87,8 @@ class Config:
     select: str = "best"
     # execution
     device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
+    amp: bool = True  # fp16 on CUDA, bf16 on a CPU with AMX (bpl.precision)
+    channels_last: bool = True  # together with mixed precision
     workers: int = 0
     sync_bn: bool = False
     compile: bool = False
@@ -117,8 +117,9 @@ COMPRESS_ONLY = frozenset({
 #: Fields only `bpl train` reads.
 TRAIN_ONLY = frozenset({"weights", "pretrained"})
 #: What ``--resume`` lets a flag change: none of it alters what the run computes so far.
+#: (A resumed run may also compute in another precision: its checkpoints hold float32 weights.)
 RESUME_SAFE = frozenset({"epochs", "device", "workers", "latency", "cache_dir", "out", "resume",
-                         "compile"})
+                         "compile", "amp", "channels_last"})
 
 
 #: Named recipes; a recipe fills fields before the config file and the flags do.

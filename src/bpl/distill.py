@@ -46,8 +46,8 @@ class Distillation:
     """The distillation loss term of a training step, with a frozen teacher.
 
     The teacher is a private copy, always in eval mode (BatchNorm uses its running
-    statistics), with no gradient; it moves to the inputs' device on first use and runs
-    under the step's autocast, so it follows AMP. Under torchrun each process runs its own
+    statistics), with no gradient; it moves to the inputs' device (and memory format) on
+    first use and runs under the step's autocast, so it follows AMP. Under torchrun each process runs its own
     copy on its own share of the batch, so nothing is synchronised.
     """
 
@@ -64,6 +64,9 @@ class Distillation:
         p = next(self.teacher.parameters())
         if p.device != inputs.device:
             self.teacher.to(inputs.device)
+        if (inputs.dim() == 4 and inputs.shape[1] > 1 and not inputs.is_contiguous()
+                and inputs.is_contiguous(memory_format=torch.channels_last)):
+            self.teacher.to(memory_format=torch.channels_last)  # as the student runs
         self.teacher.eval()
         with torch.no_grad():
             return self.teacher(inputs)

@@ -2,8 +2,9 @@
 
 Loss = cross-entropy + whatever extra loss terms the caller passes (the pipeline passes
 the diversity loss and distillation), SGD with momentum, a per-iteration cosine or step
-schedule with warm-up, AMP and channels_last on CUDA, and epoch hooks (the soft pruner
-is one). After every epoch the model is evaluated on the validation set, the epoch with
+schedule with warm-up, mixed precision and channels_last where the device runs them
+faster (float16 on CUDA, bfloat16 on a CPU with AMX: :mod:`bpl.precision`), and epoch
+hooks (the soft pruner is one). After every epoch the model is evaluated on the validation set, the epoch with
 the best validation top-1 is kept in ``best.pt``, and the whole training state is
 written atomically to ``last.pt``, so a run killed at any point resumes from the last
 complete epoch and ends exactly where an uninterrupted run would have. The test split
@@ -12,6 +13,7 @@ never enters this module: the caller evaluates it once, at the end.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import io
@@ -37,6 +39,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .errors import BPLError, TrainingDiverged
 from .files import atomic_save, atomic_write_text
+from .precision import Precision, choose_precision
 
 __all__ = [
     "EpochHook",
@@ -73,8 +76,8 @@ class TrainSettings:
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
+    amp: bool = True  # mixed precision where it is faster: fp16 on CUDA, bf16 on a CPU with AMX
+    channels_last: bool = True  # with mixed precision (and always on CUDA)
     workers: int = 0
     sync_bn: bool = False
     seed: int = 0
@@ -118,6 +121,7 @@ class FitResult:
     best_epoch: int = 0  # the epoch in best.pt: best validation top-1 (the last without one)
     best_val_top1: float | None = None
     resumed_from: int = 0
+    precision: list[dict[str, str]] = field(default_factory=list)  # what each segment ran in
     earlier_wall_time_s: float = 0.0  # wall time of the segments before a resume
     segments: int = 1  # how many runs (the first and each resume) made this one
 
@@ -221,10 +225,6 @@ def _lr_lambda(cfg: TrainSettings, steps_per_epoch: int) -> Callable[[int], floa
     return factor
 
 
-def _autocast(device: torch.device, enabled: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled)
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -232,14 +232,15 @@ def evaluate(
     num_classes: int,
     *,
     device: torch.device | None = None,
-    amp: bool = False,
+    precision: Precision | None = None,
     progress: bool = False,
     distributed_sum: bool = False,
 ) -> dict[str, Any]:
     """Loss, top-1, top-5 (percent), per-class accuracy and the confusion matrix on ``loader``.
 
     With ``distributed_sum`` every rank passes its shard and the counts are summed over
-    ranks, so the result covers the whole set once.
+    ranks, so the result covers the whole set once. ``precision`` (default: float32, the
+    precision a deployed model runs in, and :func:`fit`'s validation) may make it faster.
     """
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -249,9 +250,11 @@ def evaluate(
     k = min(5, num_classes)
     for x, y in tqdm(loader, desc="evaluate", leave=False, disable=None if progress else True):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(device, amp and device.type == "cuda"):
-            logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+        if precision is not None:
+            x = precision.prepare(x)
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            logits = model(x).float()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         top5_hits += (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum().item()
         pred = logits.argmax(dim=1)
         confusion += torch.bincount(
@@ -359,9 +362,11 @@ def fit(
     run_dir = Path(run_dir)
     ctx = distributed.current()
     device = select_device(settings.device)
-    amp = settings.amp and device.type == "cuda"
+    precision = choose_precision(device, settings.amp, settings.channels_last)
+    if ctx.is_main:
+        log.info("training in %s", precision)
     model.to(device)
-    if device.type == "cuda" and settings.channels_last:
+    if precision.channels_last:
         model.to(memory_format=torch.channels_last)
     loader_args = dict(batch_size=settings.batch_size, device=device, workers=settings.workers,
                        seed=settings.seed)
@@ -378,13 +383,14 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(settings, len(train_loader))
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
     result = FitResult()
     start = 0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
-        scaler.load_state_dict(resume_state["scaler"])
+        if precision.scaled and resume_state.get("scaler"):  # empty where no scaler ran before
+            scaler.load_state_dict(resume_state["scaler"])
         for hook, state in zip(hooks, resume_state.get("hooks", []), strict=True):
             hook.load_state_dict(state)
         start = result.resumed_from = resume_state["epoch"]
@@ -393,13 +399,15 @@ def fit(
         result.best_epoch = resume_state["best_epoch"]
         result.earlier_wall_time_s = resume_state.get("wall_time_s", 0.0)
         result.segments = resume_state.get("segments", 1) + 1
+        result.precision = list(resume_state.get("precision", []))
         _set_rng_state(resume_state["rng"])
         log.info("resuming after epoch %d of %d", start, settings.epochs)
+    result.precision.append(precision.describe())
     net = distributed.wrap(model, device, sync_bn=settings.sync_bn)  # DDP under torchrun
     if settings.compile:
         check_compile(device)
         net = torch.compile(net)  # training steps only; evaluation and checkpoints use `model`
-    trainer = _Trainer(net, optimizer, scheduler, scaler, settings, device, amp,
+    trainer = _Trainer(net, optimizer, scheduler, scaler, settings, device, precision,
                        dict(loss_terms or {}), hooks, progress and ctx.is_main)
     logs = _Logs(run_dir) if ctx.is_main else None
     try:
@@ -409,8 +417,10 @@ def fit(
                 hook.epoch_end(epoch)
             improved = True
             if val_loader is not None:
-                # the bare model: DDP's forward would broadcast buffers, and shards differ
-                metrics = evaluate(model, val_loader, num_classes, device=device, amp=amp,
+                # the bare model: DDP's forward would broadcast buffers, and shards differ;
+                # in float32, as the test split and the deployed model run (a pass over the
+                # validation split costs a few percent of an epoch, so bf16 would save little)
+                metrics = evaluate(model, val_loader, num_classes, device=device,
                                    distributed_sum=ctx.enabled)
                 row.update(val_loss=metrics["loss"], val_top1=metrics["top1"],
                            val_top5=metrics["top5"], val_samples=metrics["samples"])
@@ -442,6 +452,7 @@ def fit(
                 "best_epoch": result.best_epoch,
                 "wall_time_s": result.earlier_wall_time_s + time.perf_counter() - started,
                 "segments": result.segments,
+                "precision": result.precision,
             }
             if improved:
                 atomic_save(state["model"], run_dir / "best.pt")
@@ -465,18 +476,18 @@ class _Trainer:
         scaler: torch.amp.GradScaler,
         settings: TrainSettings,
         device: torch.device,
-        amp: bool,
+        precision: Precision,
         terms: dict[str, LossTerm],
         hooks: Sequence[EpochHook],
         progress: bool,
     ) -> None:
         self.net, self.optimizer, self.scheduler, self.scaler = net, optimizer, scheduler, scaler
-        self.settings, self.device, self.amp = settings, device, amp
+        self.settings, self.device, self.precision = settings, device, precision
         self.terms, self.hooks, self.progress = terms, hooks, progress
         self.criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
 
     def autocast(self) -> AbstractContextManager:
-        return _autocast(self.device, self.amp)
+        return self.precision.autocast()
 
     def _timed_terms(self, step: Step) -> Iterator[tuple[str, torch.Tensor, float]]:
         for name, term in self.terms.items():
@@ -506,8 +517,7 @@ class _Trainer:
                    disable=None if self.progress else True)
         for step, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if device.type == "cuda" and cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self.precision.prepare(x)
             with self.autocast():
                 logits = self.net(x)
                 ce = self.criterion(logits, y)

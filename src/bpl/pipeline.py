@@ -265,6 +265,7 @@ def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any
         "models": {"baseline": _measure(model, cfg, final["top1"])},
         "wall_time_s": result.earlier_wall_time_s + time.perf_counter() - t0,
         "segments": result.segments,
+        "precision": result.precision,
     }
     write_report(run_dir, metrics)
     return metrics
@@ -378,6 +379,7 @@ def _compress(
         macs_reduction=1 - models["compressed"]["macs"] / models["baseline"]["macs"],
         wall_time_s=result.earlier_wall_time_s + time.perf_counter() - t0,
         segments=result.segments,
+        precision=result.precision,
     )
     write_report(run_dir, metrics)
     return metrics

@@ -218,6 +218,17 @@ def _per_class(metrics: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _precision_lines(segments: list[dict[str, str]]) -> list[str]:
+    """Which precision and memory format training ran in (per segment where they differ);
+    validation followed it, the test split was evaluated in float32."""
+    if not segments:
+        return []
+    kinds = list(dict.fromkeys(f"{s['autocast']}, {s['memory_format']} ({s['why']})"
+                               for s in segments))
+    text = "; then ".join(kinds) if len(kinds) > 1 else kinds[0]
+    return [f"- trained in {text}; the test split was evaluated in float32"]
+
+
 def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
     """Write ``metrics.json``, the plots and ``report.md`` into ``run_dir``."""
     run_dir = Path(run_dir)
@@ -246,6 +257,7 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
         segments = metrics.get("segments", 1)
         resumed = f" over {segments} segments (the run was resumed)" if segments > 1 else ""
         lines.append(f"- wall time: {metrics['wall_time_s']:.0f} s{resumed}")
+    lines += _precision_lines(metrics.get("precision") or [])
     lines.append("")
     lines += _per_class(metrics)
     lines += [f"![{p}]({p})" for p in plots]
