@@ -4,8 +4,9 @@ Loss = cross-entropy + whatever extra loss terms the caller passes (the pipeline
 the diversity loss and distillation), SGD with momentum, a per-iteration cosine or step
 schedule with warm-up, mixed precision and channels_last where the device runs them
 faster (float16 on CUDA, bfloat16 on a CPU with AMX: :mod:`bpl.precision`), and epoch
-hooks (the soft pruner is one). After every epoch the model is evaluated on the validation set, the epoch with
-the best validation top-1 is kept in ``best.pt``, and the whole training state is
+hooks (the soft pruner is one). After every epoch the model is evaluated on the
+validation set (in float32), the epoch with the best validation top-1 is kept in
+``best.pt``, and the whole training state is
 written atomically to ``last.pt``, so a run killed at any point resumes from the last
 complete epoch and ends exactly where an uninterrupted run would have. The test split
 never enters this module: the caller evaluates it once, at the end.
@@ -13,7 +14,6 @@ never enters this module: the caller evaluates it once, at the end.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib.util
 import io
@@ -243,6 +243,7 @@ def evaluate(
     precision a deployed model runs in, and :func:`fit`'s validation) may make it faster.
     """
     device = device or next(model.parameters()).device
+    precision = precision or Precision(None, False, device.type, "float32")
     was_training = model.training
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
@@ -250,10 +251,8 @@ def evaluate(
     k = min(5, num_classes)
     for x, y in tqdm(loader, desc="evaluate", leave=False, disable=None if progress else True):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if precision is not None:
-            x = precision.prepare(x)
-        with precision.autocast() if precision is not None else contextlib.nullcontext():
-            logits = model(x).float()
+        with precision.autocast():
+            logits = model(precision.prepare(x)).float()
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         top5_hits += (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum().item()
         pred = logits.argmax(dim=1)
