@@ -46,6 +46,17 @@ def machine() -> dict:
     }
 
 
+def apply_cpu_bf16(setting: bool | None) -> None:
+    """A study's ``cpu_bf16`` setting: False trains in fp32 on every CPU (the studies recorded
+    before issue 25 ran so, and their runs must pair), True forces bf16 autocast, None
+    leaves the choice to ``bpl.precision`` (bf16 where the CPU has AMX). Not a Config field,
+    so it is not part of a run's protocol."""
+    from bpl.precision import ENV
+
+    if setting is not None:
+        os.environ[ENV] = "1" if setting else "0"
+
+
 def load_average() -> list[float] | None:
     """1, 5 and 15 minute load averages: other processes on the machine skew the timings."""
     try:

@@ -68,6 +68,7 @@ from bpl.pruning import prune
 from bpl.report import write_json
 from common import (
     NOT_PROTOCOL,
+    apply_cpu_bf16,
     check_same_protocol,
     console_logging,
     log_to,
@@ -103,6 +104,7 @@ DEFAULTS: dict[str, Any] = {
     "arms": list(ARMS),  # the study's arms (a subset of ARMS); plain is always one of them
     "paired_with": None,  # another study's results folder: report this one against it, run by run
     "baselines_from": None,  # another study's `out`: use its baselines (linked), train none here
+    "cpu_bf16": None,  # False: fp32 on every CPU; True: bf16 forced; None: bf16 where AMX is
     "pilot": {"seeds": [0, 1], "reduction": 0.9, "variants": list(VARIANTS), "datasets": None},
     "threads": None,
     "common": {},  # bpl Config fields of every run
@@ -809,6 +811,7 @@ def _main(args: argparse.Namespace) -> int:
             settings["common"]["device"] = args.device
         if settings.get("threads"):
             torch.set_num_threads(int(settings["threads"]))
+        apply_cpu_bf16(settings.get("cpu_bf16"))
         res = Path(settings["results"])
         res.mkdir(parents=True, exist_ok=True)
         if args.size:

@@ -60,7 +60,14 @@ from bpl.models import load_model
 from bpl.pipeline import compress, train_baseline
 from bpl.profiling import compare_latency
 from bpl.report import write_json
-from common import check_same_protocol, console_logging, log_to, machine, saved_partner_stats
+from common import (
+    apply_cpu_bf16,
+    check_same_protocol,
+    console_logging,
+    log_to,
+    machine,
+    saved_partner_stats,
+)
 
 log = logging.getLogger("reproduce_ucm")
 
@@ -109,6 +116,7 @@ DEFAULTS: dict[str, Any] = {
     "finetune_epochs": 6,
     "flops_reduction": PAPER_REDUCTION,
     "threads": None,  # torch intra-op threads; None: torch's default (all cores)
+    "cpu_bf16": None,  # False: fp32 on every CPU (runs before issue 25); None: bf16 where AMX is
     "common": {},  # Config fields for every run
     "baseline": {},  # Config fields for arm A only
     "finetune": {},  # Config fields for arms B-F only
@@ -560,6 +568,7 @@ def reproduce(settings: dict[str, Any], *, progress: bool = False) -> dict[str, 
     threads_before = torch.get_num_threads()
     if settings.get("threads"):
         torch.set_num_threads(int(settings["threads"]))
+    apply_cpu_bf16(settings.get("cpu_bf16"))
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
     with log_to(out / "reproduce.log", fmt), _restore_threads(threads_before):
         log.info("reproduction -> %s; seeds %s, arms %s, %s at %d px, baseline %d / fine-tune %d "

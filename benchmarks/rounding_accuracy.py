@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = study.load_settings(args.config)
     if settings.get("threads"):
         torch.set_num_threads(int(settings["threads"]))
+    study.apply_cpu_bf16(settings.get("cpu_bf16"))
     fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     with log_to(Path(settings["out"]) / "rounding.log", fmt):

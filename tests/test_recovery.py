@@ -361,3 +361,24 @@ def test_baselines_from_links_the_other_studys_baselines_and_trains_none(tmp_pat
     assert rows[0]["macs"] == theirs[0]["macs"]  # the same pruned model
     assert rows[0]["precision"] == "float32"
     assert "Against" in (tmp_path / "rb" / "summary.md").read_text()
+
+
+def test_studies_recorded_in_fp32_keep_training_in_fp32(monkeypatch):
+    """bf16 became the default on AMX CPUs (issue 25); the studies recorded before it ran in
+    fp32 and pin that, so their runs still pair and resume; the bf16 side forces bf16."""
+    study = _load_script()
+    from bpl.precision import ENV, cpu_bf16
+
+    configs = SCRIPT.parent / "configs"
+    for name in ("recovery_cpu", "recovery_long_cpu", "recovery_long_paper_cpu"):
+        assert study.load_settings(configs / f"{name}.yaml")["cpu_bf16"] is False
+    assert "cpu_bf16: false" in (configs / "ucm_cpu.yaml").read_text()
+    assert study.load_settings(configs / "precision_bf16_cpu.yaml")["cpu_bf16"] is True
+    monkeypatch.setenv(ENV, "")  # so the variable is put back as it was afterwards
+    monkeypatch.delenv(ENV)
+    study.apply_cpu_bf16(None)
+    assert ENV not in __import__("os").environ
+    study.apply_cpu_bf16(False)
+    assert cpu_bf16() == (False, f"{ENV}=0")
+    study.apply_cpu_bf16(True)
+    assert cpu_bf16() == (True, f"{ENV}=1")
