@@ -407,7 +407,7 @@ def _run_seed(settings: dict[str, Any], dataset: str, seed: int,
     recorded fine-tuning runs no longer pair with it: they are discarded and run again.
     """
     todo = [cfg for _, cfg in runs if load_record(settings, cfg) is None]
-    if settings.get("baselines_from"):
+    if settings.get("baselines_from") and todo:  # a fully recorded seed needs no weights
         _link_baseline(settings, dataset, seed)
     base = run(settings, run_config(settings, dataset, seed), fmt=fmt, progress=progress,
                need_checkpoint=bool(todo))

@@ -361,6 +361,11 @@ def test_baselines_from_links_the_other_studys_baselines_and_trains_none(tmp_pat
     assert rows[0]["macs"] == theirs[0]["macs"]  # the same pruned model
     assert rows[0]["precision"] == "float32"
     assert "Against" in (tmp_path / "rb" / "summary.md").read_text()
+    # a new session: both sides recorded, no run directories; nothing to link, nothing refused
+    shutil.rmtree(tmp_path / "a")
+    shutil.rmtree(tmp_path / "b")
+    assert study.main(["--config", str(second), "--quiet"]) == 0
+    assert not (tmp_path / "b").exists() or not link.exists()
 
 
 def test_studies_recorded_in_fp32_keep_training_in_fp32(monkeypatch):
