@@ -82,6 +82,21 @@ def timed(fn: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
+def interleaved(arms: dict[str, Callable[[], None]], steps: int,
+                warmup: int) -> dict[str, list[float]]:
+    """Seconds of each call of every arm: ``warmup`` untimed rounds, then ``steps`` rounds in
+    alternating order (A, B, ..., then ..., B, A), so drift and background load hit all."""
+    for _ in range(warmup):
+        for fn in arms.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    names = list(arms)
+    for i in range(steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            times[name].append(timed(arms[name]))
+    return times
+
+
 def student(plain: nn.Module, one_conv: bool) -> nn.Module:
     """``plain`` extended with the paper's partners, two-conv or one-conv."""
     return bpl.extend(plain, one_conv=one_conv)
@@ -164,14 +179,7 @@ def measure(arch: str, reduction: float, batch: int, size: int, steps: int, warm
         bpl.diversity_loss(loss_model).backward()
 
     arms["diversity_loss"] = loss_only
-    for _ in range(warmup):
-        for fn in arms.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in arms}
-    names = list(arms)
-    for i in range(steps):
-        for name in names if i % 2 == 0 else names[::-1]:
-            times[name].append(timed(arms[name]))
+    times = interleaved(arms, steps, warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
     x1 = x[:1]
     result = {
@@ -288,14 +296,7 @@ def measure_precision(arch: str, reduction: float, batch: int, size: int, steps:
         arms[f"bpl_two_conv/{pname}"] = engine_step(student(pruned, False), x, y, p, [div])
         arms[f"bpl_one_conv/{pname}"] = engine_step(student(pruned, True), x, y, p, [div])
         arms[f"kd/{pname}"] = engine_step(copy.deepcopy(pruned), x, y, p, [Distillation(base)])
-    for _ in range(warmup):
-        for fn in arms.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in arms}
-    names = list(arms)
-    for i in range(steps):
-        for name in names if i % 2 == 0 else names[::-1]:
-            times[name].append(timed(arms[name]))
+    times = interleaved(arms, steps, warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
     speedup = {k: med[f"{k.split('/')[0]}/fp32"] / v for k, v in med.items()}
     return {"arch": arch, "flops_reduction": reduction, "batch": batch, "size": size,
