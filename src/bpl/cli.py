@@ -12,7 +12,15 @@ from typing import Any
 
 from . import __version__
 from .cli_words import FlagWording, in_flags
-from .config import PLACEMENTS, RECIPES, SELECT, Config, resolve_config, resume_config
+from .config import (
+    PLACEMENTS,
+    RECIPES,
+    SCHEDULES,
+    SELECT,
+    Config,
+    resolve_config,
+    resume_config,
+)
 from .errors import BPLError
 from .partner import INITS
 from .pruning import IMPORTANCES, SOFT_IMPORTANCES
@@ -69,18 +77,30 @@ def _data_options(p: argparse.ArgumentParser) -> None:
 
 def _train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    _flag(g, "recipe", choices=sorted(RECIPES), help="named settings, e.g. the paper's 'reference'")
-    _flag(g, "epochs", type=int)
+    _flag(g, "recipe", choices=sorted(RECIPES),
+          help="named settings: the paper's 'reference'; recoveries after pruning: cosine, rewind "
+               "(the baseline's learning rates replayed), onecycle, constant")
+    _flag(g, "epochs", type=_epochs, metavar="N|auto",
+          help="epochs to train, or auto: until validation top-1 stops improving (the plateau "
+               "schedule, at most --max-epochs)")
+    _flag(g, "max-epochs", type=int, metavar="N", help="the cap of --epochs auto")
     _flag(g, "batch-size", type=int)
     _flag(g, "lr", type=float, help="peak learning rate")
     _flag(g, "momentum", type=float)
     _flag(g, "nesterov", action="store_true")
     _flag(g, "weight-decay", type=float)
-    _flag(g, "schedule", choices=["cosine", "step"])
+    _flag(g, "schedule", choices=SCHEDULES)
     _flag(g, "milestones", type=float, nargs="+", metavar="FRACTION",
           help="step schedule: fractions of training where lr is multiplied by --gamma")
     _flag(g, "gamma", type=float)
     _flag(g, "warmup-epochs", type=int)
+    _flag(g, "patience", type=int, metavar="N",
+          help="plateau schedule (--epochs auto): epochs without a validation gain before the "
+               "learning rate is multiplied by --gamma")
+    _flag(g, "min-gain", type=float, metavar="POINTS",
+          help="plateau schedule: validation top-1 points that count as a gain")
+    _flag(g, "decays", type=int, metavar="N",
+          help="plateau schedule: learning-rate decays before the next plateau ends training")
     _flag(g, "label-smoothing", type=float)
     g = p.add_argument_group("execution")
     _flag(g, "device", help="auto, cpu, cuda, cuda:1 ...")
@@ -147,6 +167,16 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "distill-weight", type=float, metavar="W",
           help="weight of the distillation term added to the cross-entropy (1)")
     _flag(g, "verify-tol", type=float, help="largest relative error accepted by the checks")
+
+
+def _epochs(text: str) -> int | str:
+    """``--epochs``: a whole number, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or auto, got {text!r}") from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:

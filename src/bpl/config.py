@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .engine import SCHEDULES
 from .errors import BPLError
 from .partner import INITS
 from .pruning import SOFT_IMPORTANCES
@@ -23,6 +24,7 @@ __all__ = [
     "PLACEMENTS",
     "RECIPES",
     "RESUME_SAFE",
+    "SCHEDULES",
     "SELECT",
     "load_config_file",
     "resolve_config",
@@ -56,7 +58,8 @@ class Config:
     baseline: str | None = None
     # optimisation
     recipe: str | None = None
-    epochs: int = 10
+    epochs: int | str = 10  # or "auto": until validation top-1 stops improving (plateau schedule)
+    max_epochs: int = 300  # the cap of --epochs auto
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
@@ -66,6 +69,9 @@ class Config:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1
     warmup_epochs: int = 0
+    patience: int = 5
+    min_gain: float = 0.0
+    decays: int = 2
     label_smoothing: float = 0.0
     # compression
     flops_reduction: float = 0.7
@@ -118,7 +124,7 @@ COMPRESS_ONLY = frozenset({
 TRAIN_ONLY = frozenset({"weights", "pretrained"})
 #: What ``--resume`` lets a flag change: none of it alters what the run computes so far.
 #: (A resumed run may also compute in another precision: its checkpoints hold float32 weights.)
-RESUME_SAFE = frozenset({"epochs", "device", "workers", "latency", "cache_dir", "out", "resume",
+RESUME_SAFE = frozenset({"epochs", "max_epochs", "device", "workers", "latency", "cache_dir", "out", "resume",
                          "compile", "amp", "channels_last"})
 
 
@@ -134,6 +140,16 @@ RECIPES: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "momentum": 0.9,
     },
+    # Recovery after pruning (compared in benchmarks/convergence_study.py, docs/results.md):
+    # cosine from 0.05 (bpl 0.1's default), ...
+    "cosine": {"schedule": "cosine", "lr": 0.05, "warmup_epochs": 0},
+    # ... learning-rate rewinding: the baseline's own learning rates, epoch by epoch, replayed
+    # over the fine-tuning epochs (Renda et al. 2020; Le & Hua 2021's scaled restarting), ...
+    "rewind": {"schedule": "replay", "warmup_epochs": 0},
+    # ... a 1-cycle with a large peak (Le & Hua 2021), ...
+    "onecycle": {"schedule": "onecycle", "lr": 0.1, "warmup_epochs": 0},
+    # ... and the classic fine-tune: a small constant learning rate.
+    "constant": {"schedule": "constant", "lr": 1e-3, "warmup_epochs": 0},
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -191,6 +207,13 @@ def resolve_config(
         values.update(RECIPES[recipe])
     values.update(from_file)
     values.update(overrides)
+    if values.get("epochs") == "auto":
+        given = {**(RECIPES.get(recipe) or {}), **from_file, **overrides}.get("schedule")
+        if given not in (None, "plateau"):
+            raise BPLError(f"--epochs auto anneals on plateaus of validation top-1 (--schedule "
+                           f"plateau), so it cannot take --schedule {given}: leave --schedule "
+                           "out, or pass a number of --epochs")
+        values["schedule"] = "plateau"
     if values.get("data_root") and "data" not in values:
         # a folder without a dataset name is the user's own data, never the bundled digits
         from .data.registry import guess_dataset
@@ -259,12 +282,21 @@ def _check(cfg: Config) -> None:
         raise BPLError(
             f"--flops-reduction must be between 0 and 1 (exclusive), got {cfg.flops_reduction}"
         )
-    if cfg.epochs < 1:
-        raise BPLError(f"--epochs must be at least 1, got {cfg.epochs}")
+    if cfg.epochs != "auto" and (isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, int)
+                                 or cfg.epochs < 1):
+        raise BPLError(f"--epochs must be a whole number of at least 1, or auto, got {cfg.epochs!r}")
+    if cfg.max_epochs < 1:
+        raise BPLError(f"--max-epochs must be at least 1, got {cfg.max_epochs}")
     if cfg.batch_size < 1:
         raise BPLError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    if cfg.schedule not in ("cosine", "step"):
-        raise BPLError(f"--schedule must be 'cosine' or 'step', got {cfg.schedule!r}")
+    if cfg.schedule not in SCHEDULES:
+        raise BPLError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
+    if cfg.schedule == "plateau" and cfg.val_ratio == 0:
+        raise BPLError("--epochs auto (the plateau schedule) decides on the validation split: "
+                       "pass --val-ratio above 0, or a fixed --epochs")
+    if cfg.patience < 1 or cfg.decays < 0 or cfg.min_gain < 0:
+        raise BPLError(f"--patience must be at least 1, --decays and --min-gain 0 or more; got "
+                       f"{cfg.patience}, {cfg.decays} and {cfg.min_gain}")
     if cfg.lr <= 0:
         raise BPLError(f"--lr must be positive, got {cfg.lr}")
     if cfg.diversity_weight < 0:

@@ -42,8 +42,10 @@ from .files import atomic_save, atomic_write_text
 from .precision import Precision, choose_precision
 
 __all__ = [
+    "SCHEDULES",
     "EpochHook",
     "FitResult",
+    "Plateau",
     "LossTerm",
     "Step",
     "TrainSettings",
@@ -58,6 +60,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "bpl-train/1"
+#: Learning-rate schedules :func:`fit` runs (after ``warmup_epochs`` of linear warm-up):
+#: cosine to zero, x``gamma`` at ``milestones``, a 1-cycle (up over the first 30%, then
+#: down to 1/10,000 of the start), constant, ``plateau`` (x``gamma`` whenever validation
+#: top-1 stops improving, ending the run after ``decays`` decays: :class:`Plateau`), and
+#: ``replay``: the per-epoch learning rates in ``TrainSettings.replay`` (another run's,
+#: for learning-rate rewinding) stretched or squeezed over this run's epochs.
+SCHEDULES: tuple[str, ...] = ("cosine", "step", "onecycle", "constant", "plateau", "replay")
 
 
 @dataclass
@@ -74,6 +83,10 @@ class TrainSettings:
     milestones: Sequence[float] = (0.5, 0.75)
     gamma: float = 0.1
     warmup_epochs: int = 0
+    patience: int = 5  # plateau: epochs without a validation gain before the lr decays
+    min_gain: float = 0.0  # plateau: validation top-1 points that count as a gain
+    decays: int = 2  # plateau: decays of the lr; the plateau after the last ends the run
+    replay: Sequence[float] = ()  # replay: the learning rate of each epoch of the run replayed
     label_smoothing: float = 0.0
     device: str = "auto"
     amp: bool = True  # mixed precision where it is faster: fp16 on CUDA, bf16 on a CPU with AMX
@@ -124,6 +137,64 @@ class FitResult:
     precision: list[dict[str, str]] = field(default_factory=list)  # what each segment ran in
     earlier_wall_time_s: float = 0.0  # wall time of the segments before a resume
     segments: int = 1  # how many runs (the first and each resume) made this one
+    stopped: str = ""  # why training ended: the epochs ran out, or (plateau) it converged
+
+    @property
+    def epochs(self) -> int:
+        """Epochs trained, all segments together."""
+        return len(self.history)
+
+
+class Plateau:
+    """The ``plateau`` schedule: decay on a plateau of validation top-1, stop at the last.
+
+    An epoch counts as a gain when validation top-1 beats the best so far by more than
+    ``min_gain`` points. After ``patience`` epochs without one, the learning rate is
+    multiplied by ``gamma``; once it has been decayed ``decays`` times, the next
+    plateau ends training: the model has converged at the smallest learning rate.
+    """
+
+    def __init__(self, patience: int, min_gain: float, decays: int, gamma: float) -> None:
+        self.patience, self.min_gain, self.decays, self.gamma = patience, min_gain, decays, gamma
+        self.best: float | None = None
+        self.since = 0  # epochs since the last gain (or decay)
+        self.done = 0  # decays so far
+        self.converged = False
+
+    @property
+    def factor(self) -> float:
+        """What the learning rate is multiplied by now."""
+        return self.gamma ** self.done
+
+    def update(self, val_top1: float) -> str | None:
+        """Take one epoch's validation top-1; return what changed ("decay", "stop") if anything."""
+        if self.best is None or val_top1 > self.best + self.min_gain:
+            self.best, self.since = val_top1, 0
+            return None
+        self.since += 1
+        if self.since < self.patience:
+            return None
+        self.since = 0
+        if self.done < self.decays:
+            self.done += 1
+            return "decay"
+        self.converged = True
+        return "stop"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "since": self.since, "done": self.done,
+                "converged": self.converged}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.since = state["best"], state["since"]
+        self.done, self.converged = state["done"], state["converged"]
+
+    def describe(self) -> str:
+        """Why a converged run stopped, in words for the log and the report."""
+        gain = f" by more than {self.min_gain:g} points" if self.min_gain else ""
+        return (f"converged: validation top-1 did not improve{gain} for {self.patience} "
+                f"epoch{'s' if self.patience > 1 else ''} after {self.done} learning-rate "
+                f"decay{'s' if self.done != 1 else ''}")
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -209,20 +280,54 @@ def make_loader(
     )
 
 
-def _lr_lambda(cfg: TrainSettings, steps_per_epoch: int) -> Callable[[int], float]:
+def _cosine(start: float, end: float, progress: float) -> float:
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def _lr_lambda(
+    cfg: TrainSettings, steps_per_epoch: int, plateau: Plateau | None = None
+) -> Callable[[int], float]:
+    """The learning rate of each step, as a multiple of ``cfg.lr``."""
+    if cfg.schedule not in SCHEDULES:
+        raise BPLError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
     total = cfg.epochs * steps_per_epoch
     warm = cfg.warmup_epochs * steps_per_epoch
     bounds = [int(m * total) for m in cfg.milestones]
+    curve = [float(v) / cfg.lr for v in getattr(cfg, "replay", ())]
+    if cfg.schedule == "replay" and not curve:
+        raise BPLError("the replay schedule (--recipe rewind) needs the learning rates to replay")
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
         if cfg.schedule == "cosine":
-            progress = (step - warm) / max(1, total - warm)
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return cfg.gamma ** sum(step >= b for b in bounds)
+            return _cosine(1.0, 0.0, progress)
+        if cfg.schedule == "step":
+            return cfg.gamma ** sum(step >= b for b in bounds)
+        if cfg.schedule == "onecycle":  # torch's OneCycleLR shape: from 1/25 up, then down to 1/25e4
+            up = 0.3
+            return (_cosine(1 / 25, 1.0, progress / up) if progress < up
+                    else _cosine(1.0, 1 / 25e4, (progress - up) / (1 - up)))
+        if cfg.schedule == "plateau":
+            return plateau.factor if plateau is not None else 1.0
+        if cfg.schedule == "replay":  # epoch e of the curve spans [e, e+1) of its length
+            at = min(max(progress, 0.0), 1.0) * len(curve) - 0.5
+            low = min(max(int(math.floor(at)), 0), len(curve) - 1)
+            high = min(low + 1, len(curve) - 1)
+            frac = min(max(at - low, 0.0), 1.0)
+            return curve[low] + (curve[high] - curve[low]) * frac
+        return 1.0  # constant
 
     return factor
+
+
+def _refresh_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimiser's learning rate to what the schedule says now (after a plateau decay)."""
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 @torch.no_grad()
@@ -379,8 +484,15 @@ def fit(
         nesterov=settings.nesterov and settings.momentum > 0,
         weight_decay=settings.weight_decay,
     )
+    plateau = None
+    if settings.schedule == "plateau":
+        if val_loader is None:
+            raise BPLError("the plateau schedule (--epochs auto) decides on the validation split, "
+                           "and there is none: pass --val-ratio above 0, or a fixed --epochs "
+                           "with another --schedule")
+        plateau = Plateau(settings.patience, settings.min_gain, settings.decays, settings.gamma)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(settings, len(train_loader))
+        optimizer, _lr_lambda(settings, len(train_loader), plateau)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision.scaled)
     result = FitResult()
@@ -399,6 +511,9 @@ def fit(
         result.earlier_wall_time_s = resume_state.get("wall_time_s", 0.0)
         result.segments = resume_state.get("segments", 1) + 1
         result.precision = list(resume_state.get("precision", []))
+        if plateau is not None and resume_state.get("plateau"):
+            plateau.load_state_dict(resume_state["plateau"])
+            _refresh_lr(scheduler)
         _set_rng_state(resume_state["rng"])
         log.info("resuming after epoch %d of %d", start, settings.epochs)
     result.precision.append(precision.describe())
@@ -411,6 +526,8 @@ def fit(
     logs = _Logs(run_dir) if ctx.is_main else None
     try:
         for epoch in range(start, settings.epochs):
+            if plateau is not None and plateau.converged:
+                break
             row = trainer.train_epoch(train_loader, epoch)
             for hook in hooks:
                 hook.epoch_end(epoch)
@@ -426,6 +543,15 @@ def fit(
                 improved = result.best_val_top1 is None or metrics["top1"] > result.best_val_top1
                 if improved:
                     result.best_val_top1 = metrics["top1"]
+                if plateau is not None:
+                    change = plateau.update(metrics["top1"])
+                    if change == "decay":
+                        _refresh_lr(scheduler)  # x gamma from the next step on
+                    if change and ctx.is_main:
+                        log.info("validation top-1 has not improved for %d epochs: %s",
+                                 settings.patience,
+                                 f"learning rate x{settings.gamma:g} ({plateau.done} of "
+                                 f"{settings.decays} decays)" if change == "decay" else "converged")
             if improved:
                 result.best_epoch = epoch + 1
             result.history.append(row)
@@ -452,6 +578,7 @@ def fit(
                 "wall_time_s": result.earlier_wall_time_s + time.perf_counter() - started,
                 "segments": result.segments,
                 "precision": result.precision,
+                "plateau": plateau.state_dict() if plateau is not None else None,
             }
             if improved:
                 atomic_save(state["model"], run_dir / "best.pt")
@@ -461,6 +588,8 @@ def fit(
         if logs is not None:
             logs.close()
         distributed.unwrap(net)
+    result.stopped = (plateau.describe() if plateau is not None and plateau.converged
+                      else f"reached the last of {settings.epochs} epochs")
     return result
 
 

@@ -36,6 +36,7 @@ from .engine import (
 )
 from .errors import BPLError, CheckpointError
 from .extension import extend, partner_blocks
+from .files import atomic_save
 from .fusion import fuse
 from .models import (
     baseline_from_weights,
@@ -152,23 +153,36 @@ def _measure(model: nn.Module, cfg: Config, top1: float | None) -> dict[str, Any
             "latency_ms": prof.get("latency_ms")}
 
 
+def _settings(cfg: Config, replay: list[float] | None = None) -> TrainSettings:
+    """The engine's settings for ``cfg``: ``--epochs auto`` trains at most ``--max-epochs``."""
+    settings = TrainSettings.from_object(cfg)
+    if cfg.epochs == "auto":
+        settings.epochs = cfg.max_epochs
+    if replay is not None:
+        settings.replay = list(replay)
+    return settings
+
+
 def _resume_state(run_dir: Path, cfg: Config) -> dict | None:
     """``last.pt`` of the run being resumed; more epochs than it has done may be asked, not fewer."""
     if not (run_dir / "last.pt").exists():
         return None
     state = load_checkpoint(run_dir / "last.pt")
-    if state.get("epoch", 0) > cfg.epochs:
-        raise BPLError(f"--epochs {cfg.epochs} is fewer than the {state['epoch']} epochs {run_dir} "
-                       "has already trained; pass --epochs of at least that")
+    epochs = _settings(cfg).epochs
+    if state.get("epoch", 0) > epochs:
+        flag = "--max-epochs" if cfg.epochs == "auto" else "--epochs"
+        raise BPLError(f"{flag} {epochs} is fewer than the {state['epoch']} epochs {run_dir} "
+                       f"has already trained; pass {flag} of at least that")
     return state
 
 
 def _fit(cfg: Config, model: nn.Module, data, run_dir: Path, meta: dict[str, Any], *,
          command: str, state: dict | None, progress: bool, started: float,
-         loss_terms: dict[str, LossTerm] | None = None, hooks: list | None = None) -> FitResult:
+         loss_terms: dict[str, LossTerm] | None = None, hooks: list | None = None,
+         replay: list[float] | None = None) -> FitResult:
     """Train ``model`` on the training split, validating on the validation split."""
     return fit(
-        model, data.train, data.val, TrainSettings.from_object(cfg), run_dir,
+        model, data.train, data.val, _settings(cfg, replay), run_dir,
         num_classes=data.num_classes,
         payload=lambda m: model_payload(m, cfg.arch, data.num_classes, meta),
         loss_terms=loss_terms,
@@ -242,6 +256,10 @@ def train_baseline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
 
 def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
+    if cfg.schedule == "replay":
+        raise BPLError("--recipe rewind (--schedule replay) replays a baseline's learning rates "
+                       "while fine-tuning it: it is for bpl compress; choose another --recipe "
+                       "or --schedule for bpl train")
     data = load_data(cfg, run_dir, progress)
     meta = _meta(cfg, data)
     state = _resume_state(run_dir, cfg) if cfg.resume else None
@@ -254,6 +272,7 @@ def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any
     if not distributed.current().is_main:
         return {}
     selected = _select(cfg, model, run_dir, result)
+    _record_schedule(run_dir / "best.pt", result, selected)
     final = _test(model, data, cfg, select_device(cfg.device))
     metrics = {
         "command": "train",
@@ -261,6 +280,8 @@ def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any
         "final": final,
         "classes": list(data.classes),
         "selected": selected,
+        "epochs_trained": result.epochs,
+        "stopped": result.stopped,
         "history": result.history,
         "models": {"baseline": _measure(model, cfg, final["top1"])},
         "wall_time_s": result.earlier_wall_time_s + time.perf_counter() - t0,
@@ -269,6 +290,30 @@ def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any
     }
     write_report(run_dir, metrics)
     return metrics
+
+
+def _record_schedule(best: Path, result: FitResult, selected: dict[str, Any]) -> None:
+    """Write into ``best.pt`` how long the baseline trained and the learning rate of each
+    epoch up to the one kept: what `bpl compress --recipe rewind` replays."""
+    if not best.exists():
+        return
+    payload = load_checkpoint(best, model_only=True)
+    payload.setdefault("meta", {}).update(
+        epochs=result.epochs, kept_epoch=selected["epoch"],
+        lr_curve=[row["lr"] for row in result.history[: selected["epoch"]]])
+    atomic_save(payload, best)
+
+
+def _replay_curve(cfg: Config, base_meta: dict[str, Any]) -> list[float] | None:
+    """The baseline's learning rates, for the replay schedule (``--recipe rewind``)."""
+    if cfg.schedule != "replay":
+        return None
+    curve = base_meta.get("lr_curve")
+    if not curve:
+        raise BPLError(f"--recipe rewind replays the learning rates the baseline trained with, "
+                       f"and {cfg.baseline} does not record them (only the best.pt of a bpl "
+                       "train run of bpl 0.2 or later does); choose another --recipe")
+    return [float(v) for v in curve]
 
 
 def compress(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
@@ -341,7 +386,8 @@ def _compress(
         terms["distill"] = Distillation(baseline, temperature=cfg.distill_temperature,
                                         weight=cfg.distill_weight)
     result = _fit(cfg, student, data, run_dir, meta, command="compress", state=state,
-                  progress=progress, started=t0, loss_terms=terms, hooks=hooks)
+                  progress=progress, started=t0, loss_terms=terms, hooks=hooks,
+                  replay=_replay_curve(cfg, base_meta))
     if not main:
         return {}
     selected = _select(cfg, student, run_dir, result, soft=cfg.soft)
@@ -362,7 +408,7 @@ def _compress(
         deploy = student
     deploy_eval = _test(deploy, data, cfg, device)
     save_model(run_dir / "deploy.pt", deploy.cpu(), arch=cfg.arch, num_classes=data.num_classes,
-               meta={**meta, "baseline_epochs": base_meta.get("epochs")})
+               meta={**meta, "epochs": result.epochs, "baseline_epochs": base_meta.get("epochs")})
     models = {
         "baseline": _measure(baseline, cfg, base_eval["top1"]),
         "compressed": _measure(deploy, cfg, deploy_eval["top1"]),
@@ -374,6 +420,8 @@ def _compress(
         final=deploy_eval,
         classes=list(data.classes),
         selected=selected,
+        epochs_trained=result.epochs,
+        stopped=result.stopped,
         history=result.history,
         models=models,
         macs_reduction=1 - models["compressed"]["macs"] / models["baseline"]["macs"],

@@ -249,6 +249,9 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
     if metrics.get("macs_reduction") is not None:
         lines.append(f"- MACs reduction: {100 * metrics['macs_reduction']:.2f}% "
                      f"(asked {100 * cfg.get('flops_reduction', math.nan):.2f}%)")
+    if metrics.get("stopped"):
+        lines.append(f"- trained {metrics.get('epochs_trained', '?')} epochs; training ended: "
+                     f"{metrics['stopped']}")
     kept = metrics.get("selected")
     if kept:
         lines.append(f"- kept epoch {kept['epoch']} of {kept['of']}: {kept['why']}; the test "

@@ -1,0 +1,153 @@
+"""Training to convergence (--epochs auto, the plateau schedule) and the recovery recipes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bpl.cli import main
+from bpl.config import RECIPES, resolve_config
+from bpl.engine import Plateau, TrainSettings, _lr_lambda, fit
+from bpl.errors import BPLError
+from bpl.models import load_checkpoint
+from test_engine import payload, tiny_data, tiny_net
+
+FAST = ["--data", "digits", "--image-size", "16", "--batch-size", "64", "--quiet", "--no-latency",
+        "--arch", "tiny_resnet"]
+
+
+def test_plateau_decays_after_patience_and_stops_after_the_last_decay():
+    p = Plateau(patience=2, min_gain=0.5, decays=2, gamma=0.1)
+    # 10 -> 12 gains; 12.4 is not a gain of more than 0.5; two epochs without one: decay
+    assert [p.update(v) for v in (10, 12, 12.4, 12.3)] == [None, None, None, "decay"]
+    assert p.factor == pytest.approx(0.1) and p.best == 12
+    assert [p.update(v) for v in (13, 12, 12)] == [None, None, "decay"]  # 13 was a gain
+    assert p.factor == pytest.approx(0.01) and not p.converged
+    assert [p.update(v) for v in (13, 13)] == [None, "stop"]
+    assert p.converged and "after 2 learning-rate decays" in p.describe()
+    q = Plateau(2, 0.5, 2, 0.1)
+    q.load_state_dict(p.state_dict())
+    assert q.state_dict() == p.state_dict()
+
+
+def test_schedules_have_their_shapes():
+    def lrs(**kw):
+        f = _lr_lambda(TrainSettings(epochs=10, **kw), steps_per_epoch=10)
+        return [f(s) for s in range(100)]
+
+    one = lrs(schedule="onecycle")
+    assert one[0] == pytest.approx(1 / 25, rel=0.01) and max(one) == pytest.approx(1, abs=1e-3)
+    assert one.index(max(one)) in range(29, 32) and one[-1] < 1e-3  # up over 30%, then down
+    assert set(lrs(schedule="constant")) == {1.0}
+    # replay: the curve of a 4-epoch run (lr 0.1, 0.1, 0.01, 0.001) stretched over 10 epochs
+    rep = lrs(schedule="replay", lr=0.1, replay=[0.1, 0.1, 0.01, 0.001])
+    assert rep[0] == pytest.approx(1.0) and rep[-1] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(rep, rep[1:]))  # the curve's order is kept
+    with pytest.raises(BPLError, match="learning rates to replay"):
+        lrs(schedule="replay")
+
+
+def test_plateau_fit_stops_when_converged_and_resumes_exactly(tmp_path):
+    """A run cut off mid-way (here: an exception after some epochs) and resumed from last.pt
+    makes the same decisions, and ends with the same weights, as one straight run."""
+    cfg = TrainSettings(epochs=30, batch_size=8, lr=0.2, device="cpu", schedule="plateau",
+                        patience=1, decays=1, amp=False)
+    torch.manual_seed(0)
+    straight = fit(tiny_net(), tiny_data(48), tiny_data(24), cfg, tmp_path / "a", num_classes=3,
+                   payload=payload, progress=False)
+    assert "converged" in straight.stopped and straight.epochs < 30
+    lrs = [row["lr"] for row in straight.history]
+    assert sorted(set(lrs), reverse=True) == pytest.approx([0.2, 0.02])  # one decay of x0.1
+
+    class Cut:  # stands in for kill -9 after `at` epochs: last.pt then holds those epochs
+        def __init__(self, at: int) -> None:
+            self.at = at
+
+        def after_step(self) -> None: ...
+        def state_dict(self) -> dict: return {}
+        def load_state_dict(self, state: dict) -> None: ...
+
+        def epoch_end(self, epoch: int) -> None:
+            if epoch + 1 > self.at:
+                raise KeyboardInterrupt
+
+    at = straight.epochs - 1  # after the decay: the plateau state must come back
+    torch.manual_seed(0)
+    net = tiny_net()
+    with pytest.raises(KeyboardInterrupt):
+        fit(net, tiny_data(48), tiny_data(24), cfg, tmp_path / "b", num_classes=3,
+            payload=payload, hooks=[Cut(at)], progress=False)
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert state["epoch"] == at and state["plateau"]["done"] == 1
+    net = tiny_net()
+    net.load_state_dict(state["model"]["state_dict"])
+    resumed = fit(net, tiny_data(48), tiny_data(24), cfg, tmp_path / "b", num_classes=3,
+                  payload=payload, hooks=[Cut(99)], resume_state=state, progress=False)
+    assert [r["lr"] for r in resumed.history] == lrs
+    assert [r["val_top1"] for r in resumed.history] == [r["val_top1"] for r in straight.history]
+    assert resumed.stopped == straight.stopped
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]["state_dict"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # resuming a converged run trains no more
+    again = fit(net, tiny_data(48), tiny_data(24), cfg, tmp_path / "b", num_classes=3,
+                payload=payload, hooks=[Cut(99)], progress=False,
+                resume_state=torch.load(tmp_path / "b" / "last.pt", weights_only=False))
+    assert again.epochs == straight.epochs and again.stopped == straight.stopped
+
+
+def test_epochs_auto_is_the_plateau_schedule_and_refuses_what_it_cannot_honour():
+    cfg = resolve_config(overrides={"epochs": "auto"})
+    assert cfg.schedule == "plateau" and cfg.max_epochs == 300
+    with pytest.raises(BPLError, match="--epochs auto anneals on plateaus.*--schedule cosine"):
+        resolve_config(overrides={"epochs": "auto", "schedule": "cosine"})
+    with pytest.raises(BPLError, match="--schedule plateau"):
+        resolve_config(overrides={"epochs": "auto", "recipe": "onecycle"})
+    with pytest.raises(BPLError, match="--val-ratio above 0"):
+        resolve_config(overrides={"epochs": "auto", "val_ratio": 0.0})
+    for bad in ("many", 0, 2.5, True):
+        with pytest.raises(BPLError, match="--epochs must be a whole number"):
+            resolve_config(overrides={"epochs": bad})
+    with pytest.raises(BPLError, match="--patience"):
+        resolve_config(overrides={"patience": 0})
+    for name in ("cosine", "rewind", "onecycle", "constant"):
+        assert resolve_config(overrides={"recipe": name}).schedule == RECIPES[name]["schedule"]
+
+
+def test_train_auto_then_compress_with_rewind(tmp_path, capsys):
+    base = tmp_path / "base"
+    assert main(["train", *FAST, "--epochs", "auto", "--patience", "1", "--decays", "1",
+                 "--max-epochs", "6", "--lr", "0.1", "--out", str(base)]) == 0
+    metrics = json.loads((base / "metrics.json").read_text())
+    n = metrics["epochs_trained"]
+    assert n == len(metrics["history"]) <= 6 and metrics["stopped"]
+    assert f"- trained {n} epochs; training ended: {metrics['stopped']}" in (
+        base / "report.md").read_text()
+    meta = load_checkpoint(base / "best.pt", model_only=True)["meta"]
+    kept = metrics["selected"]["epoch"]
+    assert meta["epochs"] == n and meta["kept_epoch"] == kept
+    assert meta["lr_curve"] == [row["lr"] for row in metrics["history"][:kept]]
+
+    out = tmp_path / "rewind"
+    assert main(["compress", *FAST, "--baseline", str(base / "best.pt"), "--recipe", "rewind",
+                 "--epochs", "2", "--flops-reduction", "0.5", "--no-partners",
+                 "--out", str(out)]) == 0
+    rewound = json.loads((out / "metrics.json").read_text())
+    assert rewound["config"]["schedule"] == "replay" and rewound["baseline_epochs"] == n
+    curve = meta["lr_curve"]
+    # two epochs replay the baseline's curve: the last lr is its last lr
+    assert rewound["history"][-1]["lr"] == pytest.approx(curve[-1], rel=1e-6)
+    assert "reached the last of 2 epochs" in rewound["stopped"]
+
+    # a baseline that does not record its learning rates cannot be rewound
+    capsys.readouterr()
+    assert main(["compress", *FAST, "--baseline", str(base / "last.pt"), "--recipe", "rewind",
+                 "--epochs", "1", "--out", str(tmp_path / "no")]) == 1
+    assert "does not record them" in capsys.readouterr().err
+    assert main(["train", *FAST, "--recipe", "rewind", "--out", str(tmp_path / "t")]) == 1
+    assert "it is for bpl compress" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", *FAST, "--epochs", "lots"])
+    assert "expected a whole number or auto" in capsys.readouterr().err
