@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import platform
 import statistics
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+from scipy.stats import t as t_dist  # scipy comes with scikit-learn, a bpl dependency
 
 from bpl.errors import BPLError
 from bpl.extension import partner_blocks
@@ -24,6 +27,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: Config fields that may differ between a finished run and a later call (paths, execution).
 NOT_PROTOCOL = frozenset({"data_root", "cache_dir", "out", "baseline", "resume", "device",
                           "workers"})
+
+
+def ci95(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, sample std and the half-width of the t-based 95% confidence interval of the mean."""
+    vals = [float(v) for v in values if v is not None]
+    n = len(vals)
+    if n == 0:
+        return {"mean": None, "std": None, "ci95": None, "n": 0}
+    mean = statistics.fmean(vals)
+    std = statistics.stdev(vals) if n > 1 else 0.0
+    half = t_dist.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else None
+    return {"mean": mean, "std": std, "ci95": half, "n": n}
 
 
 def machine() -> dict:

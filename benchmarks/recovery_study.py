@@ -54,7 +54,6 @@ from typing import Any
 
 import torch
 import yaml
-from scipy.stats import t as t_dist  # scipy comes with scikit-learn, a bpl dependency
 
 from bpl.config import Config, resolve_config
 from bpl.distill import Distillation
@@ -70,6 +69,7 @@ from common import (
     NOT_PROTOCOL,
     apply_cpu_bf16,
     check_same_protocol,
+    ci95,
     console_logging,
     log_to,
     machine,
@@ -351,18 +351,6 @@ def _paired(rows: list[dict[str, Any]], key: str, arm: str, ref: str) -> list[fl
     by = {(r["dataset"], r["seed"], r["flops_reduction"], r["arm"]): r[key] for r in rows}
     return [v - by[(d, s, f, ref)] for (d, s, f, a), v in by.items()
             if a == arm and (d, s, f, ref) in by and v is not None and by[(d, s, f, ref)] is not None]
-
-
-def ci95(values: Sequence[float]) -> dict[str, Any]:
-    """Mean, sample std and the half-width of the t-based 95% confidence interval of the mean."""
-    vals = [float(v) for v in values if v is not None]
-    n = len(vals)
-    if n == 0:
-        return {"mean": None, "std": None, "ci95": None, "n": 0}
-    mean = statistics.fmean(vals)
-    std = statistics.stdev(vals) if n > 1 else 0.0
-    half = t_dist.ppf(0.975, n - 1) * std / math.sqrt(n) if n > 1 else None
-    return {"mean": mean, "std": std, "ci95": half, "n": n}
 
 
 def choose_variant(pilot_rows: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from benchmark_scripts import load_benchmark
 from test_reproduce import _image_folder
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recovery_study.py"
@@ -27,13 +26,7 @@ def _one_thread():
 
 
 def _load_script():
-    if str(SCRIPT.parent) not in sys.path:
-        sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("recovery_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("recovery_study")
 
 
 def test_confidence_interval_matches_the_t_distribution():
@@ -227,10 +220,7 @@ def test_plot_draws_each_reductions_own_paired_difference(tmp_path, monkeypatch)
 def test_rounding_report_aggregates_every_recorded_seed_whichever_seeds_ran(tmp_path,
                                                                           monkeypatch):
     study = _load_script()
-    spec = importlib.util.spec_from_file_location("rounding_accuracy",
-                                                  SCRIPT.parent / "rounding_accuracy.py")
-    rounding = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rounding)
+    rounding = load_benchmark("rounding_accuracy")
     config = tmp_path / "s.yaml"
     config.write_text(json.dumps({
         "out": str(tmp_path / "runs"), "results": str(tmp_path / "res"), "seeds": [0, 1, 2],

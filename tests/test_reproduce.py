@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from benchmark_scripts import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce_ucm.py"
 
@@ -27,13 +27,7 @@ def _one_thread():
 
 
 def _load_script():
-    if str(SCRIPT.parent) not in sys.path:  # as when run as a script: its folder is importable
-        sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("reproduce_ucm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("reproduce_ucm")
 
 
 def _image_folder(root: Path, classes: int = 3, per_class: int = 8, size: int = 20) -> Path:

@@ -1,0 +1,422 @@
+"""Recovery that converges (issue 26): how long to train, and how to fine-tune after pruning.
+
+For every dataset and seed the study trains the baselines its config names (the recovery
+study's 40-epoch cosine, ``--epochs auto`` under a few plateau rules, a long fixed cosine),
+prunes one of them (``prune_from``) to ``flops_reduction`` fewer MACs, and fine-tunes the
+pruned model with each recovery recipe at equal epochs (``bpl compress --recipe ...``).
+Every run is a real ``bpl train`` / ``bpl compress`` command, so the study measures what a
+user gets. Choices are read from the validation split; the test split is evaluated once per
+run, at its end, and reported beside it.
+
+    python benchmarks/convergence_study.py --config benchmarks/configs/convergence_cpu.yaml
+    python benchmarks/convergence_study.py --config ... --jobs 12    # runs at a time (a GPU host)
+    python benchmarks/convergence_study.py --config ... --report     # aggregate what finished
+    python benchmarks/convergence_study.py --config ... --import F   # records written elsewhere
+    python benchmarks/convergence_study.py --config ... --pack       # the data as lossless PNGs
+                                                                     # at the decode size, to carry
+
+Run directories go to ``out``; one small record per finished run to ``results/records``
+(``--records FILE`` also appends each to one JSON-lines file), and ``--report`` writes
+``summary.md``, ``results.json`` and ``results.csv`` there. Re-running skips recorded runs,
+resumes cut-off ones (``--resume``) and starts over a run cut off before its first epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common import ci95, machine
+
+REPO = Path(__file__).resolve().parents[1]
+
+DEFAULTS: dict[str, Any] = {
+    "out": "runs/convergence",
+    "results": "benchmarks/results/convergence",
+    "arch": "resnet18",
+    # name -> bpl flags of that data (data, data_root, image_size, train_subset), and
+    # pack_from: where --pack reads the images it writes to data_root
+    "datasets": {},
+    "seeds": [0, 1, 2, 3, 4],
+    "threads": 1,  # torch threads of each run
+    "common": {},  # bpl flags of every run
+    "baselines": {},  # name -> bpl train flags
+    "prune_from": None,  # the baseline every recovery starts from
+    "flops_reduction": 0.9,
+    "recoveries": {},  # name -> bpl compress flags
+    "reference": {"baseline": None, "recovery": None},  # what the paired differences are against
+}
+
+
+def load_settings(path: str | Path) -> dict[str, Any]:
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise SystemExit(f"unknown keys in {path}: {', '.join(unknown)}")
+    return {**DEFAULTS, **raw}
+
+
+def _in_repo(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else REPO / p
+
+
+def flags(options: dict[str, Any]) -> list[str]:
+    """``{"epochs": 40, "nesterov": True, "partners": False}`` -> bpl command-line flags."""
+    out: list[str] = []
+    for key, value in options.items():
+        name = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(name)
+        elif value is False:
+            out.append("--no-" + key.replace("_", "-"))
+        elif value is None:
+            continue
+        elif isinstance(value, list | tuple):
+            out += [name, *map(str, value)]
+        else:
+            out += [name, str(value)]
+    return out
+
+
+@dataclass
+class Job:
+    dataset: str
+    seed: int
+    name: str
+    command: str  # train or compress
+    options: dict[str, Any]
+    after: str | None = None  # the baseline job this one starts from
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+    started: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}-seed{self.seed}-{self.name}"
+
+
+def _data_flags(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k != "pack_from"}
+
+
+def plan(settings: dict[str, Any]) -> list[Job]:
+    """Every run of the study, baselines first, seed by seed."""
+    jobs = []
+    for seed in settings["seeds"]:
+        for dataset, data in settings["datasets"].items():
+            base = {"arch": settings["arch"], **_data_flags(data), **settings["common"],
+                    "seed": seed}
+            for name, opts in settings["baselines"].items():
+                jobs.append(Job(dataset, seed, name, "train", {**base, **opts}))
+    for seed in settings["seeds"]:
+        for dataset, data in settings["datasets"].items():
+            base = {**_data_flags(data), **settings["common"], "seed": seed,
+                    "flops_reduction": settings["flops_reduction"]}
+            for name, opts in settings["recoveries"].items():
+                jobs.append(Job(dataset, seed, name, "compress", {**base, **opts},
+                                after=settings["prune_from"]))
+    # the baseline the recoveries start from first, then the recoveries as they become ready,
+    # then the other baselines: a run cut short by a deadline loses the least
+    rank = {"train": 2, "compress": 1}
+    return sorted(jobs, key=lambda j: 0 if j.command == "train" and j.name == settings[
+        "prune_from"] else rank[j.command])
+
+
+def run_dir(settings: dict[str, Any], job: Job) -> Path:
+    return _in_repo(settings["out"]) / job.dataset / f"seed{job.seed}" / job.name
+
+
+def record_path(settings: dict[str, Any], job: Job) -> Path:
+    return _in_repo(settings["results"]) / "records" / f"{job.key}.json"
+
+
+def make_record(settings: dict[str, Any], job: Job) -> dict[str, Any]:
+    """The few numbers of a finished run that the report needs, from its metrics.json."""
+    metrics = json.loads((run_dir(settings, job) / "metrics.json").read_text())
+    kept = metrics.get("selected") or {}
+    history = metrics["history"]
+    rec = {
+        "dataset": job.dataset, "seed": job.seed, "name": job.name, "command": job.command,
+        "epochs_trained": metrics.get("epochs_trained", len(history)),
+        "stopped": metrics.get("stopped"),
+        "kept_epoch": kept.get("epoch"),
+        "val_top1": kept.get("val_top1"),
+        "test_top1": metrics["final"]["top1"],
+        "wall_time_s": metrics.get("wall_time_s"),
+        "precision": metrics.get("precision"),
+        "lr": [row["lr"] for row in history],
+        "val_curve": [row.get("val_top1") for row in history],
+        "options": job.options,
+        "machine": machine(),
+        "device": _device_name(job.options.get("device", "auto")),
+    }
+    if job.command == "compress":
+        rec.update(baseline_val_top1=(metrics.get("baseline") or {}).get("val_top1"),
+                   baseline_test_top1=(metrics.get("baseline") or {}).get("top1"),
+                   macs_reduction=metrics.get("macs_reduction"))
+    return rec
+
+
+def _device_name(device: str) -> str:
+    """The accelerator a run of ``--device device`` ran on (runs do not record it)."""
+    import torch
+
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return machine()["cpu"]
+
+
+def _start(settings: dict[str, Any], job: Job, python: str) -> None:
+    out = run_dir(settings, job)
+    args = [python, "-m", "bpl", job.command, *flags(job.options), "--quiet", "--out", str(out)]
+    if job.after:
+        args += ["--baseline", str(run_dir(settings, Job(job.dataset, job.seed, job.after,
+                                                         "train", {})) / "best.pt")]
+    if (out / "last.pt").exists():
+        args.append("--resume")
+    elif out.exists():  # cut off before its first epoch: nothing to keep
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"]),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    log = open(out.parent / f"{job.name}.log", "a")  # noqa: SIM115 (closed with the process)
+    job.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    job.proc.log = log  # type: ignore[attr-defined]
+    job.started = time.time()
+
+
+def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
+            deadline: float | None, python: str = sys.executable) -> int:
+    """Run every unrecorded job, ``jobs`` at a time, each recovery after its baseline."""
+    todo = [j for j in plan(settings) if not record_path(settings, j).exists()]
+    done = {j.key for j in plan(settings)} - {j.key for j in todo}
+    failed: set[str] = set()
+    running: list[Job] = []
+    t0 = time.time()
+    print(f"{len(todo)} runs to do, {len(done)} recorded", flush=True)
+    while todo or running:
+        for job in running[:]:
+            if job.proc.poll() is None:
+                continue
+            running.remove(job)
+            job.proc.log.close()  # type: ignore[attr-defined]
+            took = time.time() - job.started
+            if job.proc.returncode == 0:
+                rec = make_record(settings, job)
+                path = record_path(settings, job)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(rec, indent=1) + "\n")
+                if records is not None:
+                    with open(records, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                done.add(job.key)
+                print(f"{time.time() - t0:6.0f}s done {job.key}: {rec['epochs_trained']} epochs, "
+                      f"val {rec['val_top1']}, test {rec['test_top1']:.2f} ({took:.0f}s)", flush=True)
+            else:
+                failed.add(job.key)
+                print(f"{time.time() - t0:6.0f}s FAILED {job.key} (rc {job.proc.returncode}); "
+                      f"see {run_dir(settings, job).parent / (job.name + '.log')}", flush=True)
+        late = deadline is not None and time.time() - t0 > deadline
+        for job in todo[:]:
+            base = f"{job.dataset}-seed{job.seed}-{job.after}" if job.after else None
+            if base in failed:
+                todo.remove(job)
+                failed.add(job.key)
+                continue
+            if len(running) >= jobs or late or (base and base not in done):
+                continue
+            todo.remove(job)
+            _start(settings, job, python)
+            running.append(job)
+        if late and not running:
+            break
+        time.sleep(0.5)
+    print(f"finished in {time.time() - t0:.0f}s: {len(done)} recorded, {len(failed)} failed, "
+          f"{len(todo)} not started", flush=True)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def load_records(settings: dict[str, Any]) -> list[dict[str, Any]]:
+    folder = _in_repo(settings["results"]) / "records"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+
+
+def _paired(records: list[dict[str, Any]], name: str, ref: str, key: str) -> list[float]:
+    by = {(r["dataset"], r["seed"], r["name"]): r.get(key) for r in records}
+    return [v - by[(d, s, ref)] for (d, s, n), v in by.items()
+            if n == name and by.get((d, s, ref)) is not None and v is not None]
+
+
+def _cell(st: dict[str, Any]) -> str:
+    if st["mean"] is None:
+        return "-"
+    half = f" ± {st['ci95']:.2f}" if st.get("ci95") is not None else ""
+    return f"{st['mean']:+.2f}{half} (n={st['n']})"
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dataset in settings["datasets"]:
+        rows = [r for r in records if r["dataset"] == dataset]
+        table = {}
+        for kind, names in (("train", settings["baselines"]), ("compress", settings["recoveries"])):
+            ref = settings["reference"]["baseline" if kind == "train" else "recovery"]
+            for name in names:
+                mine = [r for r in rows if r["name"] == name]
+                if not mine:
+                    continue
+                epochs = [r["epochs_trained"] for r in mine]
+                entry = {
+                    "kind": kind, "runs": len(mine),
+                    "epochs_mean": statistics.fmean(epochs), "epochs_min": min(epochs),
+                    "epochs_max": max(epochs),
+                    "val_top1": _mean([r["val_top1"] for r in mine]),
+                    "test_top1": _mean([r["test_top1"] for r in mine]),
+                    "wall_time_s": _mean([r["wall_time_s"] for r in mine]),
+                    "ref": ref,
+                    "val_vs_ref": ci95(_paired(rows, name, ref, "val_top1")) if ref else None,
+                    "test_vs_ref": ci95(_paired(rows, name, ref, "test_top1")) if ref else None,
+                }
+                same = f"cosine-{name.rsplit('-', 1)[-1]}"  # cosine at the same epochs
+                if kind == "compress" and same in names and same not in (name, ref):
+                    entry["equal"] = same
+                    entry["val_vs_equal"] = ci95(_paired(rows, name, same, "val_top1"))
+                    entry["test_vs_equal"] = ci95(_paired(rows, name, same, "test_top1"))
+                if kind == "compress":
+                    entry["macs_reduction"] = _mean([r.get("macs_reduction") for r in mine])
+                    entry["test_drop"] = ci95([r["test_top1"] - r["baseline_test_top1"]
+                                               for r in mine if r.get("baseline_test_top1")])
+                    entry["val_drop"] = ci95([r["val_top1"] - r["baseline_val_top1"] for r in mine
+                                              if r.get("baseline_val_top1") is not None
+                                              and r["val_top1"] is not None])
+                table[name] = entry
+        out[dataset] = table
+    return out
+
+
+def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    devices = sorted({str(r.get("device", "?")) for r in records})
+    lines = ["# Recovery that converges (issue 26)", "",
+             f"{settings['arch']}; seeds {settings['seeds']}; recoveries prune the "
+             f"`{settings['prune_from']}` baseline to {100 * settings['flops_reduction']:.0f}% "
+             f"fewer MACs (plain fine-tuning). Paired differences (same seed, split and pruned "
+             f"model) with 95% t-intervals; choices rest on the validation columns. "
+             f"Ran on: {', '.join(devices)}.", ""]
+    for dataset, table in summary.items():
+        lines += [f"## {dataset}", "",
+                  "| run | kind | runs | epochs (mean, min-max) | val top-1 | test top-1 | "
+                  "val vs ref | test vs ref | test minus its baseline | wall s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, e in table.items():
+            ref = f" vs {e['ref']}" if e["ref"] and e["ref"] != name else ""
+            drop = _cell(e["test_drop"]) if e.get("test_drop") else "-"
+            lines.append(
+                f"| {name} | {e['kind']} | {e['runs']} | {e['epochs_mean']:.1f} "
+                f"({e['epochs_min']}-{e['epochs_max']}) | {e['val_top1']:.2f} | "
+                f"{e['test_top1']:.2f} | {_cell(e['val_vs_ref']) if ref else '-'}{ref} | "
+                f"{_cell(e['test_vs_ref']) if ref else '-'} | {drop} | {e['wall_time_s']:.0f} |")
+        lines.append("")
+        equal = {n: e for n, e in table.items() if e.get("equal")}
+        if equal:
+            lines += ["At equal epochs, against cosine:", "",
+                      "| run | against | val difference | test difference |", "|---|---|---:|---:|"]
+            lines += [f"| {n} | {e['equal']} | {_cell(e['val_vs_equal'])} | "
+                      f"{_cell(e['test_vs_equal'])} |" for n, e in equal.items()]
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def report(settings: dict[str, Any]) -> Path:
+    records = load_records(settings)
+    summary = summarize(settings, records)
+    folder = _in_repo(settings["results"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps({"summary": summary, "settings": settings},
+                                                    indent=1) + "\n")
+    keys = ["dataset", "seed", "name", "command", "epochs_trained", "kept_epoch", "val_top1",
+            "test_top1", "baseline_val_top1", "baseline_test_top1", "macs_reduction",
+            "wall_time_s", "stopped"]
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(records)
+    (folder / "results.csv").write_text(text.getvalue())
+    path = folder / "summary.md"
+    path.write_text(markdown(settings, summary, records))
+    return path
+
+
+def pack(settings: dict[str, Any]) -> None:
+    """Each dataset's ``pack_from`` images decoded at the size its runs read (the shorter side
+    resized once, as bpl's cache does) and written as lossless PNGs to its ``data_root``,
+    with the same relative paths: a copy small enough to carry to a machine without
+    ../shared, that decodes to the same pixels."""
+    from torchvision.io import write_png
+
+    from bpl.data.images import IMAGE_EXTENSIONS, load_resized, resize_size
+
+    for dataset, data in settings["datasets"].items():
+        root = _in_repo(data["pack_from"])
+        size = resize_size(int(data["image_size"]))
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        for path in files:
+            target = _in_repo(data["data_root"]) / path.relative_to(root).with_suffix(".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_png(load_resized(path, size), str(target), compression_level=9)
+        print(f"{dataset}: {len(files)} images at {size} px in {_in_repo(data['data_root'])}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--records", type=Path, help="also append each record to this JSON-lines file")
+    p.add_argument("--deadline", type=float, help="start no run after this many seconds")
+    p.add_argument("--report", action="store_true", help="aggregate the recorded runs")
+    p.add_argument("--import", dest="import_", type=Path, metavar="FILE",
+                   help="record the runs of a --records file written elsewhere (a GPU host)")
+    p.add_argument("--pack", action="store_true",
+                   help="write each dataset's pack_from images as PNGs to its data_root")
+    args = p.parse_args(argv)
+    settings = load_settings(args.config)
+    if args.pack:
+        pack(settings)
+        return 0
+    if args.import_:
+        for line in args.import_.read_text().splitlines():
+            rec = json.loads(line)
+            job = Job(rec["dataset"], rec["seed"], rec["name"], rec["command"], rec["options"])
+            path = record_path(settings, job)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(rec, indent=1) + "\n")
+        return 0
+    if args.report:
+        print(report(settings).read_text())
+        return 0
+    return execute(settings, jobs=args.jobs, records=args.records, deadline=args.deadline)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

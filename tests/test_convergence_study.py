@@ -1,0 +1,62 @@
+"""benchmarks/convergence_study.py end to end on the bundled digits (real bpl commands)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from benchmark_scripts import load_benchmark
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "convergence_study.py"
+
+
+def _load_script():
+    return load_benchmark("convergence_study")
+
+
+def test_flags_spell_options_as_the_command_line_does():
+    study = _load_script()
+    assert study.flags({"epochs": "auto", "nesterov": True, "partners": False, "round_to": None,
+                        "milestones": [0.5, 0.75]}) == [
+        "--epochs", "auto", "--nesterov", "--no-partners", "--milestones", "0.5", "0.75"]
+
+
+def test_study_runs_baselines_then_recoveries_resumes_and_reports(tmp_path, capsys):
+    study = _load_script()
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({
+        "out": str(tmp_path / "runs"),
+        "results": str(tmp_path / "results"),
+        "arch": "tiny_resnet",
+        "datasets": {"digits": {"data": "digits", "image_size": 16}},
+        "seeds": [0, 1],
+        "common": {"batch_size": 64, "device": "cpu", "latency": False, "amp": False},
+        "baselines": {"fixed": {"epochs": 2, "lr": 0.1},
+                      "auto": {"epochs": "auto", "max_epochs": 3, "patience": 1, "lr": 0.1}},
+        "prune_from": "auto",
+        "flops_reduction": 0.5,
+        "recoveries": {"cosine-1": {"recipe": "cosine", "epochs": 1, "partners": False},
+                       "rewind-1": {"recipe": "rewind", "epochs": 1, "partners": False}},
+        "reference": {"baseline": "fixed", "recovery": "cosine-1"},
+    }))
+    lines = tmp_path / "records.jsonl"
+    assert study.main(["--config", str(config), "--jobs", "2", "--records", str(lines)]) == 0
+    records = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert len(records) == 8 and len(list((tmp_path / "results" / "records").glob("*.json"))) == 8
+    by = {(r["seed"], r["name"], r["command"]): r for r in records}
+    auto = by[(0, "auto", "train")]
+    assert auto["epochs_trained"] <= 3 and auto["stopped"] and len(auto["lr"]) == auto["epochs_trained"]
+    rewind = by[(0, "rewind-1", "compress")]
+    assert rewind["macs_reduction"] > 0.4 and rewind["baseline_test_top1"] == by[
+        (0, "cosine-1", "compress")]["baseline_test_top1"]  # the same baseline, pruned the same
+    # every run recorded: a second call starts none
+    capsys.readouterr()
+    assert study.main(["--config", str(config)]) == 0
+    assert "0 runs to do, 8 recorded" in capsys.readouterr().out
+    assert study.main(["--config", str(config), "--report"]) == 0
+    summary = (tmp_path / "results" / "summary.md").read_text()
+    assert "| rewind-1 | compress | 2 |" in summary and "vs cosine-1" in summary
+    result = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert result["summary"]["digits"]["rewind-1"]["test_vs_ref"]["n"] == 2
