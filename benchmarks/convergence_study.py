@@ -129,11 +129,11 @@ def plan(settings: dict[str, Any]) -> list[Job]:
             for name, opts in settings["recoveries"].items():
                 jobs.append(Job(dataset, seed, name, "compress", {**base, **opts},
                                 after=settings["prune_from"]))
-    # the baseline the recoveries start from first, then the recoveries as they become ready,
-    # then the other baselines: a run cut short by a deadline loses the least
+    # seed by seed (a study cut short still pairs whole seeds): the baseline the recoveries
+    # start from, then the recoveries as they become ready, then the other baselines
     rank = {"train": 2, "compress": 1}
-    return sorted(jobs, key=lambda j: 0 if j.command == "train" and j.name == settings[
-        "prune_from"] else rank[j.command])
+    return sorted(jobs, key=lambda j: (j.seed, 0 if j.command == "train" and j.name == settings[
+        "prune_from"] else rank[j.command]))
 
 
 def run_dir(settings: dict[str, Any], job: Job) -> Path:

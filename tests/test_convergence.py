@@ -144,7 +144,7 @@ def test_train_auto_then_compress_with_rewind(tmp_path, capsys):
     # a baseline that does not record its learning rates cannot be rewound
     capsys.readouterr()
     assert main(["compress", *FAST, "--baseline", str(base / "last.pt"), "--recipe", "rewind",
-                 "--epochs", "1", "--out", str(tmp_path / "no")]) == 1
+                 "--epochs", "1", "--flops-reduction", "0.5", "--out", str(tmp_path / "no")]) == 1
     assert "does not record them" in capsys.readouterr().err
     assert main(["train", *FAST, "--recipe", "rewind", "--out", str(tmp_path / "t")]) == 1
     assert "it is for bpl compress" in capsys.readouterr().err

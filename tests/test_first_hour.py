@@ -188,7 +188,7 @@ def test_help_shows_defaults_version_and_off_switches(capsys):
     with pytest.raises(SystemExit):
         run_cli("compress", "--help")
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 0.7)" in text and "(default: 0.01)" in text and "--no-global-pruning" in text
+    assert "(default: 300)" in text and "(default: 0.01)" in text and "--no-global-pruning" in text
     with pytest.raises(SystemExit) as exit_:
         run_cli("--version")
     assert exit_.value.code == 0 and __version__ in capsys.readouterr().out
@@ -216,7 +216,8 @@ def test_the_compress_report_can_be_trusted(trained, tmp_path, monkeypatch, capl
     save = Figure.savefig
 
     def keep(fig, path, *args, **kwargs):
-        figures[Path(path).name] = fig
+        name = Path(path).name  # written atomically: to .<name>.<random>.tmp, then renamed
+        figures[name[1:].rsplit(".", 2)[0] if name.endswith(".tmp") else name] = fig
         return save(fig, path, *args, **kwargs)
 
     monkeypatch.setattr(Figure, "savefig", keep)

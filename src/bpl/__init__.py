@@ -5,6 +5,7 @@ Zhang et al., "Block-Wise Partner Learning for Model Compression", IEEE TNNLS 20
 
 from .distill import Distillation, distillation_loss
 from .diversity import diversity_loss
+from .engine import Plateau
 from .errors import (
     BPLError,
     CheckpointError,
@@ -23,13 +24,26 @@ from .fusion import fold_batchnorm, fuse
 from .models import build_model, list_models, load_model, save_model
 from .partner import INITS, ConvPartner, PartnerBlock
 from .profiling import compare_latency, count_macs, count_params, profile
-from .pruning import IMPORTANCES, PruneReport, SoftPruner, prune
+from .pruning import (
+    IMPORTANCES,
+    LEVELS,
+    BudgetResult,
+    BudgetStep,
+    PruneReport,
+    SoftPruner,
+    prune,
+    prune_within,
+)
 from .verification import relative_error, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BPLError",
+    "BudgetResult",
+    "BudgetStep",
+    "LEVELS",
+    "Plateau",
     "CheckpointError",
     "ChecksumError",
     "ConvPartner",
@@ -63,6 +77,7 @@ __all__ = [
     "partner_blocks",
     "profile",
     "prune",
+    "prune_within",
     "relative_error",
     "save_model",
     "verify",

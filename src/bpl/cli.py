@@ -131,7 +131,12 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "arch", help="architecture of a --baseline that is not a bpl checkpoint "
                           "(a torchvision name, or timm/NAME with the timm extra)")
     _flag(g, "flops-reduction", type=float, metavar="R",
-          help="fraction of MACs to remove, e.g. 0.74")
+          help="fraction of MACs to remove, e.g. 0.74 (this, or --max-drop)")
+    _flag(g, "max-drop", type=float, metavar="POINTS",
+          help="instead of --flops-reduction: prune in steps (50%%, 74%%, 85%%, 90%%, 93%%, "
+               "95%% fewer MACs), recovering each for --epochs, and keep the smallest model "
+               "within POINTS of the baseline's validation top-1; every step is kept in "
+               "steps/K/ of the run")
     _flag(g, "soft", action="store_true",
           help="the reference code's soft schedule instead of pruning first")
     _flag(g, "soft-every", type=int, metavar="N", help="soft schedule: re-pick filters every N epochs")

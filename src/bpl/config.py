@@ -74,7 +74,8 @@ class Config:
     decays: int = 2
     label_smoothing: float = 0.0
     # compression
-    flops_reduction: float = 0.7
+    flops_reduction: float | None = None  # a fixed cut; or ...
+    max_drop: float | None = None  # ... the smallest model within this many validation points
     accept_closest: bool = False
     soft: bool = False
     soft_every: int = 1
@@ -116,7 +117,7 @@ class Config:
 
 #: Fields only `bpl compress` reads (a train run's config.json leaves them out).
 COMPRESS_ONLY = frozenset({
-    "baseline", "flops_reduction", "accept_closest", "soft", "soft_every", "importance",
+    "baseline", "flops_reduction", "max_drop", "accept_closest", "soft", "soft_every", "importance",
     "global_pruning", "round_to", "init", "partner_share", "placement", "diversity_weight",
     "granularity", "partners", "distill", "distill_temperature", "distill_weight", "verify_tol",
 })
@@ -278,10 +279,23 @@ def _normal(value: Any) -> Any:
 
 
 def _check(cfg: Config) -> None:
-    if not 0.0 < cfg.flops_reduction < 1.0:
+    if cfg.flops_reduction is not None and not 0.0 < cfg.flops_reduction < 1.0:
         raise BPLError(
             f"--flops-reduction must be between 0 and 1 (exclusive), got {cfg.flops_reduction}"
         )
+    if cfg.max_drop is not None:
+        if cfg.flops_reduction is not None:
+            raise BPLError("give --flops-reduction (a fixed cut) or --max-drop (the smallest model "
+                           "within a budget), not both")
+        if not 0.0 <= cfg.max_drop < 100.0:
+            raise BPLError(f"--max-drop is in points of validation top-1, from 0 to 100, got "
+                           f"{cfg.max_drop}")
+        if cfg.soft:
+            raise BPLError("--max-drop prunes in hard steps and cannot run the soft schedule; "
+                           "give --soft a fixed --flops-reduction, or leave --soft out")
+        if cfg.val_ratio == 0:
+            raise BPLError("--max-drop judges each step on the validation split: pass "
+                           "--val-ratio above 0")
     if cfg.epochs != "auto" and (isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, int)
                                  or cfg.epochs < 1):
         raise BPLError(f"--epochs must be a whole number of at least 1, or auto, got {cfg.epochs!r}")

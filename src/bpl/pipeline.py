@@ -9,10 +9,12 @@ layer over these.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,8 @@ from .models import (
     save_model,
 )
 from .profiling import profile
-from .pruning import SoftPruner, prune
-from .report import write_json, write_report
+from .pruning import BudgetStep, SoftPruner, prune, prune_within
+from .report import write_budget_curve, write_json, write_report
 from .verification import verify
 
 __all__ = [
@@ -73,14 +75,19 @@ def run_dir_of(cfg: Config, command: str) -> Path:
     return Path(cfg.out or f"runs/{command}-{cfg.arch}-{cfg.data}")
 
 
+def _has_progress(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds training worth resuming: a last.pt, or a budgeted search's steps."""
+    return (run_dir / "last.pt").exists() or any((run_dir / "steps").glob("*/last.pt"))
+
+
 def prepare_run_dir(cfg: Config, command: str) -> Path:
     """Create the run directory and save the resolved config; refuses to clobber a run."""
     run_dir = run_dir_of(cfg, command)
-    if (run_dir / "last.pt").exists() and not cfg.resume:
+    if _has_progress(run_dir) and not cfg.resume:
         raise BPLError(
             f"{run_dir} already holds a run; pass --resume to continue it or --out DIR for a new one"
         )
-    if cfg.resume and not (run_dir / "last.pt").exists():
+    if cfg.resume and not _has_progress(run_dir):
         raise BPLError(f"--resume: no last.pt in {run_dir}; run without --resume to start")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", {"command": command, **cfg.to_dict(command)})
@@ -102,7 +109,7 @@ def _run(cfg: Config, command: str) -> Iterator[Path]:
     try:
         yield run_dir
     except BaseException:
-        if main and not existed and not (run_dir / "last.pt").exists():
+        if main and not existed and not _has_progress(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -238,8 +245,6 @@ def _after_pruning(pruned: nn.Module, data, cfg: Config, run_dir: Path,
     """Accuracy right after pruning, before any fine-tuning; kept in the run for a resume."""
     path = run_dir / "after_pruning.json"
     if path.exists():
-        import json
-
         return json.loads(path.read_text())
     result = _phase_accuracy(pruned, data, cfg, device) if distributed.current().is_main else {}
     if result:
@@ -317,20 +322,31 @@ def _replay_curve(cfg: Config, base_meta: dict[str, Any]) -> list[float] | None:
 
 
 def compress(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
-    """`bpl compress`: prune a baseline, extend, train with the diversity loss, fuse, verify."""
+    """`bpl compress`: prune a baseline, extend, train with the diversity loss, fuse, verify.
+
+    With ``cfg.max_drop`` it prunes in steps instead and keeps the smallest model within
+    that many points of the baseline's validation top-1 (:func:`~bpl.pruning.prune_within`).
+    """
     seed_everything(cfg.seed)
     if not cfg.baseline:
         raise BPLError("compress needs a baseline checkpoint: pass --baseline PATH (from bpl train)")
     baseline, base_meta = _load_baseline(cfg)
+    if cfg.flops_reduction is None and cfg.max_drop is None:
+        raise BPLError("compress needs a target: --flops-reduction R (remove that fraction of the "
+                       "MACs, e.g. 0.74) or --max-drop P (the smallest model within P points of "
+                       "the baseline's validation top-1)")
+    if cfg.max_drop is not None and distributed.current().enabled:
+        raise BPLError("--max-drop runs in one process for now; run it without torchrun, or "
+                       "give a fixed --flops-reduction")
     cfg.arch = base_meta.get("arch", cfg.arch)
+    job = _compress_within if cfg.max_drop is not None else _compress
     with _run(cfg, "compress") as run_dir:
-        return _compress(cfg, run_dir, baseline, base_meta, progress)
+        return job(cfg, run_dir, baseline, base_meta, progress)
 
 
-def _compress(
-    cfg: Config, run_dir: Path, baseline: nn.Module, base_meta: dict[str, Any], progress: bool
-) -> dict[str, Any]:
-    t0 = time.perf_counter()
+def _prepare(cfg: Config, run_dir: Path, baseline: nn.Module | None, base_meta: dict[str, Any],
+             progress: bool):
+    """The data of a compress run and the baseline, checked against each other."""
     data = load_data(cfg, run_dir, progress)
     if baseline is None:  # a weights file: the stock --arch for this data, strictly loaded
         baseline = baseline_from_weights(cfg.arch, data.num_classes, cfg.baseline)
@@ -343,14 +359,43 @@ def _compress(
             f"{cfg.data} has {data.num_classes}; pass the baseline trained on this dataset"
         )
     _check_baseline_fits(cfg, base_meta, data)
-    meta = _meta(cfg, data)
+    return data, baseline, _meta(cfg, data)
+
+
+def _loss_terms(cfg: Config, student: nn.Module, baseline: nn.Module) -> dict[str, LossTerm]:
+    """The method's terms added to the cross-entropy: diversity (with partners), distillation."""
+    terms: dict[str, LossTerm] = {}
+    if partner_blocks(student) and cfg.diversity_weight > 0:
+        weight, granularity = cfg.diversity_weight, cfg.granularity
+        terms["diversity"] = lambda step: diversity_loss(step.model, weight=weight,
+                                                         granularity=granularity)
+    if cfg.distill:
+        terms["distill"] = Distillation(baseline, temperature=cfg.distill_temperature,
+                                        weight=cfg.distill_weight)
+    return terms
+
+
+def _partner_args(cfg: Config) -> dict[str, Any]:
+    return dict(kernel_sizes=PLACEMENTS[cfg.placement], init=cfg.init, share=cfg.partner_share)
+
+
+def _check_inputs(data) -> torch.Tensor:
+    """A few test images: the inputs every fusion and channel-removal check runs on."""
+    return torch.stack([data.test[i][0] for i in range(min(8, len(data.test)))])
+
+
+def _compress(
+    cfg: Config, run_dir: Path, baseline: nn.Module | None, base_meta: dict[str, Any],
+    progress: bool
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    data, baseline, meta = _prepare(cfg, run_dir, baseline, base_meta, progress)
     main = distributed.current().is_main
     device = select_device(cfg.device)
     example = _example(cfg)
     state = _resume_state(run_dir, cfg) if cfg.resume else None
     hooks: list = []
-    partner_args = dict(kernel_sizes=PLACEMENTS[cfg.placement], init=cfg.init,
-                        share=cfg.partner_share)
+    partner_args = _partner_args(cfg)
     after_pruning: dict[str, Any] = {}
     if state is not None:
         student, _ = model_from_payload(state["model"])
@@ -377,14 +422,7 @@ def _compress(
         log.info("partners: each training step costs 1.1-1.8x a --no-partners step; in bpl's "
                  "recovery study (docs/results.md) they were no more accurate than plain "
                  "fine-tuning (--no-partners); more --epochs was what won accuracy back")
-    terms: dict[str, LossTerm] = {}
-    if partner_blocks(student) and cfg.diversity_weight > 0:
-        weight, granularity = cfg.diversity_weight, cfg.granularity
-        terms["diversity"] = lambda step: diversity_loss(step.model, weight=weight,
-                                                         granularity=granularity)
-    if cfg.distill:
-        terms["distill"] = Distillation(baseline, temperature=cfg.distill_temperature,
-                                        weight=cfg.distill_weight)
+    terms = _loss_terms(cfg, student, baseline)
     result = _fit(cfg, student, data, run_dir, meta, command="compress", state=state,
                   progress=progress, started=t0, loss_terms=terms, hooks=hooks,
                   replay=_replay_curve(cfg, base_meta))
@@ -395,7 +433,7 @@ def _compress(
     base_eval = _test(baseline, data, cfg, device)
     if data.val is not None and len(data.val):  # the reference line of the curves
         base_eval["val_top1"] = _test(baseline, data, cfg, device, "val")["top1"]
-    check_x = torch.stack([data.test[i][0] for i in range(min(8, len(data.test)))])
+    check_x = _check_inputs(data)
     metrics: dict[str, Any] = {"command": "compress", "config": cfg.to_dict("compress")}
     if cfg.soft:
         deploy = hooks[0].finalize(student, check_x, tol=cfg.verify_tol)
@@ -431,6 +469,112 @@ def _compress(
     )
     write_report(run_dir, metrics)
     return metrics
+
+
+def _compress_within(
+    cfg: Config, run_dir: Path, baseline: nn.Module | None, base_meta: dict[str, Any],
+    progress: bool
+) -> dict[str, Any]:
+    """`bpl compress --max-drop P`: cut in steps (:data:`~bpl.pruning.LEVELS`), recover each
+    for ``--epochs`` (with partners unless ``--no-partners``), and keep the smallest model
+    within P points of the baseline's validation top-1. Every step is kept in
+    ``steps/<k>/`` (``deploy.pt``, its training run) and on the accuracy-vs-MACs curve; a
+    cut-off search resumes at the step it was in."""
+    t0 = time.perf_counter()
+    data, baseline, meta = _prepare(cfg, run_dir, baseline, base_meta, progress)
+    if data.val is None or not len(data.val):
+        raise BPLError("--max-drop judges each step on the validation split, and there is none: "
+                       "pass --val-ratio above 0")
+    device = select_device(cfg.device)
+    example = _example(cfg)
+    check_x = _check_inputs(data)
+    replay = _replay_curve(cfg, base_meta)
+    steps_dir = run_dir / "steps"
+    fits: dict[int, dict[str, Any]] = {}
+
+    def score(model: nn.Module) -> float:
+        top1 = _test(model, data, cfg, device, "val")["top1"]
+        model.cpu()
+        return top1
+
+    def recover(pruned: nn.Module, step: int) -> nn.Module:
+        step_dir = steps_dir / str(step)
+        step_dir.mkdir(parents=True, exist_ok=True)
+        state = _resume_state(step_dir, cfg)
+        student = (model_from_payload(state["model"])[0] if state is not None
+                   else extend(pruned, **_partner_args(cfg)) if cfg.partners else pruned)
+        result = _fit(cfg, student, data, step_dir, meta, command="compress", state=state,
+                      progress=progress, started=time.perf_counter(),
+                      loss_terms=_loss_terms(cfg, student, baseline), replay=replay)
+        selected = _select(cfg, student, step_dir, result)
+        student = student.cpu().eval()
+        deploy = fuse(student) if partner_blocks(student) else student
+        fusion_error = (verify(student, deploy, check_x, tol=cfg.verify_tol)
+                        if deploy is not student else None)
+        fits[step] = {"epochs_trained": result.epochs, "stopped": result.stopped,
+                      "selected": selected, "fusion_error": fusion_error,
+                      "history": result.history, "precision": result.precision,
+                      "train_time_s": sum(row["epoch_time_s"] for row in result.history)}
+        return deploy
+
+    def on_step(step: BudgetStep, model: nn.Module) -> None:
+        step_dir = steps_dir / str(step.step)
+        save_model(step_dir / "deploy.pt", model.cpu(), arch=cfg.arch,
+                   num_classes=data.num_classes, meta={**meta, "budget_step": asdict(step)})
+        write_json(step_dir / "step.json", {**asdict(step), **fits.get(step.step, {})})
+        write_budget_curve(run_dir, reference, cfg.max_drop, _recorded_steps(steps_dir))
+
+    baseline = baseline.cpu().eval()
+    reference = score(baseline)
+    done = _recorded_steps(steps_dir)
+    within = [d["step"] for d in done if d["within"]]
+    start = load_model(steps_dir / str(within[-1]) / "deploy.pt")[0] if within else baseline
+    search = prune_within(
+        start, example, max_drop=cfg.max_drop, recover=recover, score=score, reference=reference,
+        done=[BudgetStep(**{k: d[k] for k in BudgetStep.__dataclass_fields__}) for d in done],
+        on_step=on_step, importance=cfg.importance, global_pruning=cfg.global_pruning,
+        round_to=cfg.round_to)
+    steps = _recorded_steps(steps_dir)
+    chosen = search.chosen
+    if chosen is None:
+        raise BPLError(
+            f"even the first step ({100 * search.steps[0].macs_reduction:.0f}% fewer MACs) fell "
+            f"{reference - search.steps[0].score:.2f} points below the baseline on validation, "
+            f"beyond --max-drop {cfg.max_drop:g}; allow a larger --max-drop or recover longer "
+            f"(--epochs); the step is in {steps_dir / '1'}")
+    deploy = search.model.cpu().eval()
+    kept = steps[chosen.step - 1]
+    trained = sum(st["epochs_trained"] for st in steps[: chosen.step])
+    base_eval = _test(baseline, data, cfg, device)
+    base_eval["val_top1"] = reference
+    deploy_eval = _test(deploy, data, cfg, device)  # the one evaluation of the test split
+    save_model(run_dir / "deploy.pt", deploy.cpu(), arch=cfg.arch, num_classes=data.num_classes,
+               meta={**meta, "epochs": trained, "budget_step": asdict(chosen),
+                     "baseline_epochs": base_meta.get("epochs")})
+    models = {"baseline": _measure(baseline, cfg, base_eval["top1"]),
+              "compressed": _measure(deploy, cfg, deploy_eval["top1"])}
+    selected = dict(kept["selected"], why=f"step {chosen.step} of the search: the smallest model "
+                    f"within --max-drop {cfg.max_drop:g}; {kept['selected']['why']}")
+    metrics = {
+        "command": "compress", "config": cfg.to_dict("compress"),
+        "budget": {**search.to_dict(), "steps": steps},
+        "baseline": base_eval, "baseline_epochs": base_meta.get("epochs"),
+        "final": deploy_eval, "classes": list(data.classes), "selected": selected,
+        "fusion_error": kept.get("fusion_error"),
+        "epochs_trained": trained,  # the kept model's: the recoveries of its step and before
+        "stopped": search.stopped, "history": kept["history"], "models": models,
+        "macs_reduction": 1 - models["compressed"]["macs"] / models["baseline"]["macs"],
+        "wall_time_s": time.perf_counter() - t0, "precision": kept["precision"],
+    }
+    write_report(run_dir, metrics)
+    return metrics
+
+
+def _recorded_steps(steps_dir: Path) -> list[dict[str, Any]]:
+    """The finished steps of a budgeted search (``steps/<k>/step.json``), in order."""
+    found = sorted((int(p.parent.name), p) for p in steps_dir.glob("*/step.json")
+                   if p.parent.name.isdigit())
+    return [json.loads(p.read_text()) for _, p in found]
 
 
 def _load_baseline(cfg: Config) -> tuple[nn.Module | None, dict[str, Any]]:

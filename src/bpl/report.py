@@ -7,9 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_json, atomic_write_text
+from .files import atomic_path, atomic_write_json, atomic_write_text
 
-__all__ = ["write_json", "write_report", "comparison_table"]
+__all__ = ["write_budget_curve", "write_json", "write_report", "comparison_table"]
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +157,71 @@ def _draw(plt, run_dir: Path, metrics: dict[str, Any]) -> list[str]:
     if final.get("confusion") and classes:
         figures["confusion.png"] = _confusion(plt, final["confusion"], classes)
     for name, fig in figures.items():
-        fig.tight_layout()
-        fig.savefig(run_dir / name, dpi=110, bbox_inches="tight")  # no label is clipped
+        _save_figure(fig, run_dir / name)
         plt.close(fig)
     return list(figures)
+
+
+def _save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")  # no label is clipped
+
+
+def write_budget_curve(run_dir: str | Path, reference: float, max_drop: float,
+                       steps: list[dict[str, Any]]) -> None:
+    """``budget_steps.csv`` and ``budget_curve.png``: every step of a ``--max-drop`` search,
+    validation top-1 against the MACs removed, with the baseline and the budget."""
+    run_dir = Path(run_dir)
+    rows = ["step,asked_macs_reduction,macs_reduction,val_top1,drop,within_budget,epochs,model"]
+    rows += [f"{st['step']},{st['target']:.4f},{st['macs_reduction']:.4f},{st['score']:.2f},"
+             f"{reference - st['score']:.2f},{str(st['within']).lower()},"
+             f"{st.get('epochs_trained', '')},steps/{st['step']}/deploy.pt" for st in steps]
+    atomic_write_text(run_dir / "budget_steps.csv", "\n".join(rows) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # plotting is a nicety, never a failure
+        log.warning("no budget plot: matplotlib unavailable (%s)", exc)
+        return
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.axhline(reference, color="gray", label="baseline")
+    ax.axhline(reference - max_drop, color="gray", linestyle="--", label=f"budget (-{max_drop:g})")
+    for within, colour in ((True, "tab:blue"), (False, "tab:red")):
+        mine = [st for st in steps if st["within"] == within]
+        ax.scatter([100 * st["macs_reduction"] for st in mine], [st["score"] for st in mine],
+                   color=colour, label="within the budget" if within else "beyond the budget")
+    for st in steps:
+        ax.annotate(str(st["step"]), (100 * st["macs_reduction"], st["score"]),
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set(title="steps of the search (validation split)", xlabel="MACs removed (%)",
+           ylabel="validation top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    _save_figure(fig, run_dir / "budget_curve.png")
+    plt.close(fig)
+
+
+def _budget_lines(budget: dict[str, Any]) -> list[str]:
+    """The steps of a ``--max-drop`` search and which one the run kept."""
+    lines = [f"## The search: the smallest model within {budget['max_drop']:g} points", "",
+             f"Baseline validation top-1: {budget['reference']:.2f}%. Each step cut the "
+             "previous step's model further and recovered it; the search ended: "
+             f"{budget['stopped']}.", "",
+             "| step | MACs removed (%) | validation top-1 (%) | below the baseline | epochs | "
+             "model |", "|---:|---:|---:|---:|---:|---|"]
+    for st in budget["steps"]:
+        kept = " **(kept)**" if st["step"] == budget.get("chosen_step") else ""
+        lines.append(f"| {st['step']}{kept} | {100 * st['macs_reduction']:.1f} | "
+                     f"{st['score']:.2f} | {budget['reference'] - st['score']:.2f} | "
+                     f"{st.get('epochs_trained', '?')} | `steps/{st['step']}/deploy.pt` |")
+    lines += ["", "Any step's model deploys like the kept one: `bpl export RUN/steps/K/deploy.pt`, "
+              "`bpl evaluate RUN/steps/K/deploy.pt` (which evaluates the test split again: "
+              "choose on this table, not on that).", "", "![budget_curve.png](budget_curve.png)",
+              ""]
+    return lines
 
 
 def _phases(metrics: dict[str, Any]) -> list[str]:
@@ -183,9 +244,13 @@ def _phases(metrics: dict[str, Any]) -> list[str]:
     if pruned:
         lines.append(f"| right after pruning | +0 | {cell(pruned.get('val_top1'))} | "
                      f"{cell(pruned.get('test_top1'))} |")
-    lines.append(f"| after fine-tuning ({method}) | +{kept.get('epoch', cfg.get('epochs', '?'))} | "
+    more = kept.get("epoch", cfg.get("epochs", "?"))
+    if metrics.get("budget"):  # every step's recovery trained the kept model
+        more = metrics.get("epochs_trained", "?")
+        method += f", {metrics['budget'].get('chosen_step')} steps"
+    lines.append(f"| after fine-tuning ({method}) | +{more} | "
                  f"{cell(kept.get('val_top1'))} | {cell(final.get('top1'))} |")
-    lines += ["", f"The compressed model trained {kept.get('epoch', cfg.get('epochs', '?'))} more "
+    lines += ["", f"The compressed model trained {more} more "
               "epochs than the baseline: part of any gain over the baseline can come from that "
               "training alone, not from the partners. To isolate the partners' effect, run the "
               "control with the same settings and `--no-partners` (plain fine-tuning of the "
@@ -238,6 +303,8 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
     lines = [f"# bpl {metrics.get('command', 'run')}: {cfg.get('arch', '?')} on {cfg.get('data', '?')}", ""]
     if metrics.get("models"):
         lines += [comparison_table(metrics["models"]), ""]
+    if metrics.get("budget"):
+        lines += _budget_lines(metrics["budget"])
     if metrics.get("command") == "compress" and metrics.get("final"):
         lines += _phases(metrics) + [""]
     for key, label in (
@@ -247,8 +314,9 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
         if metrics.get(key) is not None:
             lines.append(f"- {label}: {metrics[key]:.2e}")
     if metrics.get("macs_reduction") is not None:
-        lines.append(f"- MACs reduction: {100 * metrics['macs_reduction']:.2f}% "
-                     f"(asked {100 * cfg.get('flops_reduction', math.nan):.2f}%)")
+        asked = (f"asked {100 * cfg['flops_reduction']:.2f}%" if cfg.get("flops_reduction")
+                 else f"the smallest within --max-drop {cfg.get('max_drop')}")
+        lines.append(f"- MACs reduction: {100 * metrics['macs_reduction']:.2f}% ({asked})")
     if metrics.get("stopped"):
         lines.append(f"- trained {metrics.get('epochs_trained', '?')} epochs; training ended: "
                      f"{metrics['stopped']}")

@@ -6,6 +6,8 @@ Two ways to a physically smaller model:
   every prunable group now. With ``flops_reduction=r`` the channel pruning ratio is
   searched (:mod:`.search`) so that the MACs of the pruned model drop by ``r`` (within
   ``tolerance``, one point by default).
+* :func:`prune_within` (:mod:`.budget`): prune in steps, recovering and scoring each,
+  and keep the smallest model within an accuracy budget.
 * :class:`SoftPruner` (the paper's reference code, :mod:`.soft`): during training of an
   extended model, zero the smallest-norm filters of each partner block and its partner
   every N epochs and keep them at zero; :meth:`SoftPruner.finalize` fuses the partners
@@ -24,6 +26,7 @@ trial costs one graph trace instead of a copy of the weights.
 
 from ..errors import PruningError
 from ..modules import find_output_layers
+from .budget import LEVELS, BudgetResult, BudgetStep, prune_within
 from .graph import deploy_macs
 from .hard import PruneReport, prune
 from .importance import IMPORTANCES, SOFT_IMPORTANCES, FilterNormImportance, make_importance
@@ -31,6 +34,9 @@ from .soft import SoftPruner, SoftReport
 
 __all__ = [
     "IMPORTANCES",
+    "LEVELS",
+    "BudgetResult",
+    "BudgetStep",
     "SOFT_IMPORTANCES",
     "FilterNormImportance",
     "PruneReport",
@@ -41,4 +47,5 @@ __all__ = [
     "find_output_layers",
     "make_importance",
     "prune",
+    "prune_within",
 ]

@@ -1,0 +1,155 @@
+"""The smallest model within an accuracy budget: bpl.prune_within and bpl compress --max-drop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import bpl
+from bpl.cli import main
+from bpl.config import resolve_config
+from bpl.errors import BPLError, InvalidArgumentError
+from bpl.models import build_model, load_model
+from bpl.pruning import BudgetStep, deploy_macs
+
+
+def tiny_resnet():
+    return build_model("tiny_resnet", 10)
+
+
+
+FAST = ["--data", "digits", "--image-size", "16", "--batch-size", "64", "--quiet", "--no-latency"]
+
+
+def _search(model, x, *, max_drop, done=(), calls=None, full=None, **kw):
+    """A search whose 'recovery' does nothing and whose score falls 10 points per 10% of
+    MACs removed: the outcome of every budget is known in advance."""
+    full = full or deploy_macs(model, x)
+    calls = [] if calls is None else calls
+
+    def recover(pruned, step):
+        calls.append(step)
+        return pruned
+
+    def score(m):
+        return 100.0 - 100.0 * (1 - deploy_macs(m, x) / full)
+
+    return bpl.prune_within(model, x, max_drop=max_drop, recover=recover, score=score,
+                            done=done, round_to=None, **kw), calls
+
+
+def test_prune_within_keeps_the_last_step_within_the_budget():
+    torch.manual_seed(0)
+    model, x = tiny_resnet(), torch.randn(1, 3, 16, 16)
+    full = deploy_macs(model, x)
+    seen = []
+    result, calls = _search(model, x, max_drop=80.0, levels=(0.5, 0.74, 0.85),
+                            on_step=lambda step, m: seen.append(step.step))
+    # 50% costs ~50 points (within 80), 74% ~74 (within), 85% ~85 (beyond): step 2 is kept
+    assert [s.within for s in result.steps] == [True, True, False] and calls == seen == [1, 2, 3]
+    assert result.chosen.step == 2 and "beyond the budget" in result.stopped
+    assert 1 - deploy_macs(result.model, x) / full == pytest.approx(result.steps[1].macs_reduction)
+    assert result.steps[1].macs_reduction == pytest.approx(0.74, abs=0.02)
+    # every level within the budget: the last one is kept
+    wide, _ = _search(model, x, max_drop=99.0, levels=(0.5, 0.74))
+    assert wide.chosen.step == 2 and "stayed within the budget" in wide.stopped
+    # not even the first step: no model
+    tight, _ = _search(model, x, max_drop=1.0, levels=(0.5,))
+    assert tight.model is None and tight.chosen is None
+
+
+def test_prune_within_continues_a_search_from_its_finished_steps():
+    torch.manual_seed(0)
+    model, x = tiny_resnet(), torch.randn(1, 3, 16, 16)
+    straight, _ = _search(model, x, max_drop=80.0, levels=(0.5, 0.74, 0.85))
+    first, _ = _search(model, x, max_drop=80.0, levels=(0.5,))
+    resumed, calls = _search(first.model, x, max_drop=80.0, levels=(0.5, 0.74, 0.85),
+                             done=first.steps, reference=first.reference,
+                             full=deploy_macs(model, x))
+    assert calls == [2, 3]  # step 1 is not run again
+    assert [s.within for s in resumed.steps] == [s.within for s in straight.steps]
+    assert [s.macs_reduction for s in resumed.steps] == pytest.approx(
+        [s.macs_reduction for s in straight.steps])
+    # a finished search (its last step beyond the budget) runs nothing more
+    over, calls = _search(straight.model, x, max_drop=80.0, levels=(0.5, 0.74, 0.85),
+                          done=straight.steps, reference=straight.reference)
+    assert calls == [] and over.model is straight.model and over.chosen.step == 2
+    with pytest.raises(InvalidArgumentError, match="levels must rise"):
+        _search(model, x, max_drop=1.0, levels=(0.7, 0.5))
+    with pytest.raises(InvalidArgumentError, match="max_drop"):
+        _search(model, x, max_drop=-1.0)
+    with pytest.raises(InvalidArgumentError, match="reference"):
+        _search(model, x, max_drop=1.0, done=[BudgetStep(1, 0.5, 0.5, 50.0, True)])
+
+
+def test_max_drop_is_an_alternative_to_flops_reduction():
+    assert resolve_config(overrides={"max_drop": 1.0}).flops_reduction is None
+    with pytest.raises(BPLError, match="not both"):
+        resolve_config(overrides={"max_drop": 1.0, "flops_reduction": 0.5})
+    with pytest.raises(BPLError, match="cannot run the soft schedule"):
+        resolve_config(overrides={"max_drop": 1.0, "soft": True})
+    with pytest.raises(BPLError, match="--val-ratio above 0"):
+        resolve_config(overrides={"max_drop": 1.0, "val_ratio": 0.0})
+    with pytest.raises(BPLError, match="from 0 to 100"):
+        resolve_config(overrides={"max_drop": -2.0})
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "base"
+    assert main(["train", *FAST, "--arch", "tiny_resnet", "--epochs", "3", "--lr", "0.1",
+                 "--out", str(out)]) == 0
+    return out / "best.pt"
+
+
+def test_compress_max_drop_keeps_every_step_and_resumes(baseline, tmp_path, capsys):
+    out = tmp_path / "search"
+    args = ["compress", *FAST, "--baseline", str(baseline), "--max-drop", "4", "--epochs", "1",
+            "--out", str(out)]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    budget = metrics["budget"]
+    steps = budget["steps"]
+    kept = budget["chosen_step"]
+    assert kept >= 1 and all(s["within"] for s in steps[:kept])
+    assert len(steps) == kept or not steps[kept]["within"]  # it stopped at the first miss
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+    macs = [s["macs_reduction"] for s in steps]
+    assert macs == sorted(macs) and macs[0] == pytest.approx(0.5, abs=0.02)
+    for s in steps:  # every step is a deployable model, fused (partners by default) and checked
+        assert (out / "steps" / str(s["step"]) / "deploy.pt").exists()
+        assert s["fusion_error"] < 1e-4
+    # the run's deploy.pt is the kept step's model; the test split was evaluated on it once
+    a, _ = load_model(out / "deploy.pt")
+    b, _ = load_model(out / "steps" / str(kept) / "deploy.pt")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert metrics["macs_reduction"] == pytest.approx(steps[kept - 1]["macs_reduction"], abs=1e-3)
+    assert metrics["epochs_trained"] == kept
+    csv_rows = (out / "budget_steps.csv").read_text().splitlines()
+    assert len(csv_rows) == len(steps) + 1 and (out / "budget_curve.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "smallest model within 4 points" in report and f"| {kept} **(kept)** |" in report
+
+    # cut off during the last step: its record and model gone, its training run kept
+    last = out / "steps" / str(len(steps))
+    (last / "step.json").unlink()
+    (last / "deploy.pt").unlink()
+    (out / "metrics.json").unlink()
+    capsys.readouterr()
+    assert main(args) == 1  # the run is there: a new search into it is refused
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    keys = ("step", "target", "macs_reduction", "score", "within", "epochs_trained", "history")
+    assert [{k: s[k] for k in keys} for s in again["budget"]["steps"]] == [
+        {k: s[k] for k in keys} for s in steps]
+    assert again["final"]["top1"] == metrics["final"]["top1"]
+
+
+def test_compress_needs_one_target(baseline, tmp_path, capsys):
+    assert main(["compress", *FAST, "--baseline", str(baseline), "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert "--flops-reduction" in err and "--max-drop" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
