@@ -104,7 +104,7 @@ DEFAULTS: dict[str, Any] = {
     "arms": list(ARMS),  # the study's arms (a subset of ARMS); plain is always one of them
     "paired_with": None,  # another study's results folder: report this one against it, run by run
     "baselines_from": None,  # another study's `out`: use its baselines (linked), train none here
-    "cpu_bf16": None,  # False: fp32 on every CPU; True: bf16 forced; None: bf16 where AMX is
+    "cpu_bf16": None,  # False: fp32 on every CPU; True: bf16 forced; None: the default (fp32)
     "pilot": {"seeds": [0, 1], "reduction": 0.9, "variants": list(VARIANTS), "datasets": None},
     "threads": None,
     "common": {},  # bpl Config fields of every run
@@ -237,7 +237,9 @@ def _state_sha256(path: Path) -> str:
 
 
 def _protocol(cfg: Config) -> dict[str, Any]:
-    return {k: v for k, v in cfg.to_dict().items() if k not in NOT_PROTOCOL}
+    """The settings that decide a run's numbers (a baseline's: none of compress's own)."""
+    command = "compress" if cfg.baseline else "train"
+    return {k: v for k, v in cfg.to_dict(command).items() if k not in NOT_PROTOCOL}
 
 
 def write_record(settings: dict[str, Any], cfg: Config) -> dict[str, Any]:

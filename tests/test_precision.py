@@ -38,18 +38,21 @@ def amx(monkeypatch):
     return set_caps
 
 
-def test_bf16_is_chosen_only_where_the_cpu_has_amx(amx, monkeypatch):
+def test_bf16_is_chosen_only_where_asked_and_the_cpu_has_amx(amx, monkeypatch):
     amx(True)
     assert cpu_bf16()[0]
+    # float32 is the default even with AMX (the paired accuracy check, docs/results.md)
     p = choose_precision(CPU)
+    assert p.dtype is None and not p.channels_last and "--cpu-bf16" in p.why
+    p = choose_precision(CPU, cpu_bf16_opt_in=True)
     assert p.dtype is torch.bfloat16 and p.channels_last and not p.scaled
     assert "AMX" in str(p)
     # AVX512-BF16 alone measured 0.86-1.03x fp32: no
     amx(False, avx512_bf16=True)
     native, why = cpu_bf16()
     assert not native and "AVX512-BF16 but no AMX" in why
-    p = choose_precision(CPU)
-    assert p.dtype is None and not p.channels_last  # fp32 NCHW, exactly as before
+    p = choose_precision(CPU, cpu_bf16_opt_in=True)
+    assert p.dtype is None and not p.channels_last and "no AMX" in p.why  # fp32 NCHW
     # oneDNN held below AMX cannot use it
     amx(True)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
@@ -196,3 +199,22 @@ def test_the_command_says_what_it_trained_in(tmp_path, monkeypatch):
     assert [p["autocast"] for p in metrics["precision"]] == ["bfloat16", "float32"]
     assert metrics["fusion_error"] <= 1e-5
     assert "channels_last (BPL_CPU_BF16=1); then float32" in (out / "report.md").read_text()
+
+
+def test_cpu_bf16_flag_reaches_the_engine(amx, tmp_path, monkeypatch):
+    from bpl.cli import build_parser
+    from bpl.config import resolve_config
+
+    assert build_parser().parse_args(["train", "--cpu-bf16"]).cpu_bf16 is True
+    assert resolve_config().cpu_bf16 is False
+    monkeypatch.delenv(precision.ENV, raising=False)
+    amx(True)
+    settings = TrainSettings.from_object(resolve_config(overrides={"cpu_bf16": True}))
+    settings.epochs, settings.batch_size, settings.device = 1, 16, "cpu"
+    result = fit(tiny_student(), tiny_data(), None, settings, tmp_path, num_classes=3,
+                 payload=lambda m: {"state_dict": m.state_dict()}, progress=False)
+    assert result.precision[0]["autocast"] == "bfloat16"
+    settings.cpu_bf16 = False
+    result = fit(tiny_student(), tiny_data(), None, settings, tmp_path / "b", num_classes=3,
+                 payload=lambda m: {"state_dict": m.state_dict()}, progress=False)
+    assert result.precision[0]["autocast"] == "float32"

@@ -94,7 +94,8 @@ class Config:
     select: str = "best"
     # execution
     device: str = "auto"
-    amp: bool = True  # fp16 on CUDA, bf16 on a CPU with AMX (bpl.precision)
+    amp: bool = True  # fp16 on CUDA (bpl.precision)
+    cpu_bf16: bool = False  # bf16 + channels_last on a CPU with AMX: faster, opt-in
     channels_last: bool = True  # together with mixed precision
     workers: int = 0
     sync_bn: bool = False
@@ -126,7 +127,7 @@ TRAIN_ONLY = frozenset({"weights", "pretrained"})
 #: What ``--resume`` lets a flag change: none of it alters what the run computes so far.
 #: (A resumed run may also compute in another precision: its checkpoints hold float32 weights.)
 RESUME_SAFE = frozenset({"epochs", "max_epochs", "device", "workers", "latency", "cache_dir", "out", "resume",
-                         "compile", "amp", "channels_last"})
+                         "compile", "amp", "channels_last", "cpu_bf16"})
 
 
 #: Named recipes; a recipe fills fields before the config file and the flags do.

@@ -89,7 +89,8 @@ class TrainSettings:
     replay: Sequence[float] = ()  # replay: the learning rate of each epoch of the run replayed
     label_smoothing: float = 0.0
     device: str = "auto"
-    amp: bool = True  # mixed precision where it is faster: fp16 on CUDA, bf16 on a CPU with AMX
+    amp: bool = True  # mixed precision: fp16 on CUDA; on a CPU only with cpu_bf16
+    cpu_bf16: bool = False  # bf16 + channels_last on a CPU with AMX (opt-in: docs/results.md)
     channels_last: bool = True  # with mixed precision (and always on CUDA)
     workers: int = 0
     sync_bn: bool = False
@@ -466,7 +467,7 @@ def fit(
     run_dir = Path(run_dir)
     ctx = distributed.current()
     device = select_device(settings.device)
-    precision = choose_precision(device, settings.amp, settings.channels_last)
+    precision = choose_precision(device, settings.amp, settings.channels_last, settings.cpu_bf16)
     if ctx.is_main:
         log.info("training in %s", precision)
     model.to(device)

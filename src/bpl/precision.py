@@ -82,12 +82,14 @@ class Precision:
 
 
 def choose_precision(device: torch.device, amp: bool = True,
-                     channels_last: bool = True) -> Precision:
+                     channels_last: bool = True, cpu_bf16_opt_in: bool = False) -> Precision:
     """The precision a run on ``device`` uses: ``amp`` and ``channels_last`` say where allowed.
 
-    CUDA: float16 autocast when ``amp``. CPU: bfloat16 autocast when ``amp`` and the CPU
-    has AMX (:func:`cpu_bf16`), channels_last only together with it (in fp32 it measured
-    0.9x-1.3x NCHW depending on the network, so fp32 stays NCHW). Elsewhere: float32.
+    CUDA: float16 autocast when ``amp``. CPU: float32 unless ``cpu_bf16_opt_in``
+    (``--cpu-bf16``) or ``BPL_CPU_BF16=1`` asks for bfloat16, which runs where the CPU
+    has AMX (:func:`cpu_bf16`), with channels_last (in fp32 it measured 0.9x-1.3x NCHW
+    depending on the network, so fp32 stays NCHW). Opt-in because bpl's paired check
+    found test top-1 differences beyond their intervals in 2 of 8 cells (docs/results.md).
     """
     if device.type == "cuda":
         why = "CUDA mixed precision" if amp else "--no-amp"
@@ -96,6 +98,9 @@ def choose_precision(device: torch.device, amp: bool = True,
         return Precision(None, False, device.type, f"no mixed precision on {device.type}")
     if not amp:
         return Precision(None, False, "cpu", "--no-amp")
+    if not cpu_bf16_opt_in and os.environ.get(ENV, "").strip() != "1":
+        return Precision(None, False, "cpu", "float32 is the CPU default; --cpu-bf16 trains in "
+                         "bfloat16 where the CPU has AMX")
     native, why = cpu_bf16()
     if not native:
         return Precision(None, False, "cpu", why)
