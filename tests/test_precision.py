@@ -62,6 +62,7 @@ def test_bf16_is_chosen_only_where_asked_and_the_cpu_has_amx(amx, monkeypatch):
     # the override wins either way, and --no-amp keeps fp32
     monkeypatch.setenv(precision.ENV, "0")
     assert not cpu_bf16()[0]
+    assert choose_precision(CPU, cpu_bf16_opt_in=True).why == "BPL_CPU_BF16=0"
     amx(False)
     monkeypatch.setenv(precision.ENV, "1")
     assert cpu_bf16() == (True, "BPL_CPU_BF16=1")

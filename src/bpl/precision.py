@@ -98,7 +98,7 @@ def choose_precision(device: torch.device, amp: bool = True,
         return Precision(None, False, device.type, f"no mixed precision on {device.type}")
     if not amp:
         return Precision(None, False, "cpu", "--no-amp")
-    if not cpu_bf16_opt_in and os.environ.get(ENV, "").strip() != "1":
+    if not cpu_bf16_opt_in and os.environ.get(ENV, "").strip() not in ("0", "1"):
         return Precision(None, False, "cpu", "float32 is the CPU default; --cpu-bf16 trains in "
                          "bfloat16 where the CPU has AMX")
     native, why = cpu_bf16()
