@@ -106,7 +106,9 @@ def baseline(tmp_path_factory):
 
 def test_compress_max_drop_keeps_every_step_and_resumes(baseline, tmp_path, capsys):
     out = tmp_path / "search"
-    args = ["compress", *FAST, "--baseline", str(baseline), "--max-drop", "4", "--epochs", "1",
+    # a wide budget: the first step is within it whatever one epoch of recovery gives (the
+    # library test above covers stopping at a miss deterministically)
+    args = ["compress", *FAST, "--baseline", str(baseline), "--max-drop", "30", "--epochs", "1",
             "--out", str(out)]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -130,7 +132,7 @@ def test_compress_max_drop_keeps_every_step_and_resumes(baseline, tmp_path, caps
     csv_rows = (out / "budget_steps.csv").read_text().splitlines()
     assert len(csv_rows) == len(steps) + 1 and (out / "budget_curve.png").stat().st_size > 0
     report = (out / "report.md").read_text()
-    assert "smallest model within 4 points" in report and f"| {kept} **(kept)** |" in report
+    assert "smallest model within 30 points" in report and f"| {kept} **(kept)** |" in report
 
     # cut off during the last step: its record and model gone, its training run kept
     last = out / "steps" / str(len(steps))
