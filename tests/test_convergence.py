@@ -112,6 +112,8 @@ def test_epochs_auto_is_the_plateau_schedule_and_refuses_what_it_cannot_honour()
             resolve_config(overrides={"epochs": bad})
     with pytest.raises(BPLError, match="--patience"):
         resolve_config(overrides={"patience": 0})
+    with pytest.raises(BPLError, match="cannot take --lr"):
+        resolve_config(overrides={"recipe": "rewind", "lr": 0.1})
     for name in ("cosine", "rewind", "onecycle", "constant"):
         assert resolve_config(overrides={"recipe": name}).schedule == RECIPES[name]["schedule"]
 

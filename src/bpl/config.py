@@ -209,6 +209,9 @@ def resolve_config(
         values.update(RECIPES[recipe])
     values.update(from_file)
     values.update(overrides)
+    if values.get("schedule") == "replay" and "lr" in {**from_file, **overrides}:
+        raise BPLError("--recipe rewind (--schedule replay) replays the baseline's own learning "
+                       "rates, so it cannot take --lr: leave --lr out, or choose another --recipe")
     if values.get("epochs") == "auto":
         given = {**(RECIPES.get(recipe) or {}), **from_file, **overrides}.get("schedule")
         if given not in (None, "plateau"):
