@@ -23,7 +23,7 @@ from .config import (
 )
 from .errors import BPLError
 from .partner import INITS
-from .pruning import IMPORTANCES, SOFT_IMPORTANCES
+from .pruning import IMPORTANCES, LEVELS, SOFT_IMPORTANCES
 
 log = logging.getLogger("bpl")
 S = argparse.SUPPRESS
@@ -136,8 +136,9 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "flops-reduction", type=float, metavar="R",
           help="fraction of MACs to remove, e.g. 0.74 (this, or --max-drop)")
     _flag(g, "max-drop", type=float, metavar="POINTS",
-          help="instead of --flops-reduction: prune in steps (50%%, 74%%, 85%%, 90%%, 93%%, "
-               "95%% fewer MACs), recovering each for --epochs, and keep the smallest model "
+          help="instead of --flops-reduction: prune in steps ("
+               + ", ".join(f"{100 * level:.0f}%%" for level in LEVELS)
+               + " fewer MACs), recovering each for --epochs, and keep the smallest model "
                "within POINTS of the baseline's validation top-1; every step is kept in "
                "steps/K/ of the run")
     _flag(g, "soft", action="store_true",

@@ -2,9 +2,9 @@
 
 Loss = cross-entropy + whatever extra loss terms the caller passes (the pipeline passes
 the diversity loss and distillation), SGD with momentum, a per-iteration cosine or step
-schedule with warm-up, mixed precision and channels_last where the device runs them
-faster (float16 on CUDA, bfloat16 on a CPU with AMX: :mod:`bpl.precision`), and epoch
-hooks (the soft pruner is one). After every epoch the model is evaluated on the
+schedule with warm-up (or the plateau schedule of ``--epochs auto``), mixed precision
+and channels_last (float16 on CUDA; bfloat16 on a CPU with AMX when asked:
+:mod:`bpl.precision`), and epoch hooks (the soft pruner is one). After every epoch the model is evaluated on the
 validation set (in float32), the epoch with the best validation top-1 is kept in
 ``best.pt``, and the whole training state is
 written atomically to ``last.pt``, so a run killed at any point resumes from the last

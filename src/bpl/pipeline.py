@@ -384,6 +384,13 @@ def _check_inputs(data) -> torch.Tensor:
     return torch.stack([data.test[i][0] for i in range(min(8, len(data.test)))])
 
 
+def _fuse_checked(student: nn.Module, check_x: torch.Tensor, tol: float
+                  ) -> tuple[nn.Module, float]:
+    """The partners folded in, and the fused model's error against ``student`` (checked)."""
+    deploy = fuse(student)
+    return deploy, verify(student, deploy, check_x, tol=tol)
+
+
 def _compress(
     cfg: Config, run_dir: Path, baseline: nn.Module | None, base_meta: dict[str, Any],
     progress: bool
@@ -440,8 +447,7 @@ def _compress(
         metrics["removal_error"] = hooks[0].report.removal_error
         metrics["fusion_error"] = hooks[0].report.fusion_error
     elif cfg.partners:
-        deploy = fuse(student)
-        metrics["fusion_error"] = verify(student, deploy, check_x, tol=cfg.verify_tol)
+        deploy, metrics["fusion_error"] = _fuse_checked(student, check_x, cfg.verify_tol)
     else:
         deploy = student
     deploy_eval = _test(deploy, data, cfg, device)
@@ -508,9 +514,8 @@ def _compress_within(
                       loss_terms=_loss_terms(cfg, student, baseline), replay=replay)
         selected = _select(cfg, student, step_dir, result)
         student = student.cpu().eval()
-        deploy = fuse(student) if partner_blocks(student) else student
-        fusion_error = (verify(student, deploy, check_x, tol=cfg.verify_tol)
-                        if deploy is not student else None)
+        deploy, fusion_error = (_fuse_checked(student, check_x, cfg.verify_tol) if cfg.partners
+                                else (student, None))
         fits[step] = {"epochs_trained": result.epochs, "stopped": result.stopped,
                       "selected": selected, "fusion_error": fusion_error,
                       "history": result.history, "precision": result.precision,

@@ -116,8 +116,8 @@ def _confusion(plt, confusion: list[list[int]], classes: list[str]):
     return fig
 
 
-def _plots(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
-    """Training curves, accuracy vs MACs and the confusion matrix as PNGs; returns file names."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, or None (with a warning) without it."""
     try:
         import matplotlib
 
@@ -125,6 +125,14 @@ def _plots(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
         import matplotlib.pyplot as plt
     except Exception as exc:  # plotting is a nicety, never a failure
         log.warning("no plots: matplotlib unavailable (%s)", exc)
+        return None
+    return plt
+
+
+def _plots(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
+    """Training curves, accuracy vs MACs and the confusion matrix as PNGs; returns file names."""
+    plt = _pyplot()
+    if plt is None:
         return []
     try:
         return _draw(plt, run_dir, metrics)
@@ -178,13 +186,8 @@ def write_budget_curve(run_dir: str | Path, reference: float, max_drop: float,
              f"{reference - st['score']:.2f},{str(st['within']).lower()},"
              f"{st.get('epochs_trained', '')},steps/{st['step']}/deploy.pt" for st in steps]
     atomic_write_text(run_dir / "budget_steps.csv", "\n".join(rows) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as exc:  # plotting is a nicety, never a failure
-        log.warning("no budget plot: matplotlib unavailable (%s)", exc)
+    plt = _pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.axhline(reference, color="gray", label="baseline")
@@ -285,7 +288,7 @@ def _per_class(metrics: dict[str, Any]) -> list[str]:
 
 def _precision_lines(segments: list[dict[str, str]]) -> list[str]:
     """Which precision and memory format training ran in (per segment where they differ);
-    validation followed it, the test split was evaluated in float32."""
+    validation and the test split were evaluated in float32."""
     if not segments:
         return []
     kinds = list(dict.fromkeys(f"{s['autocast']}, {s['memory_format']} ({s['why']})"
