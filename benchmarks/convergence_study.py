@@ -59,6 +59,10 @@ DEFAULTS: dict[str, Any] = {
     "flops_reduction": 0.9,
     "recoveries": {},  # name -> bpl compress flags
     "reference": {"baseline": None, "recovery": None},  # what the paired differences are against
+    # name -> a record of another study that is this study's run by another name (same
+    # protocol, seed and split), e.g. the recovery study's 40-epoch baselines:
+    # benchmarks/results/recovery/records/{dataset}__seed{seed}__baseline.json
+    "imported": {},
 }
 
 
@@ -115,6 +119,10 @@ def _data_flags(data: dict[str, Any]) -> dict[str, Any]:
 
 def plan(settings: dict[str, Any]) -> list[Job]:
     """Every run of the study, baselines first, seed by seed."""
+    same = sorted(set(settings["recoveries"]) & {*settings["baselines"], *settings["imported"]})
+    if same:  # one run directory and one record per name: a recovery would meet a baseline's
+        raise SystemExit(f"a recovery and a baseline share the name {', '.join(same)}: "
+                         "rename one of them in the config")
     jobs = []
     for seed in settings["seeds"]:
         for dataset, data in settings["datasets"].items():
@@ -255,7 +263,32 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
 
 def load_records(settings: dict[str, Any]) -> list[dict[str, Any]]:
     folder = _in_repo(settings["results"]) / "records"
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    for name, template in settings["imported"].items():
+        for seed in settings["seeds"]:
+            for dataset in settings["datasets"]:
+                path = _in_repo(template.format(dataset=dataset, seed=seed))
+                if path.exists():
+                    source = template.format(dataset=dataset, seed=seed)
+                    records.append(imported_record(json.loads(path.read_text()), dataset, seed,
+                                                   name, source))
+    return records
+
+
+def imported_record(raw: dict[str, Any], dataset: str, seed: int, name: str, source: str
+                    ) -> dict[str, Any]:
+    """A ``bpl train`` run recorded by another study (its record holds the run's whole
+    metrics.json) as a record of this one."""
+    metrics = raw["metrics"]
+    history = metrics["history"]
+    kept = metrics.get("selected") or {}
+    return {"dataset": dataset, "seed": seed, "name": name, "command": metrics["command"],
+            "epochs_trained": metrics.get("epochs_trained", len(history)),
+            "stopped": metrics.get("stopped"), "kept_epoch": kept.get("epoch"),
+            "val_top1": kept.get("val_top1"), "test_top1": metrics["final"]["top1"],
+            "wall_time_s": metrics.get("wall_time_s"), "precision": metrics.get("precision"),
+            "lr": [row["lr"] for row in history],
+            "val_curve": [row.get("val_top1") for row in history], "imported_from": source}
 
 
 def _paired(records: list[dict[str, Any]], name: str, ref: str, key: str) -> list[float]:
@@ -281,7 +314,8 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
     for dataset in settings["datasets"]:
         rows = [r for r in records if r["dataset"] == dataset]
         table = {}
-        for kind, names in (("train", settings["baselines"]), ("compress", settings["recoveries"])):
+        baselines = [*settings["imported"], *settings["baselines"]]
+        for kind, names in (("train", baselines), ("compress", settings["recoveries"])):
             ref = settings["reference"]["baseline" if kind == "train" else "recovery"]
             for name in names:
                 mine = [r for r in rows if r["name"] == name]

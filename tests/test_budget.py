@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -54,10 +55,38 @@ def test_prune_within_keeps_the_last_step_within_the_budget():
     assert result.steps[1].macs_reduction == pytest.approx(0.74, abs=0.02)
     # every level within the budget: the last one is kept
     wide, _ = _search(model, x, max_drop=99.0, levels=(0.5, 0.74))
-    assert wide.chosen.step == 2 and "stayed within the budget" in wide.stopped
+    assert wide.chosen.step == 2 and "reached within the budget" in wide.stopped
     # not even the first step: no model
     tight, _ = _search(model, x, max_drop=1.0, levels=(0.5,))
     assert tight.model is None and tight.chosen is None
+
+
+def test_step_levels_keep_the_same_share_of_the_macs_at_every_cut():
+    levels = bpl.step_levels(0.9, 4)
+    kept = [1 - v for v in levels]
+    assert levels[-1] == pytest.approx(0.9)
+    assert [b / a for a, b in zip([1.0, *kept], kept, strict=False)] == pytest.approx(
+        [0.1 ** 0.25] * 4)
+    assert bpl.step_levels(0.5, 1) == pytest.approx([0.5])
+    for bad in ((0.9, 0), (0.9, 1.5), (1.0, 2), (0.0, 2)):
+        with pytest.raises(InvalidArgumentError):
+            bpl.step_levels(*bad)
+
+
+def test_prune_within_without_a_budget_takes_every_step():
+    """Iterative pruning to a fixed cut: max_drop inf keeps the last step, however it scores."""
+    torch.manual_seed(0)
+    model, x = tiny_resnet(), torch.randn(1, 3, 16, 16)
+    full = deploy_macs(model, x)
+    result, calls = _search(model, x, max_drop=math.inf, levels=bpl.step_levels(0.85, 3))
+    assert calls == [1, 2, 3] and all(s.within for s in result.steps)
+    assert result.chosen.step == 3 and "reached" in result.stopped
+    assert "budget" not in result.stopped and result.to_dict()["max_drop"] is None
+    assert 1 - deploy_macs(result.model, x) / full == pytest.approx(0.85, abs=0.02)
+    # a NaN score (no validation split) does not end it either
+    nan = bpl.prune_within(model, x, max_drop=math.inf, recover=lambda m, k: m,
+                           score=lambda m: math.nan, levels=(0.5, 0.74), round_to=None)
+    assert nan.chosen.step == 2
 
 
 def test_prune_within_continues_a_search_from_its_finished_steps():
@@ -94,6 +123,18 @@ def test_max_drop_is_an_alternative_to_flops_reduction():
         resolve_config(overrides={"max_drop": 1.0, "val_ratio": 0.0})
     with pytest.raises(BPLError, match="from 0 to 100"):
         resolve_config(overrides={"max_drop": -2.0})
+
+
+def test_prune_steps_is_for_a_fixed_cut():
+    assert resolve_config(overrides={"flops_reduction": 0.9, "prune_steps": 3}).prune_steps == 3
+    assert resolve_config().prune_steps == 1  # one-shot by default
+    with pytest.raises(BPLError, match="only with a fixed --flops-reduction"):
+        resolve_config(overrides={"max_drop": 1.0, "prune_steps": 3})
+    with pytest.raises(BPLError, match="--prune-steps or --soft"):
+        resolve_config(overrides={"flops_reduction": 0.9, "prune_steps": 3, "soft": True})
+    for bad in (0, 1.5, True):
+        with pytest.raises(BPLError, match="--prune-steps must be a whole number"):
+            resolve_config(overrides={"flops_reduction": 0.9, "prune_steps": bad})
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +189,25 @@ def test_compress_max_drop_keeps_every_step_and_resumes(baseline, tmp_path, caps
     assert [{k: s[k] for k in keys} for s in again["budget"]["steps"]] == [
         {k: s[k] for k in keys} for s in steps]
     assert again["final"]["top1"] == metrics["final"]["top1"]
+
+
+def test_compress_prune_steps_reaches_the_cut_in_steps(baseline, tmp_path):
+    out = tmp_path / "steps"
+    assert main(["compress", *FAST, "--baseline", str(baseline), "--flops-reduction", "0.74",
+                 "--prune-steps", "2", "--epochs", "1", "--no-partners", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    steps = metrics["budget"]["steps"]
+    assert metrics["budget"]["max_drop"] is None and metrics["budget"]["chosen_step"] == 2
+    assert [s["target"] for s in steps] == pytest.approx(bpl.step_levels(0.74, 2))
+    assert steps[0]["macs_reduction"] < steps[1]["macs_reduction"]
+    assert metrics["macs_reduction"] == pytest.approx(0.74, abs=0.02)
+    assert metrics["epochs_trained"] == 2  # one epoch per step
+    a, _ = load_model(out / "deploy.pt")
+    b, _ = load_model(out / "steps" / "2" / "deploy.pt")
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    report = (out / "report.md").read_text()
+    assert "## The steps: 2 cuts" in report and "smallest model within" not in report
+    assert "step 2 of 2: the last cut" in metrics["selected"]["why"]
 
 
 def test_compress_needs_one_target(baseline, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from benchmark_scripts import load_benchmark
@@ -60,3 +61,31 @@ def test_study_runs_baselines_then_recoveries_resumes_and_reports(tmp_path, caps
     assert "| rewind-1 | compress | 2 |" in summary and "vs cosine-1" in summary
     result = json.loads((tmp_path / "results" / "results.json").read_text())
     assert result["summary"]["digits"]["rewind-1"]["test_vs_ref"]["n"] == 2
+
+    # a run another study recorded (its record holds the run's metrics.json) joins the report
+    # as a baseline of this one, by name, paired by dataset and seed
+    settings = study.load_settings(config)
+    for seed in (0, 1):
+        metrics = json.loads((tmp_path / "runs" / "digits" / f"seed{seed}" / "fixed" /
+                              "metrics.json").read_text())
+        old = tmp_path / "old" / f"digits__seed{seed}.json"
+        old.parent.mkdir(exist_ok=True)
+        old.write_text(json.dumps({"config": {}, "metrics": metrics}))
+    settings["imported"] = {"old": str(tmp_path / "old" / "{dataset}__seed{seed}.json")}
+    mine = {(r["seed"], r["name"]): r for r in study.load_records(settings)}
+    for seed in (0, 1):
+        assert mine[(seed, "old")]["test_top1"] == mine[(seed, "fixed")]["test_top1"]
+        assert mine[(seed, "old")]["val_top1"] == mine[(seed, "fixed")]["val_top1"]
+    table = study.summarize(settings, study.load_records(settings))["digits"]
+    assert table["old"]["runs"] == 2 and table["old"]["kind"] == "train"
+    assert table["old"]["test_vs_ref"]["mean"] == 0.0  # the same runs as the reference's
+
+
+def test_a_recovery_may_not_share_a_baselines_name(tmp_path):
+    """Their runs would share one directory and one record (the recovery meets the train run)."""
+    study = _load_script()
+    settings = {**study.DEFAULTS, "datasets": {"digits": {"data": "digits"}},
+                "baselines": {"auto": {"epochs": "auto"}}, "prune_from": "auto",
+                "recoveries": {"auto": {"epochs": "auto"}}}
+    with pytest.raises(SystemExit, match="share the name auto"):
+        study.plan(settings)

@@ -33,6 +33,7 @@ from .pruning import (
     SoftPruner,
     prune,
     prune_within,
+    step_levels,
 )
 from .verification import relative_error, verify
 
@@ -80,5 +81,6 @@ __all__ = [
     "prune_within",
     "relative_error",
     "save_model",
+    "step_levels",
     "verify",
 ]

@@ -141,6 +141,10 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
                + " fewer MACs), recovering each for --epochs, and keep the smallest model "
                "within POINTS of the baseline's validation top-1; every step is kept in "
                "steps/K/ of the run")
+    _flag(g, "prune-steps", type=int, metavar="N",
+          help="reach --flops-reduction in N cuts, each keeping the same share of the MACs "
+               "and each recovered for --epochs (iterative pruning); every step is kept in "
+               "steps/K/ of the run")
     _flag(g, "soft", action="store_true",
           help="the reference code's soft schedule instead of pruning first")
     _flag(g, "soft-every", type=int, metavar="N", help="soft schedule: re-pick filters every N epochs")

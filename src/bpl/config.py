@@ -76,6 +76,7 @@ class Config:
     # compression
     flops_reduction: float | None = None  # a fixed cut; or ...
     max_drop: float | None = None  # ... the smallest model within this many validation points
+    prune_steps: int = 1  # a fixed cut reached in this many cuts, each recovered for --epochs
     accept_closest: bool = False
     soft: bool = False
     soft_every: int = 1
@@ -118,7 +119,7 @@ class Config:
 
 #: Fields only `bpl compress` reads (a train run's config.json leaves them out).
 COMPRESS_ONLY = frozenset({
-    "baseline", "flops_reduction", "max_drop", "accept_closest", "soft", "soft_every", "importance",
+    "baseline", "flops_reduction", "max_drop", "prune_steps", "accept_closest", "soft", "soft_every", "importance",
     "global_pruning", "round_to", "init", "partner_share", "placement", "diversity_weight",
     "granularity", "partners", "distill", "distill_temperature", "distill_weight", "verify_tol",
 })
@@ -300,6 +301,17 @@ def _check(cfg: Config) -> None:
         if cfg.val_ratio == 0:
             raise BPLError("--max-drop judges each step on the validation split: pass "
                            "--val-ratio above 0")
+    if (isinstance(cfg.prune_steps, bool) or not isinstance(cfg.prune_steps, int)
+            or cfg.prune_steps < 1):
+        raise BPLError(f"--prune-steps must be a whole number of at least 1, got "
+                       f"{cfg.prune_steps!r}")
+    if cfg.prune_steps > 1:
+        if cfg.max_drop is not None:
+            raise BPLError("--max-drop cuts in its own steps (bpl.LEVELS); give --prune-steps "
+                           "only with a fixed --flops-reduction")
+        if cfg.soft:
+            raise BPLError("--prune-steps cuts in hard steps and cannot run the soft schedule; "
+                           "leave out --prune-steps or --soft")
     if cfg.epochs != "auto" and (isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, int)
                                  or cfg.epochs < 1):
         raise BPLError(f"--epochs must be a whole number of at least 1, or auto, got {cfg.epochs!r}")

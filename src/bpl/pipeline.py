@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -51,7 +52,7 @@ from .models import (
     save_model,
 )
 from .profiling import profile
-from .pruning import BudgetStep, SoftPruner, prune, prune_within
+from .pruning import LEVELS, BudgetStep, SoftPruner, prune, prune_within, step_levels
 from .report import write_budget_curve, write_json, write_report
 from .verification import verify
 
@@ -325,7 +326,8 @@ def compress(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     """`bpl compress`: prune a baseline, extend, train with the diversity loss, fuse, verify.
 
     With ``cfg.max_drop`` it prunes in steps instead and keeps the smallest model within
-    that many points of the baseline's validation top-1 (:func:`~bpl.pruning.prune_within`).
+    that many points of the baseline's validation top-1 (:func:`~bpl.pruning.prune_within`);
+    with ``cfg.prune_steps`` > 1 it reaches ``cfg.flops_reduction`` in that many steps.
     """
     seed_everything(cfg.seed)
     if not cfg.baseline:
@@ -335,11 +337,12 @@ def compress(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         raise BPLError("compress needs a target: --flops-reduction R (remove that fraction of the "
                        "MACs, e.g. 0.74) or --max-drop P (the smallest model within P points of "
                        "the baseline's validation top-1)")
-    if cfg.max_drop is not None and distributed.current().enabled:
-        raise BPLError("--max-drop runs in one process for now; run it without torchrun, or "
-                       "give a fixed --flops-reduction")
+    stepwise = cfg.max_drop is not None or cfg.prune_steps > 1
+    if stepwise and distributed.current().enabled:
+        raise BPLError("--max-drop and --prune-steps run in one process for now; run them "
+                       "without torchrun, or give a one-step --flops-reduction")
     cfg.arch = base_meta.get("arch", cfg.arch)
-    job = _compress_within if cfg.max_drop is not None else _compress
+    job = _compress_in_steps if stepwise else _compress
     with _run(cfg, "compress") as run_dir:
         return job(cfg, run_dir, baseline, base_meta, progress)
 
@@ -477,20 +480,25 @@ def _compress(
     return metrics
 
 
-def _compress_within(
+def _compress_in_steps(
     cfg: Config, run_dir: Path, baseline: nn.Module | None, base_meta: dict[str, Any],
     progress: bool
 ) -> dict[str, Any]:
-    """`bpl compress --max-drop P`: cut in steps (:data:`~bpl.pruning.LEVELS`), recover each
-    for ``--epochs`` (with partners unless ``--no-partners``), and keep the smallest model
-    within P points of the baseline's validation top-1. Every step is kept in
-    ``steps/<k>/`` (``deploy.pt``, its training run) and on the accuracy-vs-MACs curve; a
-    cut-off search resumes at the step it was in."""
+    """Prune in steps, recovering each for ``--epochs`` (with partners unless
+    ``--no-partners``). `bpl compress --max-drop P` cuts to :data:`~bpl.pruning.LEVELS` and
+    keeps the smallest model within P points of the baseline's validation top-1;
+    `--flops-reduction R --prune-steps N` cuts to :func:`~bpl.pruning.step_levels` and keeps
+    the last. Every step is kept in ``steps/<k>/`` (``deploy.pt``, its training run) and on
+    the accuracy-vs-MACs curve; a cut-off run resumes at the step it was in."""
     t0 = time.perf_counter()
     data, baseline, meta = _prepare(cfg, run_dir, baseline, base_meta, progress)
-    if data.val is None or not len(data.val):
+    has_val = data.val is not None and len(data.val) > 0
+    if cfg.max_drop is not None and not has_val:
         raise BPLError("--max-drop judges each step on the validation split, and there is none: "
                        "pass --val-ratio above 0")
+    budget = math.inf if cfg.max_drop is None else cfg.max_drop
+    levels = LEVELS if cfg.max_drop is not None else step_levels(cfg.flops_reduction,
+                                                                   cfg.prune_steps)
     device = select_device(cfg.device)
     example = _example(cfg)
     check_x = _check_inputs(data)
@@ -498,8 +506,8 @@ def _compress_within(
     steps_dir = run_dir / "steps"
     fits: dict[int, dict[str, Any]] = {}
 
-    def score(model: nn.Module) -> float:
-        top1 = _test(model, data, cfg, device, "val")["top1"]
+    def score(model: nn.Module) -> float:  # validation top-1; NaN without a validation split
+        top1 = _test(model, data, cfg, device, "val")["top1"] if has_val else math.nan
         model.cpu()
         return top1
 
@@ -535,7 +543,8 @@ def _compress_within(
     within = [d["step"] for d in done if d["within"]]
     start = load_model(steps_dir / str(within[-1]) / "deploy.pt")[0] if within else baseline
     search = prune_within(
-        start, example, max_drop=cfg.max_drop, recover=recover, score=score, reference=reference,
+        start, example, max_drop=budget, recover=recover, score=score, reference=reference,
+        levels=levels,
         done=[BudgetStep(**{k: d[k] for k in BudgetStep.__dataclass_fields__}) for d in done],
         on_step=on_step, importance=cfg.importance, global_pruning=cfg.global_pruning,
         round_to=cfg.round_to)
@@ -551,15 +560,17 @@ def _compress_within(
     kept = steps[chosen.step - 1]
     trained = sum(st["epochs_trained"] for st in steps[: chosen.step])
     base_eval = _test(baseline, data, cfg, device)
-    base_eval["val_top1"] = reference
+    base_eval["val_top1"] = reference if has_val else None
     deploy_eval = _test(deploy, data, cfg, device)  # the one evaluation of the test split
     save_model(run_dir / "deploy.pt", deploy.cpu(), arch=cfg.arch, num_classes=data.num_classes,
                meta={**meta, "epochs": trained, "budget_step": asdict(chosen),
                      "baseline_epochs": base_meta.get("epochs")})
     models = {"baseline": _measure(baseline, cfg, base_eval["top1"]),
               "compressed": _measure(deploy, cfg, deploy_eval["top1"])}
-    selected = dict(kept["selected"], why=f"step {chosen.step} of the search: the smallest model "
-                    f"within --max-drop {cfg.max_drop:g}; {kept['selected']['why']}")
+    why = (f"step {chosen.step} of the search: the smallest model within --max-drop "
+           f"{cfg.max_drop:g}" if cfg.max_drop is not None
+           else f"step {chosen.step} of {len(levels)}: the last cut")
+    selected = dict(kept["selected"], why=f"{why}; {kept['selected']['why']}")
     metrics = {
         "command": "compress", "config": cfg.to_dict("compress"),
         "budget": {**search.to_dict(), "steps": steps},

@@ -176,10 +176,11 @@ def _save_figure(fig, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")  # no label is clipped
 
 
-def write_budget_curve(run_dir: str | Path, reference: float, max_drop: float,
+def write_budget_curve(run_dir: str | Path, reference: float, max_drop: float | None,
                        steps: list[dict[str, Any]]) -> None:
-    """``budget_steps.csv`` and ``budget_curve.png``: every step of a ``--max-drop`` search,
-    validation top-1 against the MACs removed, with the baseline and the budget."""
+    """``budget_steps.csv`` and ``budget_curve.png``: every step of a ``--max-drop`` search
+    (or of ``--prune-steps``: ``max_drop`` None), validation top-1 against the MACs
+    removed, with the baseline and the budget."""
     run_dir = Path(run_dir)
     rows = ["step,asked_macs_reduction,macs_reduction,val_top1,drop,within_budget,epochs,model"]
     rows += [f"{st['step']},{st['target']:.4f},{st['macs_reduction']:.4f},{st['score']:.2f},"
@@ -191,15 +192,20 @@ def write_budget_curve(run_dir: str | Path, reference: float, max_drop: float,
         return
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.axhline(reference, color="gray", label="baseline")
-    ax.axhline(reference - max_drop, color="gray", linestyle="--", label=f"budget (-{max_drop:g})")
+    if max_drop is not None:
+        ax.axhline(reference - max_drop, color="gray", linestyle="--",
+                   label=f"budget (-{max_drop:g})")
     for within, colour in ((True, "tab:blue"), (False, "tab:red")):
         mine = [st for st in steps if st["within"] == within]
+        label = ("steps" if max_drop is None else
+                 "within the budget" if within else "beyond the budget")
         ax.scatter([100 * st["macs_reduction"] for st in mine], [st["score"] for st in mine],
-                   color=colour, label="within the budget" if within else "beyond the budget")
+                   color=colour, label=label)
     for st in steps:
         ax.annotate(str(st["step"]), (100 * st["macs_reduction"], st["score"]),
                     textcoords="offset points", xytext=(4, 4))
-    ax.set(title="steps of the search (validation split)", xlabel="MACs removed (%)",
+    ax.set(title="steps of the search (validation split)" if max_drop is not None
+           else "pruning steps (validation split)", xlabel="MACs removed (%)",
            ylabel="validation top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -207,18 +213,29 @@ def write_budget_curve(run_dir: str | Path, reference: float, max_drop: float,
     plt.close(fig)
 
 
+def _num(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "- (no validation split)" if value is None or math.isnan(value) else f"{value:.2f}%"
+
+
 def _budget_lines(budget: dict[str, Any]) -> list[str]:
-    """The steps of a ``--max-drop`` search and which one the run kept."""
-    lines = [f"## The search: the smallest model within {budget['max_drop']:g} points", "",
-             f"Baseline validation top-1: {budget['reference']:.2f}%. Each step cut the "
-             "previous step's model further and recovered it; the search ended: "
-             f"{budget['stopped']}.", "",
+    """The steps of a ``--max-drop`` search (or ``--prune-steps``) and which one the run kept."""
+    searched = budget.get("max_drop") is not None
+    title = (f"## The search: the smallest model within {budget['max_drop']:g} points" if searched
+             else f"## The steps: {len(budget['steps'])} cuts, each recovered")
+    lines = [title, "",
+             f"Baseline validation top-1: {_pct(budget['reference'])}. Each step cut the "
+             "previous step's model further and recovered it; "
+             f"{'the search ended: ' if searched else ''}{budget['stopped']}.", "",
              "| step | MACs removed (%) | validation top-1 (%) | below the baseline | epochs | "
              "model |", "|---:|---:|---:|---:|---:|---|"]
     for st in budget["steps"]:
         kept = " **(kept)**" if st["step"] == budget.get("chosen_step") else ""
         lines.append(f"| {st['step']}{kept} | {100 * st['macs_reduction']:.1f} | "
-                     f"{st['score']:.2f} | {budget['reference'] - st['score']:.2f} | "
+                     f"{_num(st['score'])} | {_num(budget['reference'] - st['score'])} | "
                      f"{st.get('epochs_trained', '?')} | `steps/{st['step']}/deploy.pt` |")
     lines += ["", "Any step's model deploys like the kept one: `bpl export RUN/steps/K/deploy.pt`, "
               "`bpl evaluate RUN/steps/K/deploy.pt` (which evaluates the test split again: "

@@ -7,7 +7,8 @@ Two ways to a physically smaller model:
   searched (:mod:`.search`) so that the MACs of the pruned model drop by ``r`` (within
   ``tolerance``, one point by default).
 * :func:`prune_within` (:mod:`.budget`): prune in steps, recovering and scoring each,
-  and keep the smallest model within an accuracy budget.
+  and keep the smallest model within an accuracy budget; with no budget and
+  :func:`step_levels`, iterative pruning to a fixed cut.
 * :class:`SoftPruner` (the paper's reference code, :mod:`.soft`): during training of an
   extended model, zero the smallest-norm filters of each partner block and its partner
   every N epochs and keep them at zero; :meth:`SoftPruner.finalize` fuses the partners
@@ -26,7 +27,7 @@ trial costs one graph trace instead of a copy of the weights.
 
 from ..errors import PruningError
 from ..modules import find_output_layers
-from .budget import LEVELS, BudgetResult, BudgetStep, prune_within
+from .budget import LEVELS, BudgetResult, BudgetStep, prune_within, step_levels
 from .graph import deploy_macs
 from .hard import PruneReport, prune
 from .importance import IMPORTANCES, SOFT_IMPORTANCES, FilterNormImportance, make_importance
@@ -48,4 +49,5 @@ __all__ = [
     "make_importance",
     "prune",
     "prune_within",
+    "step_levels",
 ]

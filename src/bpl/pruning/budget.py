@@ -5,12 +5,14 @@ of the original model), lets the caller recover every cut (its own fine-tuning) 
 score it (its own validation top-1), and keeps the smallest model whose score stays
 within ``max_drop`` of the unpruned model's. It stops at the first step beyond the
 budget. ``bpl compress --max-drop`` is this loop with bpl's fine-tuning; a training loop
-of one's own plugs in the same way.
+of one's own plugs in the same way. With ``max_drop=math.inf`` and :func:`step_levels` it
+is iterative pruning to a fixed cut (``bpl compress --flops-reduction R --prune-steps N``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,7 +23,7 @@ from ..errors import InvalidArgumentError, PruningError
 from .graph import Inputs, deploy_macs
 from .hard import prune
 
-__all__ = ["LEVELS", "BudgetResult", "BudgetStep", "prune_within"]
+__all__ = ["LEVELS", "BudgetResult", "BudgetStep", "prune_within", "step_levels"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,20 @@ log = logging.getLogger(__name__)
 #: chosen so that the recovery study's cuts (50%, 74%, 90%, 95%) are steps; not yet
 #: measured against other ladders (benchmarks/convergence_study.py, issue 26).
 LEVELS: tuple[float, ...] = (0.5, 0.74, 0.85, 0.9, 0.93, 0.95)
+
+
+def step_levels(flops_reduction: float, steps: int) -> list[float]:
+    """``steps`` cuts to ``flops_reduction`` that each keep the same fraction of the MACs.
+
+    >>> [round(v, 3) for v in step_levels(0.9, 2)]
+    [0.684, 0.9]
+    """
+    if not 0.0 < flops_reduction < 1.0:
+        raise InvalidArgumentError(
+            f"flops_reduction must be between 0 and 1 (exclusive), got {flops_reduction}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise InvalidArgumentError(f"steps must be a whole number of at least 1, got {steps!r}")
+    return [1 - (1 - flops_reduction) ** (k / steps) for k in range(1, steps + 1)]
 
 
 @dataclass
@@ -39,7 +55,7 @@ class BudgetStep:
     target: float  # MACs reduction asked (of the original model)
     macs_reduction: float  # reached
     score: float  # the caller's score of the recovered model (validation top-1)
-    within: bool  # score >= reference - max_drop
+    within: bool  # score >= reference - max_drop (always, with no budget: max_drop inf)
 
 
 @dataclass
@@ -60,7 +76,8 @@ class BudgetResult:
 
     def to_dict(self) -> dict[str, Any]:
         chosen = self.chosen
-        return {"reference": self.reference, "max_drop": self.max_drop,
+        return {"reference": self.reference,
+                "max_drop": self.max_drop if math.isfinite(self.max_drop) else None,
                 "steps": [asdict(s) for s in self.steps],
                 "chosen_step": chosen.step if chosen else None, "stopped": self.stopped}
 
@@ -86,11 +103,11 @@ def prune_within(
     fused) and ``score(recovered)`` (higher is better, e.g. validation top-1 in points).
     A step whose score falls more than ``max_drop`` below ``reference`` (default:
     ``score(model)``) ends the search; the result's ``model`` is the last step within the
-    budget. ``on_step(step, recovered)`` sees every step (to save it). To continue a cut-off
+    budget. ``max_drop=math.inf`` takes every step (iterative pruning to ``levels[-1]``). ``on_step(step, recovered)`` sees every step (to save it). To continue a cut-off
     search, pass its finished steps as ``done``, its ``reference``, and as ``model`` the
     recovered model of its last step within the budget.
     """
-    if max_drop < 0:
+    if not max_drop >= 0:
         raise InvalidArgumentError(f"max_drop must be 0 or more points, got {max_drop}")
     if not levels or any(not 0 <= a < b < 1 for a, b in zip((0.0, *levels), levels, strict=False)):
         raise InvalidArgumentError(
@@ -124,10 +141,12 @@ def prune_within(
                  100 * reached_now, 100 * level)
         recovered = recover(pruned, step)
         value = float(score(recovered))
-        record = BudgetStep(step, level, reached_now, value, value >= reference - max_drop)
+        within = math.isinf(max_drop) or value >= reference - max_drop
+        record = BudgetStep(step, level, reached_now, value, within)
         result.steps.append(record)
-        log.info("step %d: score %.2f (reference %.2f, budget %.2f): %s", step, value,
-                 reference, max_drop, "within" if record.within else "beyond the budget")
+        log.info("step %d: score %.2f (reference %.2f)%s", step, value, reference,
+                 "" if math.isinf(max_drop) else
+                 f", budget {max_drop:g}: {'within' if within else 'beyond the budget'}")
         if on_step is not None:
             on_step(record, recovered)
         if not record.within:
@@ -135,8 +154,8 @@ def prune_within(
             break
         result.model, current, reached = recovered, recovered, reached_now
     else:
-        result.stopped = (f"the last level ({100 * levels[-1]:.0f}% fewer MACs) stayed within "
-                          "the budget")
+        result.stopped = (f"the last level ({100 * levels[-1]:.0f}% fewer MACs) was reached"
+                          + ("" if math.isinf(max_drop) else " within the budget"))
     return result
 
 
