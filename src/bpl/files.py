@@ -18,7 +18,14 @@ from typing import Any
 
 import torch
 
+try:  # POSIX; elsewhere a run directory is not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 __all__ = [
+    "BusyError",
+    "exclusive_lock",
     "atomic_path",
     "atomic_save",
     "atomic_write_bytes",
@@ -82,3 +89,40 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+class BusyError(OSError):
+    """Another process holds the lock; ``holder`` is what it wrote there (its pid)."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is locked by {holder or 'another process'}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive lock on the file ``path`` (created if missing) for the body.
+
+    Non-blocking: if another process holds it, :class:`BusyError` at once. The lock is the
+    kernel's (``flock``), so it ends with its process, even after ``kill -9``; the file
+    stays (deleting it would let a second process lock a new file while a third still
+    holds the old one). It records the holder's pid for the message a second process gets.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise BusyError(path, f.read().strip()) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield path
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
