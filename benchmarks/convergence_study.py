@@ -194,7 +194,7 @@ def _start(settings: dict[str, Any], job: Job, python: str) -> None:
     if job.after:
         args += ["--baseline", str(run_dir(settings, Job(job.dataset, job.seed, job.after,
                                                          "train", {})) / "best.pt")]
-    if (out / "last.pt").exists():
+    if (out / "last.pt").exists() or any(out.glob("steps/*/last.pt")):  # --max-drop's steps
         args.append("--resume")
     elif out.exists():  # cut off before its first epoch: nothing to keep
         shutil.rmtree(out)

@@ -89,3 +89,24 @@ def test_a_recovery_may_not_share_a_baselines_name(tmp_path):
                 "recoveries": {"auto": {"epochs": "auto"}}}
     with pytest.raises(SystemExit, match="share the name auto"):
         study.plan(settings)
+
+
+def test_a_cut_off_run_resumes_and_one_that_never_trained_starts_over(tmp_path, monkeypatch):
+    study = _load_script()
+    started = []
+
+    class Proc:  # stands in for the bpl command
+        def __init__(self, args, **kw):
+            started.append(args)
+
+    monkeypatch.setattr(study.subprocess, "Popen", Proc)
+    settings = {**study.DEFAULTS, "out": str(tmp_path / "runs"), "threads": 1}
+    job = study.Job("digits", 0, "maxdrop", "compress", {"max_drop": 1.0})
+    out = study.run_dir(settings, job)
+    (out / "steps" / "2").mkdir(parents=True)
+    (out / "steps" / "2" / "last.pt").write_bytes(b"")  # a --max-drop run cut off in step 2
+    study._start(settings, job, "python")
+    assert "--resume" in started[-1] and (out / "steps" / "2" / "last.pt").exists()
+    (out / "steps" / "2" / "last.pt").unlink()  # cut off before any epoch: begun again
+    study._start(settings, job, "python")
+    assert "--resume" not in started[-1] and not (out / "steps").exists()
