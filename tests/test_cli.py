@@ -302,6 +302,11 @@ def test_config_file_with_flag_overrides(tmp_path, baseline):
         (["compress", "--baseline", "/nonexistent/b.pt"], "/nonexistent/b.pt"),
         (["compress", "--flops-reduction", "1.5"], "between 0 and 1"),
         (["train", "--config", "/nonexistent/c.yaml"], "config file not found"),
+        (["train", "--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["train", "--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["compress", "--max-drop", "nan"], "--max-drop must be a finite number"),
+        (["train", "--image-size", "7"], "--image-size must be a whole number of pixels, at "
+                                         "least 16, got 7"),
     ],
 )
 def test_bad_input_gives_one_line_and_nonzero_exit(args, message, tmp_path, capsys):

@@ -329,6 +329,25 @@ def test_corrupt_image_error_and_skip_bad(tmp_path):
                 ds[i]
 
 
+def test_skip_bad_that_empties_a_class_is_refused(tmp_path):
+    """A class whose every image is unreadable would leave an output no image trains."""
+    root = _tree(tmp_path / "ds", {"a": 4, "b": 2}, size=(6, 6))
+    for path in (root / "b").iterdir():
+        path.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(DataError, match=r"no training image is left in class 'b' after 2 "
+                                        r"unreadable images were skipped; add readable"):
+        load_dataset("imagefolder", root, image_size=8, skip_bad=True, cache=False)
+
+
+def test_a_validation_split_larger_than_training_is_said(tmp_path, caplog):
+    root = _tree(tmp_path / "ds", {"a": 10, "b": 10}, size=(6, 6))
+    load_dataset("imagefolder", root, image_size=8, train_ratio=0.8, val_ratio=0.9, cache=False)
+    assert "lower --val-ratio (now 0.9)" in caplog.text
+    caplog.clear()
+    load_dataset("imagefolder", root, image_size=8, train_ratio=0.8, val_ratio=0.2, cache=False)
+    assert "val-ratio" not in caplog.text
+
+
 # --------------------------------------------------------------------------- digits
 
 

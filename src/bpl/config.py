@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,7 +284,20 @@ def _normal(value: Any) -> Any:
     return value
 
 
+#: The smallest --image-size: below it the stock networks' five stride-2 stages leave no
+#: spatial detail, and the resize-and-crop rule degenerates.
+MIN_IMAGE_SIZE = 16
+
+
 def _check(cfg: Config) -> None:
+    for f in dataclasses.fields(cfg):  # NaN and infinity pass every < and > check below
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BPLError(f"{_flag(f.name)} must be a finite number, got {value}")
+    if (isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, int)
+            or cfg.image_size < MIN_IMAGE_SIZE):
+        raise BPLError(f"--image-size must be a whole number of pixels, at least "
+                       f"{MIN_IMAGE_SIZE}, got {cfg.image_size!r}")
     if cfg.flops_reduction is not None and not 0.0 < cfg.flops_reduction < 1.0:
         raise BPLError(
             f"--flops-reduction must be between 0 and 1 (exclusive), got {cfg.flops_reduction}"

@@ -32,6 +32,7 @@ from .splits import (
     all_rows,
     check_class_count,
     check_split_files,
+    check_training_classes,
     drop_bad,
     make_split,
     read_split,
@@ -186,6 +187,7 @@ def load_dataset(
         )
     if split.get("dataset", spec.name) != spec.name:
         log.warning("split %s was made for %s, not %s", split_path, split["dataset"], spec.name)
+    check_training_classes(split)
     train_idx = _indices(split["train"], index, split_path)
     mean, std, stats_source = _choose_stats(
         spec,

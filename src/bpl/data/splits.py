@@ -226,6 +226,27 @@ def check_split_files(split: dict[str, Any], root: Path, split_file: Path) -> No
             )
 
 
+def check_training_classes(split: dict[str, Any]) -> None:
+    """Refuse a split in which a class has no training image (a model would get an output it
+    can never learn); warn when validation takes most of what training had."""
+    counts = [0] * len(split["classes"])
+    for _, label in split["train"]:
+        counts[label] += 1
+    empty = [name for name, n in zip(split["classes"], counts, strict=True) if n == 0]
+    if empty:
+        why = (f" after {len(split['bad'])} unreadable images were skipped" if split.get("bad")
+               else "")
+        raise DataError(
+            f"no training image is left in class{'es' if len(empty) > 1 else ''} "
+            f"{', '.join(map(repr, empty[:5]))}{why}; add readable images to "
+            f"{'them' if len(empty) > 1 else 'it'} or remove the folder")
+    n_train, n_val = len(split["train"]), len(split.get("val", []))
+    if n_val > n_train:
+        log.warning("the validation split (%d images) is larger than the training split (%d, "
+                    "%.1f per class): lower --val-ratio (now %s) to train on more", n_val,
+                    n_train, n_train / len(counts), split.get("val_ratio"))
+
+
 def all_rows(split: dict[str, Any]) -> list[Sequence[Any]]:
     """Every (path, label) row of a split: train, validation and test."""
     return [r for part in PARTS for r in split.get(part, [])]
