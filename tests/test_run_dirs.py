@@ -122,3 +122,43 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
     assert "continue with --resume" in err.strip().splitlines()[-1]
     assert not list(out.glob(".*.tmp"))  # a write it cut off was discarded whole
     assert run_cli("train", *FAST, "--epochs", "2", "--out", out, "--resume") == 0
+
+
+def test_a_full_disk_is_one_line_that_names_it(tmp_path, capsys, monkeypatch):
+    import shutil as _shutil
+
+    import bpl.files
+
+    out = tmp_path / "run"
+    assert run_cli("train", *FAST, "--epochs", "1", "--out", out) == 0
+    before = (out / "last.pt").read_bytes()
+
+    def full(obj, f, *a, **k):  # what torch's zip writer raises when the disk fills
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(bpl.files.torch, "save", full)
+    monkeypatch.setattr(bpl.files.shutil, "disk_usage",
+                        lambda p: _shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    capsys.readouterr()
+    assert run_cli("train", *FAST, "--epochs", "2", "--out", out, "--resume") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no space left on the disk" in err and "--resume" in err
+    assert (out / "last.pt").read_bytes() == before  # the earlier checkpoint survives whole
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_os_errors_name_their_cause_and_fix():
+    import errno
+
+    from bpl.cli import os_error_message
+
+    assert "read-only" in os_error_message(OSError(errno.EROFS, "Read-only file system", "/r/x"))
+    assert "--out on a writable disk" in os_error_message(OSError(errno.EROFS, "x", "/r/x"))
+    assert "/d/x" in os_error_message(OSError(errno.ENOSPC, "No space left", "/d/x"))
+    assert os_error_message(OSError(errno.EIO, "Input/output error", "/d/y")) == (
+        "Input/output error (/d/y)")
+
+
+def test_negative_workers_are_refused(tmp_path, capsys):
+    assert run_cli("train", *FAST, "--workers", "-1", "--out", tmp_path / "r") == 1
+    assert "--workers must be 0" in capsys.readouterr().err

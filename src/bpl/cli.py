@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import signal
@@ -456,6 +457,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"bpl: error: {in_flags(str(exc))}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a full or read-only disk, and the like: say which, and what to do
+        if args.debug:
+            raise
+        print(f"bpl: error: {os_error_message(exc)}", file=sys.stderr)
+        return 1
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an operating-system error: what failed, where, and the fix."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the disk{where}: free some space (or pass --out on another "
+                "disk) and run again; a run that finished an epoch continues with --resume")
+    if exc.errno == errno.EROFS:
+        return f"the file system is read-only{where}: pass --out on a writable disk"
+    return f"{exc.strerror or exc}{where}"
 
 
 if __name__ == "__main__":

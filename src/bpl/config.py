@@ -331,6 +331,8 @@ def _check(cfg: Config) -> None:
         raise BPLError(f"--epochs must be a whole number of at least 1, or auto, got {cfg.epochs!r}")
     if cfg.max_epochs < 1:
         raise BPLError(f"--max-epochs must be at least 1, got {cfg.max_epochs}")
+    if cfg.workers < 0:
+        raise BPLError(f"--workers must be 0 (load in the main process) or more, got {cfg.workers}")
     if cfg.batch_size < 1:
         raise BPLError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.schedule not in SCHEDULES:

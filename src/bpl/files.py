@@ -9,8 +9,10 @@ previous file (if any) is left as it was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,9 +87,20 @@ def atomic_write_json(
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically; returns the path."""
+    """``torch.save`` to ``path`` atomically; returns the path.
+
+    A write that fails inside torch's zip writer (a full disk gives ``RuntimeError: ...
+    unexpected pos``) is raised as the ``OSError`` it is, with the file it was for."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            if "unexpected pos" not in str(exc) and "write" not in str(exc).lower():
+                raise
+            free = shutil.disk_usage(Path(path).parent).free
+            code = errno.ENOSPC if free < 64 * 2**20 else errno.EIO
+            raise OSError(code, f"{os.strerror(code)} ({free / 2**20:.0f} MiB free)",
+                          str(path)) from exc
     return Path(path)
 
 
