@@ -6,6 +6,7 @@ Each test is one trap from issue 15, on a small generated image tree.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -250,7 +251,7 @@ def test_the_compress_report_can_be_trusted(trained, tmp_path, monkeypatch, capl
     assert any("baseline" in line.get_label() for line in curves[-1].get_lines())
 
 
-def test_predict_with_a_checkpoint_and_an_onnx_file(trained, tree, tmp_path, capsys):
+def test_predict_with_a_checkpoint_and_an_onnx_file(trained, tree, tmp_path, capsys, caplog):
     pytest.importorskip("onnxruntime")
     import onnx
 
@@ -280,6 +281,27 @@ def test_predict_with_a_checkpoint_and_an_onnx_file(trained, tree, tmp_path, cap
     table = capsys.readouterr().out
     assert "0.png" in table and "class0" in table and "%" in table
     assert run_cli("predict", out / "deploy.pt", tmp_path / "nothing-here") == 1
+
+    # an unreadable image among good ones: skipped with a warning, the others answered
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(tree / "class0" / "0.png", mixed / "a.png")
+    (mixed / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    shutil.copy(tree / "class2" / "0.png", mixed / "c.png")
+    capsys.readouterr()
+    assert run_cli("predict", out / "deploy.pt", mixed, "--json", "--top-k", "2") == 0
+    captured = capsys.readouterr()
+    got = json.loads(captured.out)
+    assert [Path(r["image"]).name for r in got] == ["a.png", "b.png", "c.png"]
+    assert "top" in got[0] and "top" in got[2] and "error" in got[1] and "top" not in got[1]
+    assert [t["class"] for t in got[0]["top"]] == [t["class"] for t in pt[0]["top"]]
+    assert got[0]["top"][0]["probability"] == pytest.approx(pt[0]["top"][0]["probability"],
+                                                            abs=1e-5)  # as when read before
+    assert "skipped" in caplog.text and "b.png" in caplog.text
+    assert run_cli("predict", out / "deploy.pt", mixed, "--quiet") == 0
+    assert "b.png  (unreadable:" in capsys.readouterr().out
+    assert run_cli("predict", out / "deploy.pt", mixed / "b.png") == 1  # nothing readable
+    assert "none of the 1 images could be read" in capsys.readouterr().err
 
 
 def test_compress_a_model_bpl_did_not_train(tree, tmp_path, capsys):

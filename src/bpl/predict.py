@@ -8,6 +8,7 @@ from the checkpoint's meta or the ONNX file's metadata (written by `bpl export`)
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,13 @@ from tqdm import tqdm
 
 from .data.images import IMAGE_EXTENSIONS, load_resized, resize_size
 from .data.transforms import eval_transform
-from .errors import BPLError
+from .errors import BPLError, CorruptImageError
 
 __all__ = ["ONNX_META_KEYS", "load_predictor", "onnx_metadata", "predict"]
 
 #: What `bpl export` writes into an ONNX file's metadata_props (values are JSON).
+log = logging.getLogger(__name__)
+
 ONNX_META_KEYS = ("classes", "mean", "std", "image_size", "bpl_version", "arch")
 
 
@@ -89,7 +92,11 @@ def predict(
     batch_size: int = 32,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Top-``top_k`` classes with probabilities for every image in ``inputs`` (files, folders)."""
+    """Top-``top_k`` classes with probabilities for every image in ``inputs`` (files, folders).
+
+    An image that cannot be decoded is skipped with a warning; its entry holds ``error``
+    (why) instead of ``top``. If no image can be read at all, :class:`BPLError`.
+    """
     run, meta = load_predictor(model_path)
     classes = list(meta.get("classes") or [str(i) for i in range(meta.get("num_classes", 0))])
     if not classes or meta.get("mean") is None:
@@ -103,24 +110,40 @@ def predict(
     bar = tqdm(total=len(files), desc="predict", unit="img", leave=False,
                disable=None if progress else True)
     for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        # the cache's decode + resize, then the evaluation transform: identical tensors
-        x = torch.stack([transform(load_resized(f, resize_size(size))) for f in chunk])
-        probs = torch.softmax(run(x).float(), dim=1)
-        top = probs.topk(k, dim=1)
-        for f, p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
-            results.append({"image": str(f), "top": [
-                {"class": classes[j], "probability": q} for j, q in zip(i, p)]})
-        bar.update(len(chunk))
+        chunk, images = [], []
+        for f in files[start:start + batch_size]:
+            try:  # the cache's decode + resize, then the evaluation transform: identical tensors
+                images.append(transform(load_resized(f, resize_size(size))))
+                chunk.append(f)
+            except CorruptImageError as exc:  # one bad file must not cost the others' answers
+                log.warning("skipped %s: %s", f, exc.reason)
+                results.append({"image": str(f), "error": exc.reason})
+        if images:
+            probs = torch.softmax(run(torch.stack(images)).float(), dim=1)
+            top = probs.topk(k, dim=1)
+            for f, p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
+                results.append({"image": str(f), "top": [
+                    {"class": classes[j], "probability": q} for j, q in zip(i, p)]})
+        bar.update(len(files[start:start + batch_size]))
     bar.close()
+    order = {str(f): n for n, f in enumerate(files)}
+    results.sort(key=lambda r: order[r["image"]])
+    bad = [r for r in results if "error" in r]
+    if len(bad) == len(files):
+        raise BPLError(f"none of the {len(files)} images could be read (the first, "
+                       f"{bad[0]['image']}: {bad[0]['error']}); pass image files")
+    if bad:
+        log.warning("%d of %d images could not be read and have no prediction", len(bad),
+                    len(files))
     return results
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    """One line per image: the image and its top classes with probabilities."""
+    """One line per image: the image and its top classes with probabilities (or why not)."""
     width = max(len(r["image"]) for r in results)
     return "\n".join(
-        f"{r['image']:<{width}}  " + "  ".join(f"{t['class']} {100 * t['probability']:.1f}%"
-                                                for t in r["top"])
+        f"{r['image']:<{width}}  " + (
+            f"(unreadable: {r['error']})" if "error" in r else
+            "  ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in r["top"]))
         for r in results
     )
