@@ -180,6 +180,31 @@ def test_presplit_train_val_tree(tmp_path):
         load_dataset("imagefolder", root, image_size=8)
 
 
+def test_a_fixed_split_says_what_was_added_since(tmp_path, caplog):
+    """--resume (and evaluate) keep the run's split: added images are said, added classes
+    refused (the model has no output for them)."""
+    for layout in ("split", "presplit"):
+        base = tmp_path / layout
+        root = _tree(base / "ds", {"a": 4, "b": 4}, size=(6, 6))
+        if layout == "presplit":
+            root = base / "pre"
+            _tree(root / "train", {"a": 3, "b": 3}, size=(6, 6))
+            _tree(root / "test", {"a": 2, "b": 2}, size=(6, 6))
+        split_file = base / "split.json"
+        load_dataset("imagefolder", root, image_size=8, split_file=split_file, cache=False)
+        caplog.clear()
+        load_dataset("imagefolder", root, image_size=8, split_file=split_file, cache=False)
+        assert "added" not in caplog.text
+        extra = root / ("a" if layout == "split" else "train/a") / "late.png"
+        _save(extra)
+        load_dataset("imagefolder", root, image_size=8, split_file=split_file, cache=False)
+        assert "1 images under" in caplog.text and "late.png" in caplog.text
+        _save(root / ("c" if layout == "split" else "test/c") / "x.png")
+        with pytest.raises(DataError, match=r"class folders that split file .* does not know "
+                                            r"\(c\); .*start a new run"):
+            load_dataset("imagefolder", root, image_size=8, split_file=split_file, cache=False)
+
+
 def test_split_file_round_trip(tmp_path):
     root = _tree(tmp_path / "ds", {"a": 5, "b": 5}, size=(6, 6))
     split_file = tmp_path / "run" / "split.json"

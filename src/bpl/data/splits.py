@@ -217,13 +217,32 @@ def write_split(path: Path, obj: Any) -> None:
 
 
 def check_split_files(split: dict[str, Any], root: Path, split_file: Path) -> None:
-    """Refuse a split file that lists images missing under ``root``."""
+    """Refuse a split file that lists images missing under ``root`` or whose classes no
+    longer match its folders; say so when images were added since (the split is fixed:
+    a resumed or evaluated run does not take them)."""
     for rel, _ in all_rows(split):
         if not (root / rel).is_file():
             raise DataError(
                 f"image {root / rel} listed in split file {split_file} is missing; "
                 "restore it, pass the root the split was made from, or delete the split file"
             )
+    if split.get("layout") not in ("split", "presplit") or not root.is_dir():
+        return
+    tops = [root] if split["layout"] == "split" else [d for d in _presplit(root) or ()]
+    found = {d for top in tops for d in _class_dirs(top)}
+    added_classes = sorted(found - set(split["classes"]))
+    if added_classes:
+        raise DataError(
+            f"{root} has class folders that split file {split_file} does not know "
+            f"({', '.join(added_classes[:5])}); the run's model has no output for them: "
+            "start a new run (another --out) to train on them, or move them away")
+    known = {rel for rel, _ in all_rows(split)} | set(split.get("bad", []))
+    added = [rel for top in tops for _, rels in [_scan_classes(top, root, split["classes"])]
+             for rel, _ in rels if rel not in known]
+    if added:
+        log.warning("%d images under %s were added after split file %s was written (e.g. %s); "
+                    "this run keeps its split and does not use them: start a new run (another "
+                    "--out) to train on them", len(added), root, split_file, added[0])
 
 
 def check_training_classes(split: dict[str, Any]) -> None:
