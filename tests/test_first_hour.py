@@ -265,6 +265,20 @@ def test_predict_with_a_checkpoint_and_an_onnx_file(trained, tree, tmp_path, cap
     props = {p.key: json.loads(p.value) for p in onnx.load(onnx_file).metadata_props}
     assert props["classes"] == ["class0", "class1", "class2"] and props["image_size"] == 16
     assert props["bpl_version"] == __version__ and len(props["mean"]) == len(props["std"]) == 3
+    # the metadata alone rebuilds predict's input exactly (a client without bpl)
+    rule = props["preprocess"]
+    from torchvision.transforms.v2 import functional as F
+
+    from bpl.data.images import load_resized, resize_size
+    from bpl.data.transforms import eval_transform
+
+    img = F.pil_to_tensor(Image.open(tree / "class1" / "0.png").convert("RGB"))
+    x = F.resize(img, [rule["resize_shorter_side"]], antialias=rule["antialias"])
+    x = F.center_crop(x, [rule["center_crop"]]).float() * rule["scale"]
+    x = (x - torch.tensor(props["mean"])[:, None, None]) / torch.tensor(props["std"])[:, None, None]
+    ours = eval_transform(16, props["mean"], props["std"])(load_resized(
+        tree / "class1" / "0.png", resize_size(16)))
+    assert rule["round_to_uint8"] and torch.allclose(x, ours, atol=1e-6)
     capsys.readouterr()
     images = [tree / "class0" / "0.png", tree / "class2"]
     answers = {}

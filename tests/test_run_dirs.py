@@ -162,3 +162,33 @@ def test_os_errors_name_their_cause_and_fix():
 def test_negative_workers_are_refused(tmp_path, capsys):
     assert run_cli("train", *FAST, "--workers", "-1", "--out", tmp_path / "r") == 1
     assert "--workers must be 0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_a_folder_without_write_permission_is_named(tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert run_cli("train", *FAST, "--epochs", "1", "--out", locked / "run") == 1
+    finally:
+        locked.chmod(0o700)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(locked) in err and ".tmp" not in err
+
+
+def test_a_permission_error_names_the_folder_not_a_temporary_file(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from bpl.cli import os_error_message
+    from bpl.files import atomic_write_text
+
+    def refused(dir=None, prefix="", suffix=""):
+        raise PermissionError(errno.EACCES, "Permission denied", f"{dir}/{prefix}abc{suffix}")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(PermissionError) as exc:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    message = os_error_message(exc.value)
+    assert f"({tmp_path})" in message and ".tmp" not in message and "a.txt" in message

@@ -452,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bpl: interrupted; the last complete epoch is in last.pt, continue with --resume",
               file=sys.stderr)
         return 130
-    except (BPLError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
+    except (BPLError, FileNotFoundError, NotADirectoryError) as exc:
         if args.debug:
             raise
         print(f"bpl: error: {in_flags(str(exc))}", file=sys.stderr)
@@ -472,6 +472,9 @@ def os_error_message(exc: OSError) -> str:
                 "disk) and run again; a run that finished an epoch continues with --resume")
     if exc.errno == errno.EROFS:
         return f"the file system is read-only{where}: pass --out on a writable disk"
+    if isinstance(exc, PermissionError):
+        return (f"{exc.strerror or 'permission denied'}{where}: pass --out (or the file) "
+                "somewhere you may write, or change the folder's permissions")
     return f"{exc.strerror or exc}{where}"
 
 

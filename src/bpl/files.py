@@ -52,7 +52,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except PermissionError as exc:  # name the folder, not the temporary file never made
+        raise PermissionError(exc.errno, f"no permission to write {path.name} in the folder",
+                              str(path.parent)) from None
     os.close(fd)
     tmp = Path(name)
     try:

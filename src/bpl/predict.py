@@ -25,14 +25,27 @@ __all__ = ["ONNX_META_KEYS", "load_predictor", "onnx_metadata", "predict"]
 #: What `bpl export` writes into an ONNX file's metadata_props (values are JSON).
 log = logging.getLogger(__name__)
 
-ONNX_META_KEYS = ("classes", "mean", "std", "image_size", "bpl_version", "arch")
+ONNX_META_KEYS = ("classes", "mean", "std", "image_size", "preprocess", "bpl_version", "arch")
+
+
+def preprocess_rule(image_size: int) -> dict[str, Any]:
+    """How an image becomes the model's input, step by step, for a client without bpl:
+    decode to RGB uint8, resize the shorter side (bilinear, antialiased, rounded back to
+    uint8), centre-crop, scale to [0, 1], then normalise with ``mean``/``std``."""
+    return {"decode": "RGB uint8", "resize_shorter_side": resize_size(image_size),
+            "interpolation": "bilinear", "antialias": True, "round_to_uint8": True,
+            "center_crop": image_size, "scale": 1 / 255, "normalize": "(x - mean) / std",
+            "layout": "NCHW float32"}
 
 
 def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
-    """The metadata_props of an exported model: class names, mean/std, input size, version."""
+    """The metadata_props of an exported model: class names, mean/std, input size and the
+    whole preprocessing rule, version."""
     from . import __version__
 
     values = {**meta, "bpl_version": __version__}
+    if values.get("image_size") is not None:
+        values["preprocess"] = preprocess_rule(int(values["image_size"]))
     return {k: json.dumps(values[k]) for k in ONNX_META_KEYS if values.get(k) is not None}
 
 
