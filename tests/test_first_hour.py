@@ -375,6 +375,24 @@ def test_curves_are_drawn_for_short_and_long_runs(tmp_path, epochs):
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "report.md").exists()
 
 
+def test_class_names_no_font_draws_are_said(tmp_path, caplog, monkeypatch):
+    """Plots fall back to an installed CJK font; where there is none, the run says which
+    characters show as boxes and how to fix it."""
+    import bpl.report
+
+    history = [{"epoch": 1, "train_loss": 1.0, "train_top1": 50.0}]
+    metrics = {"command": "train", "history": history, "classes": ["机场", "airport"],
+               "final": {"top1": 50.0, "confusion": [[1, 0], [0, 1]]}}
+    monkeypatch.setattr(bpl.report, "WIDE_FONTS", ())  # as on a machine without one
+    bpl.report.write_report(tmp_path, metrics)
+    assert (tmp_path / "confusion.png").stat().st_size > 0
+    assert "(机场)" in caplog.text and "fonts-noto-cjk" in caplog.text
+    caplog.clear()
+    metrics["classes"] = ["airfield", "airport"]
+    bpl.report.write_report(tmp_path, metrics)
+    assert "no installed font" not in caplog.text
+
+
 def test_a_figure_that_fails_costs_the_figure_not_the_run(tmp_path, monkeypatch, caplog):
     import bpl.report
 

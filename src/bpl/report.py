@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +117,13 @@ def _confusion(plt, confusion: list[list[int]], classes: list[str]):
     return fig
 
 
+#: Fonts with CJK glyphs that plots fall back to, where installed (class names in Chinese,
+#: Japanese or Korean; matplotlib's own DejaVu Sans has none).
+WIDE_FONTS = ("Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans CJK KR", "Source Han Sans SC",
+              "WenQuanYi Zen Hei", "Microsoft YaHei", "SimHei", "PingFang SC", "Hiragino Sans",
+              "Malgun Gothic", "Arial Unicode MS")
+
+
 def _pyplot():
     """matplotlib's pyplot on the file-only backend, or None (with a warning) without it."""
     try:
@@ -123,10 +131,27 @@ def _pyplot():
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib import font_manager
     except Exception as exc:  # plotting is a nicety, never a failure
         log.warning("no plots: matplotlib unavailable (%s)", exc)
         return None
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    plt.rcParams["font.family"] = ["DejaVu Sans", *(f for f in WIDE_FONTS if f in installed)]
     return plt
+
+
+def missing_glyphs(texts: list[str]) -> list[str]:
+    """Characters of ``texts`` that no font of the plots draws (they would show as boxes)."""
+    import matplotlib.pyplot as plt
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    covered: set[int] = set()
+    for family in plt.rcParams["font.family"]:
+        path = font_manager.findfont(family, fallback_to_default=False)
+        covered |= set(FT2Font(path).get_charmap())
+    chars = dict.fromkeys(c for t in texts for c in t if not c.isspace())  # in order
+    return [c for c in chars if ord(c) not in covered]
 
 
 def _plots(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
@@ -135,7 +160,9 @@ def _plots(run_dir: Path, metrics: dict[str, Any]) -> list[str]:
     if plt is None:
         return []
     try:
-        return _draw(plt, run_dir, metrics)
+        with warnings.catch_warnings():  # said once, in words, by _draw (missing_glyphs)
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+            return _draw(plt, run_dir, metrics)
     except Exception as exc:  # a finished run must never be lost to a figure
         plt.close("all")
         log.warning("plots skipped: %s: %s", type(exc).__name__, exc)
@@ -163,6 +190,12 @@ def _draw(plt, run_dir: Path, metrics: dict[str, Any]) -> list[str]:
         figures["accuracy_vs_macs.png"] = fig
     final, classes = metrics.get("final") or {}, metrics.get("classes")
     if final.get("confusion") and classes:
+        missing = missing_glyphs(classes)
+        if missing:
+            log.warning("class names use characters no installed font draws (%s); "
+                        "confusion.png shows boxes for them: install a font that has them "
+                        "(e.g. Debian's fonts-noto-cjk)",
+                        "".join(missing[:8]))
         figures["confusion.png"] = _confusion(plt, final["confusion"], classes)
     for name, fig in figures.items():
         _save_figure(fig, run_dir / name)
