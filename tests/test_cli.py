@@ -315,8 +315,14 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args, message, tmp_path, caps
     assert message in err and len(err.splitlines()) == 1 and err.startswith("bpl: error:")
 
 
-def test_soft_with_an_unsupported_criterion_is_refused_before_loading_data(
-    baseline, tmp_path, capsys, monkeypatch
+@pytest.mark.parametrize("extra, words", [
+    (["--importance", "fpgm"], ["fpgm", "l2"]),
+    (["--no-partners"], ["--no-partners"]),  # trained partners anyway, silently
+    (["--global-pruning"], ["--global-pruning"]),  # was ignored
+    (["--accept-closest"], ["--accept-closest"]),  # was ignored
+])
+def test_what_soft_cannot_honour_is_refused_before_loading_data(
+    extra, words, baseline, tmp_path, capsys, monkeypatch
 ):
     import bpl.pipeline
 
@@ -325,10 +331,24 @@ def test_soft_with_an_unsupported_criterion_is_refused_before_loading_data(
 
     monkeypatch.setattr(bpl.pipeline, "load_dataset", no_data)
     assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--soft",
-                   "--importance", "fpgm", "--out", tmp_path / "r") == 1
-    err = capsys.readouterr().err
-    assert "--soft" in err and "fpgm" in err and "l2" in err
+                   "--flops-reduction", "0.5", *extra, "--out", tmp_path / "r") == 1
+    err = capsys.readouterr().err.strip()
+    assert "--soft" in err and all(w in err for w in words) and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_a_bad_granularity_in_a_config_file_is_refused_before_loading_data(
+    baseline, tmp_path, capsys, monkeypatch
+):
+    import bpl.pipeline
+
+    monkeypatch.setattr(bpl.pipeline, "load_dataset", lambda *a, **k: 1 / 0)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("granularity: stages\n")
+    assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--config", cfg,
+                   "--flops-reduction", "0.5", "--out", tmp_path / "r") == 1
+    err = capsys.readouterr().err.strip()
+    assert "--granularity must be one of stage, block, global, got 'stages'" in err
 
 
 def test_importance_choices_are_the_library_criteria():

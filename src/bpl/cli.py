@@ -24,6 +24,7 @@ from .config import (
     resolve_config,
     resume_config,
 )
+from .diversity import GRANULARITIES
 from .errors import BPLError
 from .partner import INITS
 from .pruning import IMPORTANCES, LEVELS, SOFT_IMPORTANCES
@@ -172,11 +173,12 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "diversity-weight", type=float, metavar="W",
           help="weight of the diversity loss, cos(block, partner) + 1, per group (0.01, the "
                "paper's; 0 turns it off)")
-    _flag(g, "granularity", choices=["stage", "block", "global"],
+    _flag(g, "granularity", choices=list(GRANULARITIES),
           help="what one diversity term covers: a network stage (the paper), a block, or all")
     g.add_argument("--no-partners", dest="partners", action="store_false", default=S,
-                   help="plain fine-tuning of the pruned model: as accurate as partners in "
-                        "bpl's recovery study (docs/results.md), and each step is 1.1-1.8x faster")
+                   help="plain fine-tuning of the pruned model: bpl's recovery study found no "
+                        "difference from partners in accuracy (docs/results.md), and each "
+                        "step is 1.1-1.8x faster")
     _flag(g, "distill", action="store_true",
           help="also distil the unpruned baseline's predictions into the compressed model")
     _flag(g, "distill-temperature", type=float, metavar="T", help="softmax temperature (4)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .diversity import GRANULARITIES
 from .engine import SCHEDULES
 from .errors import BPLError
 from .partner import INITS
@@ -355,6 +356,20 @@ def _check(cfg: Config) -> None:
         raise BPLError(f"--select must be one of {', '.join(SELECT)}, got {cfg.select!r}")
     if cfg.placement not in PLACEMENTS:
         raise BPLError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {cfg.placement!r}")
+    if cfg.granularity not in GRANULARITIES:
+        raise BPLError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got "
+                       f"{cfg.granularity!r}")
+    if cfg.soft:  # what the soft schedule cannot honour is refused, not ignored
+        if not cfg.partners:
+            raise BPLError("--soft zeroes the filters of each block and its partner (the "
+                           "reference recipe), so it always trains partners: leave out "
+                           "--no-partners, or --soft")
+        if cfg.global_pruning:
+            raise BPLError("--soft picks filters layer by layer, as the reference code does; "
+                           "--global-pruning is for hard pruning: leave out one of the two")
+        if cfg.accept_closest:
+            raise BPLError("--soft reaches its cut within a point or stops with an error; "
+                           "--accept-closest is for hard pruning: leave it out")
     if cfg.soft and cfg.importance not in SOFT_IMPORTANCES:
         raise BPLError(f"--soft takes --importance {', '.join(SOFT_IMPORTANCES)}, got {cfg.importance!r}")
     if cfg.round_to is not None and (

@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .exporting import export
 from .extension import extend
 from .fusion import fuse
+from .modules import eval_mode
 from .partner import ConvPartner
 from .profiling import count_macs
 from .pruning import PruningError, prune
@@ -99,14 +100,8 @@ def rounding_floor(model: nn.Module, x: torch.Tensor, seed: int = 0) -> float:
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(x.shape, generator=g).to(x.dtype)
     x_rounded = x * (1 + torch.finfo(x.dtype).eps * noise)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref = model(x)
-            return max_relative_error(ref, model(x_rounded))
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad():
+        return max_relative_error(model(x), model(x_rounded))
 
 
 def _exact(student: nn.Module, x: torch.Tensor, tol: float) -> dict[str, Any]:

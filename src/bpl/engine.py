@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .errors import BPLError, TrainingDiverged
 from .files import atomic_save, atomic_write_text
+from .modules import eval_mode
 from .precision import Precision, choose_precision
 
 __all__ = [
@@ -350,23 +351,21 @@ def evaluate(
     """
     device = device or next(model.parameters()).device
     precision = precision or Precision(None, False, device.type, "float32")
-    was_training = model.training
-    model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    loss_sum, top5_hits, seen = 0.0, 0, 0
-    k = min(5, num_classes)
-    for x, y in tqdm(loader, desc="evaluate", leave=False, disable=None if progress else True):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with precision.autocast():
-            logits = model(precision.prepare(x)).float()
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        top5_hits += (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum().item()
-        pred = logits.argmax(dim=1)
-        confusion += torch.bincount(
-            (y * num_classes + pred).cpu(), minlength=num_classes * num_classes
-        ).reshape(num_classes, num_classes)
-        seen += y.numel()
-    model.train(was_training)
+    with eval_mode(model):  # every module's own flag back afterwards, also on an error
+        loss_sum, top5_hits, seen = 0.0, 0, 0
+        k = min(5, num_classes)
+        for x, y in tqdm(loader, desc="evaluate", leave=False, disable=None if progress else True):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with precision.autocast():
+                logits = model(precision.prepare(x)).float()
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            top5_hits += (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum().item()
+            pred = logits.argmax(dim=1)
+            confusion += torch.bincount(
+                (y * num_classes + pred).cpu(), minlength=num_classes * num_classes
+            ).reshape(num_classes, num_classes)
+            seen += y.numel()
     if distributed_sum:
         totals = torch.tensor([loss_sum, top5_hits, seen], dtype=torch.float64)
         loss_sum, top5_hits, seen = distributed.all_reduce_sum(totals).tolist()

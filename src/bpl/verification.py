@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .errors import VerificationError
+from .modules import eval_mode
 
 __all__ = ["max_relative_error", "relative_error", "verify"]
 
@@ -22,14 +23,8 @@ def relative_error(reference: nn.Module, candidate: nn.Module, *inputs: torch.Te
 
     The models' training flags are restored afterwards.
     """
-    modes = reference.training, candidate.training
-    reference.eval()
-    candidate.eval()
-    try:
+    with eval_mode(reference, candidate):
         ref, out = reference(*inputs), candidate(*inputs)
-    finally:
-        reference.train(modes[0])
-        candidate.train(modes[1])
     if ref.shape != out.shape:
         raise VerificationError(f"output shapes differ: {tuple(ref.shape)} vs {tuple(out.shape)}")
     return max_relative_error(ref, out)
