@@ -215,3 +215,17 @@ def test_compress_needs_one_target(baseline, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--flops-reduction" in err and "--max-drop" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_a_budget_inside_the_validation_noise_is_said(caplog):
+    from bpl.pipeline import _warn_if_budget_in_noise, budget_noise
+
+    # 95% binomial half-width: 84% on UC Merced's 168 validation images is about ±5.5 points
+    assert budget_noise(84.0, 168) == pytest.approx(196 * math.sqrt(0.84 * 0.16 / 168))
+    assert budget_noise(100.0, 50) > 0  # a perfect score is not certainty
+    _warn_if_budget_in_noise(1.0, 84.0, 168)
+    assert "168 validation images" in caplog.text and "±5.5 points" in caplog.text
+    assert "--val-ratio" in caplog.text
+    caplog.clear()
+    _warn_if_budget_in_noise(30.0, 84.0, 168)
+    assert caplog.text == ""

@@ -568,6 +568,8 @@ def _compress_in_steps(
 
     baseline = baseline.cpu().eval()
     reference = score(baseline)
+    if cfg.max_drop is not None:
+        _warn_if_budget_in_noise(cfg.max_drop, reference, len(data.val))
     done = _recorded_steps(steps_dir)
     within = [d["step"] for d in done if d["within"]]
     start = load_model(steps_dir / str(within[-1]) / "deploy.pt")[0] if within else baseline
@@ -613,6 +615,23 @@ def _compress_in_steps(
     }
     write_report(run_dir, metrics)
     return metrics
+
+
+def budget_noise(top1: float, n: int) -> float:
+    """Half-width in points of a 95% binomial interval of a top-1 of ``top1`` % on ``n``
+    images: how far a validation score moves by chance alone."""
+    p = min(max(top1 / 100, 0.5 / n), 1 - 0.5 / n)
+    return 196 * math.sqrt(p * (1 - p) / n)
+
+
+def _warn_if_budget_in_noise(max_drop: float, reference: float, n: int) -> None:
+    """Say when the validation split is too small for the budget to be judged reliably."""
+    noise = budget_noise(reference, n)
+    if noise > max_drop:
+        log.warning("--max-drop %g is judged on %d validation images: one image is %.2f points "
+                    "and chance alone moves the score by about ±%.1f points (95%%), so steps "
+                    "may be kept or refused by luck; a larger --val-ratio (or more data) "
+                    "makes the budget mean what it says", max_drop, n, 100 / n, noise)
 
 
 def _recorded_steps(steps_dir: Path) -> list[dict[str, Any]]:
