@@ -58,11 +58,24 @@ def compressed(baseline, tmp_path_factory) -> Path:
     return out
 
 
-def test_compress_prunes_fuses_and_verifies(compressed, capsys):
+def test_compress_prunes_fuses_and_verifies(compressed, baseline, capsys):
     metrics = json.loads((compressed / "metrics.json").read_text())
     assert abs(metrics["macs_reduction"] - 0.6) <= 0.01
     assert metrics["fusion_error"] <= 1e-5
     assert metrics["models"]["compressed"]["params"] < metrics["models"]["baseline"]["params"]
+    # checked here too, not only by the tool: the kept student (partners) against the
+    # deployed model (fused), and the MACs of both ends counted afresh
+    from bpl import count_macs, partner_blocks
+    from bpl.verification import relative_error
+
+    student = load_model(compressed / "best.pt")[0].eval()
+    deploy = load_model(compressed / "deploy.pt")[0].eval()
+    base = load_model(baseline / "best.pt")[0].eval()
+    assert partner_blocks(student) and not partner_blocks(deploy)
+    x = torch.randn(4, 3, 16, 16)
+    assert relative_error(student, deploy, x) <= 1e-5
+    assert 1 - count_macs(deploy, x[:1]) / count_macs(base, x[:1]) == pytest.approx(
+        metrics["macs_reduction"], abs=1e-6)
     report = (compressed / "report.md").read_text()
     assert "| compressed |" in report and "accuracy_vs_macs.png" in report
     assert (compressed / "deploy.pt").exists()
@@ -224,11 +237,18 @@ def test_soft_schedule_on_an_image_folder(tmp_path):
     common = ["--data", "imagefolder", "--data-root", root, "--image-size", "16",
               "--batch-size", "8", "--quiet", "--no-latency"]
     assert run_cli("train", *common, *ARCH, "--epochs", "1", "--out", tmp_path / "base") == 0
-    assert run_cli("compress", *common, "--soft", "--baseline", tmp_path / "base" / "last.pt",
-                   "--epochs", "2", "--flops-reduction", "0.5", "--out", tmp_path / "soft") == 0
-    metrics = json.loads((tmp_path / "soft" / "metrics.json").read_text())
-    assert abs(metrics["macs_reduction"] - 0.5) <= 0.01
-    assert metrics["removal_error"] <= 1e-5 and metrics["fusion_error"] <= 1e-5
+    updates = {}
+    for every in (1, 2):
+        out = tmp_path / f"soft{every}"
+        assert run_cli("compress", *common, "--soft", "--baseline", tmp_path / "base" / "last.pt",
+                       "--epochs", "3", "--soft-every", every, "--flops-reduction", "0.5",
+                       "--out", out) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert abs(metrics["macs_reduction"] - 0.5) <= 0.01
+        assert metrics["removal_error"] <= 1e-5 and metrics["fusion_error"] <= 1e-5
+        updates[every] = torch.load(out / "last.pt", weights_only=False)["hooks"][0]["updates"]
+    # the masks were re-picked after every epoch (1), or every second one (2)
+    assert updates == {1: 3, 2: 1}
 
 
 def _wait_for_epoch(run_dir: Path, proc: subprocess.Popen, epoch: int) -> None:
@@ -570,9 +590,23 @@ def _rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
 @pytest.mark.parametrize("init, exact", [("preserve", True), ("split", True), ("paper", False)])
 def test_init_sets_where_the_partners_start(baseline, tmp_path, monkeypatch, init, exact):
     seen = _start_of_training(monkeypatch, baseline, tmp_path, "--init", init)
-    assert bpl.partner_blocks(seen["student"])
+    blocks = [b for _, b in bpl.partner_blocks(seen["student"])]
+    assert blocks
     # preserve and split start from the pruned model's output; the paper's init changes it
     assert (_rel(seen["pruned"], seen["student"]) <= 1e-5) == exact
+    # and each leaves its own mark, so none can stand in for another: preserve's partner
+    # starts silent (BN scale 0), split's is a copy of the block at share 1/3 of the scale,
+    # the paper's starts at scale 0.5 with the block's halved
+    for b in blocks:
+        scale = b.partner_bn.weight
+        if init == "preserve":
+            assert torch.all(scale == 0)
+        elif init == "split":
+            assert torch.equal(b.partner_conv.weight, b.conv.weight)
+            assert torch.allclose(scale * 2, b.bn.weight)  # 1/3 against 2/3
+        else:
+            assert torch.all(scale == 0.5)
+            assert not torch.equal(b.partner_conv.weight, b.conv.weight)
 
 
 def test_granularity_and_weight_set_the_diversity_term(baseline, tmp_path, monkeypatch):

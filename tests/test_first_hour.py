@@ -335,10 +335,21 @@ def test_compress_a_model_bpl_did_not_train(tree, tmp_path, capsys):
         assert abs(metrics["macs_reduction"] - 0.5) <= 0.01
         model, meta = bpl.load_model(out / "deploy.pt")
         assert meta["arch"] == "resnet18" and meta["classes"] == ["class0", "class1", "class2"]
-    # the baseline's accuracy is that of the weights given, not of a fresh model
-    first = json.loads((tmp_path / "c-weights.pt" / "metrics.json").read_text())
-    second = json.loads((tmp_path / "c-whole.pt" / "metrics.json").read_text())
-    assert first["baseline"]["top1"] == second["baseline"]["top1"]
+    # the baseline evaluated is the weights given, not a fresh model: its test loss is the
+    # one their model gives on the run's test split, computed here by hand
+    from bpl.data import load_dataset
+
+    theirs.eval()
+    for name in ("weights.pt", "whole.pt"):
+        run = tmp_path / f"c-{name}"
+        metrics = json.loads((run / "metrics.json").read_text())
+        data = load_dataset("imagefolder", tree, image_size=16, split_file=run / "split.json",
+                            cache=False)
+        xs = torch.stack([data.test[i][0] for i in range(len(data.test))])
+        ys = torch.tensor([data.test[i][1] for i in range(len(data.test))])
+        with torch.no_grad():
+            loss = torch.nn.functional.cross_entropy(theirs(xs), ys).item()
+        assert metrics["baseline"]["loss"] == pytest.approx(loss, rel=1e-4)
     # weights of another architecture, or trained for other classes: one clear line
     assert run_cli("compress", "--baseline", tmp_path / "weights.pt", *common[:-1], "resnet34",
                    "--out", tmp_path / "x") == 1
