@@ -406,8 +406,11 @@ def test_unreachable_target_is_an_error(baseline, tmp_path, capsys):
 
 
 def test_existing_run_directory_is_not_clobbered(baseline, capsys):
+    before = {p.name: p.read_bytes() for p in baseline.iterdir() if p.is_file() and p.name[0] != "."}
     assert run_cli("train", *FAST, "--out", baseline) == 1
     assert "--resume" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in baseline.iterdir() if p.is_file() and p.name[0] != "."}
+    assert after == before  # refused before anything was written, config.json included
 
 
 def test_help_shows_an_example(capsys):
@@ -424,7 +427,10 @@ def test_demo_tells_the_whole_story(tmp_path, capsys):
     metrics = json.loads((out / "compressed" / "metrics.json").read_text())
     assert abs(metrics["macs_reduction"] - 0.7) <= 0.01
     assert (out / "baseline" / "last.pt").exists() and (out / "compressed" / "deploy.pt").exists()
+    logs = {p: (out / p / "log.csv").read_text() for p in ("baseline", "compressed")}
     assert run_cli("demo", "--epochs", "1", "--out", out, "--quiet") == 0  # re-run: resumes
+    # nothing was trained again: each log keeps its one epoch and that epoch's own timing
+    assert {p: (out / p / "log.csv").read_text() for p in logs} == logs
 
 
 def _close(reference: torch.Tensor, out: torch.Tensor, tol: float = 1e-4) -> bool:

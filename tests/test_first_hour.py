@@ -236,6 +236,25 @@ def test_the_compress_report_can_be_trusted(trained, tmp_path, monkeypatch, capl
     assert any("recovery study" in r.getMessage() and "--no-partners" in r.getMessage()
                for r in caplog.records if r.name == "bpl.pipeline")
     assert "| class1 |" in report and "confusion.png" in report and (out / "confusion.png").exists()
+    # every number of the report is metrics.json's, as written there
+    rows = {}
+    for line in report.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows.setdefault(cells[0], cells[1:])
+    models, final, base = metrics["models"], metrics["final"], metrics["baseline"]
+    assert rows["baseline"][0] == f"{models['baseline']['top1']:.2f}"
+    assert rows["compressed"][0] == f"{models['compressed']['top1']:.2f}" == f"{final['top1']:.2f}"
+    assert f"({100 * metrics['macs_reduction']:.1f}% fewer)" in rows["compressed"][1]
+    phases = {k: v for k, v in rows.items() if k in ("right after pruning",)}
+    assert phases["right after pruning"][1:] == [f"{pruned['val_top1']:.2f}",
+                                                 f"{pruned['test_top1']:.2f}"]
+    tuned = next(v for k, v in rows.items() if k.startswith("after fine-tuning"))
+    assert tuned[1:] == [f"{metrics['selected']['val_top1']:.2f}", f"{final['top1']:.2f}"]
+    assert f"- MACs reduction: {100 * metrics['macs_reduction']:.2f}%" in report
+    for i, name in enumerate(metrics["classes"]):
+        assert rows[name] == [str(sum(final["confusion"][i])), f"{final['per_class_top1'][i]:.2f}"]
+    assert base["top1"] == models["baseline"]["top1"]
     assert set(figures) == {"curves.png", "accuracy_vs_macs.png", "confusion.png"}
     for name, fig in figures.items():
         for ax in fig.axes:
@@ -245,6 +264,9 @@ def test_the_compress_report_can_be_trusted(trained, tmp_path, monkeypatch, capl
             if "%" in ax.get_ylabel():
                 assert ax.get_ylim()[1] <= 100, name
     curves = figures["curves.png"].axes
+    # the curves are the history's numbers, not an empty frame
+    top1 = [line for line in curves[-1].get_lines() if "val" in line.get_label()]
+    assert top1 and list(top1[0].get_ydata()) == [h["val_top1"] for h in metrics["history"]]
     ce_lines = [line.get_label() for line in curves[0].get_lines()]
     assert not any("diversity" in label for label in ce_lines)
     assert any("diversity" in line.get_label() for line in curves[1].get_lines())
@@ -377,13 +399,25 @@ def test_timm_architectures_by_name(tree, tmp_path):
 
 
 @pytest.mark.parametrize("epochs", [3, 40])
-def test_curves_are_drawn_for_short_and_long_runs(tmp_path, epochs):
+def test_curves_are_drawn_for_short_and_long_runs(tmp_path, epochs, monkeypatch):
+    from matplotlib.figure import Figure
+
     from bpl.report import write_report
 
+    drawn = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig),
+                                                                  save(fig, *a, **k))[1])
     history = [{"epoch": e, "train_loss": 1.0 / e, "train_top1": 50.0 + e, "val_loss": 1.1 / e,
                 "val_top1": 48.0 + e} for e in range(1, epochs + 1)]
     write_report(tmp_path, {"command": "train", "history": history})
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "report.md").exists()
+    # not a blank frame: every curve is the history's, epoch by epoch
+    lines = {line.get_label(): line for ax in drawn[0].axes for line in ax.get_lines()}
+    for label, key in (("train cross-entropy", "train_loss"), ("validation loss", "val_loss"),
+                       ("train top-1", "train_top1"), ("validation top-1", "val_top1")):
+        assert list(lines[label].get_xdata()) == list(range(1, epochs + 1))
+        assert list(lines[label].get_ydata()) == [h[key] for h in history]
 
 
 def test_class_names_no_font_draws_are_said(tmp_path, caplog, monkeypatch):

@@ -28,7 +28,7 @@ def run_cli(*args) -> int:
 
 def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.iterdir()) if p.is_file()}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != LOCK_FILE}
 
 
 def test_exclusive_lock_refuses_a_second_holder_and_ends_with_its_holder(tmp_path):
