@@ -111,9 +111,14 @@ def test_read_image_converts_to_rgb_uint8(tmp_path, name, mode, expect):
 
 
 def test_read_image_scales_16bit(tmp_path):
+    """The full 16-bit range maps onto 0-255 (value * 255 / 65535, truncated); a plain
+    uint8 cast would clip or wrap every value above 255 instead."""
     path = tmp_path / "deep.png"
-    Image.fromarray(np.full((4, 6), 65535, dtype=np.uint16)).save(path)
-    assert read_image(path).unique().tolist() == [255]
+    values = [0, 1000, 32768, 60000, 65535]
+    Image.fromarray(np.array([values] * 2, dtype=np.uint16)).save(path)
+    got = read_image(path)
+    assert got[0, 0].tolist() == [int(v * 255 / 65535) for v in values] == [0, 3, 127, 233, 255]
+    assert torch.equal(got[0], got[1]) and torch.equal(got[1], got[2])  # grey to RGB
 
 
 def test_corrupt_image_raises_with_path(tmp_path):

@@ -31,6 +31,22 @@ def test_export_pruned_and_fused_resnet18(pruned_student, tmp_path, fmt):
     assert set(result["errors_by_batch_size"]) == {1, 5}
     assert (tmp_path / f"m.{fmt}").exists()
     assert [p.name for p in tmp_path.iterdir()] == [f"m.{fmt}"]
+    # the parity the exporter reports, measured again here on the file, at another batch
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = deploy.eval()(x)
+    got = _run_file(tmp_path / f"m.{fmt}", fmt, x)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def _run_file(path, fmt: str, x: torch.Tensor) -> torch.Tensor:
+    """An exported file run outside bpl: torch.jit or onnxruntime."""
+    if fmt == "torchscript":
+        with torch.no_grad():
+            return torch.jit.load(str(path), map_location="cpu")(x)
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
 
 
 def test_exported_onnx_runs_at_any_batch_size(pruned_student, tmp_path):

@@ -189,8 +189,13 @@ def test_training_checkpoint_with_numpy_rng_state(tmp_path):
     payload = bpl.models.model_payload(model, "tiny_resnet", 10, {"epoch": 1})
     state = {"model": payload, "rng": {"numpy": np.random.get_state(), "python": random.getstate()}}
     bpl.models.atomic_save(state, tmp_path / "last.pt")
+    expect_np, expect_py = np.random.random(3).tolist(), [random.random() for _ in range(3)]
     loaded = bpl.models.load_checkpoint(tmp_path / "last.pt")
     np.random.set_state(loaded["rng"]["numpy"])
+    random.setstate(loaded["rng"]["python"])
+    # the restored states draw what the saved ones drew next
+    assert np.random.random(3).tolist() == expect_np
+    assert [random.random() for _ in range(3)] == expect_py
     rebuilt, meta = bpl.load_model(tmp_path / "last.pt")  # the model inside a training checkpoint
     assert meta["epoch"] == 1
     assert torch.equal(rebuilt.fc.weight, model.fc.weight)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -176,6 +178,28 @@ def test_each_criterion_keeps_the_channels_it_should():
         kept = pruned[0].weight.detach().flatten(1)
         found = sorted(int((filters - k).abs().sum(1).argmin()) for k in kept)
         assert found == keep, name
+
+
+def test_fpgm_is_not_l2():
+    """Four large filters bunched together and four small ones spread around the origin:
+    L2 keeps the large, FPGM the spread (each far from the rest), so neither can stand in
+    for the other."""
+    x = torch.randn(2, 3, 16, 16)
+    model = _known_answer_net()
+    w = torch.zeros(8, 3, 3, 3)
+    for i in range(4):  # the bunch: norm 10, within 0.03 of each other
+        w[i, 0, 1, 1], w[i, 1, 1, 1] = 10.0, 0.01 * i
+    for i, (a, b) in enumerate([(1, 0), (0, 1), (-1, 0), (0, -1)], start=4):  # the spread
+        w[i, 0, 1, 1], w[i, 1, 1, 1] = a, b
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    filters = w.flatten(1)
+    far = sorted(torch.cdist(filters, filters).sum(1).argsort(descending=True)[:4].tolist())
+    assert far == [4, 5, 6, 7]  # the sums of distances, computed directly
+    for name, keep in (("l2", [0, 1, 2, 3]), ("fpgm", far)):
+        pruned = bpl.prune(copy.deepcopy(model), x, channel_ratio=0.5, importance=name)
+        kept = pruned[0].weight.detach().flatten(1)
+        assert sorted(int((filters - k).abs().sum(1).argmin()) for k in kept) == keep, name
 
 
 def test_l2_keeps_the_largest_filters():
