@@ -257,7 +257,7 @@ def _test(model: nn.Module, data, cfg: Config, device: torch.device,
           part: str = "test") -> dict[str, Any]:
     """The one evaluation of the test split, at the end of a run (or of another ``part``)."""
     loader = make_loader(getattr(data, part), batch_size=cfg.batch_size, train=False,
-                         device=device, shard=False)
+                         device=device, shard=False, workers=cfg.workers)
     return evaluate(model.to(device), loader, data.num_classes, device=device)
 
 
@@ -285,8 +285,21 @@ def _after_pruning(pruned: nn.Module, data, cfg: Config, run_dir: Path,
 def train_baseline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     """`bpl train`: train ``cfg.arch`` on ``cfg.data`` from scratch (or given weights)."""
     seed_everything(cfg.seed)
+    _check_processes(cfg)
     with _run(cfg, "train") as run_dir:
         return _train_baseline(cfg, run_dir, progress)
+
+
+def _check_processes(cfg: Config) -> None:
+    """Refuse --sync-bn where it would do nothing (one process) or cannot run (the CPU)."""
+    if not cfg.sync_bn:
+        return
+    if not distributed.current().enabled:
+        raise BPLError("--sync-bn averages BatchNorm statistics over the processes of a torchrun "
+                       "job, and this run is one process: leave it out, or start it with torchrun")
+    if select_device(cfg.device).type != "cuda":
+        raise BPLError("--sync-bn runs on CUDA only (PyTorch's SyncBatchNorm): leave it out on "
+                       "the CPU")
 
 
 def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any]:
@@ -361,6 +374,7 @@ def compress(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     seed_everything(cfg.seed)
     if not cfg.baseline:
         raise BPLError("compress needs a baseline checkpoint: pass --baseline PATH (from bpl train)")
+    _check_processes(cfg)
     baseline, base_meta = _load_baseline(cfg)
     if cfg.flops_reduction is None and cfg.max_drop is None:
         raise BPLError("compress needs a target: --flops-reduction R (remove that fraction of the "
