@@ -176,7 +176,20 @@ def make_record(settings: dict[str, Any], job: Job) -> dict[str, Any]:
         rec.update(baseline_val_top1=(metrics.get("baseline") or {}).get("val_top1"),
                    baseline_test_top1=(metrics.get("baseline") or {}).get("top1"),
                    macs_reduction=metrics.get("macs_reduction"))
+    rec.update(compute(metrics))
     return rec
+
+
+def compute(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a run cost: epochs and seconds of training over every step it took (a stepwise
+    run's steps beyond the kept one included), whatever sessions it was resumed across."""
+    steps = (metrics.get("budget") or {}).get("steps")
+    if steps:
+        return {"epochs_all": sum(st.get("epochs_trained", 0) for st in steps),
+                "train_time_s": sum(st.get("train_time_s", 0.0) for st in steps)}
+    history = metrics.get("history") or []
+    return {"epochs_all": len(history),
+            "train_time_s": sum(row.get("epoch_time_s", 0.0) for row in history)}
 
 
 def _device_name(device: str) -> str:
@@ -288,7 +301,8 @@ def imported_record(raw: dict[str, Any], dataset: str, seed: int, name: str, sou
             "val_top1": kept.get("val_top1"), "test_top1": metrics["final"]["top1"],
             "wall_time_s": metrics.get("wall_time_s"), "precision": metrics.get("precision"),
             "lr": [row["lr"] for row in history],
-            "val_curve": [row.get("val_top1") for row in history], "imported_from": source}
+            "val_curve": [row.get("val_top1") for row in history], "imported_from": source,
+            "device": f"recorded by {source.split('/records/')[0]}", **compute(metrics)}
 
 
 def _paired(records: list[dict[str, Any]], name: str, ref: str, key: str) -> list[float]:
@@ -302,6 +316,10 @@ def _cell(st: dict[str, Any]) -> str:
         return "-"
     half = f" ± {st['ci95']:.2f}" if st.get("ci95") is not None else ""
     return f"{st['mean']:+.2f}{half} (n={st['n']})"
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -329,6 +347,8 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
                     "val_top1": _mean([r["val_top1"] for r in mine]),
                     "test_top1": _mean([r["test_top1"] for r in mine]),
                     "wall_time_s": _mean([r["wall_time_s"] for r in mine]),
+                    "epochs_all": _mean([r.get("epochs_all") for r in mine]),
+                    "train_time_s": _mean([r.get("train_time_s") for r in mine]),
                     "ref": ref,
                     "val_vs_ref": ci95(_paired(rows, name, ref, "val_top1")) if ref else None,
                     "test_vs_ref": ci95(_paired(rows, name, ref, "test_top1")) if ref else None,
@@ -339,7 +359,15 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
                     entry["val_vs_equal"] = ci95(_paired(rows, name, same, "val_top1"))
                     entry["test_vs_equal"] = ci95(_paired(rows, name, same, "test_top1"))
                 if kind == "compress":
+                    ref_base = settings["reference"]["baseline"]
+                    base = {r["seed"]: r for r in rows if r["name"] == ref_base}
+                    entry["test_vs_ref_baseline"] = ci95([
+                        r["test_top1"] - base[r["seed"]]["test_top1"] for r in mine
+                        if r["seed"] in base])
+                    entry["ref_baseline"] = ref_base
                     entry["macs_reduction"] = _mean([r.get("macs_reduction") for r in mine])
+                    entry["macs_reduction_per_seed"] = {r["seed"]: r.get("macs_reduction")
+                                                        for r in mine}
                     entry["test_drop"] = ci95([r["test_top1"] - r["baseline_test_top1"]
                                                for r in mine if r.get("baseline_test_top1")])
                     entry["val_drop"] = ci95([r["val_top1"] - r["baseline_val_top1"] for r in mine
@@ -360,18 +388,41 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
              f"Ran on: {', '.join(devices)}.", ""]
     for dataset, table in summary.items():
         lines += [f"## {dataset}", "",
-                  "| run | kind | runs | epochs (mean, min-max) | val top-1 | test top-1 | "
-                  "val vs ref | test vs ref | test minus its baseline | wall s |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| run | kind | runs | epochs (mean, min-max) | MACs removed (%) | val top-1 | "
+                  "test top-1 | val vs ref | test vs ref | test minus its baseline | "
+                  "test minus the reference baseline | epochs, all steps | train s |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, e in table.items():
             ref = f" vs {e['ref']}" if e["ref"] and e["ref"] != name else ""
             drop = _cell(e["test_drop"]) if e.get("test_drop") else "-"
+            vs_base = (f"{_cell(e['test_vs_ref_baseline'])} vs {e['ref_baseline']}"
+                       if e.get("test_vs_ref_baseline") else "-")
+            macs = f"{100 * e['macs_reduction']:.1f}" if e.get("macs_reduction") else "-"
             lines.append(
                 f"| {name} | {e['kind']} | {e['runs']} | {e['epochs_mean']:.1f} "
-                f"({e['epochs_min']}-{e['epochs_max']}) | {e['val_top1']:.2f} | "
+                f"({e['epochs_min']}-{e['epochs_max']}) | {macs} | {e['val_top1']:.2f} | "
                 f"{e['test_top1']:.2f} | {_cell(e['val_vs_ref']) if ref else '-'}{ref} | "
-                f"{_cell(e['test_vs_ref']) if ref else '-'} | {drop} | {e['wall_time_s']:.0f} |")
+                f"{_cell(e['test_vs_ref']) if ref else '-'} | {drop} | {vs_base} | "
+                f"{_num(e['epochs_all'], '.1f')} | {_num(e['train_time_s'], '.0f')} |")
         lines.append("")
+        budgeted = [n for n, o in settings["recoveries"].items() if o.get("max_drop") is not None]
+        ref_base = settings["reference"]["baseline"]
+        base = {r["seed"]: r for r in records if r["dataset"] == dataset and r["name"] == ref_base}
+        for name in budgeted:
+            mine = sorted((r for r in records if r["dataset"] == dataset and r["name"] == name),
+                          key=lambda r: r["seed"])
+            if not mine:
+                continue
+            lines += [f"{name}, seed by seed:", "",
+                      f"| seed | MACs removed (%) | epochs | test top-1 | minus its baseline | "
+                      f"minus {ref_base} |", "|---:|---:|---:|---:|---:|---:|"]
+            for r in mine:
+                other = base.get(r["seed"])
+                lines.append(
+                    f"| {r['seed']} | {100 * r['macs_reduction']:.1f} | {r['epochs_trained']} | "
+                    f"{r['test_top1']:.2f} | {r['test_top1'] - r['baseline_test_top1']:+.2f} | "
+                    f"{'-' if other is None else format(r['test_top1'] - other['test_top1'], '+.2f')} |")
+            lines.append("")
         equal = {n: e for n, e in table.items() if e.get("equal")}
         if equal:
             lines += ["At equal epochs, against cosine:", "",
@@ -431,6 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--report", action="store_true", help="aggregate the recorded runs")
     p.add_argument("--import", dest="import_", type=Path, metavar="FILE",
                    help="record the runs of a --records file written elsewhere (a GPU host)")
+    p.add_argument("--refresh", action="store_true",
+                   help="re-read every recorded run's metrics.json into its record (new fields)")
     p.add_argument("--pack", action="store_true",
                    help="write each dataset's pack_from images as PNGs to its data_root")
     args = p.parse_args(argv)
@@ -445,6 +498,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = record_path(settings, job)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(rec, indent=1) + "\n")
+        return 0
+    if args.refresh:
+        for job in plan(settings):
+            if record_path(settings, job).exists() and (run_dir(settings, job) /
+                                                        "metrics.json").exists():
+                old = json.loads(record_path(settings, job).read_text())
+                rec = {**old, **make_record(settings, job), "machine": old.get("machine"),
+                       "device": old.get("device")}
+                record_path(settings, job).write_text(json.dumps(rec, indent=1) + "\n")
         return 0
     if args.report:
         print(report(settings).read_text())

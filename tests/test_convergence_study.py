@@ -110,3 +110,14 @@ def test_a_cut_off_run_resumes_and_one_that_never_trained_starts_over(tmp_path, 
     (out / "steps" / "2" / "last.pt").unlink()  # cut off before any epoch: begun again
     study._start(settings, job, "python")
     assert "--resume" not in started[-1] and not (out / "steps").exists()
+
+
+def test_compute_counts_every_step_of_a_stepwise_run():
+    study = _load_script()
+    plain = {"history": [{"epoch_time_s": 2.0}, {"epoch_time_s": 3.0}]}
+    assert study.compute(plain) == {"epochs_all": 2, "train_time_s": 5.0}
+    steps = {"history": [{"epoch_time_s": 1.0}],  # the kept step's history only
+             "budget": {"steps": [{"epochs_trained": 10, "train_time_s": 50.0},
+                                  {"epochs_trained": 12, "train_time_s": 40.0},
+                                  {"epochs_trained": 9, "train_time_s": 20.0}]}}  # beyond
+    assert study.compute(steps) == {"epochs_all": 31, "train_time_s": 110.0}
