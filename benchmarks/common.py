@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from scipy.stats import t as t_dist  # scipy comes with scikit-learn, a bpl dependency
+from scipy.stats import t as t_dist  # scipy: in bpl's dev extra (pip install -e .[dev])
 
 from bpl.errors import BPLError
 from bpl.extension import partner_blocks

@@ -381,6 +381,21 @@ def test_a_validation_split_larger_than_training_is_said(tmp_path, caplog):
 # --------------------------------------------------------------------------- digits
 
 
+def test_the_bundled_digits_are_the_uci_test_set():
+    """The 45 kB file in the package holds exactly the 1,797 digits scikit-learn ships."""
+    import hashlib
+    from importlib import resources
+
+    with (resources.files("bpl.data") / "digits.npz").open("rb") as f, np.load(f) as npz:
+        images, labels = npz["images"], npz["labels"]
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8 and images.max() == 16
+    assert hashlib.sha256(images.tobytes()).hexdigest() == (
+        "8f26b2bd9d135c256808f68f14fdabddde6d9c7f869ae419704b051f0f14b3b3")
+    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    data = load_dataset("digits", image_size=16, val_ratio=0.0)
+    assert data.num_classes == 10 and len(data.train) + len(data.test) == 1797
+
+
 def test_validation_is_carved_from_train_per_class_and_fixed_by_the_seed(tmp_path):
     root = _tree(tmp_path / "ds", {"a": 20, "b": 10}, size=(4, 4))
     kw = {"image_size": 8, "cache": False}
