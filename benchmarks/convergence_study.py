@@ -180,6 +180,24 @@ def make_record(settings: dict[str, Any], job: Job) -> dict[str, Any]:
     return rec
 
 
+def no_step_within(settings: dict[str, Any], job: Job) -> dict[str, Any] | None:
+    """The record of a --max-drop run whose first step already missed the budget (bpl exits
+    1 and keeps the steps): no model is within it, so the user keeps the baseline (0% of
+    the MACs removed, its own top-1). None if the run failed for another reason."""
+    out = run_dir(settings, job)
+    steps = [json.loads(p.read_text()) for p in sorted(out.glob("steps/*/step.json"))]
+    if (out / "metrics.json").exists() or not steps or any(st["within"] for st in steps):
+        return None
+    return {"dataset": job.dataset, "seed": job.seed, "name": job.name, "command": job.command,
+            "no_step_within": True, "epochs_trained": 0, "stopped": "no step within the budget",
+            "kept_epoch": None, "val_top1": None, "test_top1": None, "macs_reduction": 0.0,
+            "baseline_val_top1": None, "baseline_test_top1": None, "steps": steps,
+            "epochs_all": sum(st.get("epochs_trained", 0) for st in steps),
+            "train_time_s": sum(st.get("train_time_s", 0.0) for st in steps),
+            "options": job.options, "machine": machine(),
+            "device": _device_name(job.options.get("device", "auto"))}
+
+
 def compute(metrics: dict[str, Any]) -> dict[str, Any]:
     """What a run cost: epochs and seconds of training over every step it took (a stepwise
     run's steps beyond the kept one included), whatever sessions it was resumed across."""
@@ -236,8 +254,12 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
             running.remove(job)
             job.proc.log.close()  # type: ignore[attr-defined]
             took = time.time() - job.started
+            rec = None
             if job.proc.returncode == 0:
                 rec = make_record(settings, job)
+            elif job.options.get("max_drop") is not None:
+                rec = no_step_within(settings, job)  # an outcome of the search, not a failure
+            if rec is not None:
                 path = record_path(settings, job)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(rec, indent=1) + "\n")
@@ -245,8 +267,9 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
                     with open(records, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                 done.add(job.key)
+                test = "-" if rec["test_top1"] is None else f"{rec['test_top1']:.2f}"
                 print(f"{time.time() - t0:6.0f}s done {job.key}: {rec['epochs_trained']} epochs, "
-                      f"val {rec['val_top1']}, test {rec['test_top1']:.2f} ({took:.0f}s)", flush=True)
+                      f"val {rec['val_top1']}, test {test} ({took:.0f}s)", flush=True)
             else:
                 failed.add(job.key)
                 print(f"{time.time() - t0:6.0f}s FAILED {job.key} (rc {job.proc.returncode}); "
@@ -346,6 +369,7 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
                     "epochs_max": max(epochs),
                     "val_top1": _mean([r["val_top1"] for r in mine]),
                     "test_top1": _mean([r["test_top1"] for r in mine]),
+                    "no_step_within": sum(bool(r.get("no_step_within")) for r in mine),
                     "wall_time_s": _mean([r["wall_time_s"] for r in mine]),
                     "epochs_all": _mean([r.get("epochs_all") for r in mine]),
                     "train_time_s": _mean([r.get("train_time_s") for r in mine]),
@@ -363,13 +387,14 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
                     base = {r["seed"]: r for r in rows if r["name"] == ref_base}
                     entry["test_vs_ref_baseline"] = ci95([
                         r["test_top1"] - base[r["seed"]]["test_top1"] for r in mine
-                        if r["seed"] in base])
+                        if r["seed"] in base and r["test_top1"] is not None])
                     entry["ref_baseline"] = ref_base
                     entry["macs_reduction"] = _mean([r.get("macs_reduction") for r in mine])
                     entry["macs_reduction_per_seed"] = {r["seed"]: r.get("macs_reduction")
                                                         for r in mine}
                     entry["test_drop"] = ci95([r["test_top1"] - r["baseline_test_top1"]
-                                               for r in mine if r.get("baseline_test_top1")])
+                                               for r in mine if r.get("baseline_test_top1")
+                                               and r["test_top1"] is not None])
                     entry["val_drop"] = ci95([r["val_top1"] - r["baseline_val_top1"] for r in mine
                                               if r.get("baseline_val_top1") is not None
                                               and r["val_top1"] is not None])
@@ -400,8 +425,8 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
             macs = f"{100 * e['macs_reduction']:.1f}" if e.get("macs_reduction") else "-"
             lines.append(
                 f"| {name} | {e['kind']} | {e['runs']} | {e['epochs_mean']:.1f} "
-                f"({e['epochs_min']}-{e['epochs_max']}) | {macs} | {e['val_top1']:.2f} | "
-                f"{e['test_top1']:.2f} | {_cell(e['val_vs_ref']) if ref else '-'}{ref} | "
+                f"({e['epochs_min']}-{e['epochs_max']}) | {macs} | {_num(e['val_top1'], '.2f')} | "
+                f"{_num(e['test_top1'], '.2f')} | {_cell(e['val_vs_ref']) if ref else '-'}{ref} | "
                 f"{_cell(e['test_vs_ref']) if ref else '-'} | {drop} | {vs_base} | "
                 f"{_num(e['epochs_all'], '.1f')} | {_num(e['train_time_s'], '.0f')} |")
         lines.append("")
@@ -418,6 +443,10 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
                       f"minus {ref_base} |", "|---:|---:|---:|---:|---:|---:|"]
             for r in mine:
                 other = base.get(r["seed"])
+                if r.get("no_step_within"):
+                    lines.append(f"| {r['seed']} | 0 (no step within the budget: the baseline "
+                                 f"stays) | {r['epochs_all']} | - | - | - |")
+                    continue
                 lines.append(
                     f"| {r['seed']} | {100 * r['macs_reduction']:.1f} | {r['epochs_trained']} | "
                     f"{r['test_top1']:.2f} | {r['test_top1'] - r['baseline_test_top1']:+.2f} | "

@@ -121,3 +121,20 @@ def test_compute_counts_every_step_of_a_stepwise_run():
                                   {"epochs_trained": 12, "train_time_s": 40.0},
                                   {"epochs_trained": 9, "train_time_s": 20.0}]}}  # beyond
     assert study.compute(steps) == {"epochs_all": 31, "train_time_s": 110.0}
+
+
+def test_a_search_with_no_step_within_its_budget_is_recorded_as_such(tmp_path):
+    study = _load_script()
+    settings = {**study.DEFAULTS, "out": str(tmp_path / "runs")}
+    job = study.Job("digits", 0, "maxdrop", "compress", {"max_drop": 1.0, "device": "cpu"})
+    out = study.run_dir(settings, job)
+    (out / "steps" / "1").mkdir(parents=True)
+    step = {"step": 1, "target": 0.5, "macs_reduction": 0.5, "score": 70.0, "within": False,
+            "epochs_trained": 10, "train_time_s": 30.0}
+    (out / "steps" / "1" / "step.json").write_text(json.dumps(step))
+    rec = study.no_step_within(settings, job)
+    assert rec["no_step_within"] and rec["macs_reduction"] == 0.0 and rec["test_top1"] is None
+    assert rec["epochs_all"] == 10 and rec["train_time_s"] == 30.0
+    step["within"] = True  # a step within it and no metrics.json: a failure, not an outcome
+    (out / "steps" / "1" / "step.json").write_text(json.dumps(step))
+    assert study.no_step_within(settings, job) is None
