@@ -71,7 +71,7 @@ class Config:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1
     warmup_epochs: int = 0
-    patience: int = 5
+    patience: int = 10  # seed-0 pilot: 5 stopped baselines early (docs/results.md)
     min_gain: float = 0.0
     decays: int = 2
     label_smoothing: float = 0.0

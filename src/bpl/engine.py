@@ -84,7 +84,7 @@ class TrainSettings:
     milestones: Sequence[float] = (0.5, 0.75)
     gamma: float = 0.1
     warmup_epochs: int = 0
-    patience: int = 5  # plateau: epochs without a validation gain before the lr decays
+    patience: int = 10  # plateau: epochs without a validation gain before the lr decays
     min_gain: float = 0.0  # plateau: validation top-1 points that count as a gain
     decays: int = 2  # plateau: decays of the lr; the plateau after the last ends the run
     replay: Sequence[float] = ()  # replay: the learning rate of each epoch of the run replayed
