@@ -28,7 +28,7 @@ from torch.fx.experimental.optimization import fuse as fx_fuse_conv_bn
 import bpl
 from common import load_average
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("BPL_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def cpu_model() -> str:

@@ -23,7 +23,8 @@ from bpl.models import load_model
 from bpl.partner import PartnerBlock, fold_conv_bn
 from bpl.report import write_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where results go; BPL_BENCH_RESULTS moves them (the smoke tests write to a temporary folder).
+RESULTS = Path(os.environ.get("BPL_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 #: Config fields that may differ between a finished run and a later call (paths, execution).
 NOT_PROTOCOL = frozenset({"data_root", "cache_dir", "out", "baseline", "resume", "device",
                           "workers"})

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "zoo.json"
-DOC = HERE.parent / "docs" / "zoo.md"
+RESULTS = Path(os.environ.get("BPL_BENCH_RESULTS") or HERE / "results") / "zoo.json"
+DOC = (RESULTS.parent / "zoo.md" if os.environ.get("BPL_BENCH_RESULTS")
+       else HERE.parent / "docs" / "zoo.md")
 
 #: torchvision models that are transformers: no convs to give partners (or only a patch stem).
 OUT_OF_SCOPE = {
