@@ -327,7 +327,13 @@ def main() -> None:
     if args.explain:
         arch, size, batch, reduction = args.explain
         torch.set_num_threads(1)
-        print(explain(arch, int(size), int(batch), float(reduction), args.round_to))
+        table = explain(arch, int(size), int(batch), float(reduction), args.round_to)
+        print(table)
+        name = f"explain_{arch}_{size}px_b{batch}_r{round(100 * float(reduction))}"
+        cmd = f"{command} --explain {arch} {size} {batch} {reduction}"
+        write_results(name, {"meta": meta, "command": cmd, "table": table},
+                      f"# `{cmd}`\n\n{meta['machine']}\n\n```\n{table}\n```\n")
+        print(f"wrote {RESULTS / name}.json and .md")
         return
     if args.agreement:
         torch.set_num_threads(args.threads)
