@@ -346,6 +346,9 @@ def test_compress_a_model_bpl_did_not_train(tree, tmp_path, capsys):
 
     torch.manual_seed(0)
     theirs = torchvision.models.resnet18(num_classes=3)
+    with torch.no_grad():  # weights no freshly seeded resnet18 has (bpl seeds 0 too)
+        for p in theirs.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7)))
     torch.save(theirs.state_dict(), tmp_path / "weights.pt")
     torch.save(theirs, tmp_path / "whole.pt")
     common = ["--data-root", tree, *QUICK, "--epochs", "1", "--flops-reduction", "0.5",
