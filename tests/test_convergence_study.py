@@ -138,3 +138,20 @@ def test_a_search_with_no_step_within_its_budget_is_recorded_as_such(tmp_path):
     step["within"] = True  # a step within it and no metrics.json: a failure, not an outcome
     (out / "steps" / "1" / "step.json").write_text(json.dumps(step))
     assert study.no_step_within(settings, job) is None
+
+
+@pytest.mark.parametrize("name", ["convergence_cpu", "convergence_gpu",
+                                  "convergence_cpu_pilot_p5"])
+def test_every_run_of_the_shipped_configs_is_a_valid_bpl_command(name):
+    """A typo or an impossible combination in a study config fails here, not hours into it."""
+    from bpl.config import resolve_config
+
+    study = _load_script()
+    settings = study.load_settings(SCRIPT.parent / "configs" / f"{name}.yaml")
+    jobs = study.plan(settings)
+    assert jobs
+    for job in jobs:
+        options = {k: v for k, v in job.options.items() if v is not None}
+        cfg = resolve_config(overrides=options)
+        assert cfg.round_to == 8 and (job.command == "train" or cfg.flops_reduction
+                                      or cfg.max_drop is not None)
