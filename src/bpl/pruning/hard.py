@@ -22,11 +22,10 @@ from .graph import (
     deploy_macs,
     make_pruner,
     resolve_layers,
-    round_to_fallbacks,
     rounds,
 )
 from .importance import CachedImportance, make_importance, score_groups
-from .search import max_local_ratio, search_ratio
+from .search import max_local_ratio, over_round_to, search_ratio
 
 __all__ = ["PruneReport", "prune"]
 
@@ -129,19 +128,16 @@ def prune(
         make_pruner(target, args, imp, ratio, **options).step()
     else:
         scores, sizes = score_groups(target, args, imp, _options(ignored, global_pruning, None))
-        candidates = round_to_fallbacks(round_to)
-        keep: dict[str, int] | None = None
-        for i, round_to in enumerate(candidates):
-            options = _options(ignored, global_pruning, round_to)
+        def attempt(current: int | None, last: bool
+                    ) -> tuple[float, dict[str, int] | None, dict, int | None]:
+            nonlocal trials
+            options = _options(ignored, global_pruning, current)
             # Global ranking can empty a group, which Torch-Pruning then skips entirely;
             # keep the global search below the ratios where that becomes likely.
-            p_max = 0.95 if global_pruning else max_local_ratio(sizes, round_to)
+            p_max = 0.95 if global_pruning else max_local_ratio(sizes, current)
             tried: list[_Trial] = []
 
-            def reduction_at(
-                p: float, keep: dict[str, int] | None = None, options: dict = options,
-                tried: list = tried,
-            ) -> float:
+            def reduction_at(p: float, keep: dict[str, int] | None = None) -> float:
                 nonlocal trials
                 trials += 1
                 trial = scratch.copy(target)
@@ -152,25 +148,20 @@ def prune(
                 tried.append(_Trial(p, f, dict(pruner.kept)))
                 return f
 
-            last = i == len(candidates) - 1
             try:
-                ratio, _, _ = search_ratio(
+                found, _, _ = search_ratio(
                     reduction_at, flops_reduction, p_max, tolerance, knob="channel ratio",
                     accept_closest=accept_closest and last,
                 )
-                break
+                return found, None, options, current
             except PruningError:
                 mixed = _mix_widths(tried, reduction_at, flops_reduction, tolerance)
-                if mixed is not None:
-                    ratio, keep = mixed
-                    break
-                if last:
+                if mixed is None:
                     raise
-                log.warning(
-                    "round_to=%d cannot reach a %.2f%% MAC reduction on %s within %.1f points; "
-                    "trying round_to=%d", round_to, 100 * flops_reduction, type(model).__name__,
-                    100 * tolerance, candidates[i + 1],
-                )
+                return mixed[0], mixed[1], options, current
+
+        ratio, keep, options, round_to = over_round_to(round_to, attempt, flops_reduction,
+                                                       tolerance, type(model).__name__)
         make_pruner(target, args, CachedImportance(scores, target), ratio, keep=keep,
                     **options).step()
     check = scratch.copy(target)

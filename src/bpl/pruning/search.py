@@ -5,16 +5,45 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from ..errors import PruningError
 
-__all__ = ["ROUNDED_MAX_RATIO", "UNREACHABLE", "max_local_ratio", "search_ratio"]
+__all__ = ["ROUNDED_MAX_RATIO", "UNREACHABLE", "max_local_ratio", "over_round_to",
+           "search_ratio"]
 
 log = logging.getLogger(__name__)
 #: A target above the largest reachable reduction by more than this is unreachable (0.01 points).
 UNREACHABLE = 1e-4
 #: The largest channel ratio the search tries with rounding (every group at its minimum).
 ROUNDED_MAX_RATIO = 0.99
+
+
+T = TypeVar("T")
+
+
+def over_round_to(
+    round_to: int | None, attempt: Callable[[int | None, bool], T], target: float,
+    tolerance: float, what: str = "the model",
+) -> T:
+    """``attempt(round_to, last)`` for ``round_to``, then its halves down to 1
+    (:func:`~bpl.pruning.graph.round_to_fallbacks`), until one reaches the target without a
+    :class:`PruningError`; the last one's error is raised. Coarse rounding (fast kernels)
+    can make a MACs target unreachable where finer rounding reaches it."""
+    from .graph import round_to_fallbacks  # graph imports this module
+
+    candidates = round_to_fallbacks(round_to)
+    for i, current in enumerate(candidates):
+        last = i == len(candidates) - 1
+        try:
+            return attempt(current, last)
+        except PruningError:
+            if last:
+                raise
+            log.warning("round_to=%d cannot reach a %.2f%% MAC reduction on %s within %.1f "
+                        "points; trying round_to=%d", current, 100 * target, what,
+                        100 * tolerance, candidates[i + 1])
+    raise AssertionError("unreachable: round_to_fallbacks is never empty")
 
 
 def search_ratio(

@@ -25,10 +25,9 @@ from .graph import (
     dependency_graph,
     deploy_macs,
     resolve_layers,
-    round_to_fallbacks,
 )
 from .importance import SOFT_IMPORTANCES, add_filter_norms
-from .search import search_ratio
+from .search import over_round_to, search_ratio
 from .soft_groups import build_soft_groups, keep_count
 from .soft_masks import ChannelMasks
 
@@ -153,19 +152,13 @@ class SoftPruner:
         self._scratch = Scratch(model, self.args)
         self.macs_before = deploy_macs(self._scratch.copy(model), self._scratch.args)
         if flops_reduction is not None:
-            candidates = round_to_fallbacks(round_to)
-            for i, self.round_to in enumerate(candidates):
-                try:
-                    drop, _, _ = search_ratio(
-                        self._reduction_at, flops_reduction, 0.999, tolerance, knob="drop ratio"
-                    )
-                    break
-                except PruningError:
-                    if i == len(candidates) - 1:
-                        raise
-                    log.warning("round_to=%d cannot reach a %.2f%% MAC reduction within %.1f "
-                                "points; trying round_to=%d", self.round_to,
-                                100 * flops_reduction, 100 * tolerance, candidates[i + 1])
+            def attempt(current: int | None, last: bool) -> float:
+                self.round_to = current
+                return search_ratio(self._reduction_at, flops_reduction, 0.999, tolerance,
+                                    knob="drop ratio")[0]
+
+            drop = over_round_to(round_to, attempt, flops_reduction, tolerance,
+                                 type(model).__name__)
             keep_ratio = 1.0 - drop
         self.keep_ratio = float(keep_ratio)
         self._masks = ChannelMasks(self.groups)
