@@ -153,3 +153,23 @@ def test_train_auto_then_compress_with_rewind(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", *FAST, "--epochs", "lots"])
     assert "expected a whole number or auto" in capsys.readouterr().err
+
+
+def test_one_resolver_reads_the_config_file_once(tmp_path, monkeypatch):
+    """bpl compress's config: the file read once, the baseline's data and image size as
+    defaults, flags over the file, and --resume from the run's own config.json."""
+    import bpl.config as config
+
+    base = tmp_path / "base"
+    assert main(["train", *FAST, "--epochs", "1", "--image-size", "20", "--out", str(base)]) == 0
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"baseline: {base / 'best.pt'}\nflops_reduction: 0.5\nlr: 0.02\n")
+    reads = []
+    real = config.load_config_file
+    monkeypatch.setattr(config, "load_config_file", lambda p: (reads.append(p), real(p))[1])
+    cfg = config.resolve_command("compress", {"lr": 0.03}, cfg_file)
+    assert len(reads) == 1
+    assert (cfg.data, cfg.image_size, cfg.flops_reduction, cfg.lr) == ("digits", 20, 0.5, 0.03)
+    assert config.resolve_command("compress", {"image_size": 24}, cfg_file).image_size == 24
+    resumed = config.resolve_command("train", {"resume": True, "out": str(base), "epochs": 2})
+    assert resumed.resume and resumed.image_size == 20 and resumed.epochs == 2

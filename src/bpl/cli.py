@@ -21,8 +21,7 @@ from .config import (
     SCHEDULES,
     SELECT,
     Config,
-    resolve_config,
-    resume_config,
+    resolve_command,
 )
 from .diversity import GRANULARITIES
 from .errors import BPLError
@@ -277,38 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
-    """Defaults < --config file < flags; with --resume, the run's own config.json instead."""
-    from .config import load_config_file
-    from .pipeline import run_dir_of
-
+def _config(args: argparse.Namespace) -> Config:
+    """The command's config from its flags and --config file (:func:`resolve_command`)."""
     skip = {"command", "config", "debug", "quiet"}
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
-    if args.command == "compress" and not overrides.get("resume"):
-        base = {**_baseline_defaults(args, overrides), **(base or {})}
-    if overrides.get("resume"):
-        given = {**(load_config_file(args.config) if args.config else {}), **overrides}
-        out = given.get("out") or run_dir_of(resolve_config(base, args.config, overrides),
-                                             args.command)
-        return resume_config(out, args.command, given)
-    return resolve_config(base, args.config, overrides)
-
-
-def _baseline_defaults(args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The data and image size a baseline was trained on: compress's defaults for them."""
-    from .config import load_config_file
-    from .models import load_checkpoint
-
-    path = overrides.get("baseline") or (
-        load_config_file(args.config).get("baseline") if args.config else None)
-    try:
-        meta = load_checkpoint(path, model_only=True).get("meta", {}) if path else {}
-    except BPLError:
-        return {}  # compress itself says what is wrong with the file
-    given = {**(load_config_file(args.config) if args.config else {}), **overrides}
-    # a folder of the user's own replaces the baseline's data entirely
-    keys = ("image_size",) if "data_root" in given else ("data", "data_root", "image_size")
-    return {k: meta[k] for k in keys if meta.get(k) is not None}
+    return resolve_command(args.command, overrides, args.config)
 
 
 def _run_training(job, args: argparse.Namespace) -> int:

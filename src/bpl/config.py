@@ -25,6 +25,9 @@ __all__ = [
     "Config",
     "PLACEMENTS",
     "RECIPES",
+    "baseline_defaults",
+    "resolve_command",
+    "run_dir_of",
     "RESUME_SAFE",
     "SCHEDULES",
     "SELECT",
@@ -196,14 +199,54 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def resolve_command(command: str, overrides: dict[str, Any] | None = None,
+                    file: str | Path | None = None) -> Config:
+    """The config of a `bpl train` / `bpl compress` command, resolved in one place, each
+    source read once: defaults < the baseline's data and image size (compress) < recipe <
+    ``file`` < ``overrides`` (the flags); with ``resume``, the run's own ``config.json``,
+    which the file and flags may change only where :data:`RESUME_SAFE` allows."""
+    from_file = load_config_file(file) if file else {}
+    overrides = dict(overrides or {})
+    given = {**from_file, **overrides}
+    if given.get("resume"):
+        out = given.get("out") or run_dir_of(_resolve({}, from_file, overrides), command)
+        return resume_config(out, command, given)
+    base = baseline_defaults(given) if command == "compress" else {}
+    return _resolve(base, from_file, overrides)
+
+
+def baseline_defaults(given: dict[str, Any]) -> dict[str, Any]:
+    """The data and image size the baseline of ``given`` was trained on (from its
+    checkpoint's meta): compress's defaults for them. A folder of the user's own
+    (``data_root``) replaces the baseline's data entirely."""
+    from .models import load_checkpoint  # models import nothing of the config
+
+    path = given.get("baseline")
+    try:
+        meta = load_checkpoint(path, model_only=True).get("meta", {}) if path else {}
+    except BPLError:
+        return {}  # compress itself says what is wrong with the file
+    keys = ("image_size",) if "data_root" in given else ("data", "data_root", "image_size")
+    return {k: meta[k] for k in keys if meta.get(k) is not None}
+
+
+def run_dir_of(cfg: Config, command: str) -> Path:
+    """``--out``, or ``runs/<command>-<arch>-<data>``."""
+    return Path(cfg.out or f"runs/{command}-{cfg.arch}-{cfg.data}")
+
+
 def resolve_config(
     base: dict[str, Any] | None = None,
     file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Config:
     """Defaults < ``base`` (the command's own defaults) < recipe < file < ``overrides``."""
-    values: dict[str, Any] = dict(base or {})
-    from_file = load_config_file(file) if file else {}
+    return _resolve(dict(base or {}), load_config_file(file) if file else {}, overrides)
+
+
+def _resolve(base: dict[str, Any], from_file: dict[str, Any],
+             overrides: dict[str, Any] | None) -> Config:
+    values: dict[str, Any] = dict(base)
     overrides = dict(overrides or {})
     recipe = overrides.get("recipe", from_file.get("recipe", values.get("recipe")))
     if recipe is not None:

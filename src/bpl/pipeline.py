@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .config import PLACEMENTS, Config
+from .config import PLACEMENTS, Config, run_dir_of
 from .data import load_dataset
 from .distill import Distillation
 from .diversity import diversity_loss
@@ -69,11 +69,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def run_dir_of(cfg: Config, command: str) -> Path:
-    """``--out``, or ``runs/<command>-<arch>-<data>``."""
-    return Path(cfg.out or f"runs/{command}-{cfg.arch}-{cfg.data}")
 
 
 def _has_progress(run_dir: Path) -> bool:
