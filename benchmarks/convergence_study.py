@@ -58,6 +58,10 @@ DEFAULTS: dict[str, Any] = {
     "prune_from": None,  # the baseline every recovery starts from
     "flops_reduction": 0.9,
     "recoveries": {},  # name -> bpl compress flags
+    # name -> bpl train flags of a control: the unpruned prune_from baseline trained on
+    # (--weights its best.pt) with a recovery's recipe, so a recovery's gain can be split
+    # into pruning and more training; "unpruned-<recovery>" pairs with that recovery
+    "controls": {},
     "reference": {"baseline": None, "recovery": None},  # what the paired differences are against
     # name -> a record of another study that is this study's run by another name (same
     # protocol, seed and split), e.g. the recovery study's 40-epoch baselines:
@@ -119,7 +123,9 @@ def _data_flags(data: dict[str, Any]) -> dict[str, Any]:
 
 def plan(settings: dict[str, Any]) -> list[Job]:
     """Every run of the study, baselines first, seed by seed."""
-    same = sorted(set(settings["recoveries"]) & {*settings["baselines"], *settings["imported"]})
+    names = [*settings["recoveries"], *settings["baselines"], *settings["imported"],
+             *settings["controls"]]
+    same = sorted({n for n in names if names.count(n) > 1})
     if same:  # one run directory and one record per name: a recovery would meet a baseline's
         raise SystemExit(f"a recovery and a baseline share the name {', '.join(same)}: "
                          "rename one of them in the config")
@@ -137,11 +143,16 @@ def plan(settings: dict[str, Any]) -> list[Job]:
             for name, opts in settings["recoveries"].items():
                 jobs.append(Job(dataset, seed, name, "compress", {**base, **opts},
                                 after=settings["prune_from"]))
+            train_base = {k: v for k, v in base.items() if k != "flops_reduction"}
+            for name, opts in settings["controls"].items():
+                jobs.append(Job(dataset, seed, name, "train",
+                                {"arch": settings["arch"], **train_base, **opts},
+                                after=settings["prune_from"]))
     # seed by seed (a study cut short still pairs whole seeds): the baseline the recoveries
     # start from, then the recoveries as they become ready, then the other baselines
     rank = {"train": 2, "compress": 1}
     return sorted(jobs, key=lambda j: (j.seed, 0 if j.command == "train" and j.name == settings[
-        "prune_from"] else rank[j.command]))
+        "prune_from"] else 1 if j.after else rank[j.command]))
 
 
 def run_dir(settings: dict[str, Any], job: Job) -> Path:
@@ -224,8 +235,8 @@ def _start(settings: dict[str, Any], job: Job, python: str) -> None:
     out = run_dir(settings, job)
     args = [python, "-m", "bpl", job.command, *flags(job.options), "--quiet", "--out", str(out)]
     if job.after:
-        args += ["--baseline", str(run_dir(settings, Job(job.dataset, job.seed, job.after,
-                                                         "train", {})) / "best.pt")]
+        start = run_dir(settings, Job(job.dataset, job.seed, job.after, "train", {})) / "best.pt"
+        args += ["--weights" if job.command == "train" else "--baseline", str(start)]
     if (out / "last.pt").exists() or any(out.glob("steps/*/last.pt")):  # --max-drop's steps
         args.append("--resume")
     elif out.exists():  # cut off before its first epoch: nothing to keep
@@ -356,7 +367,7 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
     for dataset in settings["datasets"]:
         rows = [r for r in records if r["dataset"] == dataset]
         table = {}
-        baselines = [*settings["imported"], *settings["baselines"]]
+        baselines = [*settings["imported"], *settings["baselines"], *settings["controls"]]
         for kind, names in (("train", baselines), ("compress", settings["recoveries"])):
             ref = settings["reference"]["baseline" if kind == "train" else "recovery"]
             for name in names:
@@ -378,6 +389,11 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
                     "val_vs_ref": ci95(_paired(rows, name, ref, "val_top1")) if ref else None,
                     "test_vs_ref": ci95(_paired(rows, name, ref, "test_top1")) if ref else None,
                 }
+                control = f"unpruned-{name}"
+                if kind == "compress" and control in settings["controls"]:
+                    entry["control"] = control
+                    entry["val_vs_control"] = ci95(_paired(rows, name, control, "val_top1"))
+                    entry["test_vs_control"] = ci95(_paired(rows, name, control, "test_top1"))
                 same = f"cosine-{name.rsplit('-', 1)[-1]}"  # cosine at the same epochs
                 if kind == "compress" and same in names and same not in (name, ref):
                     entry["equal"] = same
@@ -452,6 +468,14 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
                     f"| {r['seed']} | {100 * r['macs_reduction']:.1f} | {r['epochs_trained']} | "
                     f"{r['test_top1']:.2f} | {r['test_top1'] - r['baseline_test_top1']:+.2f} | "
                     f"{'-' if other is None else format(r['test_top1'] - other['test_top1'], '+.2f')} |")
+            lines.append("")
+        controlled = {n: e for n, e in table.items() if e.get("control")}
+        if controlled:
+            lines += ["Against the unpruned baseline given the same training (its control):",
+                      "", "| run | control | val difference | test difference |",
+                      "|---|---|---:|---:|"]
+            lines += [f"| {n} | {e['control']} | {_cell(e['val_vs_control'])} | "
+                      f"{_cell(e['test_vs_control'])} |" for n, e in controlled.items()]
             lines.append("")
         equal = {n: e for n, e in table.items() if e.get("equal")}
         if equal:

@@ -40,12 +40,13 @@ def test_study_runs_baselines_then_recoveries_resumes_and_reports(tmp_path, caps
         "flops_reduction": 0.5,
         "recoveries": {"cosine-1": {"recipe": "cosine", "epochs": 1, "partners": False},
                        "rewind-1": {"recipe": "rewind", "epochs": 1, "partners": False}},
+        "controls": {"unpruned-cosine-1": {"recipe": "cosine", "epochs": 1}},
         "reference": {"baseline": "fixed", "recovery": "cosine-1"},
     }))
     lines = tmp_path / "records.jsonl"
     assert study.main(["--config", str(config), "--jobs", "2", "--records", str(lines)]) == 0
     records = [json.loads(line) for line in lines.read_text().splitlines()]
-    assert len(records) == 8 and len(list((tmp_path / "results" / "records").glob("*.json"))) == 8
+    assert len(records) == 10 and len(list((tmp_path / "results" / "records").glob("*.json"))) == 10
     by = {(r["seed"], r["name"], r["command"]): r for r in records}
     auto = by[(0, "auto", "train")]
     assert auto["epochs_trained"] <= 3 and auto["stopped"] and len(auto["lr"]) == auto["epochs_trained"]
@@ -55,12 +56,19 @@ def test_study_runs_baselines_then_recoveries_resumes_and_reports(tmp_path, caps
     # every run recorded: a second call starts none
     capsys.readouterr()
     assert study.main(["--config", str(config)]) == 0
-    assert "0 runs to do, 8 recorded" in capsys.readouterr().out
+    assert "0 runs to do, 10 recorded" in capsys.readouterr().out
     assert study.main(["--config", str(config), "--report"]) == 0
     summary = (tmp_path / "results" / "summary.md").read_text()
     assert "| rewind-1 | compress | 2 |" in summary and "vs cosine-1" in summary
     result = json.loads((tmp_path / "results" / "results.json").read_text())
     assert result["summary"]["digits"]["rewind-1"]["test_vs_ref"]["n"] == 2
+    # the control: the unpruned auto baseline trained on from its best.pt, one more epoch
+    control = by[(0, "unpruned-cosine-1", "train")]
+    saved = json.loads((tmp_path / "runs" / "digits" / "seed0" / "unpruned-cosine-1" /
+                        "config.json").read_text())
+    assert saved["weights"].endswith("seed0/auto/best.pt") and control["epochs_trained"] == 1
+    assert result["summary"]["digits"]["cosine-1"]["test_vs_control"]["n"] == 2
+    assert "| cosine-1 | unpruned-cosine-1 |" in summary
 
     # a run another study recorded (its record holds the run's metrics.json) joins the report
     # as a baseline of this one, by name, paired by dataset and seed

@@ -176,8 +176,20 @@ def test_bad_checkpoints_name_the_file_and_problem(tmp_path):
         torch.save({**payload, "arch": arch}, wrong)
         with pytest.raises(BPLError, match=f"wrong-{arch}.pt.*{match}|{match}.*wrong-{arch}.pt"):
             bpl.load_model(wrong)
-    with pytest.raises(BPLError, match="is a bpl checkpoint"):
+    with pytest.raises(BPLError, match="a pruned bpl model cannot start a stock one"):
         bpl.build_model("tiny_resnet", 10, weights=good)
+    # an unpruned bpl checkpoint (a train run's best.pt) starts a stock model exactly
+    full = bpl.build_model("tiny_resnet", 10)
+    bpl.save_model(tmp_path / "full.pt", full, arch="tiny_resnet", num_classes=10)
+    again = bpl.build_model("tiny_resnet", 10, weights=tmp_path / "full.pt")
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(),
+                                                 again.state_dict().values()))
+    # one with partners is refused: its state holds the partners' tensors
+    extended = tmp_path / "extended.pt"
+    bpl.save_model(extended, bpl.extend(bpl.build_model("tiny_resnet", 10)), arch="tiny_resnet",
+                   num_classes=10)
+    with pytest.raises(BPLError, match="is a bpl checkpoint"):
+        bpl.build_model("tiny_resnet", 10, weights=extended)
 
 
 def test_training_checkpoint_with_numpy_rng_state(tmp_path):

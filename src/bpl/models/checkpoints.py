@@ -50,12 +50,14 @@ def _model_file_classes(path: Path) -> list[type] | None:
     return classes
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, *, bpl_files: bool = False) -> dict[str, torch.Tensor]:
     """The stock state_dict in a weights file (unwrapped from ``state_dict``/``model``, no ``module.``).
 
     A whole model saved with ``torch.save(model)`` is accepted too when it is made of
     torch.nn, torchvision and timm modules only: those classes are allowed to load, nothing
-    else is unpickled, and its ``state_dict()`` is returned.
+    else is unpickled, and its ``state_dict()`` is returned. ``bpl_files``: a bpl
+    checkpoint without partners gives its state_dict too (whether its widths fit a stock
+    model is the caller's check); otherwise a bpl checkpoint is refused.
     """
     try:
         obj = _load_file(path)
@@ -72,7 +74,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             if isinstance(obj.get(key), Mapping):
                 obj = obj[key]
                 break
-    if _is_payload(obj):
+    if _is_payload(obj) and bpl_files and not obj.get("extended"):
+        obj = obj["state_dict"]
+    elif _is_payload(obj):
         raise CheckpointError(
             f"{path} is a bpl checkpoint (it may hold a pruned model); load it with "
             "bpl.load_model, not as weights for a stock model"

@@ -39,7 +39,7 @@ def replace_classifier(model: nn.Module, old_classes: int, num_classes: int) -> 
 
 def _load_weights(model: nn.Module, path: Path, num_classes: int) -> None:
     """Load a stock state_dict; a classifier of another size is kept freshly initialised."""
-    state = read_state_dict(path)
+    state = read_state_dict(path, bpl_files=True)  # a bpl train run's best.pt, say
     own = model.state_dict()
     heads = set(find_output_layers(model, num_classes=num_classes))
     resized = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -51,7 +51,9 @@ def _load_weights(model: nn.Module, path: Path, num_classes: int) -> None:
     if wrong or missing or unexpected:
         raise CheckpointError(
             f"weights in {path} do not fit {type(model).__name__}: shapes {wrong[:3]}, missing "
-            f"{missing[:3]}, unexpected {unexpected[:3]}; pass weights of the same architecture"
+            f"{missing[:3]}, unexpected {unexpected[:3]}; pass weights of the same architecture "
+            "(a pruned bpl model cannot start a stock one: compress it further with bpl "
+            "compress --baseline, or load it with bpl.load_model)"
         )
     for key in skipped:
         del state[key]
