@@ -121,6 +121,13 @@ def _data_flags(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k != "pack_from"}
 
 
+def _train_flags(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` less what only `bpl compress` takes (``common`` holds both kinds)."""
+    from bpl.config import COMPRESS_ONLY
+
+    return {k: v for k, v in options.items() if k not in COMPRESS_ONLY}
+
+
 def plan(settings: dict[str, Any]) -> list[Job]:
     """Every run of the study, baselines first, seed by seed."""
     names = [*settings["recoveries"], *settings["baselines"], *settings["imported"],
@@ -135,7 +142,7 @@ def plan(settings: dict[str, Any]) -> list[Job]:
             base = {"arch": settings["arch"], **_data_flags(data), **settings["common"],
                     "seed": seed}
             for name, opts in settings["baselines"].items():
-                jobs.append(Job(dataset, seed, name, "train", {**base, **opts}))
+                jobs.append(Job(dataset, seed, name, "train", _train_flags({**base, **opts})))
     for seed in settings["seeds"]:
         for dataset, data in settings["datasets"].items():
             base = {**_data_flags(data), **settings["common"], "seed": seed,
@@ -143,10 +150,9 @@ def plan(settings: dict[str, Any]) -> list[Job]:
             for name, opts in settings["recoveries"].items():
                 jobs.append(Job(dataset, seed, name, "compress", {**base, **opts},
                                 after=settings["prune_from"]))
-            train_base = {k: v for k, v in base.items() if k != "flops_reduction"}
             for name, opts in settings["controls"].items():
                 jobs.append(Job(dataset, seed, name, "train",
-                                {"arch": settings["arch"], **train_base, **opts},
+                                _train_flags({"arch": settings["arch"], **base, **opts}),
                                 after=settings["prune_from"]))
     # seed by seed (a study cut short still pairs whole seeds): the baseline the recoveries
     # start from, then the recoveries as they become ready, then the other baselines
