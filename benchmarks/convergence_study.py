@@ -172,10 +172,16 @@ def record_path(settings: dict[str, Any], job: Job) -> Path:
 def make_record(settings: dict[str, Any], job: Job) -> dict[str, Any]:
     """The few numbers of a finished run that the report needs, from its metrics.json."""
     metrics = json.loads((run_dir(settings, job) / "metrics.json").read_text())
+    return {**record_of(metrics, job.dataset, job.seed, job.name), "options": job.options,
+            "machine": machine(), "device": _device_name(job.options.get("device", "auto"))}
+
+
+def record_of(metrics: dict[str, Any], dataset: str, seed: int, name: str) -> dict[str, Any]:
+    """A run's record from its metrics.json: what it kept, scored and cost."""
     kept = metrics.get("selected") or {}
     history = metrics["history"]
     rec = {
-        "dataset": job.dataset, "seed": job.seed, "name": job.name, "command": job.command,
+        "dataset": dataset, "seed": seed, "name": name, "command": metrics["command"],
         "epochs_trained": metrics.get("epochs_trained", len(history)),
         "stopped": metrics.get("stopped"),
         "kept_epoch": kept.get("epoch"),
@@ -185,11 +191,8 @@ def make_record(settings: dict[str, Any], job: Job) -> dict[str, Any]:
         "precision": metrics.get("precision"),
         "lr": [row["lr"] for row in history],
         "val_curve": [row.get("val_top1") for row in history],
-        "options": job.options,
-        "machine": machine(),
-        "device": _device_name(job.options.get("device", "auto")),
     }
-    if job.command == "compress":
+    if metrics["command"] == "compress":
         rec.update(baseline_val_top1=(metrics.get("baseline") or {}).get("val_top1"),
                    baseline_test_top1=(metrics.get("baseline") or {}).get("top1"),
                    macs_reduction=metrics.get("macs_reduction"))
@@ -333,17 +336,8 @@ def imported_record(raw: dict[str, Any], dataset: str, seed: int, name: str, sou
                     ) -> dict[str, Any]:
     """A ``bpl train`` run recorded by another study (its record holds the run's whole
     metrics.json) as a record of this one."""
-    metrics = raw["metrics"]
-    history = metrics["history"]
-    kept = metrics.get("selected") or {}
-    return {"dataset": dataset, "seed": seed, "name": name, "command": metrics["command"],
-            "epochs_trained": metrics.get("epochs_trained", len(history)),
-            "stopped": metrics.get("stopped"), "kept_epoch": kept.get("epoch"),
-            "val_top1": kept.get("val_top1"), "test_top1": metrics["final"]["top1"],
-            "wall_time_s": metrics.get("wall_time_s"), "precision": metrics.get("precision"),
-            "lr": [row["lr"] for row in history],
-            "val_curve": [row.get("val_top1") for row in history], "imported_from": source,
-            "device": f"recorded by {source.split('/records/')[0]}", **compute(metrics)}
+    return {**record_of(raw["metrics"], dataset, seed, name), "imported_from": source,
+            "device": f"recorded by {source.split('/records/')[0]}"}
 
 
 def _paired(records: list[dict[str, Any]], name: str, ref: str, key: str) -> list[float]:
