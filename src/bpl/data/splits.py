@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -136,7 +137,9 @@ def split_train(
         raise DataError(f"train_subset must be in (0, 1], got {train_subset}")
     train = [tuple(s) for s in split["train"]]
     if train_subset is not None and train_subset < 1.0:
-        train, _ = stratified_split(train, train_subset, f"{seed}:subset")
+        train, left_out = stratified_split(train, train_subset, f"{seed}:subset")
+        # how a later check tells the images the subset left out from images added since
+        split["left_out"] = {"count": len(left_out), "sha1": _digest(rel for rel, _ in left_out)}
     val: list[tuple[str, int]] = []
     if val_ratio > 0:
         train, val = stratified_split(train, 1.0 - val_ratio, f"{seed}:val")
@@ -216,6 +219,11 @@ def write_split(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj, indent=1, newline=False)
 
 
+def _digest(rels) -> str:
+    """A short fingerprint of a set of relative paths (order does not matter)."""
+    return hashlib.sha1("\n".join(sorted(rels)).encode()).hexdigest()
+
+
 def check_split_files(split: dict[str, Any], root: Path, split_file: Path) -> None:
     """Refuse a split file that lists images missing under ``root`` or whose classes no
     longer match its folders; say so when images were added since (the split is fixed:
@@ -239,10 +247,15 @@ def check_split_files(split: dict[str, Any], root: Path, split_file: Path) -> No
     known = {rel for rel, _ in all_rows(split)} | set(split.get("bad", []))
     added = [rel for top in tops for _, rels in [_scan_classes(top, root, split["classes"])]
              for rel, _ in rels if rel not in known]
-    if added:
-        log.warning("%d images under %s were added after split file %s was written (e.g. %s); "
+    left_out = split.get("left_out") or {"count": 0, "sha1": _digest([])}
+    if _digest(added) == left_out["sha1"]:
+        return  # nothing, or exactly the images --train-subset left out
+    n_added = len(added) - left_out["count"]
+    example = f" (e.g. {added[0]})" if not split.get("left_out") else ""
+    if n_added > 0:
+        log.warning("%d images under %s were added after split file %s was written%s; "
                     "this run keeps its split and does not use them: start a new run (another "
-                    "--out) to train on them", len(added), root, split_file, added[0])
+                    "--out) to train on them", n_added, root, split_file, example)
 
 
 def check_training_classes(split: dict[str, Any]) -> None:
