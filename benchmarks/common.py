@@ -17,10 +17,9 @@ from typing import Any
 import torch
 from scipy.stats import t as t_dist  # scipy: in bpl's dev extra (pip install -e .[dev])
 
+from bpl.diversity import partner_statistics
 from bpl.errors import BPLError
-from bpl.extension import partner_blocks
 from bpl.models import load_model
-from bpl.partner import PartnerBlock, fold_conv_bn
 from bpl.report import write_json
 
 #: Where results go; BPL_BENCH_RESULTS moves them (the smoke tests write to a temporary folder).
@@ -117,31 +116,17 @@ def saved_partner_stats(run_dir: Path) -> dict[str, float]:
     return stats
 
 
-@torch.no_grad()
 def partner_stats(run_dir: Path) -> dict[str, float]:
-    """How much the partners of a run learned, read from its trained, unfused ``last.pt``.
-
-    ``partner_norm_ratio``: mean over partner blocks of ||partner kernel|| / ||block
-    kernel||, both with their BN folded in (0 means the partner adds nothing to the
-    fused model). ``partner_kernel_cos``: mean cosine of the raw kernels, the quantity
-    the diversity loss pushes towards -1.
-    """
+    """How much the partners of a run learned, read from its trained, unfused ``last.pt``
+    (:func:`bpl.diversity.partner_statistics`): ``partner_norm_ratio`` (BN-folded partner
+    over block kernel norm), ``partner_kernel_cos`` (raw kernels, what the paper's loss
+    pushes towards -1) and ``partner_functional_cos`` (BN-folded kernels)."""
     model, _ = load_model(run_dir / "last.pt")
-    ratios, cosines = [], []
-    for _, block in partner_blocks(model):
-        if isinstance(block, PartnerBlock):  # conv+BN partner: compare the BN-folded kernels
-            own = fold_conv_bn(block.conv, block.bn)[0]
-            partner = fold_conv_bn(block.partner_conv, block.partner_bn)[0]
-        else:  # conv partner: its kernel behind its per-channel scale
-            own = block.conv.weight
-            partner = block.partner_scale.weight.reshape(-1, 1, 1, 1) * block.partner_conv.weight
-        ratios.append(float(partner.norm() / own.norm().clamp_min(1e-12)))
-        cosines.append(float(torch.nn.functional.cosine_similarity(
-            block.conv.weight.flatten(), block.partner_conv.weight.flatten(), dim=0)))
-    if not ratios:
+    stats = partner_statistics(model)
+    if not stats:
         raise BPLError(f"{run_dir / 'last.pt'} has no partner blocks")
-    return {"partner_norm_ratio": statistics.fmean(ratios),
-            "partner_kernel_cos": statistics.fmean(cosines)}
+    return {"partner_norm_ratio": stats["norm_ratio"], "partner_kernel_cos": stats["raw_cos"],
+            "partner_functional_cos": stats["functional_cos"]}
 
 
 def check_same_protocol(run_dir: Path, cfg) -> None:

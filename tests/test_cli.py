@@ -109,6 +109,40 @@ def test_compress_with_distillation_split_partners_everywhere(baseline, tmp_path
     assert "train_diversity" not in row and row["train_distill"] > 0
 
 
+def test_compress_with_structural_partners_and_the_functional_loss(baseline, tmp_path):
+    """--partner diverse with --diversity-compare functional: the branches train, the loss is
+    logged, the checkpoint records the kind, and the fused model is exact and stock-shaped."""
+    out = tmp_path / "dbb"
+    assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--epochs", "1",
+                   "--flops-reduction", "0.5", "--partner", "diverse", "--diversity-compare",
+                   "functional", "--out", out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["partner"] == "diverse"
+    assert metrics["config"]["diversity_compare"] == "functional"
+    assert metrics["history"][-1]["train_diversity"] > 0 and metrics["fusion_error"] <= 1e-5
+    last = torch.load(out / "last.pt", weights_only=False)["model"]
+    assert {kind for *_, kind in last["extended"]} == {"diverse"}
+    student, _ = load_model(out / "last.pt")
+    block = next(b for _, b in bpl.partner_blocks(student))
+    assert set(block.branches) == {"pointwise", "pointwise_kxk", "pointwise_avg"}
+    deploy, _ = load_model(out / "deploy.pt")
+    assert not bpl.partner_blocks(deploy)
+
+
+def test_soft_from_scratch_with_regrowing_asymmetric_partners(baseline, tmp_path):
+    """The reference's recipe from fresh weights: soft masks with partners that regrow,
+    then a physically smaller model; the config records both choices."""
+    out = tmp_path / "soft"
+    assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--epochs", "2",
+                   "--flops-reduction", "0.5", "--soft", "--from-scratch", "--partner",
+                   "asymmetric", "--out", out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["soft_partners"] == "regrow" and metrics["config"]["from_scratch"]
+    assert 0.45 <= metrics["macs_reduction"] <= 0.55 and metrics["removal_error"] <= 1e-5
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["hooks"][0]["partners"] == "regrow"
+
+
 def test_deploy_loads_in_a_fresh_process_and_reproduces_accuracy(compressed):
     metrics = json.loads((compressed / "metrics.json").read_text())
     proc = bpl_subprocess("evaluate", compressed / "deploy.pt", "--json")
@@ -325,6 +359,10 @@ def test_config_file_with_flag_overrides(tmp_path, baseline):
         (["train", "--lr", "nan"], "--lr must be a finite number, got nan"),
         (["train", "--lr", "inf"], "--lr must be a finite number, got inf"),
         (["compress", "--max-drop", "nan"], "--max-drop must be a finite number"),
+        (["compress", "--flops-reduction", "0.5", "--partner", "diverse", "--init", "split"],
+         "--init split is for --partner same"),
+        (["compress", "--max-drop", "1", "--from-scratch"],
+         "--from-scratch trains the pruned architecture once"),
         (["train", "--image-size", "7"], "--image-size must be a whole number of pixels, at "
                                          "least 16, got 7"),
     ],

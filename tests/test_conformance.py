@@ -36,7 +36,7 @@ def test_every_check_passes(name):
 
 
 def test_a_broken_fusion_is_reported_not_raised(monkeypatch):
-    monkeypatch.setattr(bpl.partner.ConvPartner, "fold",
+    monkeypatch.setattr(bpl.partners.ConvPartner, "fold",
                         lambda self: (self.conv.weight, self.conv.bias))  # drops the partner
     result = check_model(PreActNet, torch.randn(2, 3, 16, 16), do_prune=False, do_onnx=False)
     assert not result["checks"]["fuse_fp64"]["ok"] and not result["checks"]["fuse_fp32"]["ok"]
@@ -72,7 +72,7 @@ def test_rounding_floor_measures_how_a_network_amplifies_rounding():
 
 def test_the_rounding_floor_does_not_excuse_a_broken_fusion(monkeypatch):
     # on a well-conditioned network the floor is far below the bar, so the bar stays tol
-    monkeypatch.setattr(bpl.partner.ConvPartner, "fold",
+    monkeypatch.setattr(bpl.partners.ConvPartner, "fold",
                         lambda self: (self.conv.weight, self.conv.bias))
     result = check_model(PreActNet, torch.randn(2, 3, 16, 16), do_prune=False, do_onnx=False)
     check = result["checks"]["fuse_fp64"]
@@ -100,7 +100,8 @@ def test_a_check_that_never_ends_is_stopped_and_the_others_still_run(monkeypatch
             time.sleep(0.01)
 
     monkeypatch.setattr(conformance, "prune", forever)
-    result = check_model(PreActNet, torch.randn(2, 3, 16, 16), do_onnx=False, time_limit=0.5)
+    # a limit each real check meets even on a loaded machine (0.5 s did not, beside a study)
+    result = check_model(PreActNet, torch.randn(2, 3, 16, 16), do_onnx=False, time_limit=3)
     checks = result["checks"]
-    assert not checks["prune"]["ok"] and "longer than 0.5 s" in checks["prune"]["note"]
+    assert not checks["prune"]["ok"] and "longer than 3 s" in checks["prune"]["note"]
     assert checks["move_fp64"]["ok"] and "prune_fuse" not in checks

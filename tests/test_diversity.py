@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 import bpl
 from bpl.errors import InvalidArgumentError
-from bpl.partner import ConvPartner
+from bpl.partners import ConvPartner
 from nets import ConvZoo, PreActNet
 
 

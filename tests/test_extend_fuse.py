@@ -15,7 +15,7 @@ import bpl
 from bpl.conformance import float_dtypes, randomize_partners
 from bpl.errors import BPLError, InvalidArgumentError, TraceError
 from bpl.models import model_from_payload, model_payload
-from bpl.partner import ConvPartner, NormSlot, PartnerBlock
+from bpl.partners import ConvPartner, NormSlot, PartnerBlock
 from conftest import randomize_bn
 from nets import ConvZoo, NoBatchNorm, NormActNet, PreActNet, SharedOutput, Untraceable
 
@@ -121,7 +121,7 @@ def test_kernel_sizes_parameter_forms():
 
 def test_conv_feeding_something_else_gets_a_conv_partner_or_is_left_alone():
     student = bpl.extend(SharedOutput())
-    assert student.bpl_report.kinds == {"conv1": "conv", "conv2": "conv+bn"}
+    assert student.bpl_report.sites == {"conv1": "conv", "conv2": "conv+bn"}
     assert "feeds bn1, add" in student.bpl_report.without_bn["conv1"]
     plain = bpl.extend(SharedOutput(), without_bn=False)
     assert [c for c, _ in plain.bpl_report.extended] == ["conv2"]
@@ -165,7 +165,7 @@ def test_split_init_is_exact_and_trains_both_kernels_from_the_first_step():
     student(x).logsumexp(1).mean().backward()
     g, gp = b.conv.weight.grad, b.partner_conv.weight.grad
     assert gp.abs().sum() > 0
-    share = bpl.partner.DEFAULT_SHARE
+    share = bpl.partners.DEFAULT_SHARE
     assert torch.allclose(gp * (1 - share), g * share, rtol=1e-3, atol=1e-7)
     # ten training steps: the unequal gradients pull the copies apart
     before = bpl.diversity_loss(student).item()
@@ -301,11 +301,12 @@ def test_fuse_finds_slots_in_copies_of_the_model():
 
 def test_pre_activation_convs_get_conv_partners():
     student = bpl.extend(PreActNet(), kernel_sizes=None)
-    kinds = student.bpl_report.kinds
+    kinds = student.bpl_report.sites
     assert kinds == {"stem": "conv", "conv1": "conv+bn", "conv2": "conv", "conv3": "conv",
                      "trans": "conv+bn", "conv4": "conv"}
     assert "feeds cat" in student.bpl_report.without_bn["conv3"]
-    assert isinstance(student.conv2, ConvPartner) and student.conv2.kind == "conv"
+    assert isinstance(student.conv2, ConvPartner) and student.conv2.kind == "same"
+    assert student.conv2.slot_key is None
     assert "4 convs without BN" in str(student.bpl_report)
     # the conv partner adds no bias the conv lacks: fused shapes are the stock ones
     assert student.conv2.partner_conv.bias is None
@@ -329,7 +330,7 @@ def test_conv_partner_inits(init):
         assert bpl.relative_error(model, student, x) <= 1e-6
         model.train(), student.train()
         assert torch.allclose(model(x), student(x), rtol=1e-4, atol=1e-5)
-        assert torch.allclose(block.partner_conv.weight * (1 - bpl.partner.DEFAULT_SHARE),
+        assert torch.allclose(block.partner_conv.weight * (1 - bpl.partners.DEFAULT_SHARE),
                               block.conv.weight)
     else:
         assert bpl.relative_error(model, student, x) > 1e-3
@@ -359,12 +360,12 @@ def test_conv_partner_checkpoint_rebuilds_for_resuming(tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.squeezenet1_1(num_classes=4)  # convs with a bias and no BN
     student = _trained_like(bpl.extend(model)).eval()
-    assert set(student.bpl_report.kinds.values()) == {"conv"}
+    assert set(student.bpl_report.sites.values()) == {"conv"}
     payload = model_payload(student, "squeezenet1_1", 4)
-    assert all(bn is None for _, bn in payload["extended"])
+    assert all(bn is None and kind == "same" for _, bn, kind in payload["extended"])
     bpl.save_model(tmp_path / "last.pt", student, arch="squeezenet1_1", num_classes=4)
     loaded, _ = bpl.load_model(tmp_path / "last.pt")
-    assert loaded.bpl_report.kinds == student.bpl_report.kinds
+    assert loaded.bpl_report.sites == student.bpl_report.sites
     again, _ = model_from_payload(payload)
     x = torch.randn(1, 3, 64, 64)
     assert bpl.relative_error(student, loaded.eval(), x) == 0.0

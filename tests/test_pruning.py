@@ -339,7 +339,7 @@ def test_soft_schedule_masks_training_removal_and_state():
     model = bpl.build_model("tiny_resnet", 10)
     randomize_bn(model)
     student = bpl.extend(model, init="paper")
-    pruner = SoftPruner(student, X32, flops_reduction=0.5, every=2)
+    pruner = SoftPruner(student, X32, flops_reduction=0.5, every=2, partners="masked")
     assert {g.deploy_name for g in pruner.groups} >= {"layer1.0.conv1", "layer3.0.conv2"}
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))

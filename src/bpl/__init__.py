@@ -22,7 +22,7 @@ from .exporting import export
 from .extension import ExtendReport, extend, find_conv_bn_pairs, partner_blocks
 from .fusion import fold_batchnorm, fuse
 from .models import build_model, list_models, load_model, save_model
-from .partner import INITS, ConvPartner, PartnerBlock
+from .partners import INITS, PARTNER_KINDS, BranchPartner, ConvPartner, Partner, PartnerBlock
 from .profiling import compare_latency, count_macs, count_params, profile
 from .pruning import (
     IMPORTANCES,
@@ -41,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BPLError",
+    "BranchPartner",
     "BudgetResult",
     "BudgetStep",
     "LEVELS",
@@ -55,6 +56,8 @@ __all__ = [
     "IMPORTANCES",
     "INITS",
     "InvalidArgumentError",
+    "PARTNER_KINDS",
+    "Partner",
     "PartnerBlock",
     "PruneReport",
     "PruningError",

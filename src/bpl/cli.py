@@ -23,10 +23,10 @@ from .config import (
     Config,
     resolve_command,
 )
-from .diversity import GRANULARITIES
+from .diversity import COMPARISONS, GRANULARITIES
 from .errors import BPLError
-from .partner import INITS
-from .pruning import IMPORTANCES, LEVELS, SOFT_IMPORTANCES
+from .partners import INITS, PARTNER_KINDS
+from .pruning import IMPORTANCES, LEVELS, SOFT_IMPORTANCES, SOFT_PARTNERS
 
 log = logging.getLogger("bpl")
 S = argparse.SUPPRESS
@@ -151,6 +151,11 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "soft", action="store_true",
           help="the reference code's soft schedule instead of pruning first")
     _flag(g, "soft-every", type=int, metavar="N", help="soft schedule: re-pick filters every N epochs")
+    _flag(g, "soft-partners", choices=list(SOFT_PARTNERS),
+          help="soft schedule: regrow (the reference code: a partner's zeroed filters train "
+               "again until the next re-pick) or masked (held at zero like the block's)")
+    _flag(g, "from-scratch", action="store_true",
+          help="train the pruned architecture from fresh weights instead of the baseline's")
     _flag(g, "importance", choices=IMPORTANCES,
           help=f"channel criterion; --soft takes {', '.join(SOFT_IMPORTANCES)}")
     _flag(g, "global-pruning", action="store_true",
@@ -161,6 +166,10 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "round-to", type=int, metavar="N",
           help="keep pruned channel counts multiples of N, which CPU kernels run much faster "
                "(default 8; 1: no rounding)")
+    _flag(g, "partner", choices=list(PARTNER_KINDS),
+          help="the partner's structure: same (the paper's: a conv of the block's shape with "
+               "its BN), diverse (1x1, 1x1->KxK and 1x1->avg-pool branches, each with a BN) or "
+               "asymmetric (1xK and Kx1 branches, each with a BN)")
     _flag(g, "init", choices=INITS,
           help="how partners start: preserve (partner BN scale 0; exact), split (a copy of the "
                "block, BN scales split 1-share/share; exact, trains at once), paper (the "
@@ -174,6 +183,9 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
                "paper's; 0 turns it off)")
     _flag(g, "granularity", choices=list(GRANULARITIES),
           help="what one diversity term covers: a network stage (the paper), a block, or all")
+    _flag(g, "diversity-compare", choices=list(COMPARISONS),
+          help="what the diversity loss compares: raw kernels (the paper) or functional ones "
+               "(BN-folded: a sign flip undone by a BN no longer counts as diversity)")
     g.add_argument("--no-partners", dest="partners", action="store_false", default=S,
                    help="plain fine-tuning of the pruned model: bpl's recovery study found no "
                         "difference from partners in accuracy (docs/results.md), and each "

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .diversity import GRANULARITIES
+from .diversity import COMPARISONS, GRANULARITIES
 from .engine import SCHEDULES
 from .errors import BPLError
-from .partner import INITS
-from .pruning import SOFT_IMPORTANCES
+from .partners import INITS, PARTNER_KINDS, partner_kind
+from .pruning import SOFT_IMPORTANCES, SOFT_PARTNERS
 
 __all__ = [
     "COMPRESS_ONLY",
@@ -85,14 +85,18 @@ class Config:
     accept_closest: bool = False
     soft: bool = False
     soft_every: int = 1
+    soft_partners: str = "regrow"  # the reference's: partner filters regrow between re-masks
+    from_scratch: bool = False  # train the pruned architecture from fresh weights
     importance: str = "l2"
     global_pruning: bool = False
     round_to: int | None = 8  # channel counts multiples of 8 (fast kernels); 1 or None: none
+    partner: str = "same"
     init: str = "preserve"
     partner_share: float = 1 / 3
     placement: str = "paper"
     diversity_weight: float = 0.01
     granularity: str = "stage"
+    diversity_compare: str = "raw"
     partners: bool = True
     distill: bool = False
     distill_temperature: float = 4.0
@@ -124,9 +128,9 @@ class Config:
 
 #: Fields only `bpl compress` reads (a train run's config.json leaves them out).
 COMPRESS_ONLY = frozenset({
-    "baseline", "flops_reduction", "max_drop", "prune_steps", "accept_closest", "soft", "soft_every", "importance",
-    "global_pruning", "round_to", "init", "partner_share", "placement", "diversity_weight",
-    "granularity", "partners", "distill", "distill_temperature", "distill_weight", "verify_tol",
+    "baseline", "flops_reduction", "max_drop", "prune_steps", "accept_closest", "soft", "soft_every",
+    "soft_partners", "from_scratch", "importance", "global_pruning", "round_to", "partner", "init",
+    "partner_share", "placement", "diversity_weight", "granularity", "diversity_compare", "partners", "distill", "distill_temperature", "distill_weight", "verify_tol",
 })
 #: Fields only `bpl train` reads.
 TRAIN_ONLY = frozenset({"weights", "pretrained"})
@@ -422,6 +426,22 @@ def _check(cfg: Config) -> None:
                        f"{cfg.round_to!r}")
     if cfg.init not in INITS:
         raise BPLError(f"--init must be one of {', '.join(INITS)}, got {cfg.init!r}")
+    if cfg.partner not in PARTNER_KINDS:
+        raise BPLError(f"--partner must be one of {', '.join(PARTNER_KINDS)}, got {cfg.partner!r}")
+    if cfg.init not in partner_kind(cfg.partner).inits:
+        raise BPLError(f"--init {cfg.init} is for --partner same (a copy of the block); "
+                       f"--partner {cfg.partner} starts with "
+                       f"{' or '.join(partner_kind(cfg.partner).inits)}")
+    if cfg.diversity_compare not in COMPARISONS:
+        raise BPLError(f"--diversity-compare must be one of {', '.join(COMPARISONS)}, got "
+                       f"{cfg.diversity_compare!r}")
+    if cfg.soft_partners not in SOFT_PARTNERS:
+        raise BPLError(f"--soft-partners must be one of {', '.join(SOFT_PARTNERS)}, got "
+                       f"{cfg.soft_partners!r}")
+    if cfg.from_scratch and (cfg.max_drop is not None or cfg.prune_steps > 1):
+        raise BPLError("--from-scratch trains the pruned architecture once from fresh weights; "
+                       "--max-drop and --prune-steps recover trained weights step by step: leave "
+                       "out one of them")
     if cfg.distill_temperature <= 0 or cfg.distill_weight < 0:
         raise BPLError(
             "--distill-temperature must be positive and --distill-weight 0 or more, got "

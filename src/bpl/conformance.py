@@ -25,10 +25,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .exporting import export
-from .extension import extend
+from .extension import extend, partner_blocks
 from .fusion import fuse
 from .modules import eval_mode
-from .partner import ConvPartner
 from .profiling import count_macs
 from .pruning import PruningError, prune
 from .verification import max_relative_error, relative_error
@@ -73,10 +72,8 @@ def randomize_partners(model: nn.Module, seed: int = 1) -> nn.Module:
     """Make every partner contribute, as after training: random BNs and conv-partner scales."""
     randomize_batchnorm(model, seed)
     g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, ConvPartner):
-            w = m.partner_scale.weight
-            w.copy_((torch.rand(w.shape, generator=g) * 0.5 + 0.25).to(w.dtype))
+    for _, block in partner_blocks(model):
+        block.randomize_(g)
     return model
 
 
@@ -152,6 +149,7 @@ def check_model(
     x: torch.Tensor,
     *,
     kernel_sizes: Any = None,
+    partner: str = "same",
     flops_reduction: float = 0.5,
     do_prune: bool = True,
     do_onnx: bool = True,
@@ -159,8 +157,10 @@ def check_model(
 ) -> dict[str, Any]:
     """Run every check of :data:`CHECKS` on a fresh ``build()`` model with input ``x``.
 
-    Returns ``{"partners": {kind: count}, "skipped": {reason: count}, "checks":
-    {name: {"ok", "error", "note"}}, "seconds": {name: s}}``. ``time_limit`` (seconds,
+    Returns ``{"partners": {site: count}, "skipped": {reason: count}, "checks":
+    {name: {"ok", "error", "note"}}, "seconds": {name: s}}`` (and ``"fallback": {reason:
+    count}`` where ``partner``'s kind could not sit beside some convs and the default kind
+    went there). ``time_limit`` (seconds,
     main thread on Unix) stops a check that runs longer and records it as failed, so
     one check that never ends (a dependency graph search, say) does not hide the others. Partners go on every conv
     that can have one (``kernel_sizes=None``) unless told otherwise. A check that
@@ -183,9 +183,11 @@ def check_model(
         out["seconds"][name] = round(time.perf_counter() - start, 2)
 
     def fuse_fp64() -> dict[str, Any]:
-        student = extend(base, kernel_sizes=kernel_sizes).double()
+        student = extend(base, partner=partner, kernel_sizes=kernel_sizes).double()
         report = student.bpl_report
-        out["partners"] = dict(Counter(report.kinds.values()))
+        out["partners"] = dict(Counter(report.sites.values()))
+        if report.fallback:
+            out["fallback"] = dict(Counter(_reason_kind(r) for r in report.fallback.values()))
         out["skipped"] = dict(Counter(_reason_kind(r) for r in report.skipped.values()))
         x64 = x.double()
         start = relative_error(base.double(), student, x64)
@@ -195,7 +197,7 @@ def check_model(
         return _exact(student, x64, CHECKS["fuse_fp64"])
 
     def fuse_fp32() -> dict[str, Any]:
-        student = extend(base, kernel_sizes=kernel_sizes)
+        student = extend(base, partner=partner, kernel_sizes=kernel_sizes)
         result = _exact(student, x, CHECKS["fuse_fp32"])
         state["onnx_tol"] = max(CHECKS["onnx"], FLOOR_FACTOR * result["floor"])
         state["fused"] = fuse(student)
@@ -224,7 +226,7 @@ def check_model(
 
     def prune_fuse() -> dict[str, Any]:
         pruned = state["pruned"].double()
-        return _exact(extend(pruned, kernel_sizes=kernel_sizes), x.double(), CHECKS["prune_fuse"])
+        return _exact(extend(pruned, partner=partner, kernel_sizes=kernel_sizes), x.double(), CHECKS["prune_fuse"])
 
     def onnx() -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
@@ -245,7 +247,7 @@ def check_model(
         return result
 
     def move_fp64() -> dict[str, Any]:
-        student = randomize_partners(extend(base, kernel_sizes=kernel_sizes).eval()).double()
+        student = randomize_partners(extend(base, partner=partner, kernel_sizes=kernel_sizes).eval()).double()
         fused = fuse(student)
         dtypes = float_dtypes(fused)
         err = relative_error(student, fused, x.double())

@@ -1,9 +1,11 @@
 """The diversity loss (step 3 of BPL): push each partner away from its block's kernels.
 
 For a group of partners the term is ``cos(a, b) + 1`` where ``a`` and ``b`` are the
-flattened original and partner kernels of the group laid end to end; both kinds of
-partner count (``conv.weight`` against ``partner_conv.weight``: for a conv->BN partner
-the kernels before their BNs, for a conv partner the kernel before its scale). The cosine of
+flattened original and partner kernels of the group laid end to end, as each partner
+gives them (:meth:`~bpl.partners.Partner.kernels`): raw, the kernels before their BNs
+(the paper's; a structural partner's branches composed into one kernel), or functional,
+each BN-folded with its running statistics, so that a partner cannot meet the loss by
+flipping its kernel's sign while its BN scale flips too. The cosine of
 two concatenations only needs per-block dot products and squared norms, so nothing is
 concatenated: three reductions per block, then one ``index_add`` per call, inside one
 autograd function whose backward is written out (two passes over each kernel).
@@ -20,11 +22,13 @@ from torch.autograd.function import once_differentiable
 from .errors import InvalidArgumentError
 from .extension import partner_blocks
 from .modules import unwrap_parallel
-from .partner import Partner
+from .partners import Partner
 
-__all__ = ["diversity_loss", "GRANULARITIES"]
+__all__ = ["diversity_loss", "partner_statistics", "GRANULARITIES", "COMPARISONS"]
 
 GRANULARITIES = ("stage", "block", "global")
+#: What the loss compares: the raw kernels (the paper) or the BN-folded ones.
+COMPARISONS = ("raw", "functional")
 
 # model -> (granularity -> (blocks, group index per block, number of groups))
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -109,23 +113,54 @@ class _GroupCosines(torch.autograd.Function):
 
 
 def diversity_loss(
-    model: nn.Module, *, weight: float = 0.01, granularity: str = "stage", eps: float = 1e-8
+    model: nn.Module, *, weight: float = 0.01, granularity: str = "stage", compare: str = "raw",
+    eps: float = 1e-8,
 ) -> torch.Tensor:
     """``weight * sum over groups of (cos(original kernels, partner kernels) + 1)``.
 
     ``granularity`` is ``"stage"`` (one term per top-level child of the model, the
     reference code's one per ResNet stage), ``"block"`` (one per partner) or
-    ``"global"`` (one for all). A model without partners gives a zero tensor.
+    ``"global"`` (one for all). ``compare`` is ``"raw"`` (the kernels as trained, the
+    paper's) or ``"functional"`` (BN-folded with running statistics: what each branch
+    adds to the fused kernel). A model without partners gives a zero tensor.
     """
     if granularity not in GRANULARITIES:
         raise InvalidArgumentError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if compare not in COMPARISONS:
+        raise InvalidArgumentError(f"compare must be one of {COMPARISONS}, got {compare!r}")
     module = unwrap_parallel(model)
     blocks, groups, n_groups = _plan(module, granularity)
     if not blocks:
         p = next(module.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None,
                            dtype=p.dtype if p is not None else None)
-    kernels = [w for b in blocks for w in (b.conv.weight, b.partner_conv.weight)]
+    functional = compare == "functional"
+    kernels = [w for b in blocks for w in b.kernels(functional)]
     index = torch.tensor(groups, device=kernels[0].device)
     cos = _GroupCosines.apply(index, n_groups, eps, *kernels)
     return weight * (cos + 1).sum()
+
+
+@torch.no_grad()
+def partner_statistics(model: nn.Module) -> dict[str, float]:
+    """What the partners of ``model`` learned, as means over its partners.
+
+    ``norm_ratio``: ||partner kernel|| / ||block kernel||, both BN-folded (0: the partner
+    adds nothing to the fused model); ``raw_cos``: cosine of the raw kernels (what the
+    paper's loss pushes towards -1); ``functional_cos``: cosine of the BN-folded ones
+    (what the fused model gets). Empty without partners.
+    """
+    rows = []
+    for _, block in partner_blocks(unwrap_parallel(model)):
+        own, partner = block.kernels(functional=True)
+        raw_own, raw_partner = block.kernels(functional=False)
+        rows.append((float(partner.norm() / own.norm().clamp_min(1e-12)),
+                     float(torch.nn.functional.cosine_similarity(
+                         raw_own.flatten(), raw_partner.flatten(), dim=0)),
+                     float(torch.nn.functional.cosine_similarity(
+                         own.flatten(), partner.flatten(), dim=0))))
+    if not rows:
+        return {}
+    return {name: sum(col) / len(col)
+            for name, col in zip(("norm_ratio", "raw_cos", "functional_cos"), zip(*rows))}
+

@@ -2,11 +2,11 @@
 
 Sites are found in the torch.fx graph, not from attribute names. A ``Conv2d`` call
 whose output is used by exactly one ``BatchNorm2d`` call and by nothing else is a
-conv->BN pair: the conv's slot in the module tree gets a
-:class:`~bpl.partner.PartnerBlock`, the BN's slot a :class:`~bpl.partner.NormSlot`.
-Any other eligible conv (its output goes to an addition, a concatenation, an
-activation: pre-activation nets, DenseNet, convs with a bias and no norm) gets a
-:class:`~bpl.partner.ConvPartner` unless ``without_bn=False``. The model's own
+conv->BN pair: the conv's slot in the module tree gets a partner (of a kind from
+:data:`~bpl.partners.PARTNER_KINDS`) built beside the conv and its BN, the BN's slot a
+:class:`~bpl.partners.NormSlot`. Any other eligible conv (its output goes to an addition,
+a concatenation, an activation: pre-activation nets, DenseNet, convs with a bias and no
+norm) gets the kind's partner without BN unless ``without_bn=False``. The model's own
 ``forward`` is untouched, so the extended model is the same class as the input.
 """
 
@@ -22,15 +22,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import BPLError, TraceError
-from .partner import (
+from .partners import (
+    DEFAULT_KIND,
     DEFAULT_SHARE,
-    ConvPartner,
     NormSlot,
     Partner,
-    PartnerBlock,
-    check_init,
     norm_act_problem,
+    partner_kind,
 )
+from .partners.base import check_init
 
 __all__ = [
     "extend",
@@ -51,25 +51,33 @@ KernelSpec = Iterable[int | tuple[int, int]] | Callable[[nn.Conv2d], bool] | Non
 class ExtendReport:
     """What :func:`extend` did: the convs it gave partners, of which kind, and every conv skipped, with why.
 
-    ``extended`` holds ``(conv, bn)`` for a conv->BN pair (a ``"conv+bn"`` partner) and
-    ``(conv, None)`` for a conv that got a ``"conv"`` partner; ``without_bn`` says why
-    each of the latter has no BN pair; ``skipped`` why each other conv got nothing.
+    ``extended`` holds ``(conv, bn)`` for a conv->BN pair and ``(conv, None)`` for a conv
+    that got a partner without BN; ``without_bn`` says why each of the latter has no BN
+    pair; ``skipped`` why each other conv got nothing. ``partners`` is the partner kind
+    of each extended conv and ``fallback`` why a conv got the default kind instead of
+    the one asked for.
     """
 
     extended: list[tuple[str, str | None]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     without_bn: dict[str, str] = field(default_factory=dict)
+    partners: dict[str, str] = field(default_factory=dict)
+    fallback: dict[str, str] = field(default_factory=dict)
 
     @property
-    def kinds(self) -> dict[str, str]:
-        """The kind of partner of each extended conv: ``"conv+bn"`` or ``"conv"``."""
+    def sites(self) -> dict[str, str]:
+        """Where each partner sits: ``"conv+bn"`` (beside a conv->BN pair) or ``"conv"``."""
         return {conv: "conv" if bn is None else "conv+bn" for conv, bn in self.extended}
 
     def __str__(self) -> str:
         pairs = sum(bn is not None for _, bn in self.extended)
+        kinds = ", ".join(f"{n} {k}" for k, n in Counter(self.partners.values()).items())
         lines = [f"extended {pairs} conv->BN pairs and {len(self.extended) - pairs} convs "
-                 f"without BN, skipped {len(self.skipped)} convs"]
+                 f"without BN" + (f" ({kinds} partners)" if kinds else "")
+                 + f", skipped {len(self.skipped)} convs"]
         lines += [f"  conv partner for {name}: {why}" for name, why in self.without_bn.items()]
+        lines += [f"  {self.partners[name]} partner for {name}: {why}"
+                  for name, why in self.fallback.items()]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -183,21 +191,21 @@ def find_conv_bn_pairs(
 
 
 def partner_blocks(model: nn.Module) -> list[tuple[str, Partner]]:
-    """Every partner (of either kind) of ``model`` with its qualified name, in module order."""
+    """Every partner (of any kind) of ``model`` with its qualified name, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, Partner)]
 
 
 def partner_sites(model: nn.Module) -> list[tuple[str, Partner, str | None]]:
     """``(partner name, partner, name of its NormSlot or None)`` for every partner of ``model``.
 
-    A ``"conv+bn"`` partner is paired with its slot by key, not by reference, so the
+    A conv->BN partner is paired with its slot by key, not by reference, so the
     pairing holds in any copy of the model, on any device.
     """
     slots = {m.key: n for n, m in model.named_modules() if isinstance(m, NormSlot)}
     sites = []
     for name, block in partner_blocks(model):
         slot = None
-        if isinstance(block, PartnerBlock):
+        if block.slot_key is not None:
             slot = slots.get(block.slot_key)
             if slot is None:
                 raise BPLError(
@@ -211,6 +219,7 @@ def partner_sites(model: nn.Module) -> list[tuple[str, Partner, str | None]]:
 def extend(
     model: nn.Module,
     *,
+    partner: str = DEFAULT_KIND,
     kernel_sizes: KernelSpec = PAPER_KERNEL_SIZES,
     without_bn: bool = True,
     init: str = "preserve",
@@ -218,29 +227,35 @@ def extend(
     one_conv: bool = False,
     inplace: bool = False,
 ) -> nn.Module:
-    """Return ``model`` with a partner beside every eligible conv.
+    """Return ``model`` with a partner of kind ``partner`` beside every eligible conv.
 
+    ``partner``: a name from :data:`bpl.PARTNER_KINDS`: ``"same"`` (the paper's: a
+    parallel conv of the block's shape with its own BN), ``"diverse"`` (Diverse Branch
+    Block's 1x1, 1x1->KxK and 1x1->average-pool branches) or ``"asymmetric"`` (ACNet's
+    1xK and Kx1 branches). A conv the kind cannot sit beside (a kernel without a centred
+    padding, ...) gets ``"same"`` instead; ``result.bpl_report.fallback`` says which and why.
     ``kernel_sizes``: which convs get partners; the paper's 3x3 and 5x5 by default,
-    ``None`` for every conv (1x1 included). A conv->BN pair gets a partner conv+BN
-    (:class:`~bpl.partner.PartnerBlock`); any other eligible conv a partner conv behind
-    a per-channel scale (:class:`~bpl.partner.ConvPartner`), unless ``without_bn=False``.
-    ``init`` says how the partners start: ``"preserve"`` (partner scale 0) and
-    ``"split"`` (a copy of the block, scales split ``1 - share`` / ``share``) leave the
-    model's output exactly as it was; ``"paper"`` is the reference code's start and
-    changes it. The defaults (3x3/5x5, ``"preserve"``) are what bpl's recovery study chose
-    on its validation split (docs/results.md), where no partner variant beat plain
-    fine-tuning of the pruned model beyond its 95% interval. ``one_conv`` runs each conv->BN partner as one conv over the stacked
-    kernels and one BN over both halves (:attr:`~bpl.partner.PartnerBlock.one_conv`; the
-    same function, parameters and fold; off by default: it was not faster on the CPU).
-    The report of what was extended (and of which kind) and skipped is
-    ``result.bpl_report`` (an :class:`ExtendReport`).
+    ``None`` for every conv (1x1 included). A conv->BN pair gets a partner with BNs; any
+    other eligible conv a partner without BN behind a per-channel scale, unless
+    ``without_bn=False``. ``init`` says how the partners start: ``"preserve"`` (partner
+    scale 0) and, for ``"same"``, ``"split"`` (a copy of the block, scales split
+    ``1 - share`` / ``share``) leave the model's output exactly as it was; ``"paper"`` is
+    the reference code's start and changes it. The defaults (3x3/5x5, ``"same"``,
+    ``"preserve"``) are what bpl's recovery study chose on its validation split
+    (docs/results.md), where no partner variant beat plain fine-tuning of the pruned model
+    beyond its 95% interval. ``one_conv`` runs each ``"same"`` conv->BN partner as one conv
+    over the stacked kernels and one BN over both halves
+    (:attr:`~bpl.partners.PartnerBlock.one_conv`; the same function, parameters and fold;
+    off by default: it was not faster on the CPU). The report of what was extended (and
+    how) and skipped is ``result.bpl_report`` (an :class:`ExtendReport`).
     """
     if partner_blocks(model):
         raise BPLError(
             "model is already extended (it has partner blocks); call bpl.fuse(model) first "
             "or extend the original model"
         )
-    check_init(init, share)
+    kind = partner_kind(partner)
+    check_init(init, share, kind.inits, kind.name)
     report = find_conv_bn_pairs(model, kernel_sizes, without_bn=without_bn)
     if not report.extended:
         what = "conv" if without_bn else "conv->BatchNorm2d pair"
@@ -251,16 +266,38 @@ def extend(
         )
     if not inplace:
         model = copy.deepcopy(model)
-    for conv_name, bn_name in report.extended:
+    kinds = {}
+    for conv_name, _ in report.extended:
+        problem = kind.problem(model.get_submodule(conv_name))
+        kinds[conv_name] = kind.name if problem is None else DEFAULT_KIND
+        if problem is not None:
+            report.fallback[conv_name] = problem
+    put_partners(model, report.extended, kinds, init=init, share=share, one_conv=one_conv)
+    report.partners = kinds
+    model.bpl_report = report
+    return model
+
+
+def put_partners(
+    model: nn.Module,
+    sites: Iterable[tuple[str, str | None]],
+    kinds: dict[str, str],
+    *,
+    init: str = "preserve",
+    share: float = DEFAULT_SHARE,
+    one_conv: bool = False,
+) -> None:
+    """Put a partner of ``kinds[conv]`` at every ``(conv, bn or None)`` site of ``model``, in place."""
+    for conv_name, bn_name in sites:
+        build = partner_kind(kinds[conv_name]).build
         conv = model.get_submodule(conv_name)
         if bn_name is None:
-            model.set_submodule(conv_name, ConvPartner(conv, init=init, share=share))
+            model.set_submodule(conv_name, build(conv, None, None, init=init, share=share))
             continue
         bn = model.get_submodule(bn_name)
         slot = NormSlot(bn)
-        block = PartnerBlock(conv, bn, slot, init=init, share=share)
-        block.one_conv = one_conv
+        block = build(conv, bn, slot, init=init, share=share)
+        if hasattr(type(block), "one_conv"):  # the kinds that can run as one stacked conv
+            block.one_conv = one_conv
         model.set_submodule(conv_name, block)
         model.set_submodule(bn_name, slot)
-    model.bpl_report = report
-    return model

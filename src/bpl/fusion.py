@@ -11,7 +11,7 @@ from torch import nn
 
 from .errors import BPLError
 from .extension import find_conv_bn_pairs, partner_blocks, partner_sites
-from .partner import NormSlot, Partner, PartnerBlock, fold_conv_bn
+from .partners import NormSlot, Partner, fold_conv_bn
 
 __all__ = ["fuse", "fold_batchnorm"]
 
@@ -20,10 +20,10 @@ __all__ = ["fuse", "fold_batchnorm"]
 def _write_back(
     block: Partner, slot: NormSlot | None, fold_bn: bool
 ) -> tuple[nn.Module, nn.Module | None]:
-    """The conv and the module for the BN's slot (None for a conv partner) that equal ``block``."""
+    """The conv and the module for the BN's slot (None without BN) that equal ``block``."""
     weight, bias = block.fold()
     conv = block.conv
-    if not isinstance(block, PartnerBlock):  # conv partner: kernel addition, bias untouched
+    if block.slot_key is None:  # a partner without BN: kernel addition, bias untouched
         conv.weight.copy_(weight)
         return conv, None
     if fold_bn:

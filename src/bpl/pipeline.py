@@ -9,6 +9,7 @@ layer over these.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from .models import (
     model_from_payload,
     model_payload,
     read_state_dict,
+    reinitialize,
     save_model,
 )
 from .profiling import profile
@@ -407,9 +409,9 @@ def _loss_terms(cfg: Config, student: nn.Module, baseline: nn.Module) -> dict[st
     """The method's terms added to the cross-entropy: diversity (with partners), distillation."""
     terms: dict[str, LossTerm] = {}
     if partner_blocks(student) and cfg.diversity_weight > 0:
-        weight, granularity = cfg.diversity_weight, cfg.granularity
+        weight, granularity, compare = cfg.diversity_weight, cfg.granularity, cfg.diversity_compare
         terms["diversity"] = lambda step: diversity_loss(step.model, weight=weight,
-                                                         granularity=granularity)
+                                                         granularity=granularity, compare=compare)
     if cfg.distill:
         terms["distill"] = Distillation(baseline, temperature=cfg.distill_temperature,
                                         weight=cfg.distill_weight)
@@ -417,7 +419,8 @@ def _loss_terms(cfg: Config, student: nn.Module, baseline: nn.Module) -> dict[st
 
 
 def _partner_args(cfg: Config) -> dict[str, Any]:
-    return dict(kernel_sizes=PLACEMENTS[cfg.placement], init=cfg.init, share=cfg.partner_share)
+    return dict(partner=cfg.partner, kernel_sizes=PLACEMENTS[cfg.placement], init=cfg.init,
+                share=cfg.partner_share)
 
 
 def _check_inputs(data) -> torch.Tensor:
@@ -450,7 +453,8 @@ def _compress(
         if (run_dir / "after_pruning.json").exists():
             after_pruning = _after_pruning(student, data, cfg, run_dir, device)
     elif cfg.soft:
-        student = extend(baseline.cpu(), **partner_args)
+        start = reinitialize(copy.deepcopy(baseline).cpu()) if cfg.from_scratch else baseline.cpu()
+        student = extend(start, **partner_args)
     else:
         pruned = prune(
             baseline.cpu(), example,
@@ -460,12 +464,16 @@ def _compress(
             round_to=cfg.round_to,
             accept_closest=cfg.accept_closest,
         )
-        after_pruning = _after_pruning(pruned, data, cfg, run_dir, device)
+        if cfg.from_scratch:  # the pruned architecture only: its trained weights are dropped
+            log.info("--from-scratch: training the pruned architecture from fresh weights")
+            reinitialize(pruned)
+        else:
+            after_pruning = _after_pruning(pruned, data, cfg, run_dir, device)
         student = extend(pruned, **partner_args) if cfg.partners else pruned
     if cfg.soft:
         hooks.append(SoftPruner(student, example, flops_reduction=cfg.flops_reduction,
                                 every=cfg.soft_every, importance=cfg.importance,
-                                round_to=cfg.round_to))
+                                round_to=cfg.round_to, partners=cfg.soft_partners))
     if partner_blocks(student) and state is None and main:
         log.info("partners: each training step costs 1.1-1.8x a --no-partners step; in bpl's "
                  "recovery study (docs/results.md) they were no more accurate than plain "

@@ -19,7 +19,7 @@ from .checkpoints import (
     read_state_dict,
     save_model,
 )
-from .factory import baseline_from_weights, build_model, replace_classifier
+from .factory import baseline_from_weights, build_model, reinitialize, replace_classifier
 from .zoo import TinyResNet, TinyVGG, list_models
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "model_from_payload",
     "model_payload",
     "read_state_dict",
+    "reinitialize",
     "replace_classifier",
     "save_model",
 ]

@@ -12,9 +12,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import BPLError, CheckpointError
-from ..extension import extend, partner_sites
+from ..extension import find_conv_bn_pairs, partner_sites, put_partners
 from ..files import atomic_save
 from ..modules import unwrap_parallel
+from ..partners import DEFAULT_KIND, PARTNER_KINDS
 from .zoo import stock_model
 
 #: Value of the ``format`` field of every checkpoint written by :func:`save_model`.
@@ -110,7 +111,7 @@ def _architecture(model: nn.Module) -> tuple[dict[str, dict], list[list[str]], l
     pairs: list[list[str | None]] = []
     skip: set[str] = set()
     for block_name, block, slot_name in partner_sites(model):
-        pairs.append([block_name, slot_name])  # slot None: a conv partner (no BN)
+        pairs.append([block_name, slot_name, block.kind])  # slot None: a partner without BN
         widths[block_name] = _widths(block.conv)
         skip.add(block_name)
         if slot_name is not None:
@@ -306,14 +307,7 @@ def model_from_payload(payload: Mapping[str, Any], *, source: str = "checkpoint"
         except AttributeError:
             raise CheckpointError(f"{mismatch}: it has no module {name!r}") from None
     if pairs:
-        chosen = {id(model.get_submodule(conv)) for conv, _ in pairs}
-        extend(model, kernel_sizes=lambda conv: id(conv) in chosen, inplace=True)
-        found = sorted(map(list, model.bpl_report.extended))
-        if found != sorted(map(list, pairs)):
-            raise CheckpointError(
-                f"{mismatch}: re-extending gave other conv->BN pairs than were saved "
-                f"({len(found)} vs {len(pairs)})"
-            )
+        _re_extend(model, pairs, mismatch)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -323,6 +317,27 @@ def model_from_payload(payload: Mapping[str, Any], *, source: str = "checkpoint"
     meta.setdefault("arch", arch)
     meta.setdefault("num_classes", num_classes)
     return model, meta
+
+
+def _re_extend(model: nn.Module, pairs: list[list], mismatch: str) -> None:
+    """Put back the partners a checkpoint records: ``[conv, bn or None, kind]`` per site
+    (checkpoints before partner kinds have ``[conv, bn]``: the default kind)."""
+    chosen = {id(model.get_submodule(site[0])) for site in pairs}
+    report = find_conv_bn_pairs(model, lambda conv: id(conv) in chosen)
+    sites = report.extended
+    if sorted(map(list, sites)) != sorted([site[0], site[1]] for site in pairs):
+        raise CheckpointError(
+            f"{mismatch}: re-extending gave other conv->BN pairs than were saved "
+            f"({len(sites)} vs {len(pairs)})"
+        )
+    kinds = {site[0]: site[2] if len(site) > 2 else DEFAULT_KIND for site in pairs}
+    unknown = sorted(set(kinds.values()) - set(PARTNER_KINDS))
+    if unknown:
+        raise CheckpointError(f"{mismatch}: it has partners of kind {unknown[0]!r}, which this bpl "
+                              f"does not know ({', '.join(PARTNER_KINDS)}); upgrade bpl")
+    put_partners(model, sites, kinds)
+    report.partners = kinds
+    model.bpl_report = report
 
 
 def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[nn.Module, dict]:

@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import torch
 import torchvision
 from torch import nn
 
@@ -130,4 +131,28 @@ def build_model(
         replace_classifier(model, classes, num_classes)
     return model
 
+
+@torch.no_grad()
+def reinitialize(model: nn.Module) -> nn.Module:
+    """Fresh weights for ``model`` as it is (pruned widths kept), in place: to train a pruned
+    architecture from scratch.
+
+    torchvision's CNN initialisation: convs He-normal over their fan-out (biases zero),
+    norm layers scale 1 and shift 0 with fresh running statistics, Linear layers PyTorch's
+    default. Draws from the global RNG: seed it first for a reproducible start.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.modules.batchnorm._NormBase | nn.GroupNorm):
+            if getattr(m, "weight", None) is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            if getattr(m, "track_running_stats", False):
+                m.reset_running_stats()
+        elif isinstance(m, nn.Linear):
+            m.reset_parameters()
+    return model
 

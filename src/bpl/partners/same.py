@@ -1,192 +1,37 @@
-"""The train-time partners and the exact algebra that folds them away.
+"""The paper's partner (kind ``"same"``): a parallel conv of the block's own shape.
 
-Two kinds of partner, both ``nn.Module``s that stand where the block's conv stood:
-
-- :class:`PartnerBlock` (kind ``"conv+bn"``) replaces one conv->BN pair while training:
+- :class:`PartnerBlock` replaces one conv->BN pair while training:
   ``y = bn(conv(x)) + partner_bn(partner_conv(x))``;
-- :class:`ConvPartner` (kind ``"conv"``) is for a conv whose output does not go to
-  exactly one BatchNorm (pre-activation nets, DenseNet, convs with a bias and no norm):
+- :class:`ConvPartner` is for a conv whose output does not go to exactly one BatchNorm
+  (pre-activation nets, DenseNet, convs with a bias and no norm):
   ``y = conv(x) + scale * partner_conv(x)`` with a learnt per-channel ``scale``.
 
 Both are linear in ``x`` once the BNs use their running statistics, so each is one
-convolution plus a per-channel bias: :meth:`Partner.fold` computes that kernel and bias
-exactly, and :mod:`bpl.fuse` writes them back into the original conv (and BN).
-
-Everything :mod:`bpl.fuse` needs is a registered parameter, buffer or submodule, so it
-moves with the model (``.to()``, ``.double()``, ``.cuda()``, ``state_dict``); the only
-unregistered state is plain Python data (a pairing key, the class and hyper-parameters
-of a replaced norm+activation layer).
+convolution plus a per-channel bias: :meth:`fold` computes that kernel and bias exactly.
+Everything :mod:`bpl.fusion` needs is a registered parameter, buffer or submodule, so it
+moves with the model (``.to()``, ``.double()``, ``state_dict``).
 """
 
 from __future__ import annotations
-
-import copy
-import uuid
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import InvalidArgumentError
+from .algebra import fold_conv_bn, plain_batchnorm_like, same_conv_like
+from .base import (
+    DEFAULT_KIND,
+    DEFAULT_SHARE,
+    INITS,
+    Partner,
+    PartnerKind,
+    check_init,
+    register_kind,
+)
+from .slot import NormSlot, is_plain_batchnorm
 
-__all__ = [
-    "INITS",
-    "KINDS",
-    "DEFAULT_SHARE",
-    "Partner",
-    "PartnerBlock",
-    "ConvPartner",
-    "NormSlot",
-    "fold_conv_bn",
-    "fold_block",
-    "same_conv_like",
-]
-
-#: How a partner can start; see :class:`PartnerBlock` and :class:`ConvPartner`.
-INITS: tuple[str, ...] = ("preserve", "split", "paper")
-#: The kinds of partner (``Partner.kind``): beside a conv->BN pair, or beside a bare conv.
-KINDS: tuple[str, ...] = ("conv+bn", "conv")
-#: The partner's share of the block under ``init="split"`` (ACNet's branch scale, 1/3).
-DEFAULT_SHARE = 1 / 3
-
-_BN_PARAMETERS = ("weight", "bias")
-_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-_TAIL = ("drop", "act")
-
-
-def same_conv_like(conv: nn.Conv2d, *, bias: bool | None = None) -> nn.Conv2d:
-    """A freshly initialised Conv2d with every hyper-parameter of ``conv`` (bias as ``conv``'s unless given)."""
-    return nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        stride=conv.stride,
-        padding=conv.padding,
-        dilation=conv.dilation,
-        groups=conv.groups,
-        bias=conv.bias is not None if bias is None else bias,
-        padding_mode=conv.padding_mode,
-        device=conv.weight.device,
-        dtype=conv.weight.dtype,
-    )
-
-
-def plain_batchnorm_like(bn: _BatchNorm) -> nn.BatchNorm2d:
-    """A plain ``nn.BatchNorm2d`` holding a copy of ``bn``'s parameters and statistics."""
-    out = nn.BatchNorm2d(
-        bn.num_features,
-        eps=bn.eps,
-        momentum=bn.momentum,
-        affine=True,
-        track_running_stats=True,
-        device=bn.weight.device,
-        dtype=bn.weight.dtype,
-    )
-    out.load_state_dict(bn.state_dict(), strict=False)
-    return out
-
-
-def _is_plain_batchnorm(bn: nn.Module) -> bool:
-    """True for BatchNorm2d and subclasses that do not override forward."""
-    return isinstance(bn, _BatchNorm) and type(bn).forward is _BatchNorm.forward
-
-
-def norm_act_problem(bn: _BatchNorm) -> str | None:
-    """Why a BN subclass that overrides forward cannot be split into BN + tail (None if it can).
-
-    Accepted: timm's ``BatchNormAct2d`` shape: the BN's own parameters and buffers, and
-    only ``drop`` / ``act`` children, applied after the normalisation in that order.
-    """
-    if _is_plain_batchnorm(bn):
-        return None
-    name = type(bn).__name__
-    if not hasattr(bn, "act"):
-        return f"BatchNorm ({name}) overrides forward"
-    extra = [n for n in bn._parameters if n not in _BN_PARAMETERS]
-    extra += [n for n in bn._buffers if n not in _BN_BUFFERS]
-    extra += [n for n in bn._modules if n not in _TAIL]
-    if extra:
-        return f"norm+activation layer {name} has state a BatchNorm2d lacks ({', '.join(extra)})"
-    return None
-
-
-class NormSlot(nn.Module):
-    """Stands where the block's BatchNorm stood, so the model's own forward keeps working.
-
-    For a plain BatchNorm it is the identity (the block already normalised). For a
-    norm+activation layer (timm's ``BatchNormAct2d`` style: a BN subclass with ``drop``
-    and ``act`` children) it applies the tail that came after the normalisation, and
-    :meth:`restore` rebuilds the layer at fuse time from the block's (plain) BN and this
-    tail: both are registered, so they moved with the model wherever it went. Only a
-    tensorless skeleton of the layer (its class and hyper-parameters) is kept outside
-    the module tree. ``key`` pairs the slot with its :class:`PartnerBlock`.
-    """
-
-    def __init__(self, original: _BatchNorm) -> None:
-        super().__init__()
-        problem = norm_act_problem(original)
-        if problem is not None:
-            raise InvalidArgumentError(f"cannot stand in for {type(original).__name__}: {problem}")
-        self.key = uuid.uuid4().hex
-        self._tail_names = tuple(
-            n for n in original._modules if isinstance(original._modules[n], nn.Module)
-        ) if not _is_plain_batchnorm(original) else ()
-        self.tail = nn.Sequential(*[original._modules[n] for n in self._tail_names])
-        self._skeleton: list[nn.Module] = []  # a list, so it is not registered as a child
-        if not _is_plain_batchnorm(original):
-            self._persistent = {n: n not in original._non_persistent_buffers_set
-                                for n in original._buffers}
-            skeleton = copy.copy(original)
-            for store in ("_parameters", "_buffers", "_modules"):
-                skeleton.__dict__[store] = {}
-            self._skeleton.append(copy.deepcopy(skeleton))  # own hook dicts, no tensors
-
-    def restore(self, bn: nn.BatchNorm2d) -> nn.Module:
-        """The module that goes back into this slot at fuse time, built on ``bn``'s tensors.
-
-        ``bn`` itself for a plain BatchNorm; for a norm+activation layer, a new layer of
-        the original class holding ``bn``'s parameters and buffers and this slot's tail.
-        """
-        if not self._skeleton:
-            return bn
-        norm = copy.deepcopy(self._skeleton[0])
-        for name in _BN_PARAMETERS:
-            norm.register_parameter(name, bn._parameters[name])
-        for name, persistent in self._persistent.items():
-            norm.register_buffer(name, bn._buffers.get(name), persistent=persistent)
-        for name, module in zip(self._tail_names, self.tail):
-            norm.add_module(name, module)
-        return norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tail(x) if len(self.tail) else x
-
-
-def check_init(init: str, share: float) -> None:
-    """Refuse a partner start or share that the partners do not know."""
-    if init not in INITS:
-        raise InvalidArgumentError(f"init must be one of {', '.join(INITS)}; got {init!r}")
-    if not 0.0 < share < 1.0 or share == 0.5:
-        raise InvalidArgumentError(
-            f"share must be between 0 and 1 and not 0.5, got {share} (at 0.5 the two copies "
-            "get identical gradients and never become different)"
-        )
-
-
-class Partner(nn.Module):
-    """Base of the partners: ``conv`` (the block's own conv) and ``partner_conv`` (same shape).
-
-    ``kind`` is one of :data:`KINDS`; :meth:`fold` gives the kernel and bias of the one
-    conv that equals the partner in eval mode (bias ``None`` when the conv needs none).
-    """
-
-    kind: str = ""
-    conv: nn.Conv2d
-    partner_conv: nn.Conv2d
-
-    def fold(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
+__all__ = ["PartnerBlock", "ConvPartner", "randomize_scale_"]
 
 
 class PartnerBlock(Partner):
@@ -207,7 +52,7 @@ class PartnerBlock(Partner):
       block's BN scale halved. Not exact: the model's output changes.
     """
 
-    kind = "conv+bn"
+    kind = DEFAULT_KIND
     #: Run both branches as one convolution over the stacked kernels (2C outputs) and one
     #: batch norm over 2C channels: the same function, parameters, statistics and fold.
     #: Used in training mode where the block allows it (groups == 1, both BNs plain
@@ -226,7 +71,7 @@ class PartnerBlock(Partner):
         super().__init__()
         check_init(init, share)
         self.conv = conv
-        self.bn = bn if _is_plain_batchnorm(bn) else plain_batchnorm_like(bn)
+        self.bn = bn if is_plain_batchnorm(bn) else plain_batchnorm_like(bn)
         self.partner_conv = same_conv_like(conv)
         self.partner_bn = nn.BatchNorm2d(
             bn.num_features,
@@ -295,6 +140,12 @@ class PartnerBlock(Partner):
         w2, b2 = fold_conv_bn(self.partner_conv, self.partner_bn)
         return w1 + w2, b1 + b2
 
+    def kernels(self, functional: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if functional:
+            return (fold_conv_bn(self.conv, self.bn)[0],
+                    fold_conv_bn(self.partner_conv, self.partner_bn)[0])
+        return self.conv.weight, self.partner_conv.weight
+
 
 class ConvPartner(Partner):
     """A conv with a parallel partner conv of the same shape behind a per-channel scale.
@@ -318,7 +169,7 @@ class ConvPartner(Partner):
       (its bias kept). Not exact: the model's output changes.
     """
 
-    kind = "conv"
+    kind = DEFAULT_KIND
 
     def __init__(self, conv: nn.Conv2d, init: str = "preserve", share: float = DEFAULT_SHARE):
         super().__init__()
@@ -348,16 +199,32 @@ class ConvPartner(Partner):
         scale = self.partner_scale.weight.reshape(-1, 1, 1, 1)
         return self.conv.weight + scale * self.partner_conv.weight, self.conv.bias
 
+    def kernels(self, functional: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if functional:
+            return self.conv.weight, self.partner_scale.weight.reshape(-1, 1, 1, 1) * self.partner_conv.weight
+        return self.conv.weight, self.partner_conv.weight
 
-def fold_conv_bn(conv: nn.Conv2d, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel and bias of the single conv equal to ``bn(conv(x))`` with running statistics."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    return weight, (bias - bn.running_mean) * scale + bn.bias
+    def randomize_(self, generator: torch.Generator) -> None:
+        randomize_scale_(self.partner_scale.weight, generator)
 
 
 @torch.no_grad()
-def fold_block(block: Partner) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Kernel and bias of the single conv equal to the whole partner in eval mode."""
-    return block.fold()
+def randomize_scale_(scale: torch.Tensor, generator: torch.Generator) -> None:
+    """Give a partner's per-channel scale values in [0.25, 0.75), as a trained one might have."""
+    scale.copy_((torch.rand(scale.shape, generator=generator) * 0.5 + 0.25).to(scale.dtype))
+
+
+def _build(conv: nn.Conv2d, bn: _BatchNorm | None, slot: NormSlot | None, *, init: str = "preserve",
+           share: float = DEFAULT_SHARE) -> Partner:
+    """A :class:`PartnerBlock` beside a conv->BN pair, a :class:`ConvPartner` beside a bare conv."""
+    if bn is None:
+        return ConvPartner(conv, init=init, share=share)
+    return PartnerBlock(conv, bn, slot, init=init, share=share)
+
+
+register_kind(PartnerKind(
+    name=DEFAULT_KIND,
+    summary="the paper's: a parallel conv of the block's shape, with its own BN",
+    inits=INITS,
+    build=_build,
+))

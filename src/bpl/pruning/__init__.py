@@ -31,7 +31,7 @@ from .budget import LEVELS, BudgetResult, BudgetStep, prune_within, step_levels
 from .graph import deploy_macs
 from .hard import PruneReport, prune
 from .importance import IMPORTANCES, SOFT_IMPORTANCES, FilterNormImportance, make_importance
-from .soft import SoftPruner, SoftReport
+from .soft import SOFT_PARTNERS, SoftPruner, SoftReport
 
 __all__ = [
     "IMPORTANCES",
@@ -39,6 +39,7 @@ __all__ = [
     "BudgetResult",
     "BudgetStep",
     "SOFT_IMPORTANCES",
+    "SOFT_PARTNERS",
     "FilterNormImportance",
     "PruneReport",
     "PruningError",

@@ -31,7 +31,11 @@ from .search import over_round_to, search_ratio
 from .soft_groups import build_soft_groups, keep_count
 from .soft_masks import ChannelMasks
 
-__all__ = ["SoftPruner", "SoftReport"]
+__all__ = ["SoftPruner", "SoftReport", "SOFT_PARTNERS"]
+
+#: What a re-mask does to the partners between re-masks: let their zeroed filters regrow
+#: (the reference code: it masks only the block's gradients) or hold them at zero too.
+SOFT_PARTNERS: tuple[str, ...] = ("regrow", "masked")
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ class SoftReport:
 
 def _check_options(
     keep_ratio: float | None, flops_reduction: float | None, every: int, importance: str,
-    round_to: int | None,
+    round_to: int | None, partners: str,
 ) -> float | None:
     """Refuse options :class:`SoftPruner` cannot use; returns ``flops_reduction`` as a float."""
     if (keep_ratio is None) == (flops_reduction is None):
@@ -80,6 +84,8 @@ def _check_options(
             f"{', '.join(SOFT_IMPORTANCES)}"
         )
     check_round_to(round_to)
+    if partners not in SOFT_PARTNERS:
+        raise PruningError(f"partners must be one of {', '.join(SOFT_PARTNERS)}, got {partners!r}")
     return flops_reduction
 
 
@@ -99,8 +105,17 @@ class SoftPruner:
     weights and biases and both BNs' weight, bias and running mean, so the channel's
     output is exactly 0 in train and eval mode. Gradient hooks zero the masked rows'
     gradients, and :meth:`apply` (call it after ``optimizer.step()``) re-zeroes them,
-    because momentum and weight decay would otherwise revive them. Zeroed filters have
-    norm 0, so they are picked again on the next update: masks only grow.
+    because momentum and weight decay would otherwise revive them.
+
+    ``partners="regrow"`` (the default, the reference code's recipe) holds only the
+    block's and the network's masked channels at zero: a partner's masked filters are
+    zeroed at each update and regrow in between, so the network trains with more
+    capacity than it deploys with. Its BNs are left alone until the end (zeroing them
+    would leave nothing to regrow: see :mod:`~bpl.pruning.soft_masks`), so between
+    updates a masked channel carries the partner BN's shift. ``partners="masked"`` holds
+    the partners' channels at exactly zero too, so zeroed filters have norm 0 and are
+    picked again: masks only grow. Either way :meth:`finalize` makes a last update that
+    zeroes every masked channel exactly, so the removal is exact.
 
     ``keep_ratio`` is the fraction of each group's channels kept; with
     ``flops_reduction`` it is searched so that the model returned by :meth:`finalize`
@@ -123,6 +138,7 @@ class SoftPruner:
         round_to: int | None = DEFAULT_ROUND_TO,
         ignored_layers: Iterable[LayerRef] | LayerRef | None = None,
         tolerance: float = 0.01,
+        partners: str = "regrow",
     ) -> None:
         model = unwrap_parallel(model)
         if not partner_blocks(model):
@@ -130,7 +146,9 @@ class SoftPruner:
                 f"{type(model).__name__} has no partner blocks; SoftPruner works on an extended "
                 "model: call bpl.extend(model) first (or use bpl.prune for a plain model)"
             )
-        flops_reduction = _check_options(keep_ratio, flops_reduction, every, importance, round_to)
+        flops_reduction = _check_options(keep_ratio, flops_reduction, every, importance, round_to,
+                                         partners)
+        self.partners = partners
         self.model = model
         self.args = as_args(example_inputs)
         self.every = every
@@ -161,7 +179,7 @@ class SoftPruner:
                                  type(model).__name__)
             keep_ratio = 1.0 - drop
         self.keep_ratio = float(keep_ratio)
-        self._masks = ChannelMasks(self.groups)
+        self._masks = ChannelMasks(self.groups, regrow=partners == "regrow")
         log.info("soft pruning %d channel groups, keep ratio %.4f, update every %d epochs",
                  len(self.groups), self.keep_ratio, every)
 
@@ -201,8 +219,9 @@ class SoftPruner:
             out[group.name] = total
         return out
 
-    def update(self) -> None:
-        """Pick the lowest-scoring channels of every group anew and zero them."""
+    def update(self, final: bool = False) -> None:
+        """Pick the lowest-scoring channels of every group anew and zero them (``final``:
+        regrowing partners' BNs too, so every masked channel is exactly 0)."""
         scores = self.scores()
         for group in self.groups:
             n_drop = group.size - keep_count(group.size, self.keep_ratio, self.round_to)
@@ -211,7 +230,7 @@ class SoftPruner:
             group.keep = keep
         self.updates += 1
         self._masks.rebuild()
-        self.apply()
+        self._masks.zero_all(final=final)
         log.info("soft pruning update %d: %d of %d channels zeroed", self.updates,
                  sum(int((~g.keep).sum()) for g in self.groups), sum(g.size for g in self.groups))
 
@@ -239,6 +258,7 @@ class SoftPruner:
             "keep_ratio": self.keep_ratio,
             "round_to": self.round_to,
             "every": self.every,
+            "partners": self.partners,
             "updates": self.updates,
             "masks": self.masks,
         }
@@ -267,6 +287,11 @@ class SoftPruner:
         self.round_to = state.get("round_to", self.round_to)
         self.every = int(state.get("every", self.every))
         self.updates = int(state.get("updates", self.updates))
+        partners = state.get("partners", "masked")  # states before "regrow" held partners too
+        if partners != self.partners:
+            self._masks.remove_hooks()
+            self._masks = ChannelMasks(self.groups, regrow=partners == "regrow")
+            self.partners = partners
         self._masks.rebuild()
         self.apply()
 
@@ -298,7 +323,7 @@ class SoftPruner:
         device = next(model.parameters()).device
         check = as_args(example_inputs) if example_inputs is not None else self.args
         check = tuple(a.to(device) for a in check)
-        self.update()
+        self.update(final=True)
         was_training = model.training
         deploy = copy.deepcopy(model).eval()
         fuse(deploy, inplace=True)

@@ -32,6 +32,7 @@ class Slice:
     module: nn.Module
     idxs: torch.Tensor  # channel indices in the module
     root: torch.Tensor  # the same channels as positions in the group's root conv
+    partner: bool = False  # the module belongs to a partner (not to the block or the network)
 
 
 @dataclass(eq=False)
@@ -57,7 +58,7 @@ def build_soft_groups(
     """Every prunable group of ``model`` that contains a partner block and can be zeroed exactly."""
     blocks = partner_blocks(model)
     block_of_conv = {id(b.conv): name for name, b in blocks}
-    partner_ids = {id(b.partner_conv) for _, b in blocks} | set(block_of_conv)
+    partner_ids = {id(m) for _, b in blocks for m in b.partner_modules()}
     names = {m: n for n, m in model.named_modules()}
     pruner = make_pruner(model, args, FilterNormImportance(2), 0.0, ignored=ignored)
     dg = pruner.DG
@@ -66,7 +67,7 @@ def build_soft_groups(
         ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types
     ):
         outs = [it.dep.target.module for it in group if dg.is_out_channel_pruning_fn(it.dep.handler)]
-        if not any(id(m) in partner_ids for m in outs):
+        if not any(id(m) in block_of_conv for m in outs):  # a partner's inner channels, or none
             continue
         root = next(m for m in outs if id(m) in block_of_conv)
         why = _unsupported(group, dg)
@@ -86,7 +87,8 @@ def build_soft_groups(
             else:  # graph-only nodes (additions, concatenations): nothing to zero
                 continue
             bucket.append(Slice(module, torch.as_tensor(it.idxs, dtype=torch.long),
-                                torch.as_tensor(it.root_idxs, dtype=torch.long)))
+                                torch.as_tensor(it.root_idxs, dtype=torch.long),
+                                partner=id(module) in partner_ids))
         groups.append(SoftGroup(
             name=names[root], deploy_name=block_of_conv[id(root)], size=root.out_channels,
             filters=filters, norms=norms, keep=torch.ones(root.out_channels, dtype=torch.bool),

@@ -1,7 +1,13 @@
-"""Holding soft-pruned channels at exactly zero: the masked rows of every tensor, kept zeroed.
+"""Holding soft-pruned channels at zero: the masked rows of every tensor, zeroed and kept so.
 
 Gradient hooks zero the masked rows' gradients and :meth:`ChannelMasks.apply` re-zeroes
 the rows themselves, because momentum and weight decay would otherwise revive them.
+With ``regrow`` (the reference code's recipe) a partner's filter rows are zeroed only by
+:meth:`ChannelMasks.zero_all` (at each re-mask) and train freely in between, so the
+network trains with more channels than it deploys with. Its BNs are zeroed only at the
+end (``final=True``): a zero BN scale over a zero filter has no gradient, and a zero
+shift makes the channel exactly 0 before a ReLU, whose gradient at 0 is 0, so nothing
+could regrow.
 """
 
 from __future__ import annotations
@@ -24,18 +30,22 @@ Key = tuple[int, str]  # (id of the module, name of the tensor)
 class ChannelMasks:
     """The channel indices to hold at zero in every tensor the soft groups control."""
 
-    def __init__(self, groups: list[SoftGroup]) -> None:
+    def __init__(self, groups: list[SoftGroup], regrow: bool = False) -> None:
         self.groups = groups
         self._zero_idx: dict[Key, torch.Tensor | None] = {}
         self._on_device: dict[tuple[int, str, torch.device], torch.Tensor] = {}
-        self._owners: dict[Key, tuple[nn.Module, str]] = {}
+        self._owners: dict[Key, tuple[nn.Module, str]] = {}  # held at zero
+        self._regrowing: dict[Key, tuple[nn.Module, str]] = {}  # zeroed at re-masks only
+        self._at_end: dict[Key, tuple[nn.Module, str]] = {}  # zeroed by the final re-mask only
         self._hooks = []
         for group in groups:
-            for slices, attrs in ((group.filters, _FILTER_ATTRS), (group.norms, _NORM_ATTRS)):
+            for slices, attrs, later in ((group.filters, _FILTER_ATTRS, self._regrowing),
+                                         (group.norms, _NORM_ATTRS, self._at_end)):
                 for sl in slices:
+                    owners = later if regrow and sl.partner else self._owners
                     for attr in attrs:
                         if getattr(sl.module, attr, None) is not None:
-                            self._owners.setdefault((id(sl.module), attr), (sl.module, attr))
+                            owners.setdefault((id(sl.module), attr), (sl.module, attr))
         for key, (module, attr) in self._owners.items():
             tensor = getattr(module, attr)
             if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
@@ -44,7 +54,8 @@ class ChannelMasks:
 
     def rebuild(self) -> None:
         """Per tensor, the channel indices to hold at zero (from every group's keep mask)."""
-        zero: dict[Key, list[torch.Tensor]] = {key: [] for key in self._owners}
+        zero: dict[Key, list[torch.Tensor]] = {
+            key: [] for key in [*self._owners, *self._regrowing, *self._at_end]}
         for group in self.groups:
             dropped = ~group.keep
             for sl in group.filters + group.norms:
@@ -76,8 +87,20 @@ class ChannelMasks:
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Re-zero every masked channel (cheap; call it after each ``optimizer.step()``)."""
-        for key, (module, attr) in self._owners.items():
+        """Re-zero every held channel (cheap; call it after each ``optimizer.step()``)."""
+        self._zero(self._owners)
+
+    @torch.no_grad()
+    def zero_all(self, final: bool = False) -> None:
+        """Zero every masked channel, regrowing partners' filters too (at a re-mask); with
+        ``final`` their BNs as well, so every masked channel is exactly 0 (before removal)."""
+        self._zero(self._owners)
+        self._zero(self._regrowing)
+        if final:
+            self._zero(self._at_end)
+
+    def _zero(self, owners: dict[Key, tuple[nn.Module, str]]) -> None:
+        for key, (module, attr) in owners.items():
             tensor = getattr(module, attr)
             idx = self._idx_on(key, tensor.device)
             if idx is not None:

@@ -1,0 +1,255 @@
+"""Partner kinds: the registry, each kind's exact fold, what the diversity loss compares,
+checkpoints, and the reference's soft recipe with partners that regrow."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from torch import nn
+
+import bpl
+from bpl.conformance import CHECKS, check_model, randomize_partners
+from bpl.diversity import partner_statistics
+from bpl.models import load_model, reinitialize, save_model
+from bpl.partners import PARTNER_KINDS, BranchPartner, PadBatchNorm2d, partner_kind
+from nets import ConvZoo, GroupedNet, NormActStack, PreActNet
+
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+STRUCTURAL = ("diverse", "asymmetric")
+
+
+def test_the_registry_names_its_kinds_and_refuses_others():
+    assert PARTNER_KINDS == bpl.PARTNER_KINDS == ("same", "diverse", "asymmetric")
+    for name in PARTNER_KINDS:
+        assert partner_kind(name).name == name and partner_kind(name).summary
+    with pytest.raises(bpl.InvalidArgumentError, match="unknown partner kind 'dbb'; choose one of same, diverse"):
+        bpl.extend(GroupedNet(), partner="dbb")
+    with pytest.raises(bpl.InvalidArgumentError, match="init must be one of preserve, paper for 'diverse'"):
+        bpl.extend(GroupedNet(), partner="diverse", init="split")
+
+
+@pytest.mark.parametrize("kind", STRUCTURAL)
+@pytest.mark.parametrize("net", [GroupedNet, PreActNet, NormActStack])
+def test_each_kind_passes_every_conformance_check(kind, net):
+    """Exact at start and at fusion (fp64 <= 1e-9, fold_bn too), strict load into the stock
+    net, pruning, fusion after pruning, ONNX parity, a float64 move: as benchmarks/zoo.py."""
+    result = check_model(net, torch.randn(2, 3, 16, 16), kernel_sizes=(3, 5), partner=kind,
+                         do_onnx=HAS_ONNX)
+    failed = {k: (v["error"], v["note"]) for k, v in result["checks"].items() if not v["ok"]}
+    assert not failed
+    assert set(result["checks"]) == set(CHECKS) - (set() if HAS_ONNX else {"onnx"})
+
+
+def _branch_blocks(model):
+    return [b for _, b in bpl.partner_blocks(model) if isinstance(b, BranchPartner)]
+
+
+@pytest.mark.parametrize("kind", STRUCTURAL)
+def test_branches_have_their_own_shapes_and_bns_and_fold_exactly(kind):
+    torch.manual_seed(0)
+    net = ConvZoo().eval()
+    student = randomize_partners(bpl.extend(net, partner=kind, kernel_sizes=None).double().eval())
+    blocks = _branch_blocks(student)
+    assert blocks and all(b.kind == kind for b in blocks)
+    shapes = {name: tuple(seq[0].kernel_size) for name, seq in blocks[0].branches.items()}
+    assert shapes == ({"pointwise": (1, 1), "pointwise_kxk": (1, 1), "pointwise_avg": (1, 1)}
+                      if kind == "diverse" else {"row": (1, 3), "column": (3, 1)})
+    for seq in blocks[0].branches.values():
+        assert isinstance(seq[-1], nn.BatchNorm2d)  # each branch ends in its own BN
+    if kind == "diverse":  # the chains pad with their middle BN's shift
+        assert isinstance(blocks[0].branches["pointwise_kxk"][1], PadBatchNorm2d)
+    x = torch.randn(2, 3, 20, 20, dtype=torch.float64)
+    for fold_bn in (False, True):
+        assert bpl.relative_error(student, bpl.fuse(student, fold_bn=fold_bn), x) <= 1e-9
+    # a conv the kind cannot sit beside gets the default kind, and the report says why
+    fallback = student.bpl_report.fallback
+    assert "body.15" in fallback and "kernel (3, 1)" in fallback["body.15"]
+    assert "body.12" in fallback and "kernel (1, 3)" in fallback["body.12"]
+    reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+    assert "padding mode 'reflect'" in partner_kind(kind).problem(reflect)
+    assert "body.0" in fallback and "not an odd kernel with centred padding" in fallback["body.0"]
+    if kind == "diverse":
+        assert "dilation (2, 2)" in fallback["body.6"]
+    else:
+        assert "body.6" not in fallback  # ACNet's branches take the dilation
+    assert {student.bpl_report.partners[name] for name in fallback} == {"same"}
+    assert "same partner for body.15" in str(student.bpl_report)
+
+
+@pytest.mark.parametrize("kind", STRUCTURAL)
+def test_preserve_is_exact_in_training_mode_and_paper_is_not(kind):
+    torch.manual_seed(0)
+    net = GroupedNet()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = net.train()(x)
+        kept = bpl.extend(net, partner=kind, init="preserve").train()(x)
+        moved = bpl.extend(net, partner=kind, init="paper").train()(x)
+    assert torch.equal(ref, kept) or bpl.verification.max_relative_error(ref, kept) < 1e-6
+    assert bpl.verification.max_relative_error(ref, moved) > 1e-3
+
+
+def test_a_bare_conv_gets_branches_without_bn_behind_a_scale():
+    student = randomize_partners(bpl.extend(PreActNet(), partner="diverse").double().eval())
+    bare = [b for b in _branch_blocks(student) if b.slot_key is None]
+    assert bare and all(hasattr(b, "partner_scale") for b in bare)
+    assert not any(isinstance(m, nn.BatchNorm2d) for b in bare for m in b.branches.modules())
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    assert bpl.relative_error(student, bpl.fuse(student), x) <= 1e-9
+
+
+def test_the_default_kind_keeps_its_modules_and_fold():
+    """Today's partners under the default name: the same state_dict keys and the same fold."""
+    net = GroupedNet()
+    default, same = bpl.extend(net), bpl.extend(net, partner="same")
+    assert list(default.state_dict()) == list(same.state_dict())
+    assert any(k.endswith("grouped.0.partner_conv.weight") for k in same.state_dict())
+    assert any(k.endswith("grouped.0.partner_bn.running_var") for k in same.state_dict())
+    block = same.grouped[0]
+    w1, b1 = bpl.partners.fold_conv_bn(block.conv, block.bn)
+    w2, b2 = bpl.partners.fold_conv_bn(block.partner_conv, block.partner_bn)
+    weight, bias = block.fold()
+    assert torch.equal(weight, w1 + w2) and torch.equal(bias, b1 + b2)
+
+
+@pytest.mark.parametrize("kind", PARTNER_KINDS)
+def test_checkpoints_record_each_kind_and_rebuild_it(tmp_path, kind):
+    torch.manual_seed(0)
+    model = bpl.build_model("tiny_resnet", num_classes=5)
+    student = randomize_partners(bpl.extend(model, partner=kind).eval())
+    save_model(tmp_path / "m.pt", student, arch="tiny_resnet", num_classes=5)
+    loaded, _ = load_model(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 32, 32)
+    assert bpl.relative_error(student, loaded.eval(), x) == 0.0
+    assert loaded.bpl_report.partners == student.bpl_report.partners
+    assert {type(b).__name__ for _, b in bpl.partner_blocks(loaded)} == (
+        {"PartnerBlock"} if kind == "same" else {"BranchPartner"})
+
+
+def test_a_checkpoint_from_before_kinds_loads_as_the_default_kind(tmp_path):
+    student = bpl.extend(bpl.build_model("tiny_resnet", num_classes=5))
+    payload = bpl.models.model_payload(student, "tiny_resnet", 5)
+    payload["extended"] = [site[:2] for site in payload["extended"]]  # [conv, bn], as in 0.1
+    loaded, _ = bpl.models.model_from_payload(payload)
+    assert set(loaded.bpl_report.partners.values()) == {"same"}
+    payload["extended"] = [[*site[:2], "hexagonal"] for site in payload["extended"]]
+    with pytest.raises(bpl.CheckpointError, match="partners of kind 'hexagonal'.*upgrade bpl"):
+        bpl.models.model_from_payload(payload)
+
+
+def test_the_functional_comparison_sees_through_a_sign_flip_its_bn_undoes():
+    """The paper's loss compares raw kernels: flipping a partner's kernel and its BN scale
+    changes nothing the network computes but moves the raw cosine to its opposite."""
+    torch.manual_seed(0)
+    student = randomize_partners(bpl.extend(GroupedNet(), init="split").eval())
+    x = torch.randn(2, 3, 16, 16)
+    before_out = student(x)
+    raw = bpl.diversity_loss(student, granularity="global", weight=1.0)
+    functional = bpl.diversity_loss(student, granularity="global", weight=1.0, compare="functional")
+    with torch.no_grad():
+        for _, b in bpl.partner_blocks(student):
+            b.partner_conv.weight.neg_()  # the batch mean flips with it: so does the running one
+            b.partner_bn.weight.neg_()
+            b.partner_bn.running_mean.neg_()
+    assert torch.allclose(student(x), before_out, atol=1e-5)
+    flipped_raw = bpl.diversity_loss(student, granularity="global", weight=1.0)
+    flipped_functional = bpl.diversity_loss(student, granularity="global", weight=1.0,
+                                            compare="functional")
+    assert raw.item() > 1.5 and flipped_raw.item() < 0.5  # split starts as a copy: cos near 1
+    assert torch.allclose(functional, flipped_functional, atol=1e-6)
+    with pytest.raises(bpl.InvalidArgumentError, match="compare must be one of"):
+        bpl.diversity_loss(student, compare="folded")
+
+
+@pytest.mark.parametrize("kind", STRUCTURAL)
+def test_the_diversity_loss_reaches_every_branch(kind):
+    torch.manual_seed(0)
+    student = bpl.extend(GroupedNet(), partner=kind, init="paper")
+    for compare in ("raw", "functional"):
+        student.zero_grad()
+        bpl.diversity_loss(student, compare=compare).backward()
+        for b in _branch_blocks(student):
+            for name, seq in b.branches.items():
+                grad = seq[0].weight.grad
+                assert grad is not None and grad.abs().sum() > 0, (compare, name)
+    stats = partner_statistics(student.eval())
+    assert set(stats) == {"norm_ratio", "raw_cos", "functional_cos"}
+    assert stats["norm_ratio"] > 0
+
+
+def _train_steps(model, pruner, x, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        loss = model(x).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.after_step()
+
+
+def _masked_norms(pruner):
+    """Norm of the masked rows of partner and of non-partner filters, over all groups."""
+    partner = held = 0.0
+    for group in pruner.groups:
+        dropped = ~group.keep
+        for sl in group.filters:
+            rows = sl.module.weight.detach()[sl.idxs[dropped[sl.root]]]
+            if sl.partner:
+                partner += float(rows.norm())
+            else:
+                held += float(rows.norm())
+    return partner, held
+
+
+@pytest.mark.parametrize("kind", ["same", "diverse"])
+def test_soft_partners_regrow_between_updates_as_in_the_reference(kind):
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    for mode in ("regrow", "masked"):
+        torch.manual_seed(0)
+        student = bpl.extend(GroupedNet(), partner=kind, init="paper")
+        pruner = bpl.SoftPruner(student, x, keep_ratio=0.5, round_to=None, partners=mode)
+        _train_steps(student, pruner, x, 3)  # trained a little before the first re-mask
+        pruner.update()
+        assert _masked_norms(pruner) == (0.0, 0.0)  # a re-mask zeroes partners too
+        _train_steps(student, pruner, x, 3)
+        partner, held = _masked_norms(pruner)
+        assert held == 0.0
+        assert (partner > 0.0) == (mode == "regrow"), (mode, partner)
+        assert pruner.state_dict()["partners"] == mode
+        deploy = pruner.finalize(tol=1e-4)  # the last update zeroes everything: exact removal
+        assert pruner.report.removal_error <= 1e-5
+        assert _masked_norms(pruner) == (0.0, 0.0)
+        assert not bpl.partner_blocks(deploy)
+        assert pruner.report.macs_after < 0.9 * pruner.report.macs_before
+
+
+def test_soft_state_from_before_regrow_resumes_with_partners_held():
+    x = torch.randn(4, 3, 16, 16)
+    student = bpl.extend(GroupedNet())
+    pruner = bpl.SoftPruner(student, x, keep_ratio=0.5, round_to=None)
+    assert pruner.partners == "regrow"
+    state = pruner.state_dict()
+    del state["partners"]  # written by bpl 0.1, whose masks held the partners
+    pruner.load_state_dict(state)
+    assert pruner.partners == "masked"
+    with pytest.raises(bpl.PruningError, match="partners must be one of regrow, masked"):
+        bpl.SoftPruner(student, x, keep_ratio=0.5, partners="never")
+
+
+def test_reinitialize_gives_fresh_weights_at_the_same_widths():
+    torch.manual_seed(0)
+    pruned = bpl.prune(GroupedNet(), torch.randn(1, 3, 16, 16), flops_reduction=0.5, round_to=None)
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    reinitialize(pruned)
+    after = pruned.state_dict()
+    assert {k: v.shape for k, v in before.items()} == {k: v.shape for k, v in after.items()}
+    conv = pruned.grouped[0].weight
+    assert not torch.equal(before["grouped.0.weight"], conv)
+    fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
+    assert abs(conv.detach().std().item() - (2 / fan_out) ** 0.5) < 0.3 * (2 / fan_out) ** 0.5
+    assert torch.equal(after["grouped.1.weight"], torch.ones_like(after["grouped.1.weight"]))
+    assert torch.equal(after["grouped.1.running_mean"], torch.zeros_like(after["grouped.1.running_mean"]))
