@@ -286,11 +286,11 @@ def test_disk_cache_reused(tmp_path, monkeypatch):
     assert calls == [] and second.cache_file == first.cache_file
     for i in range(len(first.test)):
         assert torch.equal(first.test[i][0], second.test[i][0])
-    clone = pickle.loads(pickle.dumps(second.test))  # memory-mapped cache pickles too
+    clone = pickle.loads(pickle.dumps(second.test))
     assert torch.equal(clone[0][0], first.test[0][0])
     load_dataset("imagefolder", root, image_size=32, cache_dir=tmp_path / "cache")
     assert len(calls) == 8  # another size is another cache file
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "cache").glob("*.cache"))) == 2
     first.cache_file.write_bytes(b"garbage")  # a damaged cache is rebuilt, not fatal
     third = load_dataset("imagefolder", root, image_size=16, cache_dir=tmp_path / "cache")
     assert len(calls) == 16 and torch.equal(third.test[0][0], first.test[0][0])
