@@ -134,18 +134,19 @@ def cached_channel_stats(index: CacheIndex, positions: Sequence[int]) -> tuple[S
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode(path: Path, size: int) -> tuple[torch.Tensor | None, str]:
+def _decode(path: Path, size: int) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
     try:
-        return load_resized(path, size), ""
+        img = load_resized(path, size)
     except CorruptImageError as exc:
-        return None, exc.reason
+        return None, None, exc.reason
+    return img, pixel_sums(img), ""
 
 
 def decode_stream(
     root: Path, relpaths: Sequence[str], size: int, progress: bool = True, done: int = 0,
-) -> Iterator[tuple[str, torch.Tensor | None, str]]:
-    """``(relpath, image or None, why not)`` of each file, in order, decoded by a few
-    threads; only a small window of images is in memory at any time."""
+) -> Iterator[tuple[str, torch.Tensor | None, torch.Tensor | None, str]]:
+    """``(relpath, image or None, its pixel_sums, why not)`` of each file, in order, decoded
+    by a few threads; only a small window of images is in memory at any time."""
     threads = min(8, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(max_workers=threads)
     pending: deque[tuple[str, Future]] = deque()
@@ -196,7 +197,7 @@ def find_bad(
     ones (up to :data:`MAX_BAD_NAMED`) at once, not one per run.
     """
     bad = []
-    for rel, img, reason in decode_stream(root, relpaths, size, progress):
+    for rel, img, _, reason in decode_stream(root, relpaths, size, progress):
         if img is None:
             _warn_bad(root, rel, reason, skip_bad)
             bad.append((rel, reason))
@@ -359,11 +360,11 @@ def _build(
                      len(relpaths))
         log.info("decoding %d images at %d px into %s (about %s)", len(todo), size, path,
                  _gb(estimate * len(todo) / max(len(relpaths), 1)))
-        for rel, img, reason in decode_stream(root, todo, size, progress, writer.done):
+        for rel, img, sums, reason in decode_stream(root, todo, size, progress, writer.done):
             if img is None:
                 writer.add_bad(rel, reason)
             else:
-                writer.add(rel, img, pixel_sums(img))
+                writer.add(rel, img, sums)
         writer.commit()
     except OSError as exc:
         _stop(writer)
