@@ -12,6 +12,9 @@ each dataset size is a folder of hard links to the first images. Sections:
   imports), load time and the time to the first training batch. The page cache is not
   dropped between runs (it would slow every other job on the machine): a second run
   reads what the kernel still holds. In-memory cells that would not fit are skipped.
+- ``access``: every image of one cache file read once in a fresh process, through
+  ``os.pread`` (bpl's default) and through ``np.memmap``: images/s and how much the
+  process's resident memory grew (mapped pages count in it, copied-out ones do not).
 - ``speed``: training images/s (and DataLoader-only images/s) from the cache in memory
   against the same file read from disk, for each ``--arms`` (arch:px) and ``--workers``,
   the two interleaved in rounds in one process.
@@ -34,6 +37,7 @@ labelled with the load average; ``--note`` adds a line.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -134,7 +138,24 @@ def child_load(spec: dict) -> dict:
     first = time.perf_counter() - t0
     return {"load_s": loaded, "first_batch_s": first, "peak_rss": _rss(),
             "rss_after_imports": after_imports, "mode": getattr(data, "cache_mode", "old"),
-            "why": getattr(data, "cache_why", ""), "images": len(data.train.source)}
+            "why": getattr(data, "cache_why", ""), "images": len(data.train.source),
+            "cache_file": str(getattr(data, "cache_file", ""))}
+
+
+def child_access(spec: dict) -> dict:
+    """Read every image of a cache file once (``os.pread`` or ``np.memmap``): speed, memory."""
+    from bpl.data import DiskImages
+    from bpl.data.cachefile import DATA_START, read_index
+
+    index = read_index(Path(spec["file"]))
+    src = DiskImages(spec["file"], index.shapes, DATA_START, access=spec["access"])
+    before = _rss()
+    t0 = time.perf_counter()
+    for i in range(len(src)):
+        src[i].sum()  # every byte read
+    seconds = time.perf_counter() - t0
+    return {"access": spec["access"], "images_per_s": len(src) / seconds,
+            "peak_rss": _rss(), "rss_before": before, "file_gb": src.nbytes / GB}
 
 
 def child_epoch(spec: dict) -> dict:
@@ -289,11 +310,33 @@ class Endless:
             return next(self.it)
 
 
+def section_access(result: dict, args) -> None:
+    """Every image read once through ``os.pread`` (bpl's default) and through ``np.memmap``."""
+    for n in args.access_images:
+        key = f"access/{n}"
+        if key in result["cells"]:
+            continue
+        cdir = args.work / f"cache{n}-access"
+        built = run_child("load", {"root": str(dataset_of(args.work, n)), "mode": "mmap",
+                                   "image_size": args.image_size, "cache_dir": str(cdir)})
+        raw: dict[str, list[dict]] = {"pread": [], "mmap": []}
+        for r in range(args.rounds):
+            for access in (["pread", "mmap"] if r % 2 == 0 else ["mmap", "pread"]):
+                raw[access].append(run_child("access", {"file": built["cache_file"],
+                                                        "access": access}))
+        _record(result, key, {"n": n, "file_gb": raw["pread"][0]["file_gb"], **{
+            a: {"images_per_s": statistics.median(c["images_per_s"] for c in cells),
+                "rss_growth": max(c["peak_rss"] - c["rss_before"] for c in cells)}
+            for a, cells in raw.items()}, "raw": raw}, args)
+        if not args.keep_caches:
+            shutil.rmtree(cdir, ignore_errors=True)
+
+
 def section_speed(result: dict, args) -> None:
     import torch
     from torch import nn
 
-    from bpl.data import load_dataset
+    from bpl.data import DiskImages, load_dataset
     from bpl.engine import make_loader
     from bpl.models import build_model
 
@@ -306,6 +349,9 @@ def section_speed(result: dict, args) -> None:
         sets = {mode: load_dataset("imagefolder", root, image_size=size, cache=mode,
                                    cache_dir=cdir, progress=False).train
                 for mode in ("memory", "mmap")}
+        pread = sets["mmap"].source  # the same file through np.memmap
+        sets["memmap"] = copy.copy(sets["mmap"])
+        sets["memmap"].source = DiskImages(pread.path, pread.shapes, pread.start, access="mmap")
         for workers in args.workers:
             key = f"speed/{arch}/{size}/w{workers}"
             if key in result["cells"]:
@@ -320,7 +366,7 @@ def section_speed(result: dict, args) -> None:
             for m in loaders:  # warm up: workers started
                 next(loaders[m])
             for r in range(args.rounds):
-                for m in (list(loaders) if r % 2 == 0 else list(loaders)[::-1]):
+                for m in (list(loaders) if r % 2 == 0 else list(loaders)[::-1]):  # ABC, CBA
                     t0 = time.perf_counter()
                     for _ in range(args.steps):
                         next(loaders[m])
@@ -335,8 +381,9 @@ def section_speed(result: dict, args) -> None:
             med = {m: {k: statistics.median(v) for k, v in d.items()} for m, d in raw.items()}
             _record(result, key, {
                 "arch": arch, "size": size, "workers": workers, "images_per_s": med,
-                "mmap_over_memory": {k: med["mmap"][k] / med["memory"][k]
-                                     for k in ("loader", "train")}, "raw": raw}, args)
+                **{f"{m}_over_memory": {k: med[m][k] / med["memory"][k]
+                                        for k in ("loader", "train")} for m in ("mmap", "memmap")},
+                "raw": raw}, args)
             del loaders
 
 
@@ -389,6 +436,10 @@ def _gb(v: float | None) -> str:
     return "" if v is None else f"{v / GB:.2f}"
 
 
+SECTIONS = {"memory": section_memory, "access": section_access, "speed": section_speed,
+            "ddp": section_ddp, "epoch": section_epoch}
+
+
 def _load(cell: dict) -> str:
     return str((cell.get("load_average") or ["?"])[0])
 
@@ -425,20 +476,33 @@ def markdown(result: dict) -> str:
     lines += _table("Memory: `load_dataset` in a fresh process", "", [
         "images", "cache GB", "path", "run", "load s", "first batch s", "peak RSS GB",
         "above imports GB", "load avg"], rows)
+    rows = [f"| {v['n']} | {v['file_gb']:.2f} | {v['pread']['images_per_s']:.0f} | "
+            f"{v['mmap']['images_per_s']:.0f} | {_gb(v['pread']['rss_growth'])} | "
+            f"{_gb(v['mmap']['rss_growth'])} | {_load(v)} |"
+            for k, v in cells.items() if k.startswith("access/")]
+    lines += _table(
+        "Reading the cache file: `os.pread` (bpl's default) against `np.memmap`",
+        "Every image read once in a fresh process; median of the rounds, largest growth of "
+        "resident memory.", ["images", "file GB", "pread img/s", "memmap img/s",
+                             "pread RSS growth GB", "memmap RSS growth GB", "load avg"], rows)
     rows = []
     for k, v in cells.items():
         if k.startswith("speed/"):
-            s, r = v["images_per_s"], v["mmap_over_memory"]
+            s, r, q = v["images_per_s"], v["mmap_over_memory"], v.get("memmap_over_memory")
+            q = q or {"loader": float("nan"), "train": float("nan")}
             rows.append(f"| {v['arch']} | {v['size']} | {v['workers']} | "
-                        f"{s['memory']['loader']:.0f} | {s['mmap']['loader']:.0f} | "
-                        f"{r['loader']:.2f} | {s['memory']['train']:.1f} | "
-                        f"{s['mmap']['train']:.1f} | {r['train']:.2f} | {_load(v)} |")
+                        f"{s['memory']['loader']:.0f} | {r['loader']:.2f} | {q['loader']:.2f} | "
+                        f"{s['memory']['train']:.1f} | {r['train']:.2f} | {q['train']:.2f} | "
+                        f"{_load(v)} |")
     lines += _table(
-        "Speed: images/s, cache in memory against read from disk",
+        "Speed: images/s from the cache in memory, and from disk as a ratio of it",
         f"Batch {result['batch']}, {result['threads']} torch thread(s), median of "
-        f"{result['rounds']} interleaved rounds of {result['steps']} steps.",
-        ["model", "px", "workers", "loader: memory", "mmap", "ratio", "training: memory",
-         "mmap", "ratio", "load avg"], rows)
+        f"{result['rounds']} interleaved rounds of {result['steps']} steps; `mmap` is "
+        "`--cache mmap` (bpl reads with `os.pread`), `memmap` the same file through "
+        "`np.memmap`.",
+        ["model", "px", "workers", "loader: memory img/s", "mmap / memory",
+         "memmap / memory", "training: memory img/s", "mmap / memory", "memmap / memory",
+         "load avg"], rows)
     rows = [f"| {k.split('/')[1]} | {r['rank']} | {r['decoded']} | {r['mode']} | "
             f"{r['load_s']:.1f} | {_gb(r['peak_rss'])} | {_load(v)} |"
             for k, v in cells.items() if k.startswith("ddp/") for r in v["ranks"]]
@@ -463,8 +527,7 @@ def _write(result: dict, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", nargs="+", default=["memory", "speed", "ddp", "epoch"],
-                        choices=["memory", "speed", "ddp", "epoch"])
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/bpl_bench_data_cache"))
     parser.add_argument("--sizes", nargs="+", type=int, default=[1500, 6000, 30000, 120000])
     parser.add_argument("--modes", nargs="+", default=["memory", "mmap"],
@@ -485,6 +548,7 @@ def main() -> None:
     parser.add_argument("--ddp-arch", default="resnet18")
     parser.add_argument("--ddp-steps", type=int, default=3)
     parser.add_argument("--epoch-images", nargs="+", type=int, default=[120000])
+    parser.add_argument("--access-images", nargs="+", type=int, default=[30000])
     parser.add_argument("--epoch-arch", default="tiny_resnet")
     parser.add_argument("--epoch-workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
@@ -501,7 +565,8 @@ def main() -> None:
         if kind == "ddp":
             child_ddp(spec)
         else:
-            print(json.dumps({"load": child_load, "epoch": child_epoch}[kind](spec)))
+            print(json.dumps({"load": child_load, "epoch": child_epoch,
+                              "access": child_access}[kind](spec)))
         return
     if "old" in args.modes and not args.baseline_src:
         parser.error("--modes old needs --baseline-src")
@@ -511,6 +576,7 @@ def main() -> None:
         args.image_size, args.arms = 32, ["resnet18:32"]
         args.workers, args.speed_images, args.ddp_images = [0, 1], 200, 200
         args.epoch_images, args.steps, args.rounds, args.batch = [200], 2, 2, 16
+        args.access_images = [200]
     args.name = args.name or ("data_cache_quick" if args.quick else "data_cache")
     path = RESULTS / f"{args.name}.json"
     result = {"machine": machine(), "image_size": args.image_size, "note": args.note,
@@ -523,8 +589,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     try:
         for section in args.sections:
-            {"memory": section_memory, "speed": section_speed, "ddp": section_ddp,
-             "epoch": section_epoch}[section](result, args)
+            SECTIONS[section](result, args)
     finally:
         if not args.keep:
             shutil.rmtree(args.work, ignore_errors=True)

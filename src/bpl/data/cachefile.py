@@ -170,7 +170,7 @@ class CacheWriter:
         os.fsync(self.file.fileno())
         atomic_write_json(progress_path(self.path), {
             "key": self.key, "bytes": DATA_START + sum(c * h * w for _, (c, h, w), _ in images),
-            "images": images, "bad": bad, **self.meta}, indent=0)
+            "images": images, "bad": bad, **self.meta}, indent=None)
         self._last = time.monotonic()
 
     def commit(self) -> Path:
