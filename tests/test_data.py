@@ -146,6 +146,23 @@ def test_class_mapping_formats_and_shapes(tmp_path):
             assert isinstance(y, int) and 0 <= y < 3
 
 
+def test_scan_order_is_os_walks_files_first_then_sorted_subfolders(tmp_path):
+    """The order a split shuffles from (a changed order would change every seed's split)."""
+    root = tmp_path / "ds"
+    for rel in ("b/z.png", "b/A.png", "b/sub2/x.png", "b/sub1/deep/k.bmp", "b/sub1/y.tif",
+                "b/sub1/.h.png", "b/.hid/q.png", "a/1.png"):
+        _save(root / rel)
+    (root / "b" / "n.txt").write_text("x")
+    (root / "b" / "linkdir").symlink_to(root / "a")  # a link to a folder is not walked
+    (root / "b" / "link.png").symlink_to(root / "a" / "1.png")  # a link to a file counts
+    (root / "b" / "broken.png").symlink_to(root / "gone.png")
+    classes, samples = bpl.data.splits._scan_classes(root, root)
+    assert classes == ["a", "b"]
+    assert [rel for rel, _ in samples] == [
+        "a/1.png", "b/A.png", "b/link.png", "b/z.png", "b/sub1/y.tif", "b/sub1/deep/k.bmp",
+        "b/sub2/x.png"]
+
+
 def test_stratified_split_reproducible_and_per_class():
     samples = [(f"a/{i}", 0) for i in range(10)] + [(f"b/{i}", 1) for i in range(5)]
     tr1, te1 = stratified_split(samples, 0.8, seed=0)

@@ -213,9 +213,10 @@ def cache_key(root: Path, relpaths: Sequence[str], size: int) -> str:
     """Hash of the files' identity (the folder, each file's name, byte size and modification
     time) and the decoded size: any change builds another cache."""
     h = hashlib.sha256(f"bpl-cache:{KEY_VERSION}:{size}:{Path(root).resolve()}\n".encode())
+    base = os.fspath(root)
     for rel in relpaths:
         try:
-            st = (root / rel).stat()
+            st = os.stat(os.path.join(base, rel))  # not pathlib: 100,000 files in a second
             h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{rel}\t-1\n".encode())
