@@ -25,8 +25,8 @@ from bpl.report import write_json
 #: Where results go; BPL_BENCH_RESULTS moves them (the smoke tests write to a temporary folder).
 RESULTS = Path(os.environ.get("BPL_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 #: Config fields that may differ between a finished run and a later call (paths, execution).
-NOT_PROTOCOL = frozenset({"data_root", "cache_dir", "out", "baseline", "resume", "device",
-                          "workers"})
+NOT_PROTOCOL = frozenset({"data_root", "cache", "cache_dir", "cache_budget", "out", "baseline",
+                          "resume", "device", "workers"})
 
 
 def ci95(values: Sequence[float | None]) -> dict[str, Any]:

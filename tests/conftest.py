@@ -28,6 +28,12 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _image_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Decoded-image caches go to a folder of the test session, never ~/.cache/bpl."""
+    monkeypatch.setenv("BPL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "image-cache"))
+
+
 @pytest.fixture
 def without_onnx(monkeypatch):
     """Make every ``import onnx*`` fail, as on a machine without the ``bpl[onnx]`` extra."""

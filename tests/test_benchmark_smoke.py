@@ -24,6 +24,8 @@ SCRIPTS = {
                      ["smoke_deploy.json", "smoke_deploy.md"]),
     "zoo": (["--models", "tv:resnet18", "--timeout", "120"], ["zoo.json", "zoo.md"]),
     "run_all": (["--quick"], ["suite_quick.json", "suite_quick.md"]),
+    "bench_data_cache": (["--quick", "--sizes", "100", "--modes", "mmap", "--work", "work",
+                          "--name", "smoke_cache"], ["smoke_cache.json", "smoke_cache.md"]),
 }
 
 

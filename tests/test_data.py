@@ -146,6 +146,23 @@ def test_class_mapping_formats_and_shapes(tmp_path):
             assert isinstance(y, int) and 0 <= y < 3
 
 
+def test_scan_order_is_os_walks_files_first_then_sorted_subfolders(tmp_path):
+    """The order a split shuffles from (a changed order would change every seed's split)."""
+    root = tmp_path / "ds"
+    for rel in ("b/z.png", "b/A.png", "b/sub2/x.png", "b/sub1/deep/k.bmp", "b/sub1/y.tif",
+                "b/sub1/.h.png", "b/.hid/q.png", "a/1.png"):
+        _save(root / rel)
+    (root / "b" / "n.txt").write_text("x")
+    (root / "b" / "linkdir").symlink_to(root / "a")  # a link to a folder is not walked
+    (root / "b" / "link.png").symlink_to(root / "a" / "1.png")  # a link to a file counts
+    (root / "b" / "broken.png").symlink_to(root / "gone.png")
+    classes, samples = bpl.data.splits._scan_classes(root, root)
+    assert classes == ["a", "b"]
+    assert [rel for rel, _ in samples] == [
+        "a/1.png", "b/A.png", "b/link.png", "b/z.png", "b/sub1/y.tif", "b/sub1/deep/k.bmp",
+        "b/sub2/x.png"]
+
+
 def test_stratified_split_reproducible_and_per_class():
     samples = [(f"a/{i}", 0) for i in range(10)] + [(f"b/{i}", 1) for i in range(5)]
     tr1, te1 = stratified_split(samples, 0.8, seed=0)
@@ -298,11 +315,11 @@ def test_disk_cache_reused(tmp_path, monkeypatch):
     assert calls == [] and second.cache_file == first.cache_file
     for i in range(len(first.test)):
         assert torch.equal(first.test[i][0], second.test[i][0])
-    clone = pickle.loads(pickle.dumps(second.test))  # memory-mapped cache pickles too
+    clone = pickle.loads(pickle.dumps(second.test))
     assert torch.equal(clone[0][0], first.test[0][0])
     load_dataset("imagefolder", root, image_size=32, cache_dir=tmp_path / "cache")
     assert len(calls) == 8  # another size is another cache file
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "cache").glob("*.cache"))) == 2
     first.cache_file.write_bytes(b"garbage")  # a damaged cache is rebuilt, not fatal
     third = load_dataset("imagefolder", root, image_size=16, cache_dir=tmp_path / "cache")
     assert len(calls) == 16 and torch.equal(third.test[0][0], first.test[0][0])

@@ -9,13 +9,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from bpl.cli import main
-from bpl.files import BusyError, exclusive_lock
+from bpl.files import BusyError, exclusive_lock, lock_holder
 from bpl.pipeline import LOCK_FILE
 
 FAST = ["--data", "digits", "--image-size", "16", "--batch-size", "64", "--quiet", "--no-latency",
@@ -192,3 +193,24 @@ def test_a_permission_error_names_the_folder_not_a_temporary_file(tmp_path, monk
         atomic_write_text(tmp_path / "a.txt", "x")
     message = os_error_message(exc.value)
     assert f"({tmp_path})" in message and ".tmp" not in message and "a.txt" in message
+
+
+def test_exclusive_lock_can_wait_and_survives_its_file_being_deleted(tmp_path):
+    path = tmp_path / "x.lock"
+    told, got = [], threading.Event()
+
+    def waiter():
+        with exclusive_lock(path, on_busy=told.append):
+            got.set()
+
+    with exclusive_lock(path):
+        assert lock_holder(path) == f"pid {os.getpid()}"
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not told and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert told == [f"pid {os.getpid()}"] and not got.is_set()  # said once, waiting
+        path.unlink()  # a cleaner deletes the lock file it holds: the waiter locks a new one
+    thread.join(10)
+    assert got.is_set() and path.exists() and lock_holder(path) is None

@@ -1,4 +1,4 @@
-"""The `bpl` command: train, compress, evaluate, predict, profile, export, demo."""
+"""The `bpl` command: train, compress, evaluate, predict, profile, export, demo, cache."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from . import __version__
 from .cli_words import FlagWording, in_flags
 from .config import (
+    CACHE_MODES,
     PLACEMENTS,
     RECIPES,
     SCHEDULES,
@@ -42,6 +44,7 @@ EXAMPLES = {
     "demo": "bpl demo --out runs/demo",
     "predict": "bpl predict runs/ucm-r18-bpl/deploy.pt photos/ --top-k 3",
     "export": "bpl export runs/ucm-r18-bpl/deploy.pt --format onnx --out deploy.onnx",
+    "cache": "bpl cache ls; bpl cache clear --data ucm",
 }
 
 
@@ -73,7 +76,16 @@ def _data_options(p: argparse.ArgumentParser) -> None:
                "epoch (default 0.1; 0: none, keep the last epoch)")
     _flag(g, "train-subset", type=float, metavar="R",
           help="train on this per-class fraction of the training split (fixed by --seed)")
-    _flag(g, "cache-dir", metavar="DIR", help="keep decoded, resized images here across runs")
+    _flag(g, "cache", choices=CACHE_MODES,
+          help="decoded images: auto (in memory within --cache-budget, read from disk beyond), "
+               "memory, mmap (read from the cache file on disk), off (decode every image when "
+               "read)")
+    _flag(g, "cache-dir", metavar="DIR",
+          help="where decoded images are kept across runs (default: $BPL_CACHE_DIR or "
+               "~/.cache/bpl/images; `bpl cache ls` lists them)")
+    _flag(g, "cache-budget", type=float, metavar="FRACTION",
+          help="--cache auto: the share of the available memory the decoded images may take "
+               "(one copy per torchrun process)")
     _flag(g, "skip-bad", action="store_true", help="skip unreadable images instead of failing")
     _flag(g, "download", action="store_true", help="download the dataset if it is missing (ucm)")
 
@@ -281,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=1e-4, help="largest relative error accepted")
     _common(p)
 
+    p = command("cache", "list or delete the decoded-image caches (default folder: "
+                         "$BPL_CACHE_DIR or ~/.cache/bpl/images)")
+    p.add_argument("action", choices=["ls", "clear"],
+                   help="ls: list them; clear: delete them (those being built are left)")
+    p.add_argument("--cache-dir", metavar="DIR", help="another cache folder")
+    p.add_argument("--data", metavar="NAME", help="clear: only this dataset's caches")
+    p.add_argument("--json", action="store_true", help="ls: print the list as JSON")
+    _common(p)
+
     p = command("demo", "the whole story on the bundled digits data in about two minutes")
     p.add_argument("--out", default="runs/demo", metavar="DIR")
     p.add_argument("--epochs", type=int, default=None, help="epochs per phase (default: the demo's)")
@@ -326,7 +347,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .pipeline import evaluate_checkpoint
 
     overrides = {k: v for k, v in vars(args).items()
-                 if k in {"data", "data_root", "image_size", "cache_dir", "skip_bad"}}
+                 if k in {"data", "data_root", "image_size", "cache", "cache_dir", "cache_budget",
+                          "skip_bad"}}
     metrics = evaluate_checkpoint(args.checkpoint, split=args.split, batch_size=args.batch_size,
                                   device=args.device, overrides=overrides,
                                   progress=not args.quiet)
@@ -372,6 +394,42 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .data import clear_caches, default_cache_dir, list_caches
+
+    folder = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
+    if args.action == "ls":
+        entries = list_caches(folder)
+        if args.json:
+            print(json.dumps([{**vars(e), "path": str(e.path)} for e in entries], indent=2))
+        else:
+            print(cache_table(folder, entries))
+        return 0
+    removed, busy = clear_caches(folder, args.data)
+    for e in busy:
+        print(f"left {e.path.name}: {e.holder or 'another process'} is building it")
+    freed = sum(e.nbytes for e in removed)
+    print(f"deleted {len(removed)} cache(s) from {folder}, {freed / 1e9:.2f} GB")
+    return 0
+
+
+def cache_table(folder: Path, entries: list) -> str:
+    """``bpl cache ls``: one line per cache, then the total."""
+    if not entries:
+        return f"no image caches in {folder}"
+    lines = [f"{folder}:", f"  {'dataset':<16} {'px':>4} {'images':>8} {'GB':>7}  "
+                           f"{'state':<10} {'written':<16} file"]
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.written))
+        images = "?" if e.images is None else str(e.images)
+        state = f"{e.state} ({e.holder})" if e.state == "building" else e.state
+        lines.append(f"  {e.dataset:<16} {e.size:>4} {images:>8} {e.nbytes / 1e9:>7.2f}  "
+                     f"{state:<10} {when:<16} {e.path.name}")
+    total = sum(e.nbytes for e in entries)
+    lines.append(f"  {len(entries)} cache(s), {total / 1e9:.2f} GB; `bpl cache clear` deletes them")
+    return "\n".join(lines)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import demo
 
@@ -400,6 +458,7 @@ COMMANDS = {
     "profile": _cmd_profile,
     "demo": _cmd_demo,
     "export": _cmd_export,
+    "cache": _cmd_cache,
 }
 
 

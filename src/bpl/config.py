@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.cache import CACHE_MODES, DEFAULT_BUDGET
 from .diversity import COMPARISONS, GRANULARITIES
 from .engine import SCHEDULES
 from .errors import BPLError
@@ -21,6 +22,7 @@ from .partners import INITS, PARTNER_KINDS, partner_kind
 from .pruning import SOFT_IMPORTANCES, SOFT_PARTNERS
 
 __all__ = [
+    "CACHE_MODES",
     "COMPRESS_ONLY",
     "Config",
     "PLACEMENTS",
@@ -53,7 +55,9 @@ class Config:
     train_ratio: float | None = None
     val_ratio: float = 0.1
     train_subset: float | None = None
-    cache_dir: str | None = None
+    cache: str = "auto"  # auto: in memory within --cache-budget, read from disk beyond
+    cache_dir: str | None = None  # None: $BPL_CACHE_DIR or ~/.cache/bpl/images
+    cache_budget: float = DEFAULT_BUDGET
     skip_bad: bool = False
     download: bool = False
     # model
@@ -136,8 +140,9 @@ COMPRESS_ONLY = frozenset({
 TRAIN_ONLY = frozenset({"weights", "pretrained"})
 #: What ``--resume`` lets a flag change: none of it alters what the run computes so far.
 #: (A resumed run may also compute in another precision: its checkpoints hold float32 weights.)
-RESUME_SAFE = frozenset({"epochs", "max_epochs", "device", "workers", "latency", "cache_dir", "out", "resume",
-                         "compile", "amp", "channels_last", "cpu_bf16"})
+RESUME_SAFE = frozenset({"epochs", "max_epochs", "device", "workers", "latency", "cache", "cache_dir",
+                         "cache_budget", "out", "resume", "compile", "amp", "channels_last",
+                         "cpu_bf16"})
 
 
 #: Named recipes; a recipe fills fields before the config file and the flags do.
@@ -379,6 +384,11 @@ def _check(cfg: Config) -> None:
         raise BPLError(f"--epochs must be a whole number of at least 1, or auto, got {cfg.epochs!r}")
     if cfg.max_epochs < 1:
         raise BPLError(f"--max-epochs must be at least 1, got {cfg.max_epochs}")
+    if cfg.cache not in CACHE_MODES:
+        raise BPLError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cfg.cache!r}")
+    if not 0.0 <= cfg.cache_budget <= 1.0:
+        raise BPLError(f"--cache-budget is a share of the available memory, from 0 to 1, got "
+                       f"{cfg.cache_budget}")
     if cfg.workers < 0:
         raise BPLError(f"--workers must be 0 (load in the main process) or more, got {cfg.workers}")
     if cfg.batch_size < 1:

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,13 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "BusyError",
     "exclusive_lock",
+    "lock_holder",
     "atomic_path",
     "atomic_save",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "commit_file",
 ]
 
 
@@ -61,12 +63,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, path)
+        commit_file(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def commit_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Make the finished file ``tmp`` become ``path`` in one step: sync it, give it a new
+    file's permissions and rename it over ``path`` (for files written in place over time,
+    such as a resumable cache; :func:`atomic_path` uses it too)."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, _new_file_mode())
+    os.replace(tmp, path)
+    return Path(path)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -117,29 +127,72 @@ class BusyError(OSError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
+def exclusive_lock(
+    path: str | os.PathLike, on_busy: Callable[[str], None] | None = None
+) -> Iterator[Path]:
     """Hold an exclusive lock on the file ``path`` (created if missing) for the body.
 
-    Non-blocking: if another process holds it, :class:`BusyError` at once. The lock is the
-    kernel's (``flock``), so it ends with its process, even after ``kill -9``; the file
-    stays (deleting it would let a second process lock a new file while a third still
-    holds the old one). It records the holder's pid for the message a second process gets.
+    If another process holds it: :class:`BusyError` at once, or, given ``on_busy``, call
+    it with the holder (its pid) and wait for the lock. The lock is the kernel's
+    (``flock``), so it ends with its process, even after ``kill -9``. The file stays; one
+    deleted while held is noticed (the lock is taken again on the new file), so a
+    cleaner may delete a lock file it holds itself. It records the holder's pid for the
+    message a second process gets.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        if fcntl is not None:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                raise BusyError(path, f.read().strip()) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
-        try:
-            yield path
-        finally:
+    while True:
+        with open(path, "a+") as f:
             if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.seek(0)
+                    holder = f.read().strip()
+                    if on_busy is None:
+                        raise BusyError(path, holder) from None
+                    on_busy(holder)
+                    on_busy = _ignore  # say it once, however long the wait
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                if not _same_file(f, path):  # deleted (and perhaps re-made) while we waited
+                    continue
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()}\n")
+            f.flush()
+            try:
+                yield path
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return
+
+
+def _ignore(holder: str) -> None:
+    """An ``on_busy`` that says nothing."""
+
+
+def _same_file(f: Any, path: Path) -> bool:
+    """Whether the open file ``f`` is still the file at ``path``."""
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def lock_holder(path: str | os.PathLike) -> str | None:
+    """Who holds the lock file ``path`` (what it wrote there, e.g. ``pid 123``), or None
+    if nobody does; looks without taking it or writing anything."""
+    try:
+        f = open(path)  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return None
+    with f:
+        if fcntl is None:
+            return None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read().strip() or "another process"
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return None

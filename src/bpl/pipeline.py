@@ -26,6 +26,7 @@ from torch import nn
 from . import distributed
 from .config import PLACEMENTS, Config, run_dir_of
 from .data import load_dataset
+from .data.cache import DEFAULT_BUDGET
 from .distill import Distillation
 from .diversity import diversity_loss
 from .engine import (
@@ -144,7 +145,9 @@ def _run(cfg: Config, command: str) -> Iterator[Path]:
 def load_data(cfg: Config, run_dir: Path, progress: bool = True):
     """The dataset of ``cfg``, split as recorded in ``run_dir/split.json`` when that exists.
 
-    Under torchrun rank 0 decodes, caches and writes the split first; the others read it.
+    Under torchrun rank 0 decodes into the cache file and writes the split first; the
+    others then read that file (on other machines, one process builds it while the rest
+    wait on its lock).
     """
     with distributed.main_first():
         data = load_dataset(
@@ -156,7 +159,9 @@ def load_data(cfg: Config, run_dir: Path, progress: bool = True):
             val_ratio=cfg.val_ratio,
             train_subset=cfg.train_subset,
             split_file=run_dir / "split.json",
+            cache=cfg.cache,
             cache_dir=cfg.cache_dir,
+            cache_budget=cfg.cache_budget,
             skip_bad=cfg.skip_bad,
             download=cfg.download,
             progress=progress,
@@ -710,7 +715,9 @@ def evaluate_checkpoint(
         o.get("data_root", meta.get("data_root")),
         image_size=o.get("image_size", meta.get("image_size", 224)),
         split_file=split_file,
+        cache=o.get("cache", "auto"),
         cache_dir=o.get("cache_dir"),
+        cache_budget=o.get("cache_budget", DEFAULT_BUDGET),
         skip_bad=o.get("skip_bad", False),
         progress=progress,
     )

@@ -11,17 +11,28 @@ int label)``.
   ever evaluated, never used to choose.
 - The split (relative paths, labels, class names, mean/std) is a small JSON file; a run
   saves it and evaluation reads it back, so the test images are exactly the same.
-- Images are decoded once into a packed uint8 cache at ``round(image_size / 0.875)`` px on
-  the shorter side (in memory, optionally on disk), so epochs at 96-224 px never re-decode
-  256 px TIFFs.  Without the cache every read goes through the very same decode + resize,
-  so evaluation gives identical tensors either way.
+- Images are decoded once into a packed uint8 cache file at ``round(image_size / 0.875)`` px
+  on the shorter side (``default_cache_dir()``: ``~/.cache/bpl/images``), written a few
+  images at a time and shared by later runs, DataLoader workers and torchrun processes;
+  it is read into memory where it fits the memory budget and from disk beyond, so epochs
+  at 96-224 px never re-decode 256 px TIFFs and a dataset larger than memory trains.
+  Without the cache every read goes through the very same decode + resize, so
+  evaluation gives identical tensors either way.
 - ``digits`` (scikit-learn's bundled 8x8 handwritten digits) needs no files or download.
 """
 
 from ..errors import ChecksumError, CorruptImageError, DataError
-from .cache import channel_stats
+from .cache import CACHE_MODES, channel_stats, default_cache_dir
+from .cachefile import clear_caches, list_caches
 from .download import download_and_extract, verify_file
-from .images import IMAGE_EXTENSIONS, ImageFiles, PackedImages, read_image, resize_size
+from .images import (
+    IMAGE_EXTENSIONS,
+    DiskImages,
+    ImageFiles,
+    PackedImages,
+    read_image,
+    resize_size,
+)
 from .load import SceneData, load_dataset
 from .registry import (
     DATASETS,
@@ -36,6 +47,7 @@ from .splits import read_split, stratified_split
 from .transforms import SceneDataset, eval_transform, train_transform
 
 __all__ = [
+    "CACHE_MODES",
     "DATASETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -46,14 +58,18 @@ __all__ = [
     "CorruptImageError",
     "DataError",
     "DatasetSpec",
+    "DiskImages",
     "ImageFiles",
     "PackedImages",
     "SceneData",
     "SceneDataset",
     "channel_stats",
+    "clear_caches",
+    "default_cache_dir",
     "default_root",
     "download_and_extract",
     "eval_transform",
+    "list_caches",
     "load_dataset",
     "read_image",
     "read_split",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from ..errors import CorruptImageError
+from ..errors import CorruptImageError, DataError
 
 CROP_FRACTION = 0.875
 
@@ -69,14 +70,39 @@ def load_resized(path: Path, size: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- image sources
 
 
+def offsets_of(shapes: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Where each of the packed CxHxW images begins (and, last, where the last one ends)."""
+    sizes = shapes.to(torch.int64).prod(dim=1)
+    return torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]) + start
+
+
+#: Bytes read per call when loading a cache file into memory (one read() stops near 2 GiB).
+_READ_CHUNK = 1 << 30
+
+
 class PackedImages:
     """Many uint8 CxHxW images packed in one flat tensor: one allocation, cheap to pickle."""
 
     def __init__(self, buffer: torch.Tensor, shapes: torch.Tensor) -> None:
         self.buffer = buffer
         self.shapes = shapes.to(torch.int64)
-        sizes = self.shapes.prod(dim=1)
-        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+        self.offsets = offsets_of(self.shapes)
+
+    @classmethod
+    def from_file(cls, path: str | Path, shapes: torch.Tensor, start: int) -> PackedImages:
+        """Read the images a cache file holds from byte ``start`` into memory (one allocation)."""
+        shapes = shapes.to(torch.int64)
+        buffer = torch.empty(int(offsets_of(shapes)[-1]), dtype=torch.uint8)
+        view = memoryview(buffer.numpy())
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done : done + _READ_CHUNK])
+                if not got:
+                    raise _short_file(path)
+                done += got
+        return cls(buffer, shapes)
 
     @classmethod
     def from_images(cls, images: list[torch.Tensor | None], consume: bool = False) -> PackedImages:
@@ -121,5 +147,71 @@ class ImageFiles:
         return load_resized(self.root / self.relpaths[i], self.size)
 
 
-ImageSource = PackedImages | ImageFiles
+def _short_file(path: str | Path) -> DataError:
+    return DataError(f"image cache {path} is shorter than its index says (cut or changed since it "
+                     "was written); delete it (`bpl cache clear`) and run again")
+
+
+class DiskImages:
+    """Images of a cache file, read on every access through the page cache, never whole.
+
+    ``access="pread"`` (the default) copies each image out with one ``os.pread``, so a
+    process's resident memory stays one batch however large the file; ``"mmap"`` maps
+    the file and hands out views (its pages count in the resident memory of every
+    process that touched them). The file is opened at once, so a forked DataLoader
+    worker shares it, and reopened by path after unpickling.
+    """
+
+    def __init__(self, path: str | Path, shapes: torch.Tensor, start: int,
+                 access: str = "pread") -> None:
+        if access not in ("pread", "mmap"):
+            raise ValueError(f"access must be 'pread' or 'mmap', got {access!r}")
+        self.path, self.start = Path(path), int(start)
+        self.access = access if hasattr(os, "preadv") else "mmap"
+        self.shapes = shapes.to(torch.int64)
+        self.offsets = offsets_of(self.shapes, self.start)
+        self._fd: int | None = None
+        self._map: np.memmap | None = None
+        self._open()
+
+    def _open(self) -> None:
+        if self.access == "pread":
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        else:  # copy-on-write: writable views, so torch does not warn; nothing goes to the file
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="c")
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        c, h, w = self.shapes[i].tolist()
+        start, n = int(self.offsets[i]), c * h * w
+        if self._map is not None:
+            flat = torch.from_numpy(self._map[start : start + n])
+            if flat.numel() != n:
+                raise _short_file(self.path)
+        else:
+            flat = torch.empty(n, dtype=torch.uint8)
+            if os.preadv(self._fd, [flat.numpy()], start) != n:
+                raise _short_file(self.path)
+        return flat.view(h, w, c).permute(2, 0, 1)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets[-1]) - self.start
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_map")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _fd=None, _map=None)
+        self._open()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+ImageSource = PackedImages | DiskImages | ImageFiles
 

@@ -16,7 +16,15 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from ..errors import DataError
-from .cache import build_cache, channel_stats, decode_all
+from .cache import (
+    CACHE_MODES,
+    DEFAULT_BUDGET,
+    CachedImages,
+    build_cache,
+    cached_channel_stats,
+    channel_stats,
+    find_bad,
+)
 from .download import resolve_root
 from .images import ImageFiles, ImageSource, PackedImages, resize_size
 from .registry import (
@@ -106,6 +114,10 @@ class SceneData:
     stats_source: str
     bad: list[str] = field(default_factory=list)
     cache_file: Path | None = None
+    #: How the images are read: ``memory``, ``mmap`` (from the cache file), ``off``
+    #: (decoded on every read) or ``bundled`` (digits); ``cache_why`` says why.
+    cache_mode: str = "off"
+    cache_why: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -127,7 +139,7 @@ def _choose_stats(
     spec: DatasetSpec,
     split: dict[str, Any],
     normalization: str,
-    train_images: Callable[[], Iterable[torch.Tensor]],
+    compute: Callable[[], tuple[Stats, Stats]],
 ) -> tuple[Stats, Stats, str]:
     """Mean/std: from the split file, the dataset's known values, ImageNet, or computed now."""
     if normalization not in ("auto", "imagenet", "compute"):
@@ -140,7 +152,7 @@ def _choose_stats(
         return tuple(split["mean"]), tuple(split["std"]), split.get("stats_source", "split file")
     if normalization == "auto" and spec.mean is not None and spec.std is not None:
         return spec.mean, spec.std, spec.stats_source
-    mean, std = channel_stats(train_images())
+    mean, std = compute()
     return mean, std, "computed from the training split"
 
 
@@ -154,8 +166,9 @@ def load_dataset(
     val_ratio: float = 0.1,
     train_subset: float | None = None,
     split_file: str | Path | None = None,
-    cache: bool = True,
+    cache: bool | str = "auto",
     cache_dir: str | Path | None = None,
+    cache_budget: float = DEFAULT_BUDGET,
     skip_bad: bool = False,
     download: bool = False,
     normalization: str = "auto",
@@ -168,8 +181,12 @@ def load_dataset(
     ``val_ratio`` of what is left to validation; all fixed by ``seed``. ``split_file``:
     if it exists, its files, labels and mean/std are used as they are (so an
     evaluation sees exactly the training run's test images); if not, the new split is
-    written there.  ``cache`` decodes every image once at ``round(image_size / 0.875)`` px;
-    ``cache_dir`` also keeps that cache on disk for the next run.  ``normalization``:
+    written there.  ``cache`` decodes every image once at ``round(image_size / 0.875)`` px
+    into a file in ``cache_dir`` (default: :func:`bpl.data.cache.default_cache_dir`), which
+    the next run, DataLoader workers and torchrun processes reuse: ``"auto"`` (or True)
+    reads it into memory if it fits ``cache_budget`` x the available memory and from
+    disk beyond; ``"memory"``, ``"mmap"`` (from disk) as said; ``"off"`` (or False)
+    decodes each image whenever it is read.  ``normalization``:
     ``auto`` (the split file's, else the dataset's known values, else computed from the
     training split), ``imagenet``, or ``compute``. ``progress=False`` hides the progress bars.
     """
@@ -180,7 +197,13 @@ def load_dataset(
     split = read_split(split_path) if split_path is not None and split_path.exists() else None
     if split is not None:
         check_class_count(spec, len(split["classes"]), split_path)
-    cache_file: Path | None = None
+    mode = {True: "auto", False: "off"}.get(cache, cache) if isinstance(cache, bool) else cache
+    if mode not in CACHE_MODES:
+        raise DataError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+    if not 0.0 <= cache_budget <= 1.0:
+        raise DataError(f"cache_budget is a share of the available memory, from 0 to 1, got "
+                        f"{cache_budget}")
+    cached: CachedImages | None = None
     if spec.name == "digits":
         split = split or _digits_split(seed, train_ratio, val_ratio, train_subset)
         data_root, source = None, _digits()[0]
@@ -188,8 +211,8 @@ def load_dataset(
     else:
         data_root, split = _locate(spec, root, split, split_path, seed, train_ratio, download,
                                    val_ratio, train_subset, progress)
-        source, index, cache_file = _image_source(
-            spec, data_root, split, image_size, cache, cache_dir, skip_bad, progress
+        source, index, cached = _image_source(
+            spec, data_root, split, image_size, mode, cache_dir, cache_budget, skip_bad, progress
         )
     if split.get("dataset", spec.name) != spec.name:
         log.warning("split %s was made for %s, not %s", split_path, split["dataset"], spec.name)
@@ -199,14 +222,20 @@ def load_dataset(
         spec,
         split,
         normalization,
-        lambda: _progress((source[i] for i in train_idx), len(train_idx), progress),
+        lambda: cached_channel_stats(cached.index, train_idx) if cached is not None else
+        channel_stats(_progress((source[i] for i in train_idx), len(train_idx), progress)),
     )
     split.update(mean=list(mean), std=list(std), stats_source=stats_source)
     if split_path is not None and not split_path.exists():
         write_split(split_path, split)
         log.info("wrote split %s", split_path)
     data = _assemble(spec, data_root, split, source, index, image_size, (mean, std, stats_source))
-    data.cache_file = cache_file
+    if cached is not None:
+        data.cache_file, data.cache_mode, data.cache_why = cached.path, cached.mode, cached.why
+    elif spec.name == "digits":
+        data.cache_mode, data.cache_why = "bundled", "the digits ship decoded with bpl"
+    else:
+        data.cache_why = f"asked for (cache={cache!r})"
     return data
 
 
@@ -260,24 +289,26 @@ def _image_source(
     root: Path,
     split: dict[str, Any],
     image_size: int,
-    cache: bool,
+    mode: str,
     cache_dir: str | Path | None,
+    budget: float,
     skip_bad: bool,
     progress: bool,
-) -> tuple[ImageSource, dict[str, int], Path | None]:
-    """Cached (packed) or on-disk images for every file of the split; bad ones dropped."""
+) -> tuple[ImageSource, dict[str, int], CachedImages | None]:
+    """Cached or on-disk images for every file of the split; bad ones dropped."""
     relpaths = sorted({rel for rel, _ in all_rows(split)})
     size = resize_size(image_size)
     source: ImageSource
-    cache_file = None
-    if cache:
-        cdir = Path(cache_dir) if cache_dir is not None else None
-        source, good, bad, cache_file = build_cache(
-            spec.name, root, relpaths, size, skip_bad, cdir, progress
-        )
+    cached = None
+    if mode != "off":
+        cdir = Path(cache_dir).expanduser() if cache_dir is not None else None
+        cached = build_cache(spec.name, root, relpaths, size, skip_bad, cdir, progress, mode,
+                             budget)
+        source, good = cached.source, cached.index.relpaths
+        bad = [rel for rel, _ in cached.index.bad]
     else:
-        bad = (decode_all(root, relpaths, size, True, keep=False, progress=progress)[1]
-               if skip_bad else [])
+        log.info("image cache: off (cache='off'): every image is decoded when it is read")
+        bad = find_bad(root, relpaths, size, True, progress) if skip_bad else []
         dropped = set(bad)
         good = [rel for rel in relpaths if rel not in dropped]
         source = ImageFiles(root, good, size)
@@ -286,7 +317,7 @@ def _image_source(
             "skipped %d unreadable images, e.g. %s", len(bad), root / bad[0]
         )
     drop_bad(split, bad)
-    return source, {rel: i for i, rel in enumerate(good)}, cache_file
+    return source, {rel: i for i, rel in enumerate(good)}, cached
 
 
 def _assemble(

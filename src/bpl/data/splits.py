@@ -23,16 +23,27 @@ SPLIT_FORMAT = 1
 PARTS = ("train", "val", "test")
 
 
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
 def _is_image(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    return p.is_file() and _is_image_name(p.name)
 
 
-def _list_images(folder: Path) -> list[Path]:
-    """Image files below ``folder`` (recursive), sorted, hidden files and folders skipped."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in sorted(filenames) if _is_image(Path(dirpath) / f)]
+def _list_images(folder: Path, prefix: str) -> list[str]:
+    """Image files below ``folder`` (recursive) as ``prefix/<path below folder>``, in
+    ``os.walk``'s order (each folder's files sorted, then its sub-folders sorted; hidden
+    ones and links to folders skipped). ``os.scandir`` knows which entries are files, so
+    a folder of 100,000 images costs no stat call per file."""
+    found: list[str] = []
+    with os.scandir(folder) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    found += [f"{prefix}/{e.name}" for e in entries
+              if not e.is_dir() and _is_image_name(e.name) and e.is_file()]
+    for e in entries:
+        if e.is_dir() and not e.name.startswith(".") and not e.is_symlink():
+            found += _list_images(Path(e.path), f"{prefix}/{e.name}")
     return found
 
 
@@ -65,9 +76,9 @@ def _scan_classes(
     samples: list[tuple[str, int]] = []
     empty: list[str] = []
     for c in found:
-        files, label = _list_images(root / c), classes.index(c)
+        files = _list_images(root / c, (root / c).relative_to(base).as_posix())
         empty += [] if files else [c]
-        samples += [(p.relative_to(base).as_posix(), label) for p in files]
+        samples += [(rel, classes.index(c)) for rel in files]
     if not samples:
         raise DataError(
             f"no images found under {root} ({len(found)} class folders, all empty); "
@@ -228,8 +239,9 @@ def check_split_files(split: dict[str, Any], root: Path, split_file: Path) -> No
     """Refuse a split file that lists images missing under ``root`` or whose classes no
     longer match its folders; say so when images were added since (the split is fixed:
     a resumed or evaluated run does not take them)."""
+    base = os.fspath(root)
     for rel, _ in all_rows(split):
-        if not (root / rel).is_file():
+        if not os.path.isfile(os.path.join(base, rel)):  # not pathlib: fast on 100,000 files
             raise DataError(
                 f"image {root / rel} listed in split file {split_file} is missing; "
                 "restore it, pass the root the split was made from, or delete the split file"
