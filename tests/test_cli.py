@@ -606,6 +606,24 @@ def test_export_int8_without_onnxruntime_is_a_one_line_error(compressed, tmp_pat
     assert not out.exists()
 
 
+def test_bench_deploy_measures_int8_against_fp32_on_a_runs_splits(compressed):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("scipy")
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("bench_deploy")
+    record = bench.int8_accuracy(str(compressed / "deploy.pt"), images=40)
+    split = json.loads((compressed / "split.json").read_text())
+    assert record["calibration"]["images"] == 40 and record["data"] == "digits"
+    assert record["val"]["images"] == len(split["val"]) and record["val"]["max_drop"] is None
+    assert record["test"]["images"] == len(split["test"])
+    # fp32 in onnxruntime on the test split: the run's own test top-1, measured in PyTorch
+    final = json.loads((compressed / "metrics.json").read_text())["final"]["top1"]
+    assert record["test"]["fp32_top1"] == pytest.approx(final, abs=100 / len(split["test"]))
+    table = bench.accuracy_markdown([record], {"machine": {"cpu": "a CPU"}}, "the command")
+    assert table.count(str(compressed / "deploy.pt")) == 2 and "| test |" in table
+
+
 def test_evaluate_with_a_split_file_and_its_errors(compressed, tmp_path, capsys):
     alone = tmp_path / "alone"
     alone.mkdir()
