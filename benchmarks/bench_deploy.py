@@ -10,7 +10,11 @@ models then run, interleaved in one ``bpl.compare_latency`` call per batch size,
   `bpl predict` runs and `bpl export --format torchscript` writes;
 - ``onnxruntime``: the parity-checked ONNX export (BN folded) in onnxruntime;
 - ``deploy_bf16`` (asked with ``--forms``): the deploy form under bfloat16 autocast,
-  timed beside ``deploy`` to see whether bf16 inference pays (issue 25).
+  timed beside ``deploy`` to see whether bf16 inference pays (issue 25);
+- ``onnxruntime_int8`` (``--int8``): the same ONNX export statically quantized by
+  ``bpl.export(int8=True)`` (QDQ, per-channel int8 weights, uint8 activations calibrated
+  on random images: latency does not depend on the values), timed beside ``onnxruntime``
+  so that INT8 / fp32 is a fair ratio (issue 30).
 
 The fraction of ideal is (baseline latency / pruned latency) / (baseline MACs / pruned
 MACs), each runtime against the baseline in the same runtime. Results go to
@@ -27,6 +31,18 @@ fractions, not the milliseconds, and say so.
 
 ``--agreement RUN_DIR...`` evaluates each run's ``deploy.pt`` on its validation split in the
 deploy form, fp32 and bf16, and counts the predictions that agree.
+
+``--int8`` times fp32 against INT8 in onnxruntime on resnet18, resnet50, mobilenet_v2 and
+a grouped-conv net (resnext50_32x4d) at 64 and 224 px, 74% fewer MACs (files
+``deploy_int8.*``; with ``--quick`` resnet18 at 64 px only, ``deploy_int8_quick.*``), and
+``--int8-accuracy CHECKPOINT[,SPLIT_JSON]...`` exports trained checkpoints as `bpl export
+--int8` does (calibrated on 300 training images, checked on the validation split) and
+compares INT8 with fp32 top-1, both in onnxruntime, on the test split too:
+
+    python benchmarks/bench_deploy.py --int8 --quick                     # minutes
+    python benchmarks/bench_deploy.py --int8 --threads 1 --fresh         # idle machine only
+    python benchmarks/bench_deploy.py --int8-accuracy \
+        runs/ucm/steps/2/deploy.pt,runs/ucm/split.json ...    # accuracy alone: int8_accuracy.*
 """
 
 from __future__ import annotations
@@ -35,18 +51,24 @@ import argparse
 import json
 import logging
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torchvision
 
 import bpl
 from bpl.errors import BPLError
-from bpl.exporting import deploy_form, onnx_module
+from bpl.exporting import CALIBRATION_IMAGES, OnnxModule, compare_top1, deploy_form, onnx_module
 from bpl.profiling import FAST_MULTIPLE, conv_widths
 from common import RESULTS, load_average, machine, write_results
 
-FORMS = ("eager", "deploy", "onnxruntime", "deploy_bf16")
+FORMS = ("eager", "deploy", "onnxruntime", "deploy_bf16", "onnxruntime_int8")
+#: The INT8 study's cases (issue 30): two ResNets, a depthwise and a grouped-conv net.
+INT8_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "resnext50_32x4d"]
+#: Random images the latency study's INT8 models are calibrated on.
+INT8_CALIBRATION = 32
 
 
 class Bf16(torch.nn.Module):
@@ -176,6 +198,15 @@ def measure(arch: str, size: int, args: argparse.Namespace, done: set[tuple]) ->
                 runners[(name, "onnxruntime")] = onnx_module(model, x, threads=args.threads)
             except BPLError as exc:
                 logging.warning("onnxruntime skipped: %s", exc)
+        if "onnxruntime_int8" in args.forms:
+            calibration = torch.randn(INT8_CALIBRATION, *x.shape[1:],
+                                      generator=torch.Generator().manual_seed(1))
+            try:
+                runners[(name, "onnxruntime_int8")] = onnx_module(
+                    model, x, threads=args.threads, int8=True, calibration=calibration,
+                    min_calibration=INT8_CALIBRATION)
+            except BPLError as exc:
+                logging.warning("onnxruntime INT8 skipped: %s", exc)
     forms = [f for f in args.forms if any(form == f for _, form in runners)]
     rows = []
     for bs in sorted({bs for bs, _ in todo}):
@@ -222,7 +253,9 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
         "- cell: speedup / ideal speedup (ideal = baseline MACs / pruned MACs), each runtime "
         "against the baseline in the same runtime; `eager` = the model as is (NCHW, BN), "
         "`deploy` = BN folded + channels_last (`bpl predict`, TorchScript export), "
-        "`onnxruntime` = the ONNX export",
+        "`onnxruntime` = the ONNX export"
+        + ("; `onnxruntime_int8` = that export statically quantized to INT8 (`bpl export --int8`)"
+           if "onnxruntime_int8" in forms else ""),
         "",
         "| model | px | MACs removed | round_to | batch | " + " | ".join(forms) + " |",
         "|---|---:|---:|---:|---:|" + "---:|" * len(forms),
@@ -247,6 +280,21 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
                 lines.append(f"| {arch} | {size} | {100 * a['achieved_reduction']:.1f}% | {bs} | "
                              f"{a['baseline_ms'] / b['baseline_ms']:.2f}x | "
                              f"{a['pruned_ms'] / b['pruned_ms']:.2f}x |")
+    if "onnxruntime" in forms and "onnxruntime_int8" in forms:
+        lines += ["", "INT8 in onnxruntime: fp32 time / INT8 time, timed interleaved (above 1: "
+                  "INT8 faster); goal (issue 30): at least 1.8x on the pruned ResNets at batch 16",
+                  "", "| model | px | MACs removed | batch | pruned fp32 ms | pruned INT8 ms | "
+                  "INT8 speedup, pruned | INT8 speedup, unpruned | pruned INT8 vs unpruned fp32 |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for arch, size, red, bs in seen:
+            a = by.get((arch, size, bs, red, "onnxruntime"))
+            b = by.get((arch, size, bs, red, "onnxruntime_int8"))
+            if a and b:
+                lines.append(f"| {arch} | {size} | {100 * a['achieved_reduction']:.1f}% | {bs} | "
+                             f"{a['pruned_ms']:.2f} | {b['pruned_ms']:.2f} | "
+                             f"{a['pruned_ms'] / b['pruned_ms']:.2f}x | "
+                             f"{a['baseline_ms'] / b['baseline_ms']:.2f}x | "
+                             f"{a['baseline_ms'] / b['pruned_ms']:.2f}x |")
     if meta.get("agreement"):
         lines += ["", "bf16 against fp32 on the validation split (deploy form):", "",
                   "| run | images | fp32 top-1 | bf16 top-1 | same prediction |",
@@ -254,6 +302,28 @@ def markdown(rows: list[dict], meta: dict, command: str) -> str:
         for r in meta["agreement"]:
             lines.append(f"| {r['run']} | {r['images']} | {r['fp32_top1']:.2f} | "
                          f"{r['bf16_top1']:.2f} | {r['agree']:.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_markdown(records: list[dict], meta: dict, command: str) -> str:
+    """INT8 against fp32 top-1 of trained checkpoints, per split, as a table."""
+    lines = ["# INT8 against fp32 top-1, both in onnxruntime (trained checkpoints)", "",
+             f"- `{command}`",
+             f"- onnxruntime {meta.get('onnxruntime')}, {meta['machine']['cpu']}; accuracy does "
+             "not depend on machine load",
+             "- each INT8 model made as `bpl export --int8` makes it: calibrated on random "
+             "training images of the run's split, checked on its validation split (here with "
+             "--force, to measure rather than refuse); the test split is evaluated only here", "",
+             "| checkpoint | data | px | MACs | calibration images | split | images | "
+             "fp32 top-1 | INT8 top-1 | change (points) | same prediction |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in records:
+        for part in ("val", "test"):
+            c = r[part]
+            lines.append(f"| {r['checkpoint']} | {r['data']} | {r['image_size']} | "
+                         f"{r['macs'] / 1e6:.1f}M | {r['calibration']['images']} | {part} | "
+                         f"{c['images']} | {c['fp32_top1']:.2f} | {c['int8_top1']:.2f} | "
+                         f"{c['int8_top1'] - c['fp32_top1']:+.2f} | {c['agreement']:.2f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -282,15 +352,54 @@ def agreement(run_dir: str) -> dict:
             "agree": 100 * (a == b).float().mean().item()}
 
 
+def int8_accuracy(spec: str, images: int = CALIBRATION_IMAGES) -> dict:
+    """INT8 against fp32 top-1, both in onnxruntime, of a trained checkpoint on its run's
+    validation and test splits: ``CHECKPOINT[,SPLIT_JSON]`` (default: split.json beside it).
+    The INT8 model is made as `bpl export --int8` makes it (``images`` training images)."""
+    from bpl.data import load_dataset
+    from bpl.models import load_model
+    from bpl.pipeline import export_checkpoint
+
+    checkpoint, _, split = spec.partition(",")
+    split = split or str(Path(checkpoint).parent / "split.json")
+    model, meta = load_model(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        export_checkpoint(checkpoint, out=fp32)
+        made = export_checkpoint(checkpoint, out=int8, int8=True, split=split,
+                                 calibration_images=images, force=True, progress=False)
+        data = load_dataset(meta.get("data", "imagefolder"), meta.get("data_root"),
+                            image_size=meta["image_size"], split_file=split, cache=False,
+                            progress=False)
+        test = compare_top1(OnnxModule(fp32), OnnxModule(int8), data.test)
+    size = meta["image_size"]
+    return {"checkpoint": checkpoint, "split": split, "data": data.name, "image_size": size,
+            "arch": meta.get("arch"), "macs": bpl.count_macs(model, torch.randn(1, 3, size, size)),
+            "calibration": made["calibration"], "val": made["int8_check"],
+            "test": {"images": test["images"], "fp32_top1": test["top1_a"],
+                     "int8_top1": test["top1_b"], "agreement": test["agreement"]}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="resnet18 at 64 px, 74%%, fewer repeats (files deploy_quick.*)")
-    ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2"])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 224])
-    ap.add_argument("--reductions", type=float, nargs="+", default=[0.5, 0.74, 0.9])
+    ap.add_argument("--models", nargs="+",
+                    help="torchvision names (default: resnet18 resnet50 mobilenet_v2, and "
+                         "resnext50_32x4d with --int8)")
+    ap.add_argument("--sizes", type=int, nargs="+",
+                    help="input sizes (default: 64 128 224; 64 224 with --int8)")
+    ap.add_argument("--reductions", type=float, nargs="+",
+                    help="MACs reductions (default: 0.5 0.74 0.9; 0.74 with --int8)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--forms", nargs="+", choices=FORMS, default=list(FORMS[:3]))
+    ap.add_argument("--forms", nargs="+", choices=FORMS,
+                    help="runtimes (default: eager deploy onnxruntime; onnxruntime "
+                         "onnxruntime_int8 with --int8)")
+    ap.add_argument("--int8", action="store_true",
+                    help="INT8 against fp32 in onnxruntime (issue 30; files deploy_int8.*)")
+    ap.add_argument("--int8-accuracy", nargs="+", metavar="CHECKPOINT[,SPLIT]",
+                    help="only INT8 against fp32 top-1 of these trained checkpoints on their "
+                         "validation and test splits (files int8_accuracy.*; no timing)")
     ap.add_argument("--agreement", nargs="+", metavar="RUN_DIR",
                     help="bf16 against fp32 top-1 of these runs' deploy.pt on their validation split")
     ap.add_argument("--round-to", type=int, default=8, help="as bpl.prune (1: no rounding)")
@@ -306,10 +415,17 @@ def main() -> None:
     ap.add_argument("--explain", nargs=4, metavar=("ARCH", "PX", "BATCH", "REDUCTION"),
                     help="time per conv kind, baseline vs pruned (where the ideal is lost)")
     args = ap.parse_args()
+    defaults = ((INT8_MODELS, [64, 224], [0.74], ["onnxruntime", "onnxruntime_int8"]) if args.int8
+                else (["resnet18", "resnet50", "mobilenet_v2"], [64, 128, 224], [0.5, 0.74, 0.9],
+                      list(FORMS[:3])))
+    for field, value in zip(("models", "sizes", "reductions", "forms"), defaults):
+        if getattr(args, field) is None:
+            setattr(args, field, value)
     if args.quick:
         args.models, args.sizes, args.reductions = ["resnet18"], [64], [0.74]
         args.repeats = [10, 5]
-    name = args.name or ("deploy_quick" if args.quick else "deploy")
+    logging.getLogger("bpl.exporting").setLevel(logging.ERROR)  # INT8 of random models: unchecked
+    name = args.name or ("deploy" + ("_int8" if args.int8 else "") + ("_quick" if args.quick else ""))
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     path = RESULTS / f"{name}.json"
     old = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
@@ -323,7 +439,8 @@ def main() -> None:
             "load_average_start": old.get("meta", {}).get("load_average_start", load_average()),
             "weights": "random (latency does not depend on values)"}
     meta["note"] = args.note or old.get("meta", {}).get("note", "")
-    command = "python benchmarks/bench_deploy.py" + (" --quick" if args.quick else "")
+    command = ("python benchmarks/bench_deploy.py" + (" --int8" if args.int8 else "")
+               + (" --quick" if args.quick else ""))
     if args.explain:
         arch, size, batch, reduction = args.explain
         torch.set_num_threads(1)
@@ -340,6 +457,17 @@ def main() -> None:
         meta["agreement"] = [agreement(run) for run in args.agreement]
         for r in meta["agreement"]:
             print(r, flush=True)
+    if args.int8_accuracy:
+        records = []
+        for spec in args.int8_accuracy:
+            records.append(int8_accuracy(spec))
+            print({k: records[-1][k] for k in ("checkpoint", "val", "test")}, flush=True)
+        cmd = "python benchmarks/bench_deploy.py --int8-accuracy " + " ".join(args.int8_accuracy)
+        out = args.name or "int8_accuracy"
+        write_results(out, {"meta": meta, "command": cmd, "results": records},
+                      accuracy_markdown(records, meta, cmd))
+        print(f"wrote {RESULTS / out}.json and .md")
+        return
     if args.table:
         write_results(name, old, markdown(rows, old["meta"], command))
         return

@@ -22,6 +22,8 @@ SCRIPTS = {
                           "--name", "smoke"], ["smoke.json", "smoke.md"]),
     "bench_deploy": (["--quick", "--name", "smoke_deploy"],
                      ["smoke_deploy.json", "smoke_deploy.md"]),
+    "bench_deploy --int8": (["--int8", "--quick", "--name", "smoke_int8"],
+                            ["smoke_int8.json", "smoke_int8.md"]),
     "zoo": (["--models", "tv:resnet18", "--timeout", "120"], ["zoo.json", "zoo.md"]),
     "run_all": (["--quick"], ["suite_quick.json", "suite_quick.md"]),
     "bench_data_cache": (["--quick", "--sizes", "100", "--modes", "mmap", "--work", "work",
@@ -34,7 +36,8 @@ def test_benchmark_script_runs_and_writes_its_results(name, tmp_path):
     args, written = SCRIPTS[name]
     env = {**os.environ, "BPL_BENCH_RESULTS": str(tmp_path), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args],
+    script = name.split()[0]  # "bench_deploy --int8": the script, another mode of it
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args],
                           capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for file in written:

@@ -527,6 +527,141 @@ def test_export_default_path_and_tolerance(compressed, tmp_path, capsys):
     assert run_cli("export", run / "last.pt", "--tol", "1e-3", "--out", tmp_path / "ok.onnx") == 0
 
 
+def _props(path: Path) -> dict:
+    import onnx
+
+    return {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
+
+
+def test_export_int8_from_the_runs_own_split_then_predict_and_profile(compressed, tmp_path,
+                                                                       capsys):
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("deploy.pt", "split.json"):
+        shutil.copy(compressed / name, run / name)
+    assert run_cli("export", run / "deploy.pt", "--int8", "--calibration-images", "60",
+                   "--quiet") == 0
+    out = capsys.readouterr().out
+    path = run / "deploy.int8.onnx"
+    assert path.exists() and f"wrote {path} (onnx, int8)" in out
+    split = json.loads((run / "split.json").read_text())
+    props = _props(path)
+    assert props["precision"] == "int8" and props["image_size"] == 16
+    assert props["calibration"]["images"] == 60
+    source = props["calibration"]["source"]
+    assert f"60 of the {len(split['train'])} images of the training split of digits" in source
+    assert str((run / "split.json").resolve()) in source and source in out
+    check = props["int8_check"]
+    assert check["images"] == len(split["val"]) and check["max_drop"] == 1.0
+    assert f"validation top-1 on {len(split['val'])} images" in out
+    assert check["drop"] <= 1.0 and check["fp32_top1"] > 30
+    # predict reads it as any bpl ONNX file: the fp32 checkpoint's answers, mostly
+    images = tmp_path / "images"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        pixels = torch.randint(0, 255, (12, 12, 3), generator=g, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(images / f"{i}.png")
+    answers = {}
+    for model in (run / "deploy.pt", path):
+        assert run_cli("predict", model, images, "--top-k", "1", "--json", "--quiet") == 0
+        answers[model.name] = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in answers["deploy.pt"]] == [r["image"] for r in answers[path.name]]
+    same = sum(a["top"][0]["class"] == b["top"][0]["class"]
+               for a, b in zip(answers["deploy.pt"], answers[path.name]))
+    assert same >= 4, answers
+    # profile times the checkpoint against the INT8 file, in onnxruntime
+    assert run_cli("profile", run / "deploy.pt", path, "--batch-size", "2", "--repeats", "2",
+                   "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    fp32, int8 = result["models"].values()
+    assert (fp32["precision"], int8["precision"]) == ("fp32", "int8")
+    assert set(fp32["latency_ms"]) == {"torch", "onnxruntime"}
+    assert set(int8["latency_ms"]) == {"onnxruntime"} and int8["latency_ms"]["onnxruntime"]["2"] > 0
+    assert (int8["macs"], int8["params"]) == (fp32["macs"], fp32["params"])
+    assert set(result["speedup"]) == {"onnxruntime"} and result["ideal_speedup"] == 1.0
+    assert "fraction_of_ideal" not in result and "| int8 |" in result["table"]
+    assert run_cli("profile", path, "--batch-size", "1", "--repeats", "1") == 0
+    assert "onnxruntime | int8" in capsys.readouterr().out
+    for flags, said in ((["--no-onnx"], "drop --no-onnx"), (["--image-size", "24"], "16 px")):
+        assert run_cli("profile", path, *flags) == 1
+        assert said in capsys.readouterr().err
+
+
+def test_export_int8_refusals_and_overrides(compressed, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(compressed / "deploy.pt", run / "deploy.pt")
+    out = tmp_path / "m.int8.onnx"
+    base = ["export", run / "deploy.pt", "--int8", "--out", out, "--quiet"]
+
+    def error(*flags) -> str:
+        assert run_cli(*base, *flags) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("bpl: error:") and len(err.splitlines()) == 1, err
+        assert not out.exists() and not list(tmp_path.glob(".*")), "a file was written"
+        return err
+
+    # nothing to calibrate on: no split.json beside the checkpoint, no folder
+    assert "--calibration-data DIR" in error()
+    base.remove("--int8")
+    assert "--force is an option of INT8 export: add --int8" in error("--force")
+    base.insert(2, "--int8")
+    assert "--format torchscript" in error("--format", "torchscript")
+    # with the run's split: a threshold no model can meet is refused, and --force overrides
+    split = ["--split", compressed / "split.json", "--calibration-images", "50"]
+    err = error(*split, "--max-drop", "-101")
+    assert "more than --max-drop -101; nothing was written" in err and "--force" in err
+    assert run_cli(*base, *split, "--max-drop", "-101", "--force") == 0
+    assert "not enforced: --force" in capsys.readouterr().out
+    assert _props(out)["int8_check"]["max_drop"] is None
+    out.unlink()
+    # a folder of images instead of the training split
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        Image.new("RGB", (10, 10), (40 * i, 0, 0)).save(images / f"{i}.png")
+    folder = ["--calibration-data", images]
+    assert "--split with the run's split.json, or --force" in error(*folder)
+    assert "only 5 calibration images, fewer than 50" in error(*folder, "--force")
+    assert "--calibration-images 5 to accept so few" in error(*folder, "--force")
+    assert run_cli(*base, *folder, "--force", "--calibration-images", "5") == 0
+    said = capsys.readouterr().out
+    assert f"calibrated on 5 of the 5 images in {images.resolve()}" in said
+    assert "not checked against fp32" in said
+    props = _props(out)
+    assert props["int8_check"] is None and props["calibration"]["images"] == 5
+
+
+def test_export_int8_without_onnxruntime_is_a_one_line_error(compressed, tmp_path, capsys,
+                                                             without_onnx):
+    out = tmp_path / "m.onnx"
+    assert run_cli("export", compressed / "deploy.pt", "--int8", "--out", out, "--quiet") == 1
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'bpl[onnx]'" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bench_deploy_measures_int8_against_fp32_on_a_runs_splits(compressed):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("scipy")
+    from benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("bench_deploy")
+    record = bench.int8_accuracy(str(compressed / "deploy.pt"), images=40)
+    split = json.loads((compressed / "split.json").read_text())
+    assert record["calibration"]["images"] == 40 and record["data"] == "digits"
+    assert record["val"]["images"] == len(split["val"]) and record["val"]["max_drop"] is None
+    assert record["test"]["images"] == len(split["test"])
+    # fp32 in onnxruntime on the test split: the run's own test top-1, measured in PyTorch
+    final = json.loads((compressed / "metrics.json").read_text())["final"]["top1"]
+    assert record["test"]["fp32_top1"] == pytest.approx(final, abs=100 / len(split["test"]))
+    table = bench.accuracy_markdown([record], {"machine": {"cpu": "a CPU"}}, "the command")
+    assert table.count(str(compressed / "deploy.pt")) == 2 and "| test |" in table
+
+
 def test_evaluate_with_a_split_file_and_its_errors(compressed, tmp_path, capsys):
     alone = tmp_path / "alone"
     alone.mkdir()

@@ -27,6 +27,7 @@ from .config import (
 )
 from .diversity import COMPARISONS, GRANULARITIES
 from .errors import BPLError
+from .exporting import CALIBRATION_IMAGES, INT8_MAX_DROP, MIN_CALIBRATION_IMAGES
 from .partners import INITS, PARTNER_KINDS
 from .pruning import IMPORTANCES, LEVELS, SOFT_IMPORTANCES, SOFT_PARTNERS
 
@@ -43,7 +44,9 @@ EXAMPLES = {
     "profile": "bpl profile runs/ucm-r18/best.pt runs/ucm-r18-bpl/deploy.pt --batch-size 1 16",
     "demo": "bpl demo --out runs/demo",
     "predict": "bpl predict runs/ucm-r18-bpl/deploy.pt photos/ --top-k 3",
-    "export": "bpl export runs/ucm-r18-bpl/deploy.pt --format onnx --out deploy.onnx",
+    "export": "bpl export runs/ucm-r18-bpl/deploy.pt --format onnx --out deploy.onnx\n"
+              "  bpl export runs/ucm-r18-bpl/deploy.pt --int8   # deploy.int8.onnx, calibrated "
+              "on the run's training images",
     "cache": "bpl cache ls; bpl cache clear --data ucm",
 }
 
@@ -291,6 +294,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="PATH", help="output file (default: beside the checkpoint)")
     p.add_argument("--image-size", type=int, help="input size (default: the checkpoint's)")
     p.add_argument("--tol", type=float, default=1e-4, help="largest relative error accepted")
+    g = p.add_argument_group("INT8 (onnxruntime static quantization)")
+    g.add_argument("--int8", action="store_true",
+                   help="write an INT8 ONNX model (QDQ, per-channel int8 weights, uint8 "
+                        "activations calibrated on your training images), checked against "
+                        "fp32 on the run's validation split (default file: CHECKPOINT.int8.onnx)")
+    g.add_argument("--calibration-data", metavar="DIR",
+                   help="calibrate on images from this folder (searched recursively; your "
+                        "training images, never the test split) instead of the run's "
+                        "training split")
+    g.add_argument("--calibration-images", type=int, metavar="N",
+                   help=f"images to calibrate on, drawn at random (seed 0); fewer than "
+                        f"{MIN_CALIBRATION_IMAGES} only when asked (default: "
+                        f"{CALIBRATION_IMAGES})")
+    g.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="largest loss of validation top-1 against fp32 accepted; beyond it "
+                        f"nothing is written (default: {INT8_MAX_DROP:g})")
+    g.add_argument("--force", action="store_true",
+                   help="write the INT8 model even beyond --max-drop, or with no validation "
+                        "split to check it on")
+    g.add_argument("--split", metavar="JSON",
+                   help="the run's split file (default: split.json beside the checkpoint)")
+    g.add_argument("--data", help="the run's dataset (default: the checkpoint's)")
+    g.add_argument("--data-root", metavar="DIR",
+                   help="where the run's images are (default: the checkpoint's)")
+    g.add_argument("--cache-dir", metavar="DIR", help="keep decoded, resized images here")
     _common(p)
 
     p = command("cache", "list or delete the decoded-image caches (default folder: "
@@ -386,11 +414,33 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .pipeline import export_checkpoint
 
-    result = export_checkpoint(args.checkpoint, format=args.format, out=args.out,
-                               image_size=args.image_size, tol=args.tol)
-    print(f"wrote {result['path']} ({result['format']}); max relative error vs PyTorch "
-          f"{result['max_relative_error']:.2e} at batch sizes "
+    int8_only = ("calibration_data", "calibration_images", "max_drop", "force", "split", "data",
+                 "data_root", "cache_dir")
+    given = [k for k in int8_only if getattr(args, k) not in (None, False)]
+    if given and not args.int8:
+        raise BPLError(f"--{given[0].replace('_', '-')} is an option of INT8 export: add --int8")
+    overrides = {k: getattr(args, k) for k in ("data", "data_root", "cache_dir")
+                 if getattr(args, k) is not None}
+    max_drop = INT8_MAX_DROP if args.max_drop is None else args.max_drop
+    result = export_checkpoint(
+        args.checkpoint, format=args.format, out=args.out, image_size=args.image_size,
+        tol=args.tol, int8=args.int8, calibration_data=args.calibration_data,
+        calibration_images=(CALIBRATION_IMAGES if args.calibration_images is None
+                            else args.calibration_images),
+        max_drop=max_drop, force=args.force, split=args.split, overrides=overrides,
+        progress=not args.quiet)
+    print(f"wrote {result['path']} ({result['format']}, {result['precision']}); max relative "
+          f"error of fp32 vs PyTorch {result['max_relative_error']:.2e} at batch sizes "
           f"{', '.join(map(str, result['errors_by_batch_size']))}")
+    if args.int8:
+        print(f"calibrated on {result['calibration']['source']}")
+        check = result["int8_check"]
+        print("not checked against fp32 (--force without a validation split)" if check is None
+              else f"validation top-1 on {check['images']} images: fp32 "
+                   f"{check['fp32_top1']:.2f}%, INT8 {check['int8_top1']:.2f}% "
+                   f"({check['int8_top1'] - check['fp32_top1']:+.2f} points; --max-drop {max_drop:g}"
+                   f"{', not enforced: --force' if args.force else ''}), "
+                   f"{check['agreement']:.2f}% same predictions")
     return 0
 
 

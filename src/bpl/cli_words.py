@@ -32,11 +32,15 @@ _FLAGS = {
     "global_pruning": "--global-pruning",
     "importance": "--importance",
     "num_classes": "the number of class folders",
+    "max_drop": "--max-drop",
+    "min_calibration": "--calibration-images",
 }
 _SPECIAL = {
     "kernel_sizes=None": "--placement all",
     "point root at": "point --data-root at",
     "a smaller round_to": "a smaller --round-to",
+    "max_drop=None": "--force",
+    "pass validation= labelled images": "pass --split with the run's split.json",
 }
 _KEYWORD = re.compile(
     r"\b(" + "|".join(map(re.escape, _FLAGS)) + r")=(True\b|'[^']*'|\"[^\"]*\"|[\w.-]+)?"

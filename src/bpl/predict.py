@@ -20,12 +20,15 @@ from .data.images import IMAGE_EXTENSIONS, load_resized, resize_size
 from .data.transforms import eval_transform
 from .errors import BPLError, CorruptImageError
 
-__all__ = ["ONNX_META_KEYS", "load_predictor", "onnx_metadata", "predict"]
+__all__ = ["ONNX_META_KEYS", "image_files", "load_predictor", "onnx_metadata", "predict"]
 
-#: What `bpl export` writes into an ONNX file's metadata_props (values are JSON).
 log = logging.getLogger(__name__)
 
-ONNX_META_KEYS = ("classes", "mean", "std", "image_size", "preprocess", "bpl_version", "arch")
+#: What `bpl export` writes into an ONNX file's metadata_props (values are JSON): from the
+#: checkpoint, then what :func:`bpl.export` adds (precision, MACs and parameters of one
+#: image; for INT8 the quantization, its calibration images and the check against fp32).
+ONNX_META_KEYS = ("classes", "mean", "std", "image_size", "preprocess", "bpl_version", "arch",
+                  "precision", "macs", "params", "quantization", "calibration", "int8_check")
 
 
 def preprocess_rule(image_size: int) -> dict[str, Any]:
@@ -49,7 +52,7 @@ def onnx_metadata(meta: dict[str, Any]) -> dict[str, str]:
     return {k: json.dumps(values[k]) for k in ONNX_META_KEYS if values.get(k) is not None}
 
 
-def _images(paths: Sequence[str | Path]) -> list[Path]:
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
     """The image files named, and those below each folder named (sorted)."""
     found: list[Path] = []
     for p in map(Path, paths):
@@ -65,11 +68,14 @@ def _images(paths: Sequence[str | Path]) -> list[Path]:
     return found
 
 
-def load_predictor(path: str | Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
+def load_predictor(
+    path: str | Path, *, threads: int | None = None,
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
     """A function from a normalised batch to logits, and the meta (classes, mean/std, size).
 
     A checkpoint runs in :func:`~bpl.exporting.deploy_form` (BN folded, channels_last)
-    under :func:`torch.inference_mode`; an ``.onnx`` file in onnxruntime.
+    under :func:`torch.inference_mode`; an ``.onnx`` file (fp32 or INT8) in onnxruntime,
+    on ``threads`` threads (default: all), as an :class:`~bpl.exporting.OnnxModule`.
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
@@ -77,7 +83,7 @@ def load_predictor(path: str | Path) -> tuple[Callable[[torch.Tensor], torch.Ten
 
         if not path.is_file():
             raise BPLError(f"{path} does not exist; pass a file written by bpl export")
-        module = OnnxModule(path)
+        module = OnnxModule(path, threads=threads)
         raw = module.session.get_modelmeta().custom_metadata_map
         meta = {k: json.loads(v) for k, v in raw.items() if k in ONNX_META_KEYS}
         if "classes" not in meta:
@@ -117,7 +123,7 @@ def predict(
                        "checkpoint written by bpl (deploy.pt) or an ONNX file from bpl export")
     size = int(meta.get("image_size", 224))
     transform = eval_transform(size, meta["mean"], meta["std"])
-    files = _images(inputs)
+    files = image_files(inputs)
     k = min(top_k, len(classes))
     results: list[dict[str, Any]] = []
     bar = tqdm(total=len(files), desc="predict", unit="img", leave=False,
