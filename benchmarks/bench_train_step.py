@@ -11,6 +11,12 @@ hit all of them:
 - the diversity loss alone, forward and backward;
 - with ``--compile``: plain and BPL two-conv under ``torch.compile`` as well.
 
+With ``--kinds`` it times instead each partner kind (``bpl.PARTNER_KINDS``: same, diverse,
+asymmetric) with the diversity loss against plain training, interleaved (results:
+``train_step_kinds``):
+
+    python benchmarks/bench_train_step.py --kinds --archs resnet18 --size 64 --batches 64
+
 Beside the measured ratios: the MACs ratio of the extended model to the plain one (the
 floor of exact per-block partners) and the peak resident memory of one training step of
 each arm, counted in a fresh process from before the model is loaded (weights,
@@ -244,6 +250,64 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- partner kinds
+
+def measure_kinds(arch: str, reduction: float, batch: int, size: int, steps: int,
+                  warmup: int) -> dict:
+    """Step time of every partner kind (with the diversity loss) against plain training,
+    interleaved, and each extended model's forward MACs over the plain one's."""
+    plain = plain_model(arch, reduction, size)
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, NUM_CLASSES, (batch,))
+    x1 = x[:1]
+    base_macs = bpl.count_macs(plain, x1)
+    students = {kind: bpl.extend(plain, partner=kind) for kind in bpl.PARTNER_KINDS}
+    macs = {kind: bpl.count_macs(m, x1) / base_macs for kind, m in students.items()}
+    arms = {"plain": make_step(plain, x, y, False)}
+    arms.update({kind: make_step(m, x, y, True) for kind, m in students.items()})
+    times = interleaved(arms, steps, warmup)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"arch": arch, "flops_reduction": reduction, "batch": batch, "size": size,
+            "median_step_s": med,
+            "over_plain": {k: v / med["plain"] for k, v in med.items() if k != "plain"},
+            "macs_ratio": macs, "raw_s": times}
+
+
+def kinds_markdown(result: dict) -> str:
+    """The partner kinds' step cost as a Markdown page."""
+    m, kinds = result["machine"], list(bpl.PARTNER_KINDS)
+    lines = ["# Training step of each partner kind" + (" (quick)" if result["quick"] else ""), "",
+             f"Machine: {m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}; "
+             f"{result['steps']} timed steps per arm, interleaved, medians. {result['note']}", "",
+             "| model | MACs cut | batch | size | plain (s) | "
+             + " | ".join(f"{k} / plain (MACs ratio)" for k in kinds) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(kinds)]
+    for r in result["configs"]:
+        cells = " | ".join(f"{r['over_plain'][k]:.2f}x ({r['macs_ratio'][k]:.2f}x)" for k in kinds)
+        lines.append(f"| {r['arch']} | {100 * r['flops_reduction']:.0f}% | {r['batch']} | "
+                     f"{r['size']} | {r['median_step_s']['plain']:.3f} | {cells} |")
+    lines += ["", "Each kind trains with the diversity loss (raw kernels); the MACs ratio is the "
+              "extended model's forward MACs over the plain one's.", ""]
+    return "\n".join(lines)
+
+
+def main_kinds(args: argparse.Namespace) -> None:
+    """--kinds: the step cost of each partner kind (issue 27)."""
+    result = {"quick": args.quick, "steps": args.steps, "note": args.note, "machine": machine(),
+              "load_average": load_average(), "configs": []}
+    for arch in args.archs:
+        for reduction in args.reductions:
+            for batch in args.batches:
+                r = measure_kinds(arch, reduction, batch, args.size, args.steps, args.warmup)
+                print({k: v for k, v in r.items() if k != "raw_s"}, flush=True)
+                result["configs"].append(r)
+    md = kinds_markdown(result)
+    name = args.name or ("train_step_kinds_quick" if args.quick else "train_step_kinds")
+    print(md)
+    print(f"written to {write_results(name, result, md)}")
+
+
 # --------------------------------------------------------------------------- precision
 
 PRECISIONS = {  # name -> (autocast dtype, channels_last)
@@ -425,12 +489,18 @@ def main() -> None:
     parser.add_argument("--command-pairs", type=int, default=2)
     parser.add_argument("--command-subset", type=float, default=0.2,
                         help="--train-subset of those runs")
+    parser.add_argument("--kinds", action="store_true",
+                        help="the step cost of each partner kind against plain training "
+                             "(results: train_step_kinds)")
     args = parser.parse_args()
     if args.precision:
         main_precision(args)
         return
     if args.quick:
         args.batches, args.steps = [b for b in args.batches if b == 8] or args.batches[:1], 3
+    if args.kinds:
+        main_kinds(args)
+        return
     if args.compile:
         check_compile(torch.device("cpu"))
     result = {"quick": args.quick, "steps": args.steps, "note": args.note, "machine": machine(),

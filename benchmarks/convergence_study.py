@@ -259,6 +259,22 @@ def _start(settings: dict[str, Any], job: Job, python: str) -> None:
     job.started = time.time()
 
 
+def finished_record(settings: dict[str, Any], job: Job) -> dict[str, Any] | None:
+    """The record of ``job`` if its run directory holds a finished run (another study's with
+    the same name and options, or one whose record was lost), else None. A finished run
+    whose config disagrees with the job's options is refused, never mixed in."""
+    folder = run_dir(settings, job)
+    if not (folder / "metrics.json").exists():
+        return None
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in job.options.items():
+        if key in config and config[key] != value:
+            raise SystemExit(f"{folder} holds a finished run with {key}={config[key]!r}, but "
+                             f"this study's {job.name} asks {value!r}: rename the run in the "
+                             "config or give the study its own out folder")
+    return make_record(settings, job)
+
+
 def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
             deadline: float | None, python: str = sys.executable) -> int:
     """Run every unrecorded job, ``jobs`` at a time, each recovery after its baseline."""
@@ -301,6 +317,15 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
             if base in failed:
                 todo.remove(job)
                 failed.add(job.key)
+                continue
+            rec = finished_record(settings, job)
+            if rec is not None:  # finished already (shared out folder): recorded, not rerun
+                todo.remove(job)
+                path = record_path(settings, job)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(rec, indent=1) + "\n")
+                done.add(job.key)
+                print(f"{time.time() - t0:6.0f}s recorded {job.key}, finished earlier", flush=True)
                 continue
             if len(running) >= jobs or late or (base and base not in done):
                 continue

@@ -25,6 +25,17 @@ HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("BPL_BENCH_RESULTS") or HERE / "results") / "zoo.json"
 DOC = (RESULTS.parent / "zoo.md" if os.environ.get("BPL_BENCH_RESULTS")
        else HERE.parent / "docs" / "zoo.md")
+#: The partner kind checked (--partner); another kind than the default writes zoo_<kind>.*.
+PARTNER = "same"
+
+
+def use_partner(kind: str) -> None:
+    """Check partners of ``kind``, with results in their own files (the default kind's: zoo.*)."""
+    global PARTNER, RESULTS, DOC
+    PARTNER = kind
+    if kind != "same":
+        RESULTS = RESULTS.with_name(f"zoo_{kind}.json")
+        DOC = DOC.with_name(f"zoo_{kind}.md")
 
 #: torchvision models that are transformers: no convs to give partners (or only a patch stem).
 OUT_OF_SCOPE = {
@@ -135,7 +146,8 @@ def run_one(name: str) -> dict:
     params = sum(p.numel() for p in build().parameters())
     slow = params >= SLOW_PARAMS
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    result = check_model(build, x, do_prune=not slow, do_onnx=not slow, time_limit=CHECK_LIMIT)
+    result = check_model(build, x, partner=PARTNER, do_prune=not slow, do_onnx=not slow,
+                         time_limit=CHECK_LIMIT)
     result.update(size=size, params=params, slow_skipped=slow,
                   seconds_total=round(time.perf_counter() - start, 1))
     return result
@@ -165,8 +177,8 @@ def run_all(names: list[str], timeout: int, redo: bool) -> dict:
         print(f"{name} ...", end=" ", flush=True)
         start = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True,
-                                  text=True, timeout=timeout)
+            proc = subprocess.run([sys.executable, __file__, "--one", name, "--partner", PARTNER],
+                                  capture_output=True, text=True, timeout=timeout)
             lines = proc.stdout.strip().splitlines()
             if proc.returncode == 0 and lines:
                 entry = json.loads(lines[-1])
@@ -324,7 +336,11 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per model")
     parser.add_argument("--redo", action="store_true", help="run models already in the results")
     parser.add_argument("--table", action="store_true", help="only rewrite docs/zoo.md")
+    parser.add_argument("--partner", default="same",
+                        help="the partner kind to check (bpl.PARTNER_KINDS); another than same "
+                             "writes results/zoo_KIND.json and docs/zoo_KIND.md")
     args = parser.parse_args()
+    use_partner(args.partner)
     if args.one:
         import warnings
 

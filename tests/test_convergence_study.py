@@ -120,6 +120,27 @@ def test_a_cut_off_run_resumes_and_one_that_never_trained_starts_over(tmp_path, 
     assert "--resume" not in started[-1] and not (out / "steps").exists()
 
 
+def test_a_finished_run_in_a_shared_folder_is_recorded_not_rerun(tmp_path, monkeypatch):
+    """Two studies sharing an out folder share their runs of the same name and options; a
+    folder whose run was made with other options is refused, not mixed in."""
+    study = _load_script()
+    monkeypatch.setattr(study, "make_record", lambda settings, job: {
+        "test_top1": json.loads((study.run_dir(settings, job) / "metrics.json").read_text())[
+            "final"]["top1"], "options": job.options})
+    settings = {**study.DEFAULTS, "out": str(tmp_path / "runs"), "results": str(tmp_path / "r")}
+    job = study.Job("digits", 0, "auto-p10", "compress", {"epochs": "auto", "patience": 10})
+    assert study.finished_record(settings, job) is None  # nothing there
+    out = study.run_dir(settings, job)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps({"epochs": "auto", "patience": 10}))
+    (out / "metrics.json").write_text(json.dumps({"final": {"top1": 80.0}}))
+    rec = study.finished_record(settings, job)
+    assert rec["test_top1"] == 80.0 and rec["options"] == job.options
+    (out / "config.json").write_text(json.dumps({"epochs": "auto", "patience": 5}))
+    with pytest.raises(SystemExit, match="patience=5.*asks 10"):
+        study.finished_record(settings, job)
+
+
 def test_compute_counts_every_step_of_a_stepwise_run():
     study = _load_script()
     plain = {"history": [{"epoch_time_s": 2.0}, {"epoch_time_s": 3.0}]}
@@ -149,7 +170,7 @@ def test_a_search_with_no_step_within_its_budget_is_recorded_as_such(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["convergence_cpu", "convergence_gpu",
-                                  "convergence_cpu_pilot_p5"])
+                                  "convergence_cpu_pilot_p5", "partners_cpu"])
 def test_every_run_of_the_shipped_configs_is_a_valid_bpl_command(name):
     """A typo or an impossible combination in a study config fails here, not hours into it."""
     from bpl.config import resolve_config
