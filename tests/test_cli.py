@@ -374,7 +374,6 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args, message, tmp_path, caps
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--importance", "fpgm"], ["fpgm", "l2"]),
     (["--no-partners"], ["--no-partners"]),  # trained partners anyway, silently
     (["--global-pruning"], ["--global-pruning"]),  # was ignored
     (["--accept-closest"], ["--accept-closest"]),  # was ignored
@@ -393,6 +392,34 @@ def test_what_soft_cannot_honour_is_refused_before_loading_data(
     err = capsys.readouterr().err.strip()
     assert "--soft" in err and all(w in err for w in words) and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_a_criterion_registered_in_one_place_serves_hard_and_soft_pruning(
+    baseline, tmp_path, monkeypatch
+):
+    """A new criterion is one entry (bpl.pruning.register_importance): --importance takes it,
+    hard pruning and the soft schedule both rank channels with it."""
+    import torch_pruning as tp
+
+    from bpl.pruning import importance as imp
+
+    calls = []
+
+    class Reversed(tp.importance.Importance):  # a throwaway: the last channels count most
+        def __call__(self, group):
+            calls.append(group)
+            n = len(group[0].idxs)
+            return torch.arange(n, dtype=torch.float32)
+
+    monkeypatch.setitem(imp._CRITERIA, "reversed", Reversed)
+    for extra in ([], ["--soft"]):
+        out = tmp_path / ("soft" if extra else "hard")
+        calls.clear()
+        assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--epochs", "1",
+                       "--flops-reduction", "0.5", "--importance", "reversed", *extra,
+                       "--out", out) == 0
+        assert calls, extra  # the criterion ranked the channels
+        assert json.loads((out / "config.json").read_text())["importance"] == "reversed"
 
 
 def test_a_bad_granularity_in_a_config_file_is_refused_before_loading_data(

@@ -318,8 +318,24 @@ def test_ignored_layers_not_in_model():
 def test_unknown_importance():
     with pytest.raises(BPLError, match="unknown importance 'l3'"):
         bpl.prune(_seeded("tiny_vgg"), X32, flops_reduction=0.5, importance="l3")
-    with pytest.raises(BPLError, match="unknown soft-pruning importance 'fpgm'"):
-        SoftPruner(bpl.extend(_seeded("tiny_vgg")), X32, keep_ratio=0.5, importance="fpgm")
+    with pytest.raises(BPLError, match="unknown importance 'l3'; choose one of l2, l1, fpgm"):
+        SoftPruner(bpl.extend(_seeded("tiny_vgg")), X32, keep_ratio=0.5, importance="l3")
+
+
+def test_the_soft_schedule_scores_with_hard_pruning_s_criteria():
+    """One criterion protocol: the soft schedule ranks each group with the same Torch-Pruning
+    importance as hard pruning (l2 as the filter norms it used to sum by hand; fpgm too)."""
+    student = bpl.extend(_seeded("tiny_resnet"))
+    l2 = SoftPruner(student, X32, keep_ratio=0.5)
+    for group in l2.groups:  # the channel's filters in every coupled conv, as before
+        total = torch.zeros(group.size)
+        for sl in group.filters:
+            total.index_add_(0, sl.root, sl.module.weight.detach()[sl.idxs].flatten(1).pow(2).sum(1))
+        assert torch.equal(torch.argsort(l2.scores()[group.name], stable=True),
+                           torch.argsort(total, stable=True))
+    fpgm = SoftPruner(student, X32, keep_ratio=0.5, importance="fpgm")
+    assert any(not torch.equal(torch.argsort(fpgm.scores()[g.name]), torch.argsort(l2.scores()[g.name]))
+               for g in l2.groups)
 
 
 def test_soft_pruner_needs_an_extended_model():

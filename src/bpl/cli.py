@@ -29,7 +29,7 @@ from .diversity import COMPARISONS, GRANULARITIES
 from .errors import BPLError
 from .exporting import CALIBRATION_IMAGES, INT8_MAX_DROP, MIN_CALIBRATION_IMAGES
 from .partners import INITS, PARTNER_KINDS
-from .pruning import IMPORTANCES, LEVELS, SOFT_IMPORTANCES, SOFT_PARTNERS
+from .pruning import LEVELS, SOFT_PARTNERS, importance_names
 
 log = logging.getLogger("bpl")
 S = argparse.SUPPRESS
@@ -171,8 +171,9 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
                "again until the next re-pick) or masked (held at zero like the block's)")
     _flag(g, "from-scratch", action="store_true",
           help="train the pruned architecture from fresh weights instead of the baseline's")
-    _flag(g, "importance", choices=IMPORTANCES,
-          help=f"channel criterion; --soft takes {', '.join(SOFT_IMPORTANCES)}")
+    _flag(g, "importance", choices=importance_names(),
+          help="channel criterion (l2, the paper's filter norm, by default), for hard and "
+               "soft pruning alike")
     _flag(g, "global-pruning", action="store_true",
           help="rank channels across all layers instead of the same ratio in each")
     _flag(g, "accept-closest", action="store_true",

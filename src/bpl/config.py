@@ -19,7 +19,7 @@ from .diversity import COMPARISONS, GRANULARITIES
 from .engine import SCHEDULES
 from .errors import BPLError
 from .partners import INITS, PARTNER_KINDS, partner_kind
-from .pruning import SOFT_IMPORTANCES, SOFT_PARTNERS
+from .pruning import SOFT_PARTNERS, importance_names
 
 __all__ = [
     "CACHE_MODES",
@@ -427,8 +427,9 @@ def _check(cfg: Config) -> None:
         if cfg.accept_closest:
             raise BPLError("--soft reaches its cut within a point or stops with an error; "
                            "--accept-closest is for hard pruning: leave it out")
-    if cfg.soft and cfg.importance not in SOFT_IMPORTANCES:
-        raise BPLError(f"--soft takes --importance {', '.join(SOFT_IMPORTANCES)}, got {cfg.importance!r}")
+    if cfg.importance not in importance_names():
+        raise BPLError(f"--importance must be one of {', '.join(importance_names())}, got "
+                       f"{cfg.importance!r}")
     if cfg.round_to is not None and (
         isinstance(cfg.round_to, bool) or not isinstance(cfg.round_to, int) or cfg.round_to < 1
     ):

@@ -30,7 +30,14 @@ from ..modules import find_output_layers
 from .budget import LEVELS, BudgetResult, BudgetStep, prune_within, step_levels
 from .graph import deploy_macs
 from .hard import PruneReport, prune
-from .importance import IMPORTANCES, SOFT_IMPORTANCES, FilterNormImportance, make_importance
+from .importance import (
+    IMPORTANCES,
+    SOFT_IMPORTANCES,
+    FilterNormImportance,
+    importance_names,
+    make_importance,
+    register_importance,
+)
 from .soft import SOFT_PARTNERS, SoftPruner, SoftReport
 
 __all__ = [
@@ -47,7 +54,9 @@ __all__ = [
     "SoftReport",
     "deploy_macs",
     "find_output_layers",
+    "importance_names",
     "make_importance",
+    "register_importance",
     "prune",
     "prune_within",
     "step_levels",

@@ -15,6 +15,8 @@ from .graph import make_pruner
 __all__ = [
     "IMPORTANCES",
     "SOFT_IMPORTANCES",
+    "importance_names",
+    "register_importance",
     "CachedImportance",
     "FilterNormImportance",
     "add_filter_norms",
@@ -22,12 +24,6 @@ __all__ = [
     "score_groups",
 ]
 
-#: Importance criteria accepted by :func:`~bpl.pruning.prune` (a ``tp.importance.Importance`` works too).
-IMPORTANCES: tuple[str, ...] = (
-    "l2", "l1", "fpgm", "bn-scale", "random", "group-l2", "group-l1", "lamp",
-)
-#: Importance criteria accepted by :class:`~bpl.pruning.SoftPruner`.
-SOFT_IMPORTANCES: tuple[str, ...] = ("l2", "l1", "random")
 
 _FILTER_FNS = (
     tp.prune_conv_out_channels,
@@ -84,26 +80,48 @@ class FilterNormImportance(tp.importance.Importance):
         return total / mean if mean > 0 else total
 
 
+#: The criteria by name: each makes a Torch-Pruning importance, which scores a group of
+#: coupled channels. Hard pruning (:func:`~bpl.pruning.prune`), the soft schedule
+#: (:class:`~bpl.pruning.SoftPruner`) and ``--importance`` all read this one table.
+_CRITERIA: dict[str, Callable[[], tp.importance.Importance]] = {
+    "l2": lambda: FilterNormImportance(2),
+    "l1": lambda: FilterNormImportance(1),
+    "fpgm": lambda: tp.importance.FPGMImportance(p=2),
+    "bn-scale": tp.importance.BNScaleImportance,
+    "random": tp.importance.RandomImportance,
+    "group-l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "group-l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+    "lamp": tp.importance.LAMPImportance,
+}
+#: The built-in criteria (:func:`importance_names` also lists those registered since).
+IMPORTANCES: tuple[str, ...] = tuple(_CRITERIA)
+#: Deprecated: every criterion works with the soft schedule now (it was l2, l1, random).
+SOFT_IMPORTANCES: tuple[str, ...] = IMPORTANCES
+
+
+def importance_names() -> tuple[str, ...]:
+    """Every criterion name :func:`make_importance` knows, built in or registered."""
+    return tuple(_CRITERIA)
+
+
+def register_importance(name: str, factory: Callable[[], tp.importance.Importance]) -> None:
+    """Add a criterion: ``factory()`` returns a ``torch_pruning.importance.Importance``; from
+    then on ``prune``, ``SoftPruner`` and ``bpl compress --importance NAME`` take it."""
+    if name in _CRITERIA:
+        raise PruningError(f"importance {name!r} is already registered")
+    _CRITERIA[name] = factory
+
+
 def make_importance(importance: str | tp.importance.Importance) -> tp.importance.Importance:
-    """The Torch-Pruning importance object for a criterion name (see :data:`IMPORTANCES`)."""
+    """The Torch-Pruning importance object for a criterion name (see :func:`importance_names`)."""
     if isinstance(importance, tp.importance.Importance):
         return importance
-    factories: dict[str, Callable[[], tp.importance.Importance]] = {
-        "l2": lambda: FilterNormImportance(2),
-        "l1": lambda: FilterNormImportance(1),
-        "fpgm": lambda: tp.importance.FPGMImportance(p=2),
-        "bn-scale": tp.importance.BNScaleImportance,
-        "random": tp.importance.RandomImportance,
-        "group-l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-        "group-l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-        "lamp": tp.importance.LAMPImportance,
-    }
-    if not isinstance(importance, str) or importance not in factories:
+    if not isinstance(importance, str) or importance not in _CRITERIA:
         raise PruningError(
-            f"unknown importance {importance!r}; choose one of {', '.join(IMPORTANCES)} "
+            f"unknown importance {importance!r}; choose one of {', '.join(_CRITERIA)} "
             "or pass a torch_pruning.importance.Importance object"
         )
-    return factories[importance]()
+    return _CRITERIA[importance]()
 
 
 class CachedImportance(tp.importance.Importance):

@@ -26,7 +26,7 @@ from .graph import (
     deploy_macs,
     resolve_layers,
 )
-from .importance import SOFT_IMPORTANCES, add_filter_norms
+from .importance import make_importance
 from .search import over_round_to, search_ratio
 from .soft_groups import build_soft_groups, keep_count
 from .soft_masks import ChannelMasks
@@ -78,11 +78,7 @@ def _check_options(
         )
     if not isinstance(every, int) or every < 1:
         raise PruningError(f"every must be a positive number of epochs, got {every!r}")
-    if importance not in SOFT_IMPORTANCES:
-        raise PruningError(
-            f"unknown soft-pruning importance {importance!r}; choose one of "
-            f"{', '.join(SOFT_IMPORTANCES)}"
-        )
+    make_importance(importance)  # an unknown name: one line with the choices
     check_round_to(round_to)
     if partners not in SOFT_PARTNERS:
         raise PruningError(f"partners must be one of {', '.join(SOFT_PARTNERS)}, got {partners!r}")
@@ -99,8 +95,10 @@ class SoftPruner:
     grouped (non-depthwise) convs or with layers that cannot be zeroed exactly
     (anything but Conv/Linear/BatchNorm) are left alone and logged.
 
-    A channel is scored by the norm of its filters in all the group's convs and
-    Linears together (``"l2"``, the paper's choice; ``"l1"``; or ``"random"``). On an
+    A channel is scored by ``importance``, any criterion of hard pruning
+    (:func:`~bpl.pruning.importance_names`, or a Torch-Pruning importance object) over the
+    whole group: ``"l2"``, the paper's choice, is the norm of its filters in all the
+    group's convs and Linears together. On an
     update, the lowest ``1 - keep_ratio`` of each group are zeroed: conv/Linear
     weights and biases and both BNs' weight, bias and running mean, so the channel's
     output is exactly 0 in train and eval mode. Gradient hooks zero the masked rows'
@@ -134,7 +132,7 @@ class SoftPruner:
         keep_ratio: float | None = None,
         flops_reduction: float | None = None,
         every: int = 1,
-        importance: str = "l2",
+        importance: str | tp.importance.Importance = "l2",
         round_to: int | None = DEFAULT_ROUND_TO,
         ignored_layers: Iterable[LayerRef] | LayerRef | None = None,
         tolerance: float = 0.01,
@@ -161,7 +159,8 @@ class SoftPruner:
         ignored = list(dict.fromkeys(
             resolve_layers(model, ignored_layers) + find_output_layers(model, self.args)
         ))
-        self.groups = build_soft_groups(model, self.args, ignored)
+        self.groups, self._graph = build_soft_groups(model, self.args, ignored)
+        self._criterion = make_importance(importance)
         if not self.groups:
             raise PruningError(
                 f"no prunable channel group of {type(model).__name__} contains a partner block; "
@@ -205,18 +204,16 @@ class SoftPruner:
         self.apply()
 
     def scores(self) -> dict[str, torch.Tensor]:
-        """Current importance of each group's channels (keyed by the root conv's name)."""
+        """Current importance of each group's channels (keyed by the root conv's name), by the
+        criterion's own Torch-Pruning importance over the whole group: the channel's filters
+        in the block, its partner and every conv coupled with them (as hard pruning scores)."""
         out = {}
         for group in self.groups:
-            if self.importance == "random":
-                out[group.name] = torch.rand(group.size)
-                continue
-            p = 2 if self.importance == "l2" else 1
-            total = torch.zeros(group.size)
-            for sl in group.filters:
-                weight = sl.module.weight
-                add_filter_norms(total, weight, sl.idxs.to(weight.device), sl.root, p)
-            out[group.name] = total
+            coupled = self._graph.get_pruning_group(group.root, tp.prune_conv_out_channels,
+                                                    list(range(group.size)))
+            score = self._criterion(coupled)
+            out[group.name] = (torch.zeros(group.size) if score is None
+                               else score.detach().float().cpu())
         return out
 
     def update(self, final: bool = False) -> None:

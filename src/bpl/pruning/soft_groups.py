@@ -40,6 +40,7 @@ class SoftGroup:
     """One group of coupled channels, rooted at a partner block's conv, and its keep mask."""
 
     name: str  # root conv (a partner block's conv) in the extended model
+    root: nn.Module  # that conv
     deploy_name: str  # the same conv in the fused model
     size: int
     filters: list[Slice]
@@ -54,8 +55,9 @@ def keep_count(n: int, keep_ratio: float, round_to: int | None) -> int:
 
 def build_soft_groups(
     model: nn.Module, args: tuple[torch.Tensor, ...], ignored: list[str]
-) -> list[SoftGroup]:
-    """Every prunable group of ``model`` that contains a partner block and can be zeroed exactly."""
+) -> tuple[list[SoftGroup], tp.DependencyGraph]:
+    """Every prunable group of ``model`` that contains a partner block and can be zeroed
+    exactly, and the dependency graph they come from (to score them with any criterion)."""
     blocks = partner_blocks(model)
     block_of_conv = {id(b.conv): name for name, b in blocks}
     partner_ids = {id(m) for _, b in blocks for m in b.partner_modules()}
@@ -90,10 +92,11 @@ def build_soft_groups(
                                 torch.as_tensor(it.root_idxs, dtype=torch.long),
                                 partner=id(module) in partner_ids))
         groups.append(SoftGroup(
-            name=names[root], deploy_name=block_of_conv[id(root)], size=root.out_channels,
+            name=names[root], root=root, deploy_name=block_of_conv[id(root)],
+            size=root.out_channels,
             filters=filters, norms=norms, keep=torch.ones(root.out_channels, dtype=torch.bool),
         ))
-    return groups
+    return groups, dg
 
 
 def _unsupported(group: Any, dg: tp.DependencyGraph) -> str | None:
