@@ -94,7 +94,7 @@ def test_compress_with_distillation_split_partners_everywhere(baseline, tmp_path
         row["train_ce"] + row["train_distill"] + row["train_diversity"], rel=1e-6)
     last = torch.load(out / "last.pt", weights_only=False)["model"]
     # --placement all: the 1x1 shortcut convs and the stem got partners too
-    assert {"layer2.0.downsample.0", "conv1"} <= {conv for conv, _ in last["extended"]}
+    assert {"layer2.0.downsample.0", "conv1"} <= {site[0] for site in last["extended"]}
     assert metrics["fusion_error"] <= 1e-5
     kept = metrics["selected"]
     assert kept["epoch"] in (1, 2) and kept["of"] == 2 and "validation" in kept["why"]
