@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from scipy.stats import t as t_dist  # scipy: in bpl's dev extra (pip install -e .[dev])
 
-from bpl.diversity import partner_statistics
 from bpl.errors import BPLError
 from bpl.models import load_model
 from bpl.report import write_json
@@ -122,6 +121,8 @@ def partner_stats(run_dir: Path) -> dict[str, float]:
     over block kernel norm), ``partner_kernel_cos`` (raw kernels, what the paper's loss
     pushes towards -1) and ``partner_functional_cos`` (BN-folded kernels)."""
     model, _ = load_model(run_dir / "last.pt")
+    from bpl.diversity import partner_statistics  # here: old-bpl children import this file
+
     stats = partner_statistics(model)
     if not stats:
         raise BPLError(f"{run_dir / 'last.pt'} has no partner blocks")

@@ -340,10 +340,13 @@ def test_datasets_pickle_and_dataloader_workers(tmp_path):
 
 
 def test_error_missing_folder(tmp_path):
-    with pytest.raises(DataError, match=r"dataset folder not found: .*nowhere; pass root="):
+    with pytest.raises(DataError, match=r"dataset folder not found: .*nowhere; pass the folder "
+                                        r"with one sub-folder per class as root") as err:
         load_dataset("imagefolder", tmp_path / "nowhere")
-    with pytest.raises(DataError, match="imagefolder needs root="):
+    assert err.value.param == "root"
+    with pytest.raises(DataError, match="imagefolder needs the folder .* as root") as err:
         load_dataset("imagefolder")
+    assert err.value.param == "root"
     with pytest.raises(DataError, match="unknown dataset 'mnist'; choose one of ucm"):
         load_dataset("mnist", tmp_path)
 

@@ -248,10 +248,10 @@ def test_an_unwritable_or_full_cache_folder_is_one_clear_error(tmp_path, monkeyp
     root = _tree(tmp_path / "ds")
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
-    with pytest.raises(DataError, match=r"cannot write the image cache in .*cache_dir=.*"
+    with pytest.raises(DataError, match=r"cannot write the image cache in .*as cache_dir.*"
                                         r"cache='off'") as err:
         load_dataset("imagefolder", root, image_size=16, cache_dir=blocker / "sub")
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and err.value.param == "cache_dir"
     monkeypatch.setattr(cache_mod.shutil, "disk_usage",
                         lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000))
     with pytest.raises(DataError, match=r"needs about .* which has 0.0 MB free.*cache='off'"):

@@ -469,3 +469,25 @@ def test_a_compress_report_below_the_baseline_says_what_measurably_helped(tmp_pa
     assert "4.5 points below the baseline on validation" in low
     assert "`--epochs 40`" in low and "smaller `--flops-reduction`" in low
     assert "below the baseline on validation" not in report(84.0, 83.5)  # within a point
+
+
+def test_library_errors_carry_their_parameter_and_python_words():
+    """Outside the command, messages name Python keywords; ``error.param`` names the one at
+    fault; under the command's wording the same message names its flags, from its parser."""
+    from bpl.cli import build_parser, flag_words
+    from bpl.errors import BPLError, arg, wording
+    from bpl.pruning import step_levels
+
+    with pytest.raises(BPLError, match=r"^flops_reduction must be between 0 and 1") as err:
+        step_levels(1.5, 2)
+    assert err.value.param == "flops_reduction"
+    assert arg("accept_closest", True) == "accept_closest=True" and arg("round_to") == "round_to"
+    with wording(flag_words(build_parser())):
+        with pytest.raises(BPLError, match=r"^--flops-reduction must be between 0 and 1"):
+            step_levels(1.5, 2)
+        said = [arg("accept_closest", True), arg("round_to", 4), arg("root"),
+                arg("skip_bad", False), arg("cache", "off"), arg("kernel_sizes", None),
+                arg("partners", False), arg("no_such_parameter", 3)]
+    assert said == ["--accept-closest", "--round-to 4", "--data-root", "--no-skip-bad",
+                    "--cache off", "--placement all", "--no-partners", "no_such_parameter=3"]
+    assert arg("root") == "root"  # the command's wording ends with its block

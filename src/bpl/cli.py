@@ -10,12 +10,11 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .cli_words import FlagWording, in_flags
 from .config import (
     CACHE_MODES,
     PLACEMENTS,
@@ -26,7 +25,7 @@ from .config import (
     resolve_command,
 )
 from .diversity import COMPARISONS, GRANULARITIES
-from .errors import BPLError
+from .errors import NOTHING, BPLError, wording
 from .exporting import CALIBRATION_IMAGES, INT8_MAX_DROP, MIN_CALIBRATION_IMAGES
 from .partners import INITS, PARTNER_KINDS
 from .pruning import LEVELS, SOFT_PARTNERS, importance_names
@@ -530,19 +529,59 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+#: Library parameters the command sets under another name (the rest share their flag's dest).
+_PARAM_DEST = {"root": "data_root", "name": "data", "min_calibration": "calibration_images",
+               "steps": "prune_steps"}
+#: Library parameter values the command says with a flag of its own.
+_PARAM_WORDS = {("kernel_sizes", None): "--placement all", ("max_drop", None): "--force",
+                ("validation", NOTHING): "--split with the run's split.json",
+                ("num_classes", NOTHING): "the number of class folders"}
+
+
+def flag_words(parser: argparse.ArgumentParser) -> Callable[[str, Any], str | None]:
+    """How the command says a library parameter: the flag its own parser has for it
+    (``accept_closest=True`` -> ``--accept-closest``, ``round_to=4`` -> ``--round-to 4``);
+    None (Python's wording) for a parameter no flag sets."""
+    flags: dict[str, argparse.Action] = {}
+    parsers = [parser]
+    while parsers:
+        for action in parsers.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+            elif any(o.startswith("--") for o in action.option_strings):
+                flags.setdefault(action.dest, action)
+
+    def words(name: str, value: Any) -> str | None:
+        try:
+            special = _PARAM_WORDS.get((name, value))
+        except TypeError:  # an unhashable value
+            special = None
+        action = flags.get(_PARAM_DEST.get(name, name))
+        if special is not None or action is None:
+            return special
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if value is NOTHING:
+            return long[0]
+        if isinstance(action, argparse.BooleanOptionalAction):  # --skip-bad / --no-skip-bad
+            return long[0] if value else next(o for o in long if o.startswith("--no-"))
+        if action.nargs == 0:  # a switch: its flag says the one value it sets
+            return long[0] if value == action.const else None
+        return f"{long[0]} {value:g}" if isinstance(value, float) else f"{long[0]} {value}"
+
+    return words
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `bpl` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
     )
-    wording = FlagWording()
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(wording)
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), wording(flag_words(parser)):
             return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("bpl: interrupted; the last complete epoch is in last.pt, continue with --resume",
@@ -551,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BPLError, FileNotFoundError, NotADirectoryError) as exc:
         if args.debug:
             raise
-        print(f"bpl: error: {in_flags(str(exc))}", file=sys.stderr)
+        print(f"bpl: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a full or read-only disk, and the like: say which, and what to do
         if args.debug:

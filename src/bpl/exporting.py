@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from .errors import BPLError, InvalidArgumentError, VerificationError
+from .errors import BPLError, InvalidArgumentError, VerificationError, arg
 from .extension import partner_blocks
 from .files import atomic_path
 from .fusion import fold_batchnorm, fuse
@@ -169,7 +169,8 @@ def _calibration_arrays(calibration: Images | None, shape: torch.Size, fewest: i
     if count < fewest:
         raise InvalidArgumentError(
             f"only {count} calibration images, fewer than {fewest}: pass a few hundred of the "
-            f"training images, or min_calibration={count} to accept so few")
+            f"training images, or {arg('min_calibration', count)} to accept so few",
+            param="calibration")
     return arrays
 
 
@@ -213,15 +214,17 @@ def compare_top1(a: nn.Module, b: nn.Module, labelled: Images) -> dict[str, Any]
     with torch.inference_mode():
         for x, y in _batches(labelled):
             if y is None:
-                raise InvalidArgumentError("labelled images (validation=) must come as (images, "
-                                           "labels): top-1 needs the labels")
+                raise InvalidArgumentError(f"labelled images ({arg('validation')}) must come as "
+                                           "(images, labels): top-1 needs the labels",
+                                           param="validation")
             pa, pb = a(x).argmax(1), b(x).argmax(1)
             images += len(y)
             agree += int((pa == pb).sum())
             right_a += int((pa == y).sum())
             right_b += int((pb == y).sum())
     if not images:
-        raise InvalidArgumentError("no labelled images (validation=) to compare the models on")
+        raise InvalidArgumentError(f"no labelled images ({arg('validation')}) to compare the "
+                                   "models on", param="validation")
     return {"images": images, "top1_a": 100 * right_a / images, "top1_b": 100 * right_b / images,
             "agreement": 100 * agree / images, "lost": right_a - right_b}
 
@@ -240,8 +243,9 @@ def _int8_check(fp32: Path, int8: Path, validation: Images, max_drop: float | No
         raise VerificationError(
             f"the INT8 model loses {check['drop']:.2f} points of validation top-1 against fp32 "
             f"({fp32_top1:.2f}% -> {int8_top1:.2f}%, {seen['lost']} of {images} images), "
-            f"more than max_drop={max_drop:g}; nothing was written: calibrate on more, or more "
-            "typical, training images, or pass max_drop=None to write it anyway")
+            f"more than {arg('max_drop', max_drop)}; nothing was written: calibrate on more, or "
+            f"more typical, training images, or pass {arg('max_drop', None)} to write it anyway",
+            param="max_drop")
     return check
 
 
@@ -332,8 +336,8 @@ def export(
             result["int8_check"] = (None if validation is None
                                     else _int8_check(fp32, tmp, validation, max_drop))
             if validation is None:
-                log.warning("INT8 model written without an accuracy check: pass validation= "
-                            "labelled images to compare it with fp32")
+                log.warning("INT8 model written without an accuracy check: pass labelled "
+                            "images as %s to compare it with fp32", arg("validation"))
         if format == "onnx":
             deployed = fuse(reference) if fused else reference
             facts = {"precision": result["precision"], "macs": count_macs(deployed, x[:1]),

@@ -21,7 +21,7 @@ import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import BPLError, TraceError
+from .errors import BPLError, TraceError, arg
 from .partners import (
     DEFAULT_KIND,
     DEFAULT_SHARE,
@@ -261,8 +261,8 @@ def extend(
         what = "conv" if without_bn else "conv->BatchNorm2d pair"
         raise BPLError(
             f"{type(model).__name__} has no eligible {what} to extend "
-            f"({len(report.skipped)} convs skipped); pass kernel_sizes=None to accept every "
-            "kernel size" + ("" if without_bn else ", or without_bn=True for convs without BN")
+            f"({len(report.skipped)} convs skipped); pass {arg('kernel_sizes', None)} to accept "
+            "every kernel size" + ("" if without_bn else ", or without_bn=True for convs without BN")
         )
     if not inplace:
         model = copy.deepcopy(model)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..errors import CorruptImageError, DataError
+from ..errors import CorruptImageError, DataError, arg
 from ..files import exclusive_lock
 from .cachefile import (
     DATA_START,
@@ -183,7 +183,7 @@ def unreadable_error(root: Path, bad: Sequence[tuple[str, str]]) -> CorruptImage
     more = f" and {len(bad) - MAX_BAD_NAMED} more" if len(bad) > MAX_BAD_NAMED else ""
     return CorruptImageError(
         f"{len(bad)} unreadable image(s) under {root}: {named}{more}; replace or delete "
-        "them, or pass skip_bad=True to skip unreadable images",
+        f"them, or pass {arg('skip_bad', True)} to skip unreadable images",
         reason=f"{len(bad)} unreadable",
     )
 
@@ -241,7 +241,7 @@ def choose_mode(mode: str, nbytes: int, budget: float = DEFAULT_BUDGET) -> tuple
     (``LOCAL_WORLD_SIZE``) fits ``budget`` x the available memory.
     """
     if mode in ("memory", "mmap"):
-        return mode, f"asked for (cache='{mode}')"
+        return mode, f"asked for ({arg('cache', mode)})"
     procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     avail = available_memory()
     limit = budget * avail
@@ -250,7 +250,7 @@ def choose_mode(mode: str, nbytes: int, budget: float = DEFAULT_BUDGET) -> tuple
     fits = need <= limit
     return ("memory" if fits else "mmap"), (
         f"{_gb(nbytes)}{copies} {'fits' if fits else 'is over'} the memory budget of "
-        f"{_gb(limit)} (cache_budget={budget:g} of {_gb(avail)} available)")
+        f"{_gb(limit)} ({arg('cache_budget', budget)} of {_gb(avail)} available)")
 
 
 def cache_path(cache_dir: Path, name: str, size: int, key: str) -> Path:
@@ -272,8 +272,8 @@ def _complete(path: Path, key: str) -> CacheIndex | None:
 
 def _unwritable(cache_dir: Path, exc: OSError) -> DataError:
     return DataError(f"cannot write the image cache in {cache_dir} ({exc.strerror or exc}): pass "
-                     "cache_dir= a folder you may write, or cache='off' to decode every image "
-                     "when it is read")
+                     f"a folder you may write as {arg('cache_dir')}, or {arg('cache', 'off')} "
+                     "to decode every image when it is read", param="cache_dir")
 
 
 def build_cache(
@@ -292,7 +292,8 @@ def build_cache(
     built first if missing (by one process at a time: the others wait for it, then read it).
     """
     if mode not in ("auto", "memory", "mmap"):
-        raise DataError(f"cache must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
+        raise DataError(f"{arg('cache')} must be one of {', '.join(CACHE_MODES)}, got {mode!r}",
+                        param="cache")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = cache_key(root, relpaths, size)
     path = cache_path(cache_dir, name, size, key)
@@ -348,8 +349,9 @@ def _build(
     if free + written < estimate + (64 << 20):
         raise DataError(
             f"the image cache of {len(relpaths)} images at {size} px needs about "
-            f"{_gb(estimate)} in {path.parent}, which has {_gb(free)} free: pass cache_dir= a "
-            "folder on a larger disk, or cache='off' to decode every image when it is read")
+            f"{_gb(estimate)} in {path.parent}, which has {_gb(free)} free: pass a folder on a "
+            f"larger disk as {arg('cache_dir')}, or {arg('cache', 'off')} to decode every image "
+            "when it is read", param="cache_dir")
     try:
         writer = CacheWriter(path, key, name, size, root)
     except OSError as exc:
@@ -371,8 +373,9 @@ def _build(
         _stop(writer)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DataError(f"no space left for the image cache in {path.parent}: free some "
-                            "space, pass cache_dir= a folder on a larger disk, or cache='off'; "
-                            "the next run continues the cache where it stopped") from exc
+                            f"space, pass a folder on a larger disk as {arg('cache_dir')}, or "
+                            f"{arg('cache', 'off')}; the next run continues the cache where it "
+                            "stopped", param="cache_dir") from exc
         raise
     except BaseException:
         _stop(writer)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..errors import ChecksumError, DataError
+from ..errors import ChecksumError, DataError, arg
 from .registry import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -124,13 +124,15 @@ def resolve_root(spec: DatasetSpec, root: Path, download: bool, progress: bool =
     if download and not _has_files(root):
         if spec.url is None:
             raise DataError(
-                f"no download address is known for {spec.name}; download it by hand and pass root="
+                f"no download address is known for {spec.name}; download it by hand and pass "
+                f"its folder as {arg('root')}", param="download"
             )
         download_and_extract(spec.url, root, md5=spec.md5, sha256=spec.sha256, progress=progress)
     if not root.is_dir():
-        fix = " or pass download=True" if spec.url else ""
+        fix = f", or pass {arg('download', True)}" if spec.url else ""
         raise DataError(
-            f"dataset folder not found: {root}; pass root= the folder with one sub-folder per class{fix}"
+            f"dataset folder not found: {root}; pass the folder with one sub-folder per class as "
+            f"{arg('root')}{fix}", param="root"
         )
     for sub in spec.subdirs:
         if (root / sub).is_dir():

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from ..errors import CorruptImageError, DataError
+from ..errors import CorruptImageError, DataError, arg
 
 CROP_FRACTION = 0.875
 
@@ -48,7 +48,7 @@ def read_image(path: str | Path) -> torch.Tensor:
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         raise CorruptImageError(
             f"cannot read image {path} ({reason}); replace or delete the file, "
-            "or pass skip_bad=True to skip unreadable images", reason=reason,
+            f"or pass {arg('skip_bad', True)} to skip unreadable images", reason=reason,
         ) from exc
     return torch.from_numpy(arr).permute(2, 0, 1)  # channels-last strides: fast uint8 resize
 

@@ -15,7 +15,7 @@ import torch
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from ..errors import DataError
+from ..errors import DataError, arg
 from .cache import (
     CACHE_MODES,
     DEFAULT_BUDGET,
@@ -192,14 +192,16 @@ def load_dataset(
     """
     spec = get_spec(name)
     if image_size < 1:
-        raise DataError(f"image_size must be a positive number of pixels, got {image_size}")
+        raise DataError(f"{arg('image_size')} must be a positive number of pixels, got "
+                        f"{image_size}", param="image_size")
     split_path = Path(split_file) if split_file is not None else None
     split = read_split(split_path) if split_path is not None and split_path.exists() else None
     if split is not None:
         check_class_count(spec, len(split["classes"]), split_path)
     mode = {True: "auto", False: "off"}.get(cache, cache) if isinstance(cache, bool) else cache
     if mode not in CACHE_MODES:
-        raise DataError(f"cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
+        raise DataError(f"{arg('cache')} must be one of {', '.join(CACHE_MODES)}, got {cache!r}",
+                        param="cache")
     if not 0.0 <= cache_budget <= 1.0:
         raise DataError(f"cache_budget is a share of the available memory, from 0 to 1, got "
                         f"{cache_budget}")
@@ -235,7 +237,7 @@ def load_dataset(
     elif spec.name == "digits":
         data.cache_mode, data.cache_why = "bundled", "the digits ship decoded with bpl"
     else:
-        data.cache_why = f"asked for (cache={cache!r})"
+        data.cache_why = f"asked for ({arg('cache', cache)})"
     return data
 
 
@@ -272,7 +274,8 @@ def _locate(
         root = split["root"]
     if root is None:
         if spec.name == "imagefolder":
-            raise DataError("imagefolder needs root= the folder with one sub-folder per class")
+            raise DataError(f"imagefolder needs the folder with one sub-folder per class as "
+                            f"{arg('root')}", param="root")
         root = default_root(spec.name)
     data_root = resolve_root(spec, Path(root).expanduser(), download, progress)
     if split is None:
@@ -307,7 +310,7 @@ def _image_source(
         source, good = cached.source, cached.index.relpaths
         bad = [rel for rel, _ in cached.index.bad]
     else:
-        log.info("image cache: off (cache='off'): every image is decoded when it is read")
+        log.info("image cache: off (%s): every image is decoded when it is read", arg("cache", "off"))
         bad = find_bad(root, relpaths, size, True, progress) if skip_bad else []
         dropped = set(bad)
         good = [rel for rel in relpaths if rel not in dropped]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, arg
 from ..files import atomic_write_json
 from .images import IMAGE_EXTENSIONS
 from .registry import DatasetSpec
@@ -57,7 +57,8 @@ def _scan_classes(
 ) -> tuple[list[str], list[tuple[str, int]]]:
     """List ``root/<class>/**/<image>`` as (path relative to ``base``, label) pairs."""
     if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root}; pass root= an existing folder")
+        raise DataError(f"dataset folder not found: {root}; pass an existing folder as "
+                        f"{arg('root')}", param="root")
     found = _class_dirs(root)
     if not found:
         loose = [p for p in root.iterdir() if _is_image(p)]
@@ -122,7 +123,8 @@ def stratified_split(
 ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """Split each class separately (``round(n * ratio)`` to train), reproducibly for a seed."""
     if not 0.0 < train_ratio < 1.0:
-        raise DataError(f"train_ratio must be between 0 and 1 (exclusive), got {train_ratio}")
+        raise DataError(f"{arg('train_ratio')} must be between 0 and 1 (exclusive), got "
+                        f"{train_ratio}", param="train_ratio")
     by_class: dict[int, list[str]] = {}
     for rel, label in samples:
         by_class.setdefault(label, []).append(rel)
@@ -143,9 +145,11 @@ def split_train(
     """Keep ``train_subset`` of the training split (per class), then carve the validation
     split out of it; both fixed by the seed and recorded in ``split``."""
     if not 0.0 <= val_ratio < 1.0:
-        raise DataError(f"val_ratio must be in [0, 1), got {val_ratio}")
+        raise DataError(f"{arg('val_ratio')} must be at least 0 and below 1, got {val_ratio}",
+                        param="val_ratio")
     if train_subset is not None and not 0.0 < train_subset <= 1.0:
-        raise DataError(f"train_subset must be in (0, 1], got {train_subset}")
+        raise DataError(f"{arg('train_subset')} must be above 0 and at most 1, got "
+                        f"{train_subset}", param="train_subset")
     train = [tuple(s) for s in split["train"]]
     if train_subset is not None and train_subset < 1.0:
         train, left_out = stratified_split(train, train_subset, f"{seed}:subset")
@@ -201,7 +205,8 @@ def check_class_count(spec: DatasetSpec, n: int, where: Path | str) -> None:
     if spec.num_classes is not None and n != spec.num_classes:
         raise DataError(
             f"{spec.name} has {spec.num_classes} classes but {where} has {n}; "
-            f"point root at the folder holding all {spec.num_classes}, or use name='imagefolder'"
+            f"point {arg('root')} at the folder holding all {spec.num_classes}, or use "
+            f"{arg('name', 'imagefolder')}", param="root"
         )
 
 

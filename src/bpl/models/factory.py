@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from ..errors import BPLError, CheckpointError
+from ..errors import BPLError, CheckpointError, arg
 from ..modules import find_output_layers
 from .checkpoints import read_state_dict
 from .zoo import TINY, stock_model
@@ -105,7 +105,8 @@ def build_model(
     file is skipped and stays freshly initialised).
     """
     if not isinstance(num_classes, int) or num_classes < 1:
-        raise BPLError(f"num_classes must be a positive int, got {num_classes!r}")
+        raise BPLError(f"{arg('num_classes')} must be a positive int, got {num_classes!r}",
+                       param="num_classes")
     if weights is not None:
         model = stock_model(arch, num_classes)
         _load_weights(model, Path(weights), num_classes)

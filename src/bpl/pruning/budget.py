@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import InvalidArgumentError, PruningError
+from ..errors import InvalidArgumentError, PruningError, arg
 from .graph import Inputs, deploy_macs
 from .hard import prune
 
@@ -41,9 +41,11 @@ def step_levels(flops_reduction: float, steps: int) -> list[float]:
     """
     if not 0.0 < flops_reduction < 1.0:
         raise InvalidArgumentError(
-            f"flops_reduction must be between 0 and 1 (exclusive), got {flops_reduction}")
+            f"{arg('flops_reduction')} must be between 0 and 1 (exclusive), got {flops_reduction}",
+            param="flops_reduction")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InvalidArgumentError(f"steps must be a whole number of at least 1, got {steps!r}")
+        raise InvalidArgumentError(f"steps must be a whole number of at least 1, got {steps!r}",
+                                   param="steps")
     return [1 - (1 - flops_reduction) ** (k / steps) for k in range(1, steps + 1)]
 
 
@@ -108,7 +110,8 @@ def prune_within(
     recovered model of its last step within the budget.
     """
     if not max_drop >= 0:
-        raise InvalidArgumentError(f"max_drop must be 0 or more points, got {max_drop}")
+        raise InvalidArgumentError(f"{arg('max_drop')} must be 0 or more points, got {max_drop}",
+                                   param="max_drop")
     if not levels or any(not 0 <= a < b < 1 for a, b in zip((0.0, *levels), levels, strict=False)):
         raise InvalidArgumentError(
             f"levels must rise strictly between 0 and 1, got {list(levels)}")

@@ -14,7 +14,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import PruningError
+from ..errors import PruningError, arg
 from ..extension import partner_blocks
 from ..fusion import fuse
 from ..modules import Inputs, Scratch, as_args, eval_mode
@@ -219,7 +219,8 @@ def dependency_graph(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tp.Dep
 def check_fraction(value: float, what: str, example: str) -> float:
     """``value`` as a float strictly between 0 and 1, else a PruningError naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise PruningError(f"{what} must be a number strictly between 0 and 1, got {value!r}; {example}")
+        raise PruningError(f"{arg(what)} must be a number strictly between 0 and 1, got {value!r}; "
+                           f"{example}", param=what)
     return float(value)
 
 
@@ -229,5 +230,5 @@ def check_round_to(round_to: int | None) -> None:
         isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
     ):
         raise PruningError(
-            f"round_to must be a positive int (1 or None: no rounding), got {round_to!r}"
-        )
+            f"{arg('round_to')} must be a positive whole number (1 or None: no rounding), got "
+            f"{round_to!r}", param="round_to")

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import TypeVar
 
-from ..errors import PruningError
+from ..errors import PruningError, arg
 
 __all__ = ["ROUNDED_MAX_RATIO", "UNREACHABLE", "max_local_ratio", "over_round_to",
            "search_ratio"]
@@ -40,9 +40,9 @@ def over_round_to(
         except PruningError:
             if last:
                 raise
-            log.warning("round_to=%d cannot reach a %.2f%% MAC reduction on %s within %.1f "
-                        "points; trying round_to=%d", current, 100 * target, what,
-                        100 * tolerance, candidates[i + 1])
+            log.warning("%s cannot reach a %.2f%% MAC reduction on %s within %.1f points; "
+                        "trying %s", arg("round_to", current), 100 * target, what,
+                        100 * tolerance, arg("round_to", candidates[i + 1]))
     raise AssertionError("unreachable: round_to_fallbacks is never empty")
 
 
@@ -88,8 +88,8 @@ def search_ratio(
                     raise PruningError(
                         f"a {100 * target:.2f}% MAC reduction cannot be reached: the most this "
                         f"model allows is {100 * f:.2f}% (the maximum {knob}, {p_max:.4f}); ask "
-                        f"for flops_reduction={math.floor(f * 1e4) / 1e4:g} or less, or pass "
-                        "accept_closest=True to take the closest"
+                        f"for {arg('flops_reduction', math.floor(f * 1e4) / 1e4)} or less, or pass "
+                        f"{arg('accept_closest', True)} to take the closest", param="flops_reduction"
                     )
                 break
         else:
@@ -115,8 +115,9 @@ def search_ratio(
         raise PruningError(
             f"no {knob} gives a MAC reduction within {100 * tolerance:.1f} points of "
             f"{100 * target:.2f}% (closest: {100 * f:.2f}% at {p:.4f}); the reachable "
-            "reductions jump in coarse steps here: use global pruning (--global-pruning), a "
-            "smaller round_to, another target, or pass accept_closest=True to take the closest"
+            f"reductions jump in coarse steps here: use global pruning "
+            f"({arg('global_pruning', True)}), a smaller {arg('round_to')}, another target, or "
+            f"pass {arg('accept_closest', True)} to take the closest", param="flops_reduction"
         )
     if abs(f - target) > tolerance / 4:
         log.warning("MAC reduction %.2f%% instead of the %.2f%% asked (the closest reachable)",
