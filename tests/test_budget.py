@@ -130,7 +130,7 @@ def test_prune_steps_is_for_a_fixed_cut():
     assert resolve_config().prune_steps == 1  # one-shot by default
     with pytest.raises(BPLError, match="only with a fixed --flops-reduction"):
         resolve_config(overrides={"max_drop": 1.0, "prune_steps": 3})
-    with pytest.raises(BPLError, match="--prune-steps or --soft"):
+    with pytest.raises(BPLError, match="--prune-steps cuts in hard steps .* --soft"):
         resolve_config(overrides={"flops_reduction": 0.9, "prune_steps": 3, "soft": True})
     for bad in (0, 1.5, True):
         with pytest.raises(BPLError, match="--prune-steps must be a whole number"):

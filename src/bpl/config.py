@@ -33,6 +33,9 @@ __all__ = [
     "RESUME_SAFE",
     "SCHEDULES",
     "SELECT",
+    "STRATEGIES",
+    "Strategy",
+    "strategy_of",
     "load_config_file",
     "resolve_config",
     "resume_config",
@@ -284,6 +287,85 @@ def _resolve(base: dict[str, Any], from_file: dict[str, Any],
     return cfg
 
 
+@dataclass(frozen=True)
+class Strategy:
+    """One way `bpl compress` cuts a model: the flag that picks it, the options of
+    :data:`CUT_OPTIONS` it honours (the config refuses the others), and whether it runs
+    under torchrun."""
+
+    name: str
+    picked_by: str
+    summary: str
+    honours: frozenset[str]
+    distributed: bool = True
+    #: Why an option it does not honour cannot apply: the refusal's words.
+    refusals: dict[str, str] = field(default_factory=dict)
+
+
+#: The options that pick a strategy or that only some strategies honour.
+CUT_OPTIONS = frozenset({"flops_reduction", "max_drop", "prune_steps", "soft", "accept_closest",
+                         "global_pruning", "soft_every", "soft_partners", "from_scratch",
+                         "partners"})
+_ONE_TARGET = ("give --flops-reduction (a fixed cut) or --max-drop (the smallest model within a "
+               "budget), not both")
+_HARD_STEPS = ("cuts in hard steps and cannot run the soft schedule of --soft; leave out one of "
+               "the two")
+_SCRATCH = ("--from-scratch trains the pruned architecture once from fresh weights; --max-drop "
+            "and --prune-steps recover trained weights step by step: leave out one of them")
+_CLOSEST = "takes the closest reachable cut at every step already: leave out --accept-closest"
+
+#: The ways `bpl compress` cuts, by name; :func:`strategy_of` says which a config picks.
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("hard", "--flops-reduction", "prune once to a MACs cut, then recover",
+             frozenset({"flops_reduction", "accept_closest", "global_pruning", "from_scratch",
+                        "partners"})),
+    Strategy("steps", "--prune-steps", "reach a MACs cut in several cuts, each recovered",
+             frozenset({"flops_reduction", "prune_steps", "global_pruning", "partners"}),
+             distributed=False,
+             refusals={"from_scratch": _SCRATCH, "accept_closest": f"--prune-steps {_CLOSEST}"}),
+    Strategy("budget", "--max-drop", "the smallest model within a validation budget, in steps",
+             frozenset({"max_drop", "global_pruning", "partners"}), distributed=False,
+             refusals={"flops_reduction": _ONE_TARGET, "from_scratch": _SCRATCH,
+                       "prune_steps": "--max-drop cuts in its own steps (bpl.LEVELS); give "
+                                      "--prune-steps only with a fixed --flops-reduction",
+                       "accept_closest": f"--max-drop {_CLOSEST}"}),
+    Strategy("soft", "--soft", "zero the weakest filters while training, remove them at the end",
+             frozenset({"flops_reduction", "soft", "soft_every", "soft_partners",
+                        "from_scratch"}),
+             refusals={
+                 "partners": "--soft zeroes the filters of each block and its partner (the "
+                             "reference recipe), so it always trains partners: leave out "
+                             "--no-partners, or --soft",
+                 "global_pruning": "--soft picks filters layer by layer, as the reference code "
+                                   "does; --global-pruning is for hard pruning: leave out one "
+                                   "of the two",
+                 "accept_closest": "--soft reaches its cut within a point or stops with an "
+                                   "error; --accept-closest is for hard pruning: leave it out",
+                 "max_drop": f"--max-drop {_HARD_STEPS}",
+                 "prune_steps": f"--prune-steps {_HARD_STEPS}"}),
+)}
+
+
+def strategy_of(cfg: Config) -> Strategy:
+    """The strategy a compress config picks: ``--soft``, ``--max-drop``, ``--prune-steps``
+    above 1, or one hard cut to ``--flops-reduction``."""
+    if cfg.soft:
+        return STRATEGIES["soft"]
+    if cfg.max_drop is not None:
+        return STRATEGIES["budget"]
+    return STRATEGIES["steps" if cfg.prune_steps > 1 else "hard"]
+
+
+def _check_strategy(cfg: Config) -> None:
+    """Refuse an option the picked strategy would ignore (one set away from its default)."""
+    strategy = strategy_of(cfg)
+    for name in sorted(CUT_OPTIONS - strategy.honours):
+        if getattr(cfg, name) != _FIELDS[name].default:
+            raise BPLError(strategy.refusals.get(name) or (
+                f"{strategy.picked_by} ({strategy.summary}) does not use {_flag(name)}: leave "
+                "it out"))
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -355,30 +437,17 @@ def _check(cfg: Config) -> None:
         raise BPLError(
             f"--flops-reduction must be between 0 and 1 (exclusive), got {cfg.flops_reduction}"
         )
-    if cfg.max_drop is not None:
-        if cfg.flops_reduction is not None:
-            raise BPLError("give --flops-reduction (a fixed cut) or --max-drop (the smallest model "
-                           "within a budget), not both")
-        if not 0.0 <= cfg.max_drop < 100.0:
-            raise BPLError(f"--max-drop is in points of validation top-1, from 0 to 100, got "
-                           f"{cfg.max_drop}")
-        if cfg.soft:
-            raise BPLError("--max-drop prunes in hard steps and cannot run the soft schedule; "
-                           "give --soft a fixed --flops-reduction, or leave --soft out")
-        if cfg.val_ratio == 0:
-            raise BPLError("--max-drop judges each step on the validation split: pass "
-                           "--val-ratio above 0")
+    if cfg.max_drop is not None and not 0.0 <= cfg.max_drop < 100.0:
+        raise BPLError(f"--max-drop is in points of validation top-1, from 0 to 100, got "
+                       f"{cfg.max_drop}")
+    if cfg.max_drop is not None and cfg.val_ratio == 0:
+        raise BPLError("--max-drop judges each step on the validation split: pass "
+                       "--val-ratio above 0")
     if (isinstance(cfg.prune_steps, bool) or not isinstance(cfg.prune_steps, int)
             or cfg.prune_steps < 1):
         raise BPLError(f"--prune-steps must be a whole number of at least 1, got "
                        f"{cfg.prune_steps!r}")
-    if cfg.prune_steps > 1:
-        if cfg.max_drop is not None:
-            raise BPLError("--max-drop cuts in its own steps (bpl.LEVELS); give --prune-steps "
-                           "only with a fixed --flops-reduction")
-        if cfg.soft:
-            raise BPLError("--prune-steps cuts in hard steps and cannot run the soft schedule; "
-                           "leave out --prune-steps or --soft")
+    _check_strategy(cfg)
     if cfg.epochs != "auto" and (isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, int)
                                  or cfg.epochs < 1):
         raise BPLError(f"--epochs must be a whole number of at least 1, or auto, got {cfg.epochs!r}")
@@ -416,17 +485,6 @@ def _check(cfg: Config) -> None:
     if cfg.granularity not in GRANULARITIES:
         raise BPLError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got "
                        f"{cfg.granularity!r}")
-    if cfg.soft:  # what the soft schedule cannot honour is refused, not ignored
-        if not cfg.partners:
-            raise BPLError("--soft zeroes the filters of each block and its partner (the "
-                           "reference recipe), so it always trains partners: leave out "
-                           "--no-partners, or --soft")
-        if cfg.global_pruning:
-            raise BPLError("--soft picks filters layer by layer, as the reference code does; "
-                           "--global-pruning is for hard pruning: leave out one of the two")
-        if cfg.accept_closest:
-            raise BPLError("--soft reaches its cut within a point or stops with an error; "
-                           "--accept-closest is for hard pruning: leave it out")
     if cfg.importance not in importance_names():
         raise BPLError(f"--importance must be one of {', '.join(importance_names())}, got "
                        f"{cfg.importance!r}")
@@ -449,10 +507,6 @@ def _check(cfg: Config) -> None:
     if cfg.soft_partners not in SOFT_PARTNERS:
         raise BPLError(f"--soft-partners must be one of {', '.join(SOFT_PARTNERS)}, got "
                        f"{cfg.soft_partners!r}")
-    if cfg.from_scratch and (cfg.max_drop is not None or cfg.prune_steps > 1):
-        raise BPLError("--from-scratch trains the pruned architecture once from fresh weights; "
-                       "--max-drop and --prune-steps recover trained weights step by step: leave "
-                       "out one of them")
     if cfg.distill_temperature <= 0 or cfg.distill_weight < 0:
         raise BPLError(
             "--distill-temperature must be positive and --distill-weight 0 or more, got "

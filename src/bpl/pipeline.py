@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from . import distributed
-from .config import PLACEMENTS, Config, run_dir_of
+from .config import PLACEMENTS, Config, run_dir_of, strategy_of
 from .data import load_dataset
 from .data.cache import DEFAULT_BUDGET
 from .distill import Distillation
@@ -383,12 +383,13 @@ def compress(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         raise BPLError("compress needs a target: --flops-reduction R (remove that fraction of the "
                        "MACs, e.g. 0.74) or --max-drop P (the smallest model within P points of "
                        "the baseline's validation top-1)")
-    stepwise = cfg.max_drop is not None or cfg.prune_steps > 1
-    if stepwise and distributed.current().enabled:
-        raise BPLError("--max-drop and --prune-steps run in one process for now; run them "
-                       "without torchrun, or give a one-step --flops-reduction")
+    strategy = strategy_of(cfg)
+    if not strategy.distributed and distributed.current().enabled:
+        raise BPLError(f"{strategy.picked_by} runs in one process for now; run it without "
+                       "torchrun, or give a one-step --flops-reduction")
     cfg.arch = base_meta.get("arch", cfg.arch)
-    job = _compress_in_steps if stepwise else _compress
+    job = {"hard": _compress, "soft": _compress, "steps": _compress_in_steps,
+           "budget": _compress_in_steps}[strategy.name]
     with _run(cfg, "compress") as run_dir:
         return job(cfg, run_dir, baseline, base_meta, progress)
 

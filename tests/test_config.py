@@ -1,0 +1,46 @@
+"""The config refuses what the picked compress strategy would ignore (issue 28)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bpl.config import CUT_OPTIONS, STRATEGIES, resolve_config, strategy_of
+from bpl.errors import BPLError
+
+#: A value away from the default for each option of CUT_OPTIONS.
+SET = {"flops_reduction": 0.5, "max_drop": 1.0, "prune_steps": 3, "soft": True,
+       "accept_closest": True, "global_pruning": True, "soft_every": 2,
+       "soft_partners": "masked", "from_scratch": True, "partners": False}
+#: What picks each strategy.
+PICK = {"hard": {"flops_reduction": 0.5}, "steps": {"flops_reduction": 0.5, "prune_steps": 3},
+        "budget": {"max_drop": 1.0}, "soft": {"flops_reduction": 0.5, "soft": True}}
+
+
+def test_every_cut_option_has_a_value_to_try():
+    assert set(SET) == CUT_OPTIONS and set(PICK) == set(STRATEGIES)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_a_strategy_takes_what_it_honours_and_refuses_the_rest(name):
+    strategy = STRATEGIES[name]
+    assert strategy_of(resolve_config(overrides=PICK[name])) is strategy
+    for option in sorted(CUT_OPTIONS):
+        given = {**PICK[name], option: SET[option]}
+        if option in PICK[name]:
+            continue
+        if option in strategy.honours:
+            assert strategy_of(resolve_config(overrides=given)) is strategy, option
+        elif option not in {"soft", "max_drop", "prune_steps"} or name in ("soft", "budget"):
+            # (soft, max_drop and prune_steps pick another strategy unless one ranks higher)
+            with pytest.raises(BPLError) as err:
+                resolve_config(overrides=given)
+            message = str(err.value)
+            assert "\n" not in message and "--" + option.replace("_", "-") in message.replace(
+                "--no-partners", "--partners"), (name, option, message)
+
+
+def test_the_soft_refusals_name_the_reference_recipe():
+    with pytest.raises(BPLError, match="--soft zeroes the filters of each block and its partner"):
+        resolve_config(overrides={"soft": True, "flops_reduction": 0.5, "partners": False})
+    with pytest.raises(BPLError, match="not both"):
+        resolve_config(overrides={"max_drop": 1.0, "flops_reduction": 0.5})
