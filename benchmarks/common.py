@@ -135,9 +135,13 @@ def check_same_protocol(run_dir: Path, cfg) -> None:
     saved_path = run_dir / "config.json"
     if not saved_path.exists():
         return
+    from bpl.config import unused_options  # here: old-bpl children import this file
+
     saved = json.loads(saved_path.read_text())
     new = cfg.to_dict()
-    diff = sorted(k for k in new if k not in NOT_PROTOCOL and k in saved and saved[k] != new[k])
+    unused = unused_options(cfg)  # options the run's strategy never read
+    diff = sorted(k for k in new if k not in NOT_PROTOCOL | unused and k in saved
+                  and saved[k] != new[k])
     if diff:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {new[k]!r}" for k in diff[:5])
         raise BPLError(f"{run_dir} was run with other settings ({detail}); pass another output "

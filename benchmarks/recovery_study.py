@@ -55,7 +55,7 @@ from typing import Any
 import torch
 import yaml
 
-from bpl.config import Config, resolve_config
+from bpl.config import Config, resolve_command
 from bpl.distill import Distillation
 from bpl.diversity import diversity_loss
 from bpl.engine import Step
@@ -213,7 +213,7 @@ def run_config(settings: dict[str, Any], dataset: str, seed: int,
     values.update(data=dataset, data_root=spec.get("data_root"), image_size=int(spec["image_size"]),
                   train_subset=spec.get("train_subset"), arch=settings["arch"], seed=int(seed),
                   out=str(out), cache_dir=str(Path(settings["out"]) / "cache"))
-    return resolve_config(overrides=values)
+    return resolve_command("train" if reduction is None else "compress", values)
 
 
 # --------------------------------------------------------------------------- running

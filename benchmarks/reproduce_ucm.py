@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from bpl.config import Config, read_options_file, resolve_config
+from bpl.config import Config, read_options_file, resolve_command
 from bpl.errors import BPLError
 from bpl.models import load_model
 from bpl.pipeline import compress, train_baseline
@@ -265,6 +265,8 @@ def run_fields(settings: dict[str, Any], seed: int, arm: Arm, run_dir: Path) -> 
         fields["baseline"] = str(run_dir.parent / "A" / "last.pt")
         fields["flops_reduction"] = float(settings["flops_reduction"])
         fields.update(arm.fields)
+        if not fields.get("soft"):  # the soft schedule's settings are for the soft arm
+            fields = {k: v for k, v in fields.items() if k not in ("soft_every", "soft_partners")}
     fields.update(
         data=settings["data"],
         data_root=settings["data_root"],
@@ -293,7 +295,7 @@ def run_one(settings: dict[str, Any], seed: int, arm: Arm, *, progress: bool,
     fields = run_fields(settings, seed, arm, run_dir)
     finished = (run_dir / "metrics.json").exists()
     resume = not finished and (run_dir / "last.pt").exists()
-    cfg = resolve_config(overrides={**fields, "resume": resume})
+    cfg = resolve_command(arm.command, {**fields, "resume": resume})
     check_same_protocol(run_dir, cfg)
     if finished:
         log.info("seed %d arm %s (%s): finished earlier, skipped", seed, arm.key, arm.label)
@@ -553,7 +555,7 @@ def plan(settings: dict[str, Any]) -> list[dict[str, Any]]:
     for seed in settings["seeds"]:
         for key in settings["arms"]:
             run_dir = Path(settings["out"]) / f"seed{seed}" / key
-            cfg = resolve_config(overrides=run_fields(settings, seed, ARMS[key], run_dir))
+            cfg = resolve_command(ARMS[key].command, run_fields(settings, seed, ARMS[key], run_dir))
             state = ("finished" if (run_dir / "metrics.json").exists()
                      else "cut off, will resume" if (run_dir / "last.pt").exists() else "to run")
             runs.append({"seed": seed, "arm": key, "state": state, "config": cfg.to_dict()})

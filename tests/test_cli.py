@@ -467,7 +467,7 @@ def test_unreachable_target_is_an_error(baseline, tmp_path, capsys):
     assert not (tmp_path / "r").exists()  # a failed run leaves nothing behind
     assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--round-to", "0",
                    "--out", tmp_path / "r") == 1
-    assert "--round-to must be a positive whole number (1: no rounding)" in capsys.readouterr().err
+    assert "--round-to must be a positive whole number (1 or None: no rounding)" in capsys.readouterr().err
 
 
 def test_existing_run_directory_is_not_clobbered(baseline, capsys):

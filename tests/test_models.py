@@ -249,3 +249,23 @@ def test_replace_classifier_of_vgg_and_mobilenet(arch, head):
         else:
             assert torch.equal(value, before[key]), key
     assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_compress_config_reads_the_baselines_meta_without_its_weights(tmp_path, monkeypatch):
+    """resolve_command takes the baseline's data and image size from its meta; the weights
+    are mapped, not read (compress reads the file once, for the model)."""
+    from bpl.config import resolve_command
+    from bpl.models import load_checkpoint, save_model
+    from bpl.models.checkpoints import read_meta
+
+    path = tmp_path / "b.pt"
+    save_model(path, bpl.build_model("tiny_resnet", 10), arch="tiny_resnet", num_classes=10,
+               meta={"data": "digits", "image_size": 24})
+    assert read_meta(path) == load_checkpoint(path, model_only=True)["meta"]
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("mmap")) or real(*a, **k))
+    cfg = resolve_command("compress", {"baseline": str(path), "flops_reduction": 0.5})
+    assert (cfg.data, cfg.image_size) == ("digits", 24) and calls == [True]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert read_meta(tmp_path / "junk.pt") == {}

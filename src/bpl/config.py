@@ -20,6 +20,7 @@ from .engine import SCHEDULES
 from .errors import BPLError
 from .partners import INITS, PARTNER_KINDS, partner_kind
 from .pruning import SOFT_PARTNERS, importance_names
+from .pruning.graph import check_round_to
 
 __all__ = [
     "CACHE_MODES",
@@ -36,6 +37,7 @@ __all__ = [
     "STRATEGIES",
     "Strategy",
     "strategy_of",
+    "unused_options",
     "load_config_file",
     "resolve_config",
     "resume_config",
@@ -231,13 +233,10 @@ def baseline_defaults(given: dict[str, Any]) -> dict[str, Any]:
     """The data and image size the baseline of ``given`` was trained on (from its
     checkpoint's meta): compress's defaults for them. A folder of the user's own
     (``data_root``) replaces the baseline's data entirely."""
-    from .models import load_checkpoint  # models import nothing of the config
+    from .models.checkpoints import read_meta  # models import nothing of the config
 
     path = given.get("baseline")
-    try:
-        meta = load_checkpoint(path, model_only=True).get("meta", {}) if path else {}
-    except BPLError:
-        return {}  # compress itself says what is wrong with the file
+    meta = read_meta(path) if path else {}  # its weights are read once, by compress
     keys = ("image_size",) if "data_root" in given else ("data", "data_root", "image_size")
     return {k: meta[k] for k in keys if meta.get(k) is not None}
 
@@ -356,10 +355,15 @@ def strategy_of(cfg: Config) -> Strategy:
     return STRATEGIES["steps" if cfg.prune_steps > 1 else "hard"]
 
 
+def unused_options(cfg: Config) -> frozenset[str]:
+    """The options of :data:`CUT_OPTIONS` that the strategy ``cfg`` picks does not use."""
+    return CUT_OPTIONS - strategy_of(cfg).honours
+
+
 def _check_strategy(cfg: Config) -> None:
     """Refuse an option the picked strategy would ignore (one set away from its default)."""
     strategy = strategy_of(cfg)
-    for name in sorted(CUT_OPTIONS - strategy.honours):
+    for name in sorted(unused_options(cfg)):
         if getattr(cfg, name) != _FIELDS[name].default:
             raise BPLError(strategy.refusals.get(name) or (
                 f"{strategy.picked_by} ({strategy.summary}) does not use {_flag(name)}: leave "
@@ -406,6 +410,8 @@ def resume_config(run_dir: str | Path, command: str, overrides: dict[str, Any]) 
     values = {**saved, **{k: v for k, v in overrides.items() if k in RESUME_SAFE}}
     values.update(out=str(run_dir), resume=True)
     cfg = Config(**values)
+    for name in unused_options(cfg):  # saved by an older bpl; never used
+        setattr(cfg, name, _FIELDS[name].default)
     _check(cfg)
     return cfg
 
@@ -488,11 +494,7 @@ def _check(cfg: Config) -> None:
     if cfg.importance not in importance_names():
         raise BPLError(f"--importance must be one of {', '.join(importance_names())}, got "
                        f"{cfg.importance!r}")
-    if cfg.round_to is not None and (
-        isinstance(cfg.round_to, bool) or not isinstance(cfg.round_to, int) or cfg.round_to < 1
-    ):
-        raise BPLError(f"--round-to must be a positive whole number (1: no rounding), got "
-                       f"{cfg.round_to!r}")
+    check_round_to(cfg.round_to)  # pruning's own check
     if cfg.init not in INITS:
         raise BPLError(f"--init must be one of {', '.join(INITS)}, got {cfg.init!r}")
     if cfg.partner not in PARTNER_KINDS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -200,11 +201,13 @@ def _numpy_safe_globals() -> list[Any]:
     return [_reconstruct, np.ndarray, np.dtype, *{type(np.dtype(k)) for k in kinds}]
 
 
-def _load_file(path: Path, map_location: Any = "cpu") -> Any:
+def _load_file(path: Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
+            if mmap and zipfile.is_zipfile(path):  # tensors mapped, their bytes left unread
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise CheckpointError(_unreadable(path, exc)) from None
@@ -213,8 +216,6 @@ def _load_file(path: Path, map_location: Any = "cpu") -> Any:
 def _unreadable(path: Path, exc: Exception) -> str:
     """What ``path`` is not, and what to pass instead (never "load it with weights_only=False":
     unpickling a file that is not a checkpoint can run any code in it)."""
-    import zipfile
-
     text = str(exc)
     if zipfile.is_zipfile(path) and "weights_only" in text.replace("Weights only", "weights_only"):
         return (
@@ -256,6 +257,18 @@ def load_checkpoint(
         f"{path} is not a bpl checkpoint (no format={CHECKPOINT_FORMAT!r} field); write it "
         "with bpl.save_model, or load plain weights with build_model(weights=PATH)"
     )
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta`` of the model in a checkpoint bpl wrote, without reading its weights
+    (they are memory-mapped, not read); ``{}`` for any other file."""
+    path = Path(path)
+    try:
+        obj = _load_file(path, "cpu", mmap=True)
+    except CheckpointError:
+        return {}
+    payload = obj if _is_payload(obj) else obj.get("model") if isinstance(obj, Mapping) else None
+    return dict(payload.get("meta") or {}) if _is_payload(payload) else {}
 
 
 def model_from_payload(payload: Mapping[str, Any], *, source: str = "checkpoint") -> tuple[nn.Module, dict]:
