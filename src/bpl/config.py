@@ -16,7 +16,7 @@ from typing import Any
 
 from .data.cache import CACHE_MODES, DEFAULT_BUDGET
 from .diversity import COMPARISONS, GRANULARITIES
-from .engine import SCHEDULES
+from .engine import SCHEDULES, TrainSettings
 from .errors import BPLError
 from .partners import INITS, PARTNER_KINDS, partner_kind
 from .pruning import SOFT_PARTNERS, importance_names
@@ -50,9 +50,18 @@ SELECT: tuple[str, ...] = ("best", "last")
 
 
 @dataclass
-class Config:
-    """Everything a `bpl train` / `bpl compress` run needs; see ``bpl <command> --help``."""
+class Config(TrainSettings):
+    """Everything a `bpl train` / `bpl compress` run needs; see ``bpl <command> --help``.
 
+    Built on the engine's :class:`~bpl.engine.TrainSettings` (how :func:`~bpl.engine.fit`
+    optimises: epochs, batch size, learning rate and schedule, precision, workers, seed),
+    which it extends with the data, the model, compression and where the run goes.
+    """
+
+    # optimisation: the engine's, except that --epochs may be "auto"
+    epochs: int | str = 10  # or "auto": until validation top-1 stops improving (plateau schedule)
+    max_epochs: int = 300  # the cap of --epochs auto
+    recipe: str | None = None
     # data
     data: str = "digits"
     data_root: str | None = None
@@ -70,23 +79,6 @@ class Config:
     weights: str | None = None
     pretrained: bool = False
     baseline: str | None = None
-    # optimisation
-    recipe: str | None = None
-    epochs: int | str = 10  # or "auto": until validation top-1 stops improving (plateau schedule)
-    max_epochs: int = 300  # the cap of --epochs auto
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    gamma: float = 0.1
-    warmup_epochs: int = 0
-    patience: int = 10  # seed-0 pilot: 5 stopped baselines early (docs/results.md)
-    min_gain: float = 0.0
-    decays: int = 2
-    label_smoothing: float = 0.0
     # compression
     flops_reduction: float | None = None  # a fixed cut; or ...
     max_drop: float | None = None  # ... the smallest model within this many validation points
@@ -111,15 +103,7 @@ class Config:
     distill_temperature: float = 4.0
     distill_weight: float = 1.0
     select: str = "best"
-    # execution
-    device: str = "auto"
-    amp: bool = True  # fp16 on CUDA (bpl.precision)
-    cpu_bf16: bool = False  # bf16 + channels_last on a CPU with AMX: faster, opt-in
-    channels_last: bool = True  # together with mixed precision
-    workers: int = 0
-    sync_bn: bool = False
-    compile: bool = False
-    seed: int = 0
+    # the run
     out: str | None = None
     resume: bool = False
     verify_tol: float = 1e-4
@@ -132,9 +116,11 @@ class Config:
         out = dataclasses.asdict(self)
         drop = {"train": COMPRESS_ONLY | {"resume"},
                 "compress": TRAIN_ONLY | {"resume"}}.get(command or "", set())
-        return {k: v for k, v in out.items() if k not in drop}
+        return {k: v for k, v in out.items() if k not in drop | NOT_SET_BY_USER}
 
 
+#: Engine settings a run derives rather than takes (the replayed curve of --recipe rewind).
+NOT_SET_BY_USER = frozenset({"replay"})
 #: Fields only `bpl compress` reads (a train run's config.json leaves them out).
 COMPRESS_ONLY = frozenset({
     "baseline", "flops_reduction", "max_drop", "prune_steps", "accept_closest", "soft", "soft_every",
@@ -174,7 +160,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "constant": {"schedule": "constant", "lr": 1e-3, "warmup_epochs": 0},
 }
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in NOT_SET_BY_USER}
 
 
 def read_options_file(
