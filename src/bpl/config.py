@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data.cache import CACHE_MODES, DEFAULT_BUDGET
+from .data.cache import CACHE_MODES, DEFAULT_BUDGET, check_cache
+from .data.splits import check_ratios
 from .diversity import COMPARISONS, GRANULARITIES
 from .engine import SCHEDULES, TrainSettings
-from .errors import BPLError
+from .errors import NOTHING, BPLError, wording
 from .partners import INITS, PARTNER_KINDS, partner_kind
 from .pruning import SOFT_PARTNERS, importance_names
 from .pruning.graph import check_round_to
@@ -356,6 +357,13 @@ def _check_strategy(cfg: Config) -> None:
                 "it out"))
 
 
+def _field_words(name: str, value: Any) -> str | None:
+    """A config field named in a message: its flag (``--round-to``), with ``value``."""
+    if name not in _FIELDS:
+        return None
+    return _flag(name) if value is NOTHING else f"{_flag(name)} {value}"
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -445,11 +453,6 @@ def _check(cfg: Config) -> None:
         raise BPLError(f"--epochs must be a whole number of at least 1, or auto, got {cfg.epochs!r}")
     if cfg.max_epochs < 1:
         raise BPLError(f"--max-epochs must be at least 1, got {cfg.max_epochs}")
-    if cfg.cache not in CACHE_MODES:
-        raise BPLError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cfg.cache!r}")
-    if not 0.0 <= cfg.cache_budget <= 1.0:
-        raise BPLError(f"--cache-budget is a share of the available memory, from 0 to 1, got "
-                       f"{cfg.cache_budget}")
     if cfg.workers < 0:
         raise BPLError(f"--workers must be 0 (load in the main process) or more, got {cfg.workers}")
     if cfg.batch_size < 1:
@@ -466,10 +469,6 @@ def _check(cfg: Config) -> None:
         raise BPLError(f"--lr must be positive, got {cfg.lr}")
     if cfg.diversity_weight < 0:
         raise BPLError(f"--diversity-weight must be 0 or more, got {cfg.diversity_weight}")
-    if not 0.0 <= cfg.val_ratio < 1.0:
-        raise BPLError(f"--val-ratio must be at least 0 and below 1, got {cfg.val_ratio}")
-    if cfg.train_subset is not None and not 0.0 < cfg.train_subset <= 1.0:
-        raise BPLError(f"--train-subset must be above 0 and at most 1, got {cfg.train_subset}")
     if cfg.select not in SELECT:
         raise BPLError(f"--select must be one of {', '.join(SELECT)}, got {cfg.select!r}")
     if cfg.placement not in PLACEMENTS:
@@ -480,7 +479,11 @@ def _check(cfg: Config) -> None:
     if cfg.importance not in importance_names():
         raise BPLError(f"--importance must be one of {', '.join(importance_names())}, got "
                        f"{cfg.importance!r}")
-    check_round_to(cfg.round_to)  # pruning's own check
+    # the owning modules' own checks, worded in the config's keys (its flags)
+    with wording(_field_words):
+        check_round_to(cfg.round_to)
+        check_cache(cfg.cache, cfg.cache_budget)
+        check_ratios(cfg.train_ratio, cfg.val_ratio, cfg.train_subset)
     if cfg.init not in INITS:
         raise BPLError(f"--init must be one of {', '.join(INITS)}, got {cfg.init!r}")
     if cfg.partner not in PARTNER_KINDS:

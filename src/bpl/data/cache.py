@@ -253,6 +253,16 @@ def choose_mode(mode: str, nbytes: int, budget: float = DEFAULT_BUDGET) -> tuple
         f"{_gb(limit)} ({arg('cache_budget', budget)} of {_gb(avail)} available)")
 
 
+def check_cache(mode: str, budget: float = DEFAULT_BUDGET) -> None:
+    """Refuse an unknown cache mode, or a memory budget that is not a share of 0 to 1."""
+    if mode not in CACHE_MODES:
+        raise DataError(f"{arg('cache')} must be one of {', '.join(CACHE_MODES)}, got {mode!r}",
+                        param="cache")
+    if isinstance(budget, bool) or not 0.0 <= budget <= 1.0:
+        raise DataError(f"{arg('cache_budget')} is a share of the available memory, from 0 to "
+                        f"1, got {budget}", param="cache_budget")
+
+
 def cache_path(cache_dir: Path, name: str, size: int, key: str) -> Path:
     """The cache file of dataset ``name`` at ``size`` px with ``key``."""
     return Path(cache_dir) / f"{name}-{size}px-{key[:16]}{SUFFIX}"
@@ -291,9 +301,9 @@ def build_cache(
     """The decoded images of ``relpaths`` (unreadable ones left out), from their cache file,
     built first if missing (by one process at a time: the others wait for it, then read it).
     """
-    if mode not in ("auto", "memory", "mmap"):
-        raise DataError(f"{arg('cache')} must be one of {', '.join(CACHE_MODES)}, got {mode!r}",
-                        param="cache")
+    check_cache(mode, budget)
+    if mode == "off":
+        raise DataError("build_cache builds a cache; cache='off' decodes on the fly instead")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = cache_key(root, relpaths, size)
     path = cache_path(cache_dir, name, size, key)

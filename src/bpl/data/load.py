@@ -17,12 +17,12 @@ from tqdm import tqdm
 
 from ..errors import DataError, arg
 from .cache import (
-    CACHE_MODES,
     DEFAULT_BUDGET,
     CachedImages,
     build_cache,
     cached_channel_stats,
     channel_stats,
+    check_cache,
     find_bad,
 )
 from .download import resolve_root
@@ -199,12 +199,7 @@ def load_dataset(
     if split is not None:
         check_class_count(spec, len(split["classes"]), split_path)
     mode = {True: "auto", False: "off"}.get(cache, cache) if isinstance(cache, bool) else cache
-    if mode not in CACHE_MODES:
-        raise DataError(f"{arg('cache')} must be one of {', '.join(CACHE_MODES)}, got {cache!r}",
-                        param="cache")
-    if not 0.0 <= cache_budget <= 1.0:
-        raise DataError(f"cache_budget is a share of the available memory, from 0 to 1, got "
-                        f"{cache_budget}")
+    check_cache(mode, cache_budget)
     cached: CachedImages | None = None
     if spec.name == "digits":
         split = split or _digits_split(seed, train_ratio, val_ratio, train_subset)

@@ -118,13 +118,25 @@ def _n_train(n: int, ratio: float) -> int:
     return min(max(k, 1), n - 1) if n >= 2 else n
 
 
+def check_ratios(train_ratio: float | None = None, val_ratio: float = 0.0,
+                 train_subset: float | None = None) -> None:
+    """Refuse a split fraction out of its range (``None``: the dataset's own, or all)."""
+    if train_ratio is not None and not 0.0 < train_ratio < 1.0:
+        raise DataError(f"{arg('train_ratio')} must be between 0 and 1 (exclusive), got "
+                        f"{train_ratio}", param="train_ratio")
+    if not 0.0 <= val_ratio < 1.0:
+        raise DataError(f"{arg('val_ratio')} must be at least 0 and below 1, got {val_ratio}",
+                        param="val_ratio")
+    if train_subset is not None and not 0.0 < train_subset <= 1.0:
+        raise DataError(f"{arg('train_subset')} must be above 0 and at most 1, got "
+                        f"{train_subset}", param="train_subset")
+
+
 def stratified_split(
     samples: Sequence[tuple[str, int]], train_ratio: float, seed: int | str
 ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """Split each class separately (``round(n * ratio)`` to train), reproducibly for a seed."""
-    if not 0.0 < train_ratio < 1.0:
-        raise DataError(f"{arg('train_ratio')} must be between 0 and 1 (exclusive), got "
-                        f"{train_ratio}", param="train_ratio")
+    check_ratios(train_ratio=train_ratio)
     by_class: dict[int, list[str]] = {}
     for rel, label in samples:
         by_class.setdefault(label, []).append(rel)
@@ -144,12 +156,7 @@ def split_train(
 ) -> None:
     """Keep ``train_subset`` of the training split (per class), then carve the validation
     split out of it; both fixed by the seed and recorded in ``split``."""
-    if not 0.0 <= val_ratio < 1.0:
-        raise DataError(f"{arg('val_ratio')} must be at least 0 and below 1, got {val_ratio}",
-                        param="val_ratio")
-    if train_subset is not None and not 0.0 < train_subset <= 1.0:
-        raise DataError(f"{arg('train_subset')} must be above 0 and at most 1, got "
-                        f"{train_subset}", param="train_subset")
+    check_ratios(val_ratio=val_ratio, train_subset=train_subset)
     train = [tuple(s) for s in split["train"]]
     if train_subset is not None and train_subset < 1.0:
         train, left_out = stratified_split(train, train_subset, f"{seed}:subset")
