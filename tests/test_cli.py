@@ -201,21 +201,21 @@ def test_profile_compares_two_checkpoints(baseline, compressed, capsys):
 def test_profile_one_checkpoint_without_onnx_on_the_threads_asked(compressed, capsys,
                                                                    monkeypatch):
     import bpl.exporting
-    import bpl.pipeline
+    import bpl.pipeline.deploy
 
     def no_export(*args, **kwargs):
         raise AssertionError("--no-onnx still exported to ONNX")
 
     monkeypatch.setattr(bpl.exporting, "onnx_module", no_export)
     threads_seen = []
-    real_load = bpl.pipeline.load_model
+    real_load = bpl.pipeline.deploy.load_model
 
     def load_and_watch(path):
         model, meta = real_load(path)
         model.register_forward_pre_hook(lambda m, a: threads_seen.append(torch.get_num_threads()))
         return model, meta
 
-    monkeypatch.setattr(bpl.pipeline, "load_model", load_and_watch)
+    monkeypatch.setattr(bpl.pipeline.deploy, "load_model", load_and_watch)
     before = torch.get_num_threads()
     want = 3 if before == 2 else 2
     assert run_cli("profile", compressed / "deploy.pt", "--batch-size", "2", "--repeats", "4",
@@ -381,12 +381,12 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args, message, tmp_path, caps
 def test_what_soft_cannot_honour_is_refused_before_loading_data(
     extra, words, baseline, tmp_path, capsys, monkeypatch
 ):
-    import bpl.pipeline
+    import bpl.pipeline.fitting
 
     def no_data(*args, **kwargs):
         raise AssertionError("data was loaded")
 
-    monkeypatch.setattr(bpl.pipeline, "load_dataset", no_data)
+    monkeypatch.setattr(bpl.pipeline.fitting, "load_dataset", no_data)
     assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--soft",
                    "--flops-reduction", "0.5", *extra, "--out", tmp_path / "r") == 1
     err = capsys.readouterr().err.strip()
@@ -425,9 +425,9 @@ def test_a_criterion_registered_in_one_place_serves_hard_and_soft_pruning(
 def test_a_bad_granularity_in_a_config_file_is_refused_before_loading_data(
     baseline, tmp_path, capsys, monkeypatch
 ):
-    import bpl.pipeline
+    import bpl.pipeline.fitting
 
-    monkeypatch.setattr(bpl.pipeline, "load_dataset", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(bpl.pipeline.fitting, "load_dataset", lambda *a, **k: 1 / 0)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("granularity: stages\n")
     assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--config", cfg,
@@ -760,7 +760,7 @@ def _start_of_training(monkeypatch, baseline: Path, tmp_path: Path, *flags) -> d
     that training would start from, its loss terms and hooks."""
     import copy
 
-    import bpl.pipeline as pipeline
+    import bpl.pipeline.compress as pipeline
 
     seen: dict = {}
     real_prune = pipeline.prune
@@ -776,7 +776,7 @@ def _start_of_training(monkeypatch, baseline: Path, tmp_path: Path, *flags) -> d
         raise _Stop
 
     monkeypatch.setattr(pipeline, "prune", prune)
-    monkeypatch.setattr(pipeline, "_fit", fit)
+    monkeypatch.setattr(pipeline, "fit_run", fit)
     with pytest.raises(_Stop):
         run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--flops-reduction",
                 "0.6", "--out", tmp_path / "never", *flags)

@@ -22,8 +22,8 @@ int label)``.
 """
 
 from ..errors import ChecksumError, CorruptImageError, DataError
-from .cache import CACHE_MODES, channel_stats, default_cache_dir
-from .cachefile import clear_caches, list_caches
+from .cache import CACHE_MODES, channel_stats
+from .cachefile import clear_caches, default_cache_dir, list_caches
 from .download import download_and_extract, verify_file
 from .images import (
     IMAGE_EXTENSIONS,

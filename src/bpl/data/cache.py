@@ -33,6 +33,7 @@ from .cachefile import (
     SUFFIX,
     CacheIndex,
     CacheWriter,
+    default_cache_dir,
     lock_path,
     partial_path,
     read_index,
@@ -53,15 +54,6 @@ MAX_BAD_NAMED = 10
 WINDOW_PER_THREAD = 4
 #: The key's salt: a change of decoding (resize, colour conversion) must change it.
 KEY_VERSION = 2
-
-
-def default_cache_dir() -> Path:
-    """Where decoded images are kept: $BPL_CACHE_DIR, else $XDG_CACHE_HOME/bpl/images
-    (``~/.cache/bpl/images``)."""
-    if os.environ.get("BPL_CACHE_DIR"):
-        return Path(os.environ["BPL_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "bpl" / "images"
 
 
 def available_memory() -> int:

@@ -64,6 +64,15 @@ class CacheIndex:
         return int(self.shapes.prod(dim=1).sum()) if len(self.shapes) else 0
 
 
+def default_cache_dir() -> Path:
+    """Where decoded images are kept: $BPL_CACHE_DIR, else $XDG_CACHE_HOME/bpl/images
+    (``~/.cache/bpl/images``)."""
+    if os.environ.get("BPL_CACHE_DIR"):
+        return Path(os.environ["BPL_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "bpl" / "images"
+
+
 def lock_path(path: Path) -> Path:
     """The lock a build of ``path`` holds."""
     return path.with_name(path.name + ".lock")
@@ -247,8 +256,6 @@ def _entry(path: Path) -> CacheEntry:
 
 def list_caches(cache_dir: str | os.PathLike | None = None) -> list[CacheEntry]:
     """The caches in ``cache_dir`` (default: the default cache folder), newest first."""
-    from .cache import default_cache_dir  # the default lives beside the rest of the policy
-
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if not folder.is_dir():
         return []

@@ -182,7 +182,7 @@ def load_dataset(
     if it exists, its files, labels and mean/std are used as they are (so an
     evaluation sees exactly the training run's test images); if not, the new split is
     written there.  ``cache`` decodes every image once at ``round(image_size / 0.875)`` px
-    into a file in ``cache_dir`` (default: :func:`bpl.data.cache.default_cache_dir`), which
+    into a file in ``cache_dir`` (default: :func:`bpl.data.default_cache_dir`), which
     the next run, DataLoader workers and torchrun processes reuse: ``"auto"`` (or True)
     reads it into memory if it fits ``cache_budget`` x the available memory and from
     disk beyond; ``"memory"``, ``"mmap"`` (from disk) as said; ``"off"`` (or False)

@@ -1,0 +1,167 @@
+"""Training a model inside a run: its data, settings, resumable fit, epoch choice and test,
+shared by `bpl train` and `bpl compress`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..config import Config
+from ..data import load_dataset
+from ..engine import (
+    FitResult,
+    LossTerm,
+    TrainSettings,
+    evaluate,
+    fit,
+    make_loader,
+    select_device,
+)
+from ..errors import BPLError
+from ..models import (
+    load_checkpoint,
+    model_payload,
+)
+from ..profiling import profile
+
+log = logging.getLogger(__name__)
+
+
+def load_data(cfg: Config, run_dir: Path, progress: bool = True):
+    """The dataset of ``cfg``, split as recorded in ``run_dir/split.json`` when that exists.
+
+    Under torchrun rank 0 decodes into the cache file and writes the split first; the
+    others then read that file (on other machines, one process builds it while the rest
+    wait on its lock).
+    """
+    with distributed.main_first():
+        data = load_dataset(
+            cfg.data,
+            cfg.data_root,
+            image_size=cfg.image_size,
+            seed=cfg.seed,
+            train_ratio=cfg.train_ratio,
+            val_ratio=cfg.val_ratio,
+            train_subset=cfg.train_subset,
+            split_file=run_dir / "split.json",
+            cache=cfg.cache,
+            cache_dir=cfg.cache_dir,
+            cache_budget=cfg.cache_budget,
+            skip_bad=cfg.skip_bad,
+            download=cfg.download,
+            progress=progress,
+        )
+    return data
+
+
+def run_meta(cfg: Config, data) -> dict[str, Any]:
+    return {
+        "classes": list(data.classes),
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "image_size": cfg.image_size,
+        "epochs": cfg.epochs,
+        "data": cfg.data,
+        "data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
+    }
+
+
+def example_input(cfg: Config, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, cfg.image_size, cfg.image_size)
+
+
+def measure(model: nn.Module, cfg: Config, top1: float | None) -> dict[str, Any]:
+    model = model.cpu().eval()
+    prof = profile(model, example_input(cfg), latency=cfg.latency)
+    return {"top1": top1, "macs": prof["macs"], "params": prof["params"],
+            "latency_ms": prof.get("latency_ms")}
+
+
+def train_settings(cfg: Config, replay: list[float] | None = None) -> TrainSettings:
+    """The engine's settings for ``cfg``: ``--epochs auto`` trains at most ``--max-epochs``."""
+    settings = TrainSettings.from_object(cfg)
+    if cfg.epochs == "auto":
+        settings.epochs = cfg.max_epochs
+    if replay is not None:
+        settings.replay = list(replay)
+    return settings
+
+
+def resume_state(run_dir: Path, cfg: Config) -> dict | None:
+    """``last.pt`` of the run being resumed; more epochs than it has done may be asked, not fewer."""
+    if not (run_dir / "last.pt").exists():
+        return None
+    state = load_checkpoint(run_dir / "last.pt")
+    epochs = train_settings(cfg).epochs
+    if state.get("epoch", 0) > epochs:
+        flag = "--max-epochs" if cfg.epochs == "auto" else "--epochs"
+        raise BPLError(f"{flag} {epochs} is fewer than the {state['epoch']} epochs {run_dir} "
+                       f"has already trained; pass {flag} of at least that")
+    return state
+
+
+def fit_run(cfg: Config, model: nn.Module, data, run_dir: Path, meta: dict[str, Any], *,
+         command: str, state: dict | None, progress: bool, started: float,
+         loss_terms: dict[str, LossTerm] | None = None, hooks: list | None = None,
+         replay: list[float] | None = None) -> FitResult:
+    """Train ``model`` on the training split, validating on the validation split."""
+    return fit(
+        model, data.train, data.val, train_settings(cfg, replay), run_dir,
+        num_classes=data.num_classes,
+        payload=lambda m: model_payload(m, cfg.arch, data.num_classes, meta),
+        loss_terms=loss_terms,
+        hooks=hooks or (),
+        resume_state=state,
+        record=cfg.to_dict(command),
+        progress=progress,
+        started=started,
+    )
+
+
+def select_epoch(cfg: Config, model: nn.Module, run_dir: Path, result: FitResult,
+            soft: bool = False) -> dict[str, Any]:
+    """Load the epoch the run keeps into ``model``; returns what was kept and why.
+
+    ``select="best"``: the epoch of best validation top-1 (``best.pt``); ``"last"``, no
+    validation split, or the soft schedule (whose masks are final only at the end): the
+    last epoch.
+    """
+    last = len(result.history)
+    if cfg.select == "last" or soft or result.best_val_top1 is None:
+        why = ("--select last" if cfg.select == "last" else
+               "the soft schedule's pruning masks are final only after the last epoch" if soft
+               else "there is no validation split (--val-ratio 0)")
+        return {"epoch": last, "of": last, "why": why}
+    if result.best_epoch != last:
+        state = load_checkpoint(run_dir / "best.pt", model_only=True)["state_dict"]
+        model.load_state_dict(state)
+    return {"epoch": result.best_epoch, "of": last,
+            "why": f"best validation top-1 ({result.best_val_top1:.2f}%)",
+            "val_top1": result.best_val_top1}
+
+
+def evaluate_split(model: nn.Module, data, cfg: Config, device: torch.device,
+          part: str = "test") -> dict[str, Any]:
+    """The one evaluation of the test split, at the end of a run (or of another ``part``)."""
+    loader = make_loader(getattr(data, part), batch_size=cfg.batch_size, train=False,
+                         device=device, shard=False, workers=cfg.workers)
+    return evaluate(model.to(device), loader, data.num_classes, device=device)
+
+
+
+
+def check_processes(cfg: Config) -> None:
+    """Refuse --sync-bn where it would do nothing (one process) or cannot run (the CPU)."""
+    if not cfg.sync_bn:
+        return
+    if not distributed.current().enabled:
+        raise BPLError("--sync-bn averages BatchNorm statistics over the processes of a torchrun "
+                       "job, and this run is one process: leave it out, or start it with torchrun")
+    if select_device(cfg.device).type != "cuda":
+        raise BPLError("--sync-bn runs on CUDA only (PyTorch's SyncBatchNorm): leave it out on "
+                       "the CPU")
