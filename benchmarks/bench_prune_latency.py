@@ -74,7 +74,7 @@ def main() -> None:
         models[f"pruned round_to={r}"] = pruned
         macs[f"pruned round_to={r}"] = bpl.count_macs(pruned, x)
         print(f"pruned with round_to={r} in {prune_s[f'round_to={r}']:.1f}s: "
-              f"{pruned.bpl_prune_report}", flush=True)
+              f"{bpl.reports(pruned)['prune']}", flush=True)
     variants = {"eager": (models, x)}
     if not args.no_fold:
         variants["bn-folded"] = ({n: fx_fuse_conv_bn(m) for n, m in models.items()}, x)

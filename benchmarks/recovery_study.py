@@ -514,8 +514,7 @@ def size(settings: dict[str, Any], steps: int = 3) -> dict[str, Any]:
         for r in settings["reductions"]:
             pruned = prune(base, x[:1], flops_reduction=r)
             student = extend(pruned, init=VARIANTS[variant]["init"],
-                             kernel_sizes=None if VARIANTS[variant].get("placement") == "all"
-                             else (3, 5))
+                             placement=VARIANTS[variant].get("placement", "paper"))
 
             def div(step, _m=student):
                 return diversity_loss(_m)

@@ -261,7 +261,7 @@ def table(data: dict) -> str:
         "`benchmarks/results/zoo.json`). Every model is built with random weights "
         "(`pretrained=False`, 10 classes), its BatchNorms get random affine parameters and "
         "statistics, and partners go on **every** conv that can have one "
-        "(`kernel_sizes=None`); before fusing, partner BNs and conv-partner scales are "
+        "(`placement='all'`); before fusing, partner BNs and conv-partner scales are "
         "randomised so that the partners matter. Input: batch 2 at the smallest of "
         f"{', '.join(map(str, SIZES))} px the model runs on.",
         "",

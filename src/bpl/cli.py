@@ -152,7 +152,7 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "arch", help="architecture of a --baseline that is not a bpl checkpoint "
                           "(a torchvision name, or timm/NAME with the timm extra)")
     _flag(g, "flops-reduction", type=float, metavar="R",
-          help="fraction of MACs to remove, e.g. 0.74 (this, or --max-drop)")
+          help="fraction of FLOPs to remove, counted as MACs, e.g. 0.74 (this, or --max-drop)")
     _flag(g, "max-drop", type=float, metavar="POINTS",
           help="instead of --flops-reduction: prune in steps ("
                + ", ".join(f"{100 * level:.0f}%%" for level in LEVELS)

@@ -36,7 +36,7 @@ _FLAGS = {
     "min_calibration": "--calibration-images",
 }
 _SPECIAL = {
-    "kernel_sizes=None": "--placement all",
+    "placement='all'": "--placement all",
     "point root at": "point --data-root at",
     "a smaller round_to": "a smaller --round-to",
     "max_drop=None": "--force",
