@@ -201,6 +201,7 @@ def child_ddp(spec: dict) -> None:
     from bpl import distributed
     from bpl.config import resolve_command
     from bpl.engine import make_loader
+    from bpl.files import atomic_write_text
     from bpl.models import build_model
     from bpl.pipeline import load_data
 
@@ -230,7 +231,7 @@ def child_ddp(spec: dict) -> None:
     out = {"rank": ctx.rank, "decoded": len(decoded), "load_s": load_s,
            "step_s": (time.perf_counter() - t1) / max(steps, 1), "peak_rss": _rss(),
            "mode": data.cache_mode, "why": data.cache_why, "cache_file": str(data.cache_file)}
-    Path(spec["out"], f"rank{ctx.rank}.json").write_text(json.dumps(out))
+    atomic_write_text(Path(spec["out"], f"rank{ctx.rank}.json"), json.dumps(out))
     distributed.shutdown()
 
 

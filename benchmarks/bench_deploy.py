@@ -175,7 +175,7 @@ def measure(arch: str, size: int, args: argparse.Namespace, done: set[tuple]) ->
     for r in sorted({r for _, r in todo}):
         start = time.perf_counter()
         pruned = bpl.prune(base, x, flops_reduction=r, round_to=args.round_to).eval()
-        report = pruned.bpl_prune_report
+        report = bpl.reports(pruned)["prune"]
         widths = conv_widths(pruned)
         name = f"{r:g}"
         models[name] = pruned

@@ -26,6 +26,7 @@ import torchvision
 from torch.fx.experimental.optimization import fuse as fx_fuse_conv_bn
 
 import bpl
+from bpl.files import atomic_write_text
 from common import load_average
 
 RESULTS = Path(os.environ.get("BPL_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
@@ -74,7 +75,7 @@ def main() -> None:
         models[f"pruned round_to={r}"] = pruned
         macs[f"pruned round_to={r}"] = bpl.count_macs(pruned, x)
         print(f"pruned with round_to={r} in {prune_s[f'round_to={r}']:.1f}s: "
-              f"{pruned.bpl_prune_report}", flush=True)
+              f"{bpl.reports(pruned)['prune']}", flush=True)
     variants = {"eager": (models, x)}
     if not args.no_fold:
         variants["bn-folded"] = ({n: fx_fuse_conv_bn(m) for n, m in models.items()}, x)
@@ -118,9 +119,8 @@ def main() -> None:
         "load_average_before": load_before,
         "load_average_after": load_average(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prune_latency.json").write_text(json.dumps({"machine": info, "results": rows},
-                                                            indent=2) + "\n")
+    atomic_write_text(args.out / "prune_latency.json",
+                      json.dumps({"machine": info, "results": rows}, indent=2) + "\n")
     lines = [
         f"# ResNet-50 pruned to {100 * args.target:.2f}% fewer MACs: CPU latency",
         "",
@@ -143,7 +143,7 @@ def main() -> None:
             f"{r['latency_ms']:.1f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
             f"{r['fraction_of_ideal']:.2f} |"
         )
-    (args.out / "prune_latency.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(args.out / "prune_latency.md", "\n".join(lines) + "\n")
     print(f"wrote {args.out / 'prune_latency.json'} and {args.out / 'prune_latency.md'}")
 
 

@@ -193,7 +193,7 @@ def measure(arch: str, reduction: float, batch: int, size: int, steps: int, warm
         "flops_reduction": reduction,
         "batch": batch,
         "size": size,
-        "partners": len(two.bpl_report.extended),
+        "partners": len(bpl.reports(two)["extend"].extended),
         "median_step_s": med,
         "over_plain": {k: v / med["plain"] for k, v in med.items()
                        if k not in ("plain", "diversity_loss")},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
@@ -18,6 +20,7 @@ import torch
 from scipy.stats import t as t_dist  # scipy: in bpl's dev extra (pip install -e .[dev])
 
 from bpl.errors import BPLError
+from bpl.files import atomic_write_text
 from bpl.models import load_model
 from bpl.report import write_json
 
@@ -80,12 +83,24 @@ def load_average() -> list[float] | None:
 
 
 def write_results(name: str, data: dict, markdown: str) -> Path:
-    """Write ``results/<name>.json`` and ``results/<name>.md``; returns the JSON path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (atomically, as every file a
+    benchmark writes); returns the JSON path."""
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(RESULTS / f"{name}.md", markdown)
     return path
+
+
+def write_csv(path: Path, rows: Sequence[dict], fieldnames: Sequence[str] | None = None,
+              **options: Any) -> Path:
+    """``rows`` as CSV with a header (every key of any row, in order of appearance, unless
+    ``fieldnames``), written atomically; ``options`` go to :class:`csv.DictWriter`."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(fieldnames or dict.fromkeys(
+        k for r in rows for k in r)), **options)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, text.getvalue())
 
 
 @contextmanager

@@ -24,8 +24,6 @@ resumes cut-off ones (``--resume``) and starts over a run cut off before its fir
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import shutil
@@ -40,7 +38,8 @@ from typing import Any
 
 import yaml
 
-from common import ci95, machine
+from bpl.files import atomic_write_text
+from common import ci95, machine, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -297,9 +296,7 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
             elif job.options.get("max_drop") is not None:
                 rec = no_step_within(settings, job)  # an outcome of the search, not a failure
             if rec is not None:
-                path = record_path(settings, job)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(rec, indent=1) + "\n")
+                atomic_write_text(record_path(settings, job), json.dumps(rec, indent=1) + "\n")
                 if records is not None:
                     with open(records, "a") as f:
                         f.write(json.dumps(rec) + "\n")
@@ -321,9 +318,7 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
             rec = finished_record(settings, job)
             if rec is not None:  # finished already (shared out folder): recorded, not rerun
                 todo.remove(job)
-                path = record_path(settings, job)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(rec, indent=1) + "\n")
+                atomic_write_text(record_path(settings, job), json.dumps(rec, indent=1) + "\n")
                 done.add(job.key)
                 print(f"{time.time() - t0:6.0f}s recorded {job.key}, finished earlier", flush=True)
                 continue
@@ -516,20 +511,13 @@ def report(settings: dict[str, Any]) -> Path:
     records = load_records(settings)
     summary = summarize(settings, records)
     folder = _in_repo(settings["results"])
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps({"summary": summary, "settings": settings},
-                                                    indent=1) + "\n")
+    atomic_write_text(folder / "results.json",
+                      json.dumps({"summary": summary, "settings": settings}, indent=1) + "\n")
     keys = ["dataset", "seed", "name", "command", "epochs_trained", "kept_epoch", "val_top1",
             "test_top1", "baseline_val_top1", "baseline_test_top1", "macs_reduction",
             "wall_time_s", "stopped"]
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=keys, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(records)
-    (folder / "results.csv").write_text(text.getvalue())
-    path = folder / "summary.md"
-    path.write_text(markdown(settings, summary, records))
-    return path
+    write_csv(folder / "results.csv", records, keys, extrasaction="ignore")
+    return atomic_write_text(folder / "summary.md", markdown(settings, summary, records))
 
 
 def pack(settings: dict[str, Any]) -> None:
@@ -574,9 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in args.import_.read_text().splitlines():
             rec = json.loads(line)
             job = Job(rec["dataset"], rec["seed"], rec["name"], rec["command"], rec["options"])
-            path = record_path(settings, job)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(rec, indent=1) + "\n")
+            atomic_write_text(record_path(settings, job), json.dumps(rec, indent=1) + "\n")
         return 0
     if args.refresh:
         for job in plan(settings):
@@ -585,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 old = json.loads(record_path(settings, job).read_text())
                 rec = {**old, **make_record(settings, job), "machine": old.get("machine"),
                        "device": old.get("device")}
-                record_path(settings, job).write_text(json.dumps(rec, indent=1) + "\n")
+                atomic_write_text(record_path(settings, job), json.dumps(rec, indent=1) + "\n")
         return 0
     if args.report:
         print(report(settings).read_text())

@@ -61,6 +61,7 @@ from bpl.diversity import diversity_loss
 from bpl.engine import Step
 from bpl.errors import BPLError
 from bpl.extension import extend
+from bpl.files import atomic_savefig, atomic_write_text
 from bpl.models import build_model
 from bpl.pipeline import compress, train_baseline
 from bpl.pruning import prune
@@ -74,6 +75,7 @@ from common import (
     log_to,
     machine,
     saved_partner_stats,
+    write_csv,
 )
 
 log = logging.getLogger("recovery_study")
@@ -257,9 +259,7 @@ def write_record(settings: dict[str, Any], cfg: Config) -> dict[str, Any]:
         record["partner_stats"] = saved_partner_stats(out)
     if not cfg.baseline:
         record["state_sha256"] = _state_sha256(out / "best.pt")
-    path = record_path(settings, cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, separators=(",", ":")) + "\n")
+    atomic_write_text(record_path(settings, cfg), json.dumps(record, separators=(",", ":")) + "\n")
     return record
 
 
@@ -514,8 +514,7 @@ def size(settings: dict[str, Any], steps: int = 3) -> dict[str, Any]:
         for r in settings["reductions"]:
             pruned = prune(base, x[:1], flops_reduction=r)
             student = extend(pruned, init=VARIANTS[variant]["init"],
-                             kernel_sizes=None if VARIANTS[variant].get("placement") == "all"
-                             else (3, 5))
+                             placement=VARIANTS[variant].get("placement", "paper"))
 
             def div(step, _m=student):
                 return diversity_loss(_m)
@@ -730,7 +729,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         if axd.get_legend_handles_labels()[0]:  # no paired arm: nothing to label
             axd.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -745,10 +744,7 @@ def write_results(settings: dict[str, Any], rows: list[dict[str, Any]],
         if not rs:
             (res / name).unlink(missing_ok=True)  # never a stale file beside fresh results
             continue
-        with (res / name).open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rs for k in r)))
-            writer.writeheader()
-            writer.writerows(rs)
+        write_csv(res / name, rs)
     summary = summarize(rows, pilot_rows, choice)
     if other is not None:
         with other.open(newline="") as fh:
@@ -758,7 +754,7 @@ def write_results(settings: dict[str, Any], rows: list[dict[str, Any]],
         "settings": settings, "machine": machine(), "summary": summary,
         "runs": rows, "pilot_runs": pilot_rows,
     })
-    (res / "summary.md").write_text(markdown(settings, summary, rows))
+    atomic_write_text(res / "summary.md", markdown(settings, summary, rows))
     if rows:
         plot(rows, res / "accuracy_vs_macs.png")
 

@@ -36,7 +36,6 @@ directory.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import json
 import logging
@@ -56,6 +55,7 @@ import torch
 
 from bpl.config import Config, read_options_file, resolve_command
 from bpl.errors import BPLError
+from bpl.files import atomic_savefig, atomic_write_text
 from bpl.models import load_model
 from bpl.pipeline import compress, train_baseline
 from bpl.profiling import compare_latency
@@ -67,6 +67,7 @@ from common import (
     log_to,
     machine,
     saved_partner_stats,
+    write_csv,
 )
 
 log = logging.getLogger("reproduce_ucm")
@@ -509,7 +510,7 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, Any], path: Path, title:
     ax_seed.set_title(f"top-1 per seed{one}", fontsize=9)
     ax_seed.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -530,11 +531,9 @@ def write_results(settings: dict[str, Any], rows: list[dict[str, Any]],
         "invocation_wall_time_s": invocation_s,
     }
     write_json(out / "results.json", results)
-    with (out / "results.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "summary.md").write_text(summary_markdown(settings, summary, total_s, invocation_s))
+    write_csv(out / "results.csv", rows)
+    atomic_write_text(out / "summary.md",
+                      summary_markdown(settings, summary, total_s, invocation_s))
     title = (f"{settings['arch']} on {settings['data']}, {settings['image_size']} px, "
              f"seeds {settings['seeds']}")
     plot(rows, summary, out / "accuracy_vs_macs.png", title)

@@ -18,7 +18,6 @@ paired difference (round_to=8 minus unrounded) with its t-based 95% interval.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 from pathlib import Path
@@ -26,7 +25,8 @@ from pathlib import Path
 import torch
 
 import recovery_study as study
-from common import log_to
+from bpl.files import atomic_write_text
+from common import log_to, write_csv
 
 ARM = "plain-r8"
 
@@ -66,12 +66,8 @@ def pairs(settings: dict, seeds: list[int], reductions: list[float], *, execute:
 
 def report(settings: dict, rows: list[dict]) -> str:
     out = Path(settings["results"])
-    out.mkdir(parents=True, exist_ok=True)
     if rows:
-        with open(out / "rounding.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(out / "rounding.csv", rows, list(rows[0]))
     lines = ["# Channel rounding (round_to=8) against none, plain pruning + fine-tuning", "",
              "Paired within a seed (same baseline, split, data order and fine-tuning); "
              "difference = round_to 8 minus unrounded, in points, mean ± half-width of the "
@@ -93,7 +89,7 @@ def report(settings: dict, rows: list[dict]) -> str:
             lines.append(f"| {dataset} | {100 * reduction:.0f}% | {macs} | {cell('test_top1')} "
                          f"| {cell('val_top1')} |")
     text = "\n".join(lines) + "\n"
-    (out / "rounding.md").write_text(text)
+    atomic_write_text(out / "rounding.md", text)
     return text
 
 

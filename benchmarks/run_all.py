@@ -52,7 +52,7 @@ def train_steps(size: int, batch: int, steps: int) -> dict:
                 times[name].append(timed(fns[name]))
         med = {k: statistics.median(v) for k, v in times.items()}
         out[arch] = {"plain_s": med["plain"], "bpl_s": med["bpl"], "ratio": med["bpl"] / med["plain"],
-                     "partners": len(student.bpl_report.extended)}
+                     "partners": len(bpl.reports(student)["extend"].extended)}
         print(arch, out[arch], flush=True)
     return out
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from bpl.files import atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("BPL_BENCH_RESULTS") or HERE / "results") / "zoo.json"
 DOC = (RESULTS.parent / "zoo.md" if os.environ.get("BPL_BENCH_RESULTS")
@@ -158,10 +160,7 @@ def load() -> dict:
 
 
 def save(data: dict) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, RESULTS)
+    atomic_write_text(RESULTS, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def run_all(names: list[str], timeout: int, redo: bool) -> dict:
@@ -261,7 +260,7 @@ def table(data: dict) -> str:
         "`benchmarks/results/zoo.json`). Every model is built with random weights "
         "(`pretrained=False`, 10 classes), its BatchNorms get random affine parameters and "
         "statistics, and partners go on **every** conv that can have one "
-        "(`kernel_sizes=None`); before fusing, partner BNs and conv-partner scales are "
+        "(`placement='all'`); before fusing, partner BNs and conv-partner scales are "
         "randomised so that the partners matter. Input: batch 2 at the smallest of "
         f"{', '.join(map(str, SIZES))} px the model runs on.",
         "",
@@ -352,8 +351,7 @@ def main() -> None:
         names = [n if ":" in n else f"tv:{n}" for n in names]
         # the biggest last, so a cut-off run has covered the most models
         run_all(sorted(names, key=_bigness), args.timeout, args.redo)
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(table(load()))
+    atomic_write_text(DOC, table(load()))
 
 
 if __name__ == "__main__":

@@ -218,7 +218,7 @@ def test_compress_needs_one_target(baseline, tmp_path, capsys):
 
 
 def test_a_budget_inside_the_validation_noise_is_said(caplog):
-    from bpl.pipeline.compress import _warn_if_budget_in_noise, budget_noise
+    from bpl.pipeline.compression import _warn_if_budget_in_noise, budget_noise
 
     # 95% binomial half-width: 84% on UC Merced's 168 validation images is about ±5.5 points
     assert budget_noise(84.0, 168) == pytest.approx(196 * math.sqrt(0.84 * 0.16 / 168))

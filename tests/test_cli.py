@@ -760,7 +760,7 @@ def _start_of_training(monkeypatch, baseline: Path, tmp_path: Path, *flags) -> d
     that training would start from, its loss terms and hooks."""
     import copy
 
-    import bpl.pipeline.compress as pipeline
+    import bpl.pipeline.compression as pipeline
 
     seen: dict = {}
     real_prune = pipeline.prune
@@ -830,7 +830,7 @@ def test_granularity_and_weight_set_the_diversity_term(baseline, tmp_path, monke
                                       dim=0)) + 1 for _, b in bpl.partner_blocks(student))
     term = seen["terms"]["diversity"](types.SimpleNamespace(model=student)).detach()
     assert term.item() == pytest.approx(want, rel=1e-5)
-    per_stage = bpl.diversity_loss(student, weight=0.5, granularity="stage").detach()
+    per_stage = bpl.diversity_loss(student, diversity_weight=0.5, granularity="stage").detach()
     assert abs(float(per_stage) - want) > 1e-3  # so the flag, not the default, made it
     assert "diversity" not in _start_of_training(monkeypatch, baseline, tmp_path,
                                                  "--diversity-weight", "0")["terms"]

@@ -53,7 +53,7 @@ def test_teacher_is_a_frozen_copy_in_eval_mode():
     with torch.no_grad():
         teacher[1].running_mean.fill_(0.3)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    kd = bpl.Distillation(teacher, temperature=2.0, weight=0.5)
+    kd = bpl.Distillation(teacher, distill_temperature=2.0, distill_weight=0.5)
     student = _net()
     x = torch.randn(6, 3, 8, 8)
     logits = student(x)
@@ -73,4 +73,4 @@ def test_teacher_is_a_frozen_copy_in_eval_mode():
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert torch.equal(kd.teacher[1].running_mean, torch.full((4,), 0.3))
     with pytest.raises(bpl.InvalidArgumentError, match="weight"):
-        bpl.Distillation(teacher, weight=-1.0)
+        bpl.Distillation(teacher, distill_weight=-1.0)

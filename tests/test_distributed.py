@@ -65,7 +65,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     shard = BATCH // world
     for x, y in batches():
         xs, ys = x[rank * shard:(rank + 1) * shard], y[rank * shard:(rank + 1) * shard]
-        loss = nn.functional.cross_entropy(net(xs), ys) + bpl.diversity_loss(net, weight=0.5)
+        loss = nn.functional.cross_entropy(net(xs), ys) + bpl.diversity_loss(net, diversity_weight=0.5)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -85,7 +85,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     for x, y in batches():
         ce = sum(nn.functional.cross_entropy(model(xh), yh) for xh, yh in
                  zip(x.chunk(2), y.chunk(2))) / 2
-        loss = ce + bpl.diversity_loss(model, weight=0.5)
+        loss = ce + bpl.diversity_loss(model, diversity_weight=0.5)
         opt.zero_grad()
         loss.backward()
         opt.step()

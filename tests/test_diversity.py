@@ -36,18 +36,18 @@ def reference_loss(student, weight, granularity):
 @pytest.mark.parametrize("granularity, n_terms", [("stage", 4), ("block", 8), ("global", 1)])
 def test_matches_reference(granularity, n_terms):
     student = bpl.extend(torchvision.models.resnet18(num_classes=3))
-    loss = bpl.diversity_loss(student, weight=0.3, granularity=granularity)
+    loss = bpl.diversity_loss(student, diversity_weight=0.3, granularity=granularity)
     ref = reference_loss(student, 0.3, granularity)
     assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-7)
     assert 0 <= loss.item() <= 0.3 * 2 * n_terms
 
 
 def test_identical_kernels_give_the_maximum():
-    student = bpl.extend(ConvZoo(), kernel_sizes=None)
+    student = bpl.extend(ConvZoo(), placement="all")
     with torch.no_grad():
         for _, b in bpl.partner_blocks(student):
             b.partner_conv.weight.copy_(b.conv.weight)
-    loss = bpl.diversity_loss(student, weight=1.0, granularity="block")
+    loss = bpl.diversity_loss(student, diversity_weight=1.0, granularity="block")
     assert loss.item() == pytest.approx(2.0 * len(bpl.partner_blocks(student)), rel=1e-5)
 
 
@@ -62,7 +62,7 @@ def test_gradients_reach_both_kernels():
 def test_descent_lowers_the_cosine_of_every_block_and_touches_only_kernels():
     """Descending the loss moves each block's partner kernel away from the block's own,
     measured independently with F.cosine_similarity, and trains nothing but the kernels."""
-    student = bpl.extend(ConvZoo(), kernel_sizes=None)
+    student = bpl.extend(ConvZoo(), placement="all")
     with torch.no_grad():
         for _, b in bpl.partner_blocks(student):
             b.partner_conv.weight.copy_(b.conv.weight + 0.1 * torch.randn_like(b.conv.weight))
@@ -77,7 +77,7 @@ def test_descent_lowers_the_cosine_of_every_block_and_touches_only_kernels():
     opt = torch.optim.SGD(student.parameters(), lr=0.5)
     for _ in range(5):
         opt.zero_grad()
-        bpl.diversity_loss(student, weight=1.0, granularity="block").backward()
+        bpl.diversity_loss(student, diversity_weight=1.0, granularity="block").backward()
         opt.step()
     after = cosines()
     assert all(a < b - 1e-3 for a, b in zip(after, before)), (before, after)
@@ -92,7 +92,7 @@ def test_zero_without_partners():
 
 
 def test_plan_follows_model_changes():
-    student = bpl.extend(ConvZoo(), kernel_sizes=None)
+    student = bpl.extend(ConvZoo(), placement="all")
     bpl.diversity_loss(student, granularity="block")
     deploy = bpl.fuse(student.eval(), inplace=True)
     assert bpl.diversity_loss(deploy, granularity="block").item() == 0.0
@@ -105,10 +105,10 @@ def test_unknown_granularity():
 
 @pytest.mark.parametrize("granularity", ["stage", "block", "global"])
 def test_conv_partners_are_covered(granularity):
-    student = bpl.extend(PreActNet(), kernel_sizes=None)
+    student = bpl.extend(PreActNet(), placement="all")
     conv_partners = [b for _, b in bpl.partner_blocks(student) if isinstance(b, ConvPartner)]
     assert len(conv_partners) == 4
-    loss = bpl.diversity_loss(student, weight=0.5, granularity=granularity)
+    loss = bpl.diversity_loss(student, diversity_weight=0.5, granularity=granularity)
     assert torch.allclose(loss, reference_loss(student, 0.5, granularity), rtol=1e-5, atol=1e-7)
     loss.backward()
     for b in conv_partners:  # the kernel before the scale: it has a gradient at scale 0
@@ -148,7 +148,7 @@ def kernel_grads(student, loss_fn):
 def test_value_and_gradient_match_the_formula_in_fp64(granularity, layout, net):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=3) if net == "resnet18" else PreActNet()
-    student = bpl.extend(model, kernel_sizes=None if net == "preact" else (3, 5)).double()
+    student = bpl.extend(model, placement="all" if net == "preact" else (3, 5)).double()
     if layout == "channels_last":
         student = student.to(memory_format=torch.channels_last)
     with torch.no_grad():  # partners that differ from their blocks, and a negative cosine
@@ -156,7 +156,7 @@ def test_value_and_gradient_match_the_formula_in_fp64(granularity, layout, net):
             b.partner_conv.weight.copy_(torch.randn_like(b.conv.weight) * (-1) ** i
                                         + 0.5 * b.conv.weight)
     loss, grads = kernel_grads(student, lambda: bpl.diversity_loss(
-        student, weight=0.7, granularity=granularity))
+        student, diversity_weight=0.7, granularity=granularity))
     ref, ref_grads = kernel_grads(student, lambda: formula_loss(student, 0.7, granularity))
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-14)
@@ -166,7 +166,7 @@ def test_value_and_gradient_match_the_formula_in_fp64(granularity, layout, net):
 
 
 def test_gradient_where_the_denominator_is_clamped():
-    student = bpl.extend(ConvZoo(), kernel_sizes=None).double()
+    student = bpl.extend(ConvZoo(), placement="all").double()
     with torch.no_grad():
         for _, b in bpl.partner_blocks(student):
             b.conv.weight.mul_(1e-6)
@@ -180,19 +180,19 @@ def test_gradient_where_the_denominator_is_clamped():
 
 def test_gradients_handed_out_are_never_overwritten():
     """A gradient once handed out stays as it was; repeated training steps agree with autograd."""
-    student = bpl.extend(ConvZoo(), kernel_sizes=None)
-    _, first = kernel_grads(student, lambda: bpl.diversity_loss(student, weight=1.0))
+    student = bpl.extend(ConvZoo(), placement="all")
+    _, first = kernel_grads(student, lambda: bpl.diversity_loss(student, diversity_weight=1.0))
     kept = [g.clone() for g in first]
     with torch.no_grad():
         for _, b in bpl.partner_blocks(student):
             b.partner_conv.weight.mul_(-2.0)
-    _, second = kernel_grads(student, lambda: bpl.diversity_loss(student, weight=1.0))
+    _, second = kernel_grads(student, lambda: bpl.diversity_loss(student, diversity_weight=1.0))
     for g, k, s in zip(first, kept, second, strict=True):
         assert torch.equal(g, k) and not torch.equal(s, k)
     # and in a training loop (grads accumulated into .grad), repeated steps agree with autograd
     for _ in range(3):
         student.zero_grad(set_to_none=True)
-        bpl.diversity_loss(student, weight=1.0).backward()
+        bpl.diversity_loss(student, diversity_weight=1.0).backward()
         got = [w.grad.clone() for _, b in bpl.partner_blocks(student)
                for w in (b.conv.weight, b.partner_conv.weight)]
         _, want = kernel_grads(student, lambda: formula_loss(student, 1.0, "stage"))

@@ -486,7 +486,7 @@ def test_library_errors_carry_their_parameter_and_python_words():
         with pytest.raises(BPLError, match=r"^--flops-reduction must be between 0 and 1"):
             step_levels(1.5, 2)
         said = [arg("accept_closest", True), arg("round_to", 4), arg("root"),
-                arg("skip_bad", False), arg("cache", "off"), arg("kernel_sizes", None),
+                arg("skip_bad", False), arg("cache", "off"), arg("placement", "all"),
                 arg("partners", False), arg("no_such_parameter", 3)]
     assert said == ["--accept-closest", "--round-to 4", "--data-root", "--no-skip-bad",
                     "--cache off", "--placement all", "--no-partners", "no_such_parameter=3"]

@@ -94,7 +94,7 @@ def test_checkpoints_load_in_a_fresh_process(tmp_path):
     cases = {"pruned": pruned, "fused": fused, "folded": folded, "extended": student}
     expected = {}
     for name, model in cases.items():
-        bpl.save_model(tmp_path / f"{name}.pt", model, arch="resnet18", num_classes=10,
+        bpl.save_model(model, tmp_path / f"{name}.pt", arch="resnet18", num_classes=10,
                        meta={"epoch": 3, "note": name})
         with torch.no_grad():
             expected[name] = model.eval()(X)
@@ -123,9 +123,9 @@ def test_checkpoints_load_in_a_fresh_process(tmp_path):
 def test_loaded_extended_checkpoint_resumes_training(tmp_path):
     torch.manual_seed(0)
     pruned = bpl.prune(bpl.build_model("tiny_resnet", 10), X, channel_ratio=0.4)
-    student = bpl.extend(pruned, kernel_sizes=None)  # partners on the 1x1 shortcut convs too
+    student = bpl.extend(pruned, placement="all")  # partners on the 1x1 shortcut convs too
     _train_a_little(student)  # partners with trained, non-trivial weights
-    bpl.save_model(tmp_path / "last.pt", student, arch="tiny_resnet", num_classes=10)
+    bpl.save_model(student, tmp_path / "last.pt", arch="tiny_resnet", num_classes=10)
     loaded, _ = bpl.load_model(tmp_path / "last.pt")
     assert [n for n, _ in bpl.partner_blocks(loaded)] == [n for n, _ in bpl.partner_blocks(student)]
     saved = {k: v.clone() for k, v in student.state_dict().items()}
@@ -145,8 +145,8 @@ def test_loaded_extended_checkpoint_resumes_training(tmp_path):
 
 def test_save_overwrites_atomically(tmp_path):
     path = tmp_path / "sub" / "m.pt"
-    bpl.save_model(path, bpl.build_model("tiny_vgg", 10), arch="tiny_vgg", num_classes=10)
-    bpl.save_model(path, bpl.build_model("tiny_vgg", 4), arch="tiny_vgg", num_classes=4)
+    bpl.save_model(bpl.build_model("tiny_vgg", 10), path, arch="tiny_vgg", num_classes=10)
+    bpl.save_model(bpl.build_model("tiny_vgg", 4), path, arch="tiny_vgg", num_classes=4)
     model, meta = bpl.load_model(path)
     assert meta["num_classes"] == 4 and model.classifier.out_features == 4
     assert [p.name for p in path.parent.iterdir()] == ["m.pt"]
@@ -167,7 +167,7 @@ def test_bad_checkpoints_name_the_file_and_problem(tmp_path):
 
     pruned = bpl.prune(bpl.build_model("tiny_resnet", 10), X, channel_ratio=0.5)
     good = tmp_path / "good.pt"
-    bpl.save_model(good, pruned, arch="tiny_resnet", num_classes=10)
+    bpl.save_model(pruned, good, arch="tiny_resnet", num_classes=10)
     payload = torch.load(good, weights_only=True)
     for arch, match in [("tiny_vgg", "does not match architecture 'tiny_vgg'"),
                         ("resnet34", "do not fit the rebuilt 'resnet34'"),
@@ -180,13 +180,13 @@ def test_bad_checkpoints_name_the_file_and_problem(tmp_path):
         bpl.build_model("tiny_resnet", 10, weights=good)
     # an unpruned bpl checkpoint (a train run's best.pt) starts a stock model exactly
     full = bpl.build_model("tiny_resnet", 10)
-    bpl.save_model(tmp_path / "full.pt", full, arch="tiny_resnet", num_classes=10)
+    bpl.save_model(full, tmp_path / "full.pt", arch="tiny_resnet", num_classes=10)
     again = bpl.build_model("tiny_resnet", 10, weights=tmp_path / "full.pt")
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(),
                                                  again.state_dict().values()))
     # one with partners is refused: its state holds the partners' tensors
     extended = tmp_path / "extended.pt"
-    bpl.save_model(extended, bpl.extend(bpl.build_model("tiny_resnet", 10)), arch="tiny_resnet",
+    bpl.save_model(bpl.extend(bpl.build_model("tiny_resnet", 10)), extended, arch="tiny_resnet",
                    num_classes=10)
     with pytest.raises(BPLError, match="is a bpl checkpoint"):
         bpl.build_model("tiny_resnet", 10, weights=extended)
@@ -215,7 +215,7 @@ def test_training_checkpoint_with_numpy_rng_state(tmp_path):
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "m.pt"
-    bpl.save_model(path, bpl.build_model("tiny_vgg", 10), arch="tiny_vgg", num_classes=10)
+    bpl.save_model(bpl.build_model("tiny_vgg", 10), path, arch="tiny_vgg", num_classes=10)
 
     def broken(obj, f, *args, **kwargs):
         with open(f, "wb") as out:
@@ -224,7 +224,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken)
     with pytest.raises(OSError, match="disk full"):
-        bpl.save_model(path, bpl.build_model("tiny_vgg", 3), arch="tiny_vgg", num_classes=3)
+        bpl.save_model(bpl.build_model("tiny_vgg", 3), path, arch="tiny_vgg", num_classes=3)
     monkeypatch.undo()
     assert bpl.load_model(path)[1]["num_classes"] == 10
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
@@ -259,7 +259,7 @@ def test_compress_config_reads_the_baselines_meta_without_its_weights(tmp_path, 
     from bpl.models.checkpoints import read_meta
 
     path = tmp_path / "b.pt"
-    save_model(path, bpl.build_model("tiny_resnet", 10), arch="tiny_resnet", num_classes=10,
+    save_model(bpl.build_model("tiny_resnet", 10), path, arch="tiny_resnet", num_classes=10,
                meta={"data": "digits", "image_size": 24})
     assert read_meta(path) == load_checkpoint(path, model_only=True)["meta"]
     calls = []

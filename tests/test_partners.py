@@ -35,7 +35,7 @@ def test_the_registry_names_its_kinds_and_refuses_others():
 def test_each_kind_passes_every_conformance_check(kind, net):
     """Exact at start and at fusion (fp64 <= 1e-9, fold_bn too), strict load into the stock
     net, pruning, fusion after pruning, ONNX parity, a float64 move: as benchmarks/zoo.py."""
-    result = check_model(net, torch.randn(2, 3, 16, 16), kernel_sizes=(3, 5), partner=kind,
+    result = check_model(net, torch.randn(2, 3, 16, 16), placement=(3, 5), partner=kind,
                          do_onnx=HAS_ONNX)
     failed = {k: (v["error"], v["note"]) for k, v in result["checks"].items() if not v["ok"]}
     assert not failed
@@ -50,7 +50,7 @@ def _branch_blocks(model):
 def test_branches_have_their_own_shapes_and_bns_and_fold_exactly(kind):
     torch.manual_seed(0)
     net = ConvZoo().eval()
-    student = randomize_partners(bpl.extend(net, partner=kind, kernel_sizes=None).double().eval())
+    student = randomize_partners(bpl.extend(net, partner=kind, placement="all").double().eval())
     blocks = _branch_blocks(student)
     assert blocks and all(b.kind == kind for b in blocks)
     shapes = {name: tuple(seq[0].kernel_size) for name, seq in blocks[0].branches.items()}
@@ -64,7 +64,7 @@ def test_branches_have_their_own_shapes_and_bns_and_fold_exactly(kind):
     for fold_bn in (False, True):
         assert bpl.relative_error(student, bpl.fuse(student, fold_bn=fold_bn), x) <= 1e-9
     # a conv the kind cannot sit beside gets the default kind, and the report says why
-    fallback = student.bpl_report.fallback
+    fallback = bpl.reports(student)["extend"].fallback
     assert "body.15" in fallback and "kernel (3, 1)" in fallback["body.15"]
     assert "body.12" in fallback and "kernel (1, 3)" in fallback["body.12"]
     reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
@@ -74,8 +74,8 @@ def test_branches_have_their_own_shapes_and_bns_and_fold_exactly(kind):
         assert "dilation (2, 2)" in fallback["body.6"]
     else:
         assert "body.6" not in fallback  # ACNet's branches take the dilation
-    assert {student.bpl_report.partners[name] for name in fallback} == {"same"}
-    assert "same partner for body.15" in str(student.bpl_report)
+    assert {bpl.reports(student)["extend"].partners[name] for name in fallback} == {"same"}
+    assert "same partner for body.15" in str(bpl.reports(student)["extend"])
 
 
 @pytest.mark.parametrize("kind", STRUCTURAL)
@@ -119,11 +119,11 @@ def test_checkpoints_record_each_kind_and_rebuild_it(tmp_path, kind):
     torch.manual_seed(0)
     model = bpl.build_model("tiny_resnet", num_classes=5)
     student = randomize_partners(bpl.extend(model, partner=kind).eval())
-    save_model(tmp_path / "m.pt", student, arch="tiny_resnet", num_classes=5)
+    save_model(student, tmp_path / "m.pt", arch="tiny_resnet", num_classes=5)
     loaded, _ = load_model(tmp_path / "m.pt")
     x = torch.randn(2, 3, 32, 32)
     assert bpl.relative_error(student, loaded.eval(), x) == 0.0
-    assert loaded.bpl_report.partners == student.bpl_report.partners
+    assert bpl.reports(loaded)["extend"].partners == bpl.reports(student)["extend"].partners
     assert {type(b).__name__ for _, b in bpl.partner_blocks(loaded)} == (
         {"PartnerBlock"} if kind == "same" else {"BranchPartner"})
 
@@ -133,7 +133,7 @@ def test_a_checkpoint_from_before_kinds_loads_as_the_default_kind(tmp_path):
     payload = bpl.models.model_payload(student, "tiny_resnet", 5)
     payload["extended"] = [site[:2] for site in payload["extended"]]  # [conv, bn], as in 0.1
     loaded, _ = bpl.models.model_from_payload(payload)
-    assert set(loaded.bpl_report.partners.values()) == {"same"}
+    assert set(bpl.reports(loaded)["extend"].partners.values()) == {"same"}
     payload["extended"] = [[*site[:2], "hexagonal"] for site in payload["extended"]]
     with pytest.raises(bpl.CheckpointError, match="partners of kind 'hexagonal'.*upgrade bpl"):
         bpl.models.model_from_payload(payload)
@@ -146,21 +146,22 @@ def test_the_functional_comparison_sees_through_a_sign_flip_its_bn_undoes():
     student = randomize_partners(bpl.extend(GroupedNet(), init="split").eval())
     x = torch.randn(2, 3, 16, 16)
     before_out = student(x)
-    raw = bpl.diversity_loss(student, granularity="global", weight=1.0)
-    functional = bpl.diversity_loss(student, granularity="global", weight=1.0, compare="functional")
+    raw = bpl.diversity_loss(student, granularity="global", diversity_weight=1.0)
+    functional = bpl.diversity_loss(student, granularity="global", diversity_weight=1.0,
+                                    diversity_compare="functional")
     with torch.no_grad():
         for _, b in bpl.partner_blocks(student):
             b.partner_conv.weight.neg_()  # the batch mean flips with it: so does the running one
             b.partner_bn.weight.neg_()
             b.partner_bn.running_mean.neg_()
     assert torch.allclose(student(x), before_out, atol=1e-5)
-    flipped_raw = bpl.diversity_loss(student, granularity="global", weight=1.0)
-    flipped_functional = bpl.diversity_loss(student, granularity="global", weight=1.0,
-                                            compare="functional")
+    flipped_raw = bpl.diversity_loss(student, granularity="global", diversity_weight=1.0)
+    flipped_functional = bpl.diversity_loss(student, granularity="global", diversity_weight=1.0,
+                                            diversity_compare="functional")
     assert raw.item() > 1.5 and flipped_raw.item() < 0.5  # split starts as a copy: cos near 1
     assert torch.allclose(functional, flipped_functional, atol=1e-6)
     with pytest.raises(bpl.InvalidArgumentError, match="compare must be one of"):
-        bpl.diversity_loss(student, compare="folded")
+        bpl.diversity_loss(student, diversity_compare="folded")
 
 
 @pytest.mark.parametrize("kind", STRUCTURAL)
@@ -169,7 +170,7 @@ def test_the_diversity_loss_reaches_every_branch(kind):
     student = bpl.extend(GroupedNet(), partner=kind, init="paper")
     for compare in ("raw", "functional"):
         student.zero_grad()
-        bpl.diversity_loss(student, compare=compare).backward()
+        bpl.diversity_loss(student, diversity_compare=compare).backward()
         for b in _branch_blocks(student):
             for name, seq in b.branches.items():
                 grad = seq[0].weight.grad
@@ -211,7 +212,7 @@ def test_soft_partners_regrow_between_updates_as_in_the_reference(kind):
     for mode in ("regrow", "masked"):
         torch.manual_seed(0)
         student = bpl.extend(GroupedNet(), partner=kind, init="paper")
-        pruner = bpl.SoftPruner(student, x, keep_ratio=0.5, round_to=None, partners=mode)
+        pruner = bpl.SoftPruner(student, x, channel_ratio=0.5, round_to=None, soft_partners=mode)
         _train_steps(student, pruner, x, 3)  # trained a little before the first re-mask
         pruner.update()
         assert _masked_norms(pruner) == (0.0, 0.0)  # a re-mask zeroes partners too
@@ -220,24 +221,25 @@ def test_soft_partners_regrow_between_updates_as_in_the_reference(kind):
         assert held == 0.0
         assert (partner > 0.0) == (mode == "regrow"), (mode, partner)
         assert pruner.state_dict()["partners"] == mode
-        deploy = pruner.finalize(tol=1e-4)  # the last update zeroes everything: exact removal
-        assert pruner.report.removal_error <= 1e-5
+        deploy = pruner.finalize(verify_tol=1e-4)  # the last update zeroes everything: exact removal
+        report = bpl.reports(deploy)["soft"]
+        assert report.removal_error <= 1e-5
         assert _masked_norms(pruner) == (0.0, 0.0)
         assert not bpl.partner_blocks(deploy)
-        assert pruner.report.macs_after < 0.9 * pruner.report.macs_before
+        assert report.macs_after < 0.9 * report.macs_before
 
 
 def test_soft_state_from_before_regrow_resumes_with_partners_held():
     x = torch.randn(4, 3, 16, 16)
     student = bpl.extend(GroupedNet())
-    pruner = bpl.SoftPruner(student, x, keep_ratio=0.5, round_to=None)
-    assert pruner.partners == "regrow"
+    pruner = bpl.SoftPruner(student, x, channel_ratio=0.5, round_to=None)
+    assert pruner.soft_partners == "regrow"
     state = pruner.state_dict()
     del state["partners"]  # written by bpl 0.1, whose masks held the partners
     pruner.load_state_dict(state)
-    assert pruner.partners == "masked"
+    assert pruner.soft_partners == "masked"
     with pytest.raises(bpl.PruningError, match="partners must be one of regrow, masked"):
-        bpl.SoftPruner(student, x, keep_ratio=0.5, partners="never")
+        bpl.SoftPruner(student, x, channel_ratio=0.5, soft_partners="never")
 
 
 def test_reinitialize_gives_fresh_weights_at_the_same_widths():

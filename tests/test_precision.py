@@ -140,7 +140,7 @@ def _max_fusion_error_fp64(student: nn.Module) -> float:
     student = copy.deepcopy(student).eval().double()
     deploy = bpl.fuse(student)
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    return bpl.verify(student, deploy, x, tol=1e-9)
+    return bpl.verify(student, deploy, x, verify_tol=1e-9)
 
 
 def test_fusion_after_a_bf16_run_is_as_exact_as_after_an_fp32_run(tmp_path, monkeypatch):

@@ -39,7 +39,7 @@ def test_flops_target_reached_on_torchvision_models(arch):
         pruned = bpl.prune(model, X32, flops_reduction=r)
         achieved = 1 - bpl.count_macs(pruned, X32) / base
         assert abs(achieved - r) <= 0.01, (arch, r, achieved)
-        assert pruned.bpl_prune_report.reduction == pytest.approx(achieved)
+        assert bpl.reports(pruned)["prune"].reduction == pytest.approx(achieved)
         pruned.train()
         out = pruned(X32)
         assert out.shape == (2, 10)
@@ -58,13 +58,13 @@ def test_channel_ratio_importances_and_round_to():
     # the default rounds to the nearest multiple of 8 (44 -> 48), groups of 16 or more only
     pruned = bpl.prune(model, X32, channel_ratio=0.3)
     assert pruned.layer3[0].conv1.out_channels == 48
-    assert pruned.bpl_prune_report.round_to == 8
+    assert bpl.reports(pruned)["prune"].round_to == 8
     pruned = bpl.prune(model, X32, channel_ratio=0.4, round_to=8)
     for m in pruned.modules():
         if isinstance(m, nn.Conv2d) and m.out_channels > 8:
             assert m.out_channels % 8 == 0
     glob = bpl.prune(model, X32, flops_reduction=0.5, global_pruning=True)
-    assert abs(glob.bpl_prune_report.reduction - 0.5) <= 0.01
+    assert abs(bpl.reports(glob)["prune"].reduction - 0.5) <= 0.01
 
 
 def _widths(model: nn.Module) -> dict[str, int]:
@@ -89,7 +89,7 @@ def test_default_rounding_lands_on_the_target_resnet18_64px(reduction):
     model = _seeded("resnet18")
     x = torch.randn(1, 3, 64, 64)
     pruned = bpl.prune(model, x, flops_reduction=reduction)
-    report = pruned.bpl_prune_report
+    report = bpl.reports(pruned)["prune"]
     assert abs(report.reduction - reduction) <= 0.01 and report.round_to == 8
     assert all(w % 8 == 0 for w in _widths(pruned).values() if w != 3), _widths(pruned)
 
@@ -99,18 +99,18 @@ def test_rounding_degrades_on_tiny_networks(caplog):
     x = torch.randn(1, 3, 32, 32)
     with caplog.at_level("WARNING", logger="bpl.pruning.hard"):
         pruned = bpl.prune(model, x, flops_reduction=0.9)
-    report = pruned.bpl_prune_report
+    report = bpl.reports(pruned)["prune"]
     assert abs(report.reduction - 0.9) <= 0.01
     assert report.round_to == 4 and "cannot reach a 90.00% MAC reduction" in caplog.text
     assert all(w % 4 == 0 for w in _widths(pruned).values() if w >= 8)
     # the demo's setting lands with 8; narrow groups (< 16) stay unrounded, never emptied
     demo = bpl.prune(model, x, flops_reduction=0.7, global_pruning=True)
-    assert abs(demo.bpl_prune_report.reduction - 0.7) <= 0.01
-    assert demo.bpl_prune_report.round_to == 8
+    assert abs(bpl.reports(demo)["prune"].reduction - 0.7) <= 0.01
+    assert bpl.reports(demo)["prune"].round_to == 8
     assert all(w % 8 == 0 for w in _widths(demo).values() if w >= 16)
     for arch in ("tiny_vgg", "tiny_resnet"):
         for r in (0.5, 0.74):
-            got = bpl.prune(_seeded(arch), x, flops_reduction=r).bpl_prune_report
+            got = bpl.reports(bpl.prune(_seeded(arch), x, flops_reduction=r))["prune"]
             assert abs(got.reduction - r) <= 0.01 and got.round_to in (8, 4, 2), (arch, r)
 
 
@@ -137,7 +137,7 @@ def test_soft_pruner_rounds_by_default():
     pruner.update()
     kept = {g.deploy_name: int(g.keep.sum()) for g in pruner.groups}
     assert all(k % 8 == 0 for k in kept.values()), kept
-    plain = SoftPruner(student, x, keep_ratio=pruner.keep_ratio, round_to=1)
+    plain = SoftPruner(student, x, channel_ratio=pruner.channel_ratio, round_to=1)
     assert plain.round_to == 1
     pruner.remove_hooks()
     plain.remove_hooks()
@@ -217,7 +217,7 @@ def test_classifier_protected_and_model_state_untouched():
     assert find_output_layers(model, X32) == ["fc"]
     pruned = bpl.prune(model, X32, flops_reduction=0.6)
     assert pruned.fc.out_features == 10
-    assert "fc" in pruned.bpl_prune_report.ignored
+    assert "fc" in bpl.reports(pruned)["prune"].ignored
     # Torch-Pruning traces in eval mode and leaves the model there; bpl restores the flags,
     # and tracing in eval mode keeps BatchNorm statistics as they were.
     assert model.training and all(m.training for m in model.modules())
@@ -271,7 +271,7 @@ def test_prune_extended_model_prunes_partners_with_their_blocks():
         assert block.bn.num_features == block.partner_bn.num_features == block.conv.out_channels
     assert any(b.conv.out_channels < 64 for _, b in blocks)
     # the reduction is measured on the deployed (fused) form
-    assert abs(pruned.bpl_prune_report.reduction - 0.5) <= 0.01
+    assert abs(bpl.reports(pruned)["prune"].reduction - 0.5) <= 0.01
     pruned.eval()
     deploy = bpl.fuse(pruned)
     assert bpl.relative_error(pruned, deploy, X32) <= 1e-5
@@ -304,7 +304,7 @@ def test_unreachable_target_says_what_was_reached():
                        r"\d+\.\d+% \(the maximum channel ratio.*accept_closest=True"):
         bpl.prune(model, X32, flops_reduction=0.9, ignored_layers=keep)
     closest = bpl.prune(model, X32, flops_reduction=0.9, ignored_layers=keep, accept_closest=True)
-    assert closest.bpl_prune_report.reduction < 0.9
+    assert bpl.reports(closest)["prune"].reduction < 0.9
 
 
 def test_ignored_layers_not_in_model():
@@ -319,28 +319,28 @@ def test_unknown_importance():
     with pytest.raises(BPLError, match="unknown importance 'l3'"):
         bpl.prune(_seeded("tiny_vgg"), X32, flops_reduction=0.5, importance="l3")
     with pytest.raises(BPLError, match="unknown importance 'l3'; choose one of l2, l1, fpgm"):
-        SoftPruner(bpl.extend(_seeded("tiny_vgg")), X32, keep_ratio=0.5, importance="l3")
+        SoftPruner(bpl.extend(_seeded("tiny_vgg")), X32, channel_ratio=0.5, importance="l3")
 
 
 def test_the_soft_schedule_scores_with_hard_pruning_s_criteria():
     """One criterion protocol: the soft schedule ranks each group with the same Torch-Pruning
     importance as hard pruning (l2 as the filter norms it used to sum by hand; fpgm too)."""
     student = bpl.extend(_seeded("tiny_resnet"))
-    l2 = SoftPruner(student, X32, keep_ratio=0.5)
+    l2 = SoftPruner(student, X32, channel_ratio=0.5)
     for group in l2.groups:  # the channel's filters in every coupled conv, as before
         total = torch.zeros(group.size)
         for sl in group.filters:
             total.index_add_(0, sl.root, sl.module.weight.detach()[sl.idxs].flatten(1).pow(2).sum(1))
         assert torch.equal(torch.argsort(l2.scores()[group.name], stable=True),
                            torch.argsort(total, stable=True))
-    fpgm = SoftPruner(student, X32, keep_ratio=0.5, importance="fpgm")
+    fpgm = SoftPruner(student, X32, channel_ratio=0.5, importance="fpgm")
     assert any(not torch.equal(torch.argsort(fpgm.scores()[g.name]), torch.argsort(l2.scores()[g.name]))
                for g in l2.groups)
 
 
 def test_soft_pruner_needs_an_extended_model():
     with pytest.raises(BPLError, match="call bpl.extend"):
-        SoftPruner(_seeded("tiny_resnet"), X32, keep_ratio=0.5)
+        SoftPruner(_seeded("tiny_resnet"), X32, channel_ratio=0.5)
 
 
 # --------------------------------------------------------------------------- soft pruning
@@ -355,7 +355,7 @@ def test_soft_schedule_masks_training_removal_and_state():
     model = bpl.build_model("tiny_resnet", 10)
     randomize_bn(model)
     student = bpl.extend(model, init="paper")
-    pruner = SoftPruner(student, X32, flops_reduction=0.5, every=2, partners="masked")
+    pruner = SoftPruner(student, X32, flops_reduction=0.5, soft_every=2, soft_partners="masked")
     assert {g.deploy_name for g in pruner.groups} >= {"layer1.0.conv1", "layer3.0.conv2"}
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
@@ -370,7 +370,7 @@ def test_soft_schedule_masks_training_removal_and_state():
             pruner.apply()
 
     train_steps(2)
-    assert not pruner.epoch_end(0)  # every=2: nothing yet
+    assert not pruner.epoch_end(0)  # soft_every=2: nothing yet
     assert all(bool(g.keep.all()) for g in pruner.groups)
     assert pruner.epoch_end(1)
     train_steps(3)  # momentum and weight decay must not revive the zeroed filters
@@ -385,7 +385,7 @@ def test_soft_schedule_masks_training_removal_and_state():
     group = next(g for g in pruner.groups if g.deploy_name == "layer1.0.conv1")
     block = student.layer1[0].conv1
     assert torch.equal(_dropped_rows(block.conv.weight, True), ~group.keep)
-    assert int((~group.keep).sum()) == 16 - keep_count(16, pruner.keep_ratio, pruner.round_to)
+    assert int((~group.keep).sum()) == 16 - keep_count(16, 1 - pruner.channel_ratio, pruner.round_to)
     # a gradient never reaches a masked row
     loss = F.cross_entropy(student(x), y)
     opt.zero_grad()
@@ -393,9 +393,9 @@ def test_soft_schedule_masks_training_removal_and_state():
     assert torch.all(block.conv.weight.grad[~group.keep] == 0)
 
     state = pruner.state_dict()
-    fresh = SoftPruner(student, X32, keep_ratio=0.9)
+    fresh = SoftPruner(student, X32, channel_ratio=0.1)
     fresh.load_state_dict(state)
-    assert fresh.keep_ratio == pruner.keep_ratio
+    assert fresh.channel_ratio == pruner.channel_ratio
     assert all(torch.equal(fresh.masks[k], v) for k, v in pruner.masks.items())
     fresh.remove_hooks()
     with pytest.raises(BPLError, match="does not match this model"):
@@ -405,7 +405,8 @@ def test_soft_schedule_masks_training_removal_and_state():
     deploy = pruner.finalize(student)
     assert type(deploy) is type(model) and not bpl.partner_blocks(deploy)
     assert bpl.relative_error(student, deploy, X32) <= 1e-5
-    assert max(pruner.report[k] for k in ("relative_error", "fusion_error", "removal_error")) <= 1e-5
+    report = bpl.reports(deploy)["soft"]
+    assert max(report[k] for k in ("relative_error", "fusion_error", "removal_error")) <= 1e-5
     reduction = 1 - bpl.count_macs(deploy, X32) / bpl.count_macs(model, X32)
     assert abs(reduction - 0.5) <= 0.01
     assert deploy.layer1[0].conv1.out_channels == int(group.keep.sum())

@@ -4,7 +4,7 @@ Zhang et al., "Block-Wise Partner Learning for Model Compression", IEEE TNNLS 20
 """
 
 from .distill import Distillation, distillation_loss
-from .diversity import diversity_loss
+from .diversity import Diversity, diversity_loss
 from .engine import Plateau
 from .errors import (
     BPLError,
@@ -22,6 +22,7 @@ from .exporting import export
 from .extension import ExtendReport, extend, find_conv_bn_pairs, partner_blocks
 from .fusion import fold_batchnorm, fuse
 from .models import build_model, list_models, load_model, save_model
+from .modules import reports
 from .partners import INITS, PARTNER_KINDS, BranchPartner, ConvPartner, Partner, PartnerBlock
 from .profiling import compare_latency, count_macs, count_params, profile
 from .pruning import (
@@ -31,6 +32,7 @@ from .pruning import (
     BudgetStep,
     PruneReport,
     SoftPruner,
+    SoftReport,
     prune,
     prune_within,
     step_levels,
@@ -52,6 +54,7 @@ __all__ = [
     "CorruptImageError",
     "DataError",
     "Distillation",
+    "Diversity",
     "ExtendReport",
     "IMPORTANCES",
     "INITS",
@@ -62,6 +65,7 @@ __all__ = [
     "PruneReport",
     "PruningError",
     "SoftPruner",
+    "SoftReport",
     "TraceError",
     "TrainingDiverged",
     "VerificationError",
@@ -83,6 +87,7 @@ __all__ = [
     "prune",
     "prune_within",
     "relative_error",
+    "reports",
     "save_model",
     "step_levels",
     "verify",

@@ -151,7 +151,7 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "arch", help="architecture of a --baseline that is not a bpl checkpoint "
                           "(a torchvision name, or timm/NAME with the timm extra)")
     _flag(g, "flops-reduction", type=float, metavar="R",
-          help="fraction of MACs to remove, e.g. 0.74 (this, or --max-drop)")
+          help="fraction of FLOPs to remove, counted as MACs, e.g. 0.74 (this, or --max-drop)")
     _flag(g, "max-drop", type=float, metavar="POINTS",
           help="instead of --flops-reduction: prune in steps ("
                + ", ".join(f"{100 * level:.0f}%%" for level in LEVELS)
@@ -530,10 +530,9 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 #: Library parameters the command sets under another name (the rest share their flag's dest).
-_PARAM_DEST = {"root": "data_root", "name": "data", "min_calibration": "calibration_images",
-               "steps": "prune_steps"}
+_PARAM_DEST = {"root": "data_root", "name": "data", "min_calibration": "calibration_images"}
 #: Library parameter values the command says with a flag of its own.
-_PARAM_WORDS = {("kernel_sizes", None): "--placement all", ("max_drop", None): "--force",
+_PARAM_WORDS = {("max_drop", None): "--force",
                 ("validation", NOTHING): "--split with the run's split.json",
                 ("num_classes", NOTHING): "the number of class folders"}
 

@@ -19,6 +19,7 @@ from .data.splits import check_ratios
 from .diversity import COMPARISONS, GRANULARITIES
 from .engine import SCHEDULES, TrainSettings
 from .errors import NOTHING, BPLError, wording
+from .extension import PLACEMENTS  # where partners go: the paper's 3x3/5x5 convs, or all
 from .partners import INITS, PARTNER_KINDS, partner_kind
 from .pruning import SOFT_PARTNERS, importance_names
 from .pruning.graph import check_round_to
@@ -44,8 +45,6 @@ __all__ = [
     "resume_config",
 ]
 
-#: Where partners go: the paper's 3x3/5x5 convs, or every conv (1x1 and 7x7 included).
-PLACEMENTS: dict[str, tuple[int, ...] | None] = {"paper": (3, 5), "all": None}
 #: Which epoch a training run keeps: the best on the validation split, or the last.
 SELECT: tuple[str, ...] = ("best", "last")
 

@@ -24,10 +24,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .deprecation import renamed_keywords
 from .exporting import export
 from .extension import extend, partner_blocks
 from .fusion import fuse
-from .modules import eval_mode
+from .modules import eval_mode, reports
 from .profiling import count_macs
 from .pruning import PruningError, prune
 from .verification import max_relative_error, relative_error
@@ -144,11 +145,12 @@ def _time_limit(seconds: float | None, what: str):
         signal.signal(signal.SIGALRM, previous)
 
 
+@renamed_keywords(kernel_sizes="placement")
 def check_model(
     build: Callable[[], nn.Module],
     x: torch.Tensor,
     *,
-    kernel_sizes: Any = None,
+    placement: Any = "all",
     partner: str = "same",
     flops_reduction: float = 0.5,
     do_prune: bool = True,
@@ -163,7 +165,7 @@ def check_model(
     went there). ``time_limit`` (seconds,
     main thread on Unix) stops a check that runs longer and records it as failed, so
     one check that never ends (a dependency graph search, say) does not hide the others. Partners go on every conv
-    that can have one (``kernel_sizes=None``) unless told otherwise. A check that
+    that can have one (``placement="all"``) unless told otherwise. A check that
     raises is recorded as failed with the exception's first line.
     """
     torch.manual_seed(0)
@@ -183,8 +185,8 @@ def check_model(
         out["seconds"][name] = round(time.perf_counter() - start, 2)
 
     def fuse_fp64() -> dict[str, Any]:
-        student = extend(base, partner=partner, kernel_sizes=kernel_sizes).double()
-        report = student.bpl_report
+        student = extend(base, partner=partner, placement=placement).double()
+        report = reports(student)["extend"]
         out["partners"] = dict(Counter(report.sites.values()))
         if report.fallback:
             out["fallback"] = dict(Counter(_reason_kind(r) for r in report.fallback.values()))
@@ -197,7 +199,7 @@ def check_model(
         return _exact(student, x64, CHECKS["fuse_fp64"])
 
     def fuse_fp32() -> dict[str, Any]:
-        student = extend(base, partner=partner, kernel_sizes=kernel_sizes)
+        student = extend(base, partner=partner, placement=placement)
         result = _exact(student, x, CHECKS["fuse_fp32"])
         state["onnx_tol"] = max(CHECKS["onnx"], FLOOR_FACTOR * result["floor"])
         state["fused"] = fuse(student)
@@ -220,24 +222,24 @@ def check_model(
         achieved = 1.0 - count_macs(pruned, x) / count_macs(base, x)
         state["pruned"] = pruned
         gap = abs(achieved - flops_reduction)
-        used = pruned.bpl_prune_report.round_to
+        used = reports(pruned)["prune"].round_to
         note += f", round_to {used}" if used and used > 1 else ", no rounding"
         return _result(gap <= CHECKS["prune"], gap, f"{100 * achieved:.1f}% fewer MACs{note}")
 
     def prune_fuse() -> dict[str, Any]:
         pruned = state["pruned"].double()
-        return _exact(extend(pruned, partner=partner, kernel_sizes=kernel_sizes), x.double(), CHECKS["prune_fuse"])
+        return _exact(extend(pruned, partner=partner, placement=placement), x.double(), CHECKS["prune_fuse"])
 
     def onnx() -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             path, note, inputs = Path(tmp) / "model.onnx", "", x
             try:
-                info = export(state["student"], inputs, path, tol=state["onnx_tol"])
+                info = export(state["student"], inputs, path, verify_tol=state["onnx_tol"])
             except Exception as exc:  # the exporter's limit, not bpl's: retry at 224 px
                 if "adaptive_avg_pool2d" not in str(exc) or x.shape[-1] >= 224:
                     raise
                 inputs = torch.randn(*x.shape[:2], 224, 224)
-                info = export(state["student"], inputs, path, tol=state["onnx_tol"])
+                info = export(state["student"], inputs, path, verify_tol=state["onnx_tol"])
                 note = "at 224 px: ONNX exports adaptive pooling only to sizes dividing its input"
         if state["onnx_tol"] > CHECKS["onnx"]:
             note = "; ".join(filter(None, [note, f"ill-conditioned: bar {state['onnx_tol']:.1e}"]))
@@ -247,7 +249,7 @@ def check_model(
         return result
 
     def move_fp64() -> dict[str, Any]:
-        student = randomize_partners(extend(base, partner=partner, kernel_sizes=kernel_sizes).eval()).double()
+        student = randomize_partners(extend(base, partner=partner, placement=placement).eval()).double()
         fused = fuse(student)
         dtypes = float_dtypes(fused)
         err = relative_error(student, fused, x.double())

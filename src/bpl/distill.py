@@ -4,9 +4,11 @@ The standard recovery after pruning (Hinton et al. 2015; NVIDIA ModelOpt, Intel 
 Compressor and NNCF all offer it): the pruned student also matches the softened class
 probabilities of its own unpruned teacher. In a loop of your own::
 
-    loss = criterion(logits, y) + weight * bpl.distillation_loss(logits, teacher(x), T)
+    loss = criterion(logits, y) + bpl.distillation_loss(logits, teacher(x), T, distill_weight=w)
 
 and inside ``bpl compress`` (``--distill``) the same term through :class:`Distillation`.
+Both take the weight, as :func:`~bpl.diversity_loss` and :class:`~bpl.diversity.Diversity`
+do; the keywords are the flags' names (``--distill-temperature``, ``--distill-weight``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .deprecation import renamed_attribute, renamed_keywords
 from .errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -25,21 +28,32 @@ if TYPE_CHECKING:
 __all__ = ["Distillation", "distillation_loss"]
 
 
+def _check_options(distill_temperature: float, distill_weight: float) -> None:
+    if not (distill_temperature > 0 and distill_weight >= 0):
+        raise InvalidArgumentError(
+            "distill_temperature must be positive and distill_weight 0 or more, got "
+            f"{distill_temperature}, {distill_weight}"
+        )
+
+
+@renamed_keywords(temperature="distill_temperature")
 def distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, distill_temperature: float = 4.0,
+    *, distill_weight: float = 1.0,
 ) -> torch.Tensor:
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch.
+    """``distill_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged
+    over the batch, ``T`` the ``distill_temperature``.
 
     The ``T^2`` keeps the gradient's size independent of the temperature (Hinton et al.).
     Computed in float32 whatever the logits' dtype (AMP gives float16 logits).
+    ``temperature=`` is the deprecated name of ``distill_temperature`` (until bpl 0.3).
     """
-    if temperature <= 0:
-        raise InvalidArgumentError(f"temperature must be positive, got {temperature}")
-    t = temperature
+    _check_options(distill_temperature, distill_weight)
+    t = distill_temperature
     log_p_student = torch.log_softmax(student_logits.float() / t, dim=1)
     log_p_teacher = torch.log_softmax(teacher_logits.detach().float() / t, dim=1)
     kl = nn.functional.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return kl * (t * t)
+    return distill_weight * (kl * (t * t))
 
 
 class Distillation:
@@ -51,13 +65,15 @@ class Distillation:
     copy on its own share of the batch, so nothing is synchronised.
     """
 
-    def __init__(self, teacher: nn.Module, *, temperature: float = 4.0, weight: float = 1.0):
-        if temperature <= 0 or weight < 0:
-            raise InvalidArgumentError(
-                f"temperature must be positive and weight 0 or more, got {temperature}, {weight}"
-            )
+    @renamed_keywords(temperature="distill_temperature", weight="distill_weight")
+    def __init__(self, teacher: nn.Module, *, distill_temperature: float = 4.0,
+                 distill_weight: float = 1.0):
+        _check_options(distill_temperature, distill_weight)
         self.teacher = copy.deepcopy(teacher).eval().requires_grad_(False)
-        self.temperature, self.weight = temperature, weight
+        self.distill_temperature, self.distill_weight = distill_temperature, distill_weight
+
+    temperature = renamed_attribute("Distillation", "temperature", "distill_temperature")
+    weight = renamed_attribute("Distillation", "weight", "distill_weight")
 
     def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """The teacher's logits for ``inputs`` (moved to their device, eval mode, no grad)."""
@@ -74,4 +90,5 @@ class Distillation:
     def __call__(self, step: Step) -> torch.Tensor:
         with step.autocast():
             teacher = self.teacher_logits(step.inputs)
-        return self.weight * distillation_loss(step.logits, teacher, self.temperature)
+        return distillation_loss(step.logits, teacher, self.distill_temperature,
+                                 distill_weight=self.distill_weight)

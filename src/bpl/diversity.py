@@ -14,17 +14,22 @@ autograd function whose backward is written out (two passes over each kernel).
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .deprecation import renamed_keywords
 from .errors import InvalidArgumentError
 from .extension import partner_blocks
 from .modules import unwrap_parallel
 from .partners import Partner
 
-__all__ = ["diversity_loss", "partner_statistics", "GRANULARITIES", "COMPARISONS"]
+if TYPE_CHECKING:
+    from .engine import Step
+
+__all__ = ["Diversity", "diversity_loss", "partner_statistics", "GRANULARITIES", "COMPARISONS"]
 
 GRANULARITIES = ("stage", "block", "global")
 #: What the loss compares: the raw kernels (the paper) or the BN-folded ones.
@@ -112,33 +117,61 @@ class _GroupCosines(torch.autograd.Function):
         return None, None, None, *grads
 
 
+def _check_options(granularity: str, diversity_compare: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise InvalidArgumentError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if diversity_compare not in COMPARISONS:
+        raise InvalidArgumentError(
+            f"diversity_compare must be one of {COMPARISONS}, got {diversity_compare!r}")
+
+
+@renamed_keywords(weight="diversity_weight", compare="diversity_compare")
 def diversity_loss(
-    model: nn.Module, *, weight: float = 0.01, granularity: str = "stage", compare: str = "raw",
-    eps: float = 1e-8,
+    model: nn.Module, *, diversity_weight: float = 0.01, granularity: str = "stage",
+    diversity_compare: str = "raw", eps: float = 1e-8,
 ) -> torch.Tensor:
-    """``weight * sum over groups of (cos(original kernels, partner kernels) + 1)``.
+    """``diversity_weight * sum over groups of (cos(original kernels, partner kernels) + 1)``:
+    the weighted term, as :func:`~bpl.distillation_loss` gives its own.
 
     ``granularity`` is ``"stage"`` (one term per top-level child of the model, the
     reference code's one per ResNet stage), ``"block"`` (one per partner) or
-    ``"global"`` (one for all). ``compare`` is ``"raw"`` (the kernels as trained, the
-    paper's) or ``"functional"`` (BN-folded with running statistics: what each branch
-    adds to the fused kernel). A model without partners gives a zero tensor.
+    ``"global"`` (one for all). ``diversity_compare`` is ``"raw"`` (the kernels as
+    trained, the paper's) or ``"functional"`` (BN-folded with running statistics: what
+    each branch adds to the fused kernel). A model without partners gives a zero tensor.
+    The keywords are the flags' names (``--diversity-weight``, ``--granularity``,
+    ``--diversity-compare``); ``weight`` and ``compare`` go in bpl 0.3.
     """
-    if granularity not in GRANULARITIES:
-        raise InvalidArgumentError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if compare not in COMPARISONS:
-        raise InvalidArgumentError(f"compare must be one of {COMPARISONS}, got {compare!r}")
+    _check_options(granularity, diversity_compare)
     module = unwrap_parallel(model)
     blocks, groups, n_groups = _plan(module, granularity)
     if not blocks:
         p = next(module.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None,
                            dtype=p.dtype if p is not None else None)
-    functional = compare == "functional"
+    functional = diversity_compare == "functional"
     kernels = [w for b in blocks for w in b.kernels(functional)]
     index = torch.tensor(groups, device=kernels[0].device)
     cos = _GroupCosines.apply(index, n_groups, eps, *kernels)
-    return weight * (cos + 1).sum()
+    return diversity_weight * (cos + 1).sum()
+
+
+class Diversity:
+    """The diversity loss term of a training step (:func:`diversity_loss` of the step's
+    model), as :class:`~bpl.Distillation` is the distillation term: ``bpl compress`` adds
+    it to the cross-entropy of a model with partners."""
+
+    def __init__(self, *, diversity_weight: float = 0.01, granularity: str = "stage",
+                 diversity_compare: str = "raw") -> None:
+        _check_options(granularity, diversity_compare)
+        if not diversity_weight >= 0:
+            raise InvalidArgumentError(f"diversity_weight must be 0 or more, got {diversity_weight}")
+        self.diversity_weight, self.granularity = diversity_weight, granularity
+        self.diversity_compare = diversity_compare
+
+    def __call__(self, step: Step) -> torch.Tensor:
+        return diversity_loss(step.model, diversity_weight=self.diversity_weight,
+                              granularity=self.granularity,
+                              diversity_compare=self.diversity_compare)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from .deprecation import renamed_keywords
 from .errors import BPLError, InvalidArgumentError, VerificationError, arg
 from .extension import partner_blocks
 from .files import atomic_path
@@ -249,13 +250,14 @@ def _int8_check(fp32: Path, int8: Path, validation: Images, max_drop: float | No
     return check
 
 
+@renamed_keywords(tol="verify_tol")
 def export(
     model: nn.Module,
     example_inputs: torch.Tensor,
     path: str | Path,
     *,
     format: str = "onnx",
-    tol: float = 1e-4,
+    verify_tol: float = 1e-4,
     check_batch_sizes: tuple[int, ...] = (1, 5),
     opset: int = 17,
     metadata: dict[str, str] | None = None,
@@ -274,7 +276,7 @@ def export(
 
     The exported file is run (onnxruntime, or the loaded TorchScript module) on random
     inputs of each batch size in ``check_batch_sizes`` and compared with ``model`` in
-    PyTorch; above ``tol`` max relative error nothing is written and
+    PyTorch; above ``verify_tol`` max relative error nothing is written and
     :class:`~bpl.errors.VerificationError` is raised. ``metadata`` (ONNX only) goes into
     the file's ``metadata_props`` (`bpl export` writes class names, mean/std, input size
     and the bpl version there, and `bpl predict` reads them back); bpl adds ``precision``
@@ -323,10 +325,10 @@ def export(
                 xb = torch.randn(bs, *x.shape[1:])
                 errors[bs] = _relative(reference(xb), run(xb))
         worst = max(errors.values())
-        if not worst <= tol:
+        if not worst <= verify_tol:
             raise VerificationError(
-                f"{format} export differs from PyTorch: max relative error {worst:.3g} > {tol:g}; "
-                "nothing was written"
+                f"{format} export differs from PyTorch: max relative error {worst:.3g} > "
+                f"{verify_tol:g}; nothing was written"
             )
         if int8:
             result["quantization"] = _quantize(fp32, tmp, arrays)
@@ -370,13 +372,14 @@ class OnnxModule(nn.Module):
         return torch.from_numpy(self.session.run(None, {self.input_name: x.cpu().numpy()})[0])
 
 
+@renamed_keywords(tol="verify_tol")
 def onnx_module(
     model: nn.Module, example_inputs: torch.Tensor, *, threads: int | None = None,
-    tol: float = 1e-4, **options: Any,
+    verify_tol: float = 1e-4, **options: Any,
 ) -> OnnxModule:
     """Export ``model`` to a temporary ONNX file (parity-checked) and load it in onnxruntime;
     ``options`` are more of :func:`export`'s keywords (``int8=True, calibration=...``)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        export(model, example_inputs, path, format="onnx", tol=tol, **options)
+        export(model, example_inputs, path, format="onnx", verify_tol=verify_tol, **options)
         return OnnxModule(path, threads=threads)  # the session holds the model in memory

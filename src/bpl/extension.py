@@ -21,7 +21,9 @@ import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import BPLError, TraceError, arg
+from .deprecation import renamed_keywords
+from .errors import BPLError, InvalidArgumentError, TraceError, arg
+from .modules import record_report
 from .partners import (
     DEFAULT_KIND,
     DEFAULT_SHARE,
@@ -39,17 +41,24 @@ __all__ = [
     "partner_sites",
     "ExtendReport",
     "PAPER_KERNEL_SIZES",
+    "PLACEMENTS",
 ]
 
 #: The paper's choice: square kernels with 1 < k < 7.
 PAPER_KERNEL_SIZES: tuple[int, ...] = (3, 5)
 
-KernelSpec = Iterable[int | tuple[int, int]] | Callable[[nn.Conv2d], bool] | None
+#: Where partners go, by name (``--placement``): the paper's 3x3/5x5 convs, or every conv.
+PLACEMENTS: dict[str, tuple[int, ...] | None] = {"paper": PAPER_KERNEL_SIZES, "all": None}
+
+#: A placement: a name from :data:`PLACEMENTS`, kernel sizes (ints for square kernels,
+#: ``(kh, kw)`` tuples), a predicate on the conv, or ``None`` (every conv).
+Placement = str | Iterable[int | tuple[int, int]] | Callable[[nn.Conv2d], bool] | None
 
 
 @dataclass
 class ExtendReport:
-    """What :func:`extend` did: the convs it gave partners, of which kind, and every conv skipped, with why.
+    """What :func:`extend` did: the convs it gave partners, of which kind, and every conv skipped, with why
+    (``bpl.reports(model)["extend"]``).
 
     ``extended`` holds ``(conv, bn)`` for a conv->BN pair and ``(conv, None)`` for a conv
     that got a partner without BN; ``without_bn`` says why each of the latter has no BN
@@ -119,12 +128,18 @@ def trace(model: nn.Module) -> torch.fx.Graph:
         ) from exc
 
 
-def _kernel_filter(kernel_sizes: KernelSpec) -> Callable[[nn.Conv2d], bool]:
-    if kernel_sizes is None:
+def _kernel_filter(placement: Placement) -> Callable[[nn.Conv2d], bool]:
+    if isinstance(placement, str):
+        if placement not in PLACEMENTS:
+            raise InvalidArgumentError(
+                f"placement must be one of {', '.join(PLACEMENTS)} or kernel sizes, got "
+                f"{placement!r}")
+        placement = PLACEMENTS[placement]
+    if placement is None:
         return lambda conv: True
-    if callable(kernel_sizes):
-        return kernel_sizes
-    wanted = {(k, k) if isinstance(k, int) else tuple(k) for k in kernel_sizes}
+    if callable(placement):
+        return placement
+    wanted = {(k, k) if isinstance(k, int) else tuple(k) for k in placement}
     return lambda conv: tuple(conv.kernel_size) in wanted
 
 
@@ -148,19 +163,21 @@ def _bn_problem(user, bn: nn.Module | None, users: list, calls: Counter) -> str 
     return None if problem is None else f"'{user.target}': {problem}"
 
 
+@renamed_keywords(kernel_sizes="placement")
 def find_conv_bn_pairs(
-    model: nn.Module, kernel_sizes: KernelSpec = PAPER_KERNEL_SIZES, *, without_bn: bool = True
+    model: nn.Module, placement: Placement = "paper", *, without_bn: bool = True
 ) -> ExtendReport:
     """Find the convs of ``model`` that :func:`extend` would give partners, and of which kind.
 
-    ``kernel_sizes`` is an iterable of ints (square) or (kh, kw) tuples, a predicate on
-    the conv, or ``None`` for every kernel size. With ``without_bn`` an eligible conv
+    ``placement`` is a name from :data:`PLACEMENTS` (``"paper"``: 3x3 and 5x5 kernels;
+    ``"all"``), an iterable of kernel sizes (ints for square kernels, (kh, kw) tuples), a
+    predicate on the conv, or ``None`` for every kernel size. With ``without_bn`` an eligible conv
     that is not in a conv->BN pair is listed as ``(conv, None)`` (a conv-only partner);
     without it, it is skipped.
     """
     graph = trace(model)
     modules = dict(model.named_modules())
-    eligible = _kernel_filter(kernel_sizes)
+    eligible = _kernel_filter(placement)
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     report = ExtendReport()
     for node in graph.nodes:
@@ -216,14 +233,15 @@ def partner_sites(model: nn.Module) -> list[tuple[str, Partner, str | None]]:
     return sites
 
 
+@renamed_keywords(kernel_sizes="placement", share="partner_share")
 def extend(
     model: nn.Module,
     *,
     partner: str = DEFAULT_KIND,
-    kernel_sizes: KernelSpec = PAPER_KERNEL_SIZES,
+    placement: Placement = "paper",
     without_bn: bool = True,
     init: str = "preserve",
-    share: float = DEFAULT_SHARE,
+    partner_share: float = DEFAULT_SHARE,
     one_conv: bool = False,
     inplace: bool = False,
 ) -> nn.Module:
@@ -233,13 +251,14 @@ def extend(
     parallel conv of the block's shape with its own BN), ``"diverse"`` (Diverse Branch
     Block's 1x1, 1x1->KxK and 1x1->average-pool branches) or ``"asymmetric"`` (ACNet's
     1xK and Kx1 branches). A conv the kind cannot sit beside (a kernel without a centred
-    padding, ...) gets ``"same"`` instead; ``result.bpl_report.fallback`` says which and why.
-    ``kernel_sizes``: which convs get partners; the paper's 3x3 and 5x5 by default,
-    ``None`` for every conv (1x1 included). A conv->BN pair gets a partner with BNs; any
+    padding, ...) gets ``"same"`` instead; the report's ``fallback`` says which and why.
+    ``placement``: which convs get partners; ``"paper"`` (the default: 3x3 and 5x5),
+    ``"all"`` for every conv (1x1 included), or kernel sizes or a predicate as
+    :func:`find_conv_bn_pairs` takes them. A conv->BN pair gets a partner with BNs; any
     other eligible conv a partner without BN behind a per-channel scale, unless
     ``without_bn=False``. ``init`` says how the partners start: ``"preserve"`` (partner
     scale 0) and, for ``"same"``, ``"split"`` (a copy of the block, scales split
-    ``1 - share`` / ``share``) leave the model's output exactly as it was; ``"paper"`` is
+    ``1 - partner_share`` / ``partner_share``) leave the model's output exactly as it was; ``"paper"`` is
     the reference code's start and changes it. The defaults (3x3/5x5, ``"same"``,
     ``"preserve"``) are what bpl's recovery study chose on its validation split
     (docs/results.md), where no partner variant beat plain fine-tuning of the pruned model
@@ -247,7 +266,7 @@ def extend(
     over the stacked kernels and one BN over both halves
     (:attr:`~bpl.partners.PartnerBlock.one_conv`; the same function, parameters and fold;
     off by default: it was not faster on the CPU). The report of what was extended (and
-    how) and skipped is ``result.bpl_report`` (an :class:`ExtendReport`).
+    how) and skipped is ``bpl.reports(result)["extend"]`` (an :class:`ExtendReport`).
     """
     if partner_blocks(model):
         raise BPLError(
@@ -255,13 +274,13 @@ def extend(
             "or extend the original model"
         )
     kind = partner_kind(partner)
-    check_init(init, share, kind.inits, kind.name)
-    report = find_conv_bn_pairs(model, kernel_sizes, without_bn=without_bn)
+    check_init(init, partner_share, kind.inits, kind.name)
+    report = find_conv_bn_pairs(model, placement, without_bn=without_bn)
     if not report.extended:
         what = "conv" if without_bn else "conv->BatchNorm2d pair"
         raise BPLError(
             f"{type(model).__name__} has no eligible {what} to extend "
-            f"({len(report.skipped)} convs skipped); pass {arg('kernel_sizes', None)} to accept "
+            f"({len(report.skipped)} convs skipped); pass {arg('placement', 'all')} to accept "
             "every kernel size" + ("" if without_bn else ", or without_bn=True for convs without BN")
         )
     if not inplace:
@@ -272,9 +291,10 @@ def extend(
         kinds[conv_name] = kind.name if problem is None else DEFAULT_KIND
         if problem is not None:
             report.fallback[conv_name] = problem
-    put_partners(model, report.extended, kinds, init=init, share=share, one_conv=one_conv)
+    put_partners(model, report.extended, kinds, init=init, share=partner_share,
+                 one_conv=one_conv)
     report.partners = kinds
-    model.bpl_report = report
+    record_report(model, "extend", report)
     return model
 
 

@@ -1,5 +1,10 @@
 """Atomic file writes: a crash, a full disk or a failed check never leaves half a file.
 
+Every file bpl writes goes through :func:`atomic_path` (JSON, CSV and markdown through
+:func:`atomic_write_text`, checkpoints :func:`atomic_save`, plots :func:`atomic_savefig`,
+ONNX and TorchScript files the exporter's own ``atomic_path``), and so do the benchmarks';
+the image cache, written over time, becomes its file in one step too (:func:`commit_file`).
+
 Every writer puts its bytes in a temporary file beside the target, syncs it, gives it the
 permissions a new file would get (``0666`` less the umask, usually ``0644``) and renames
 it over the target in one step; on any error the temporary file is removed and the
@@ -31,6 +36,7 @@ __all__ = [
     "lock_holder",
     "atomic_path",
     "atomic_save",
+    "atomic_savefig",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -116,6 +122,18 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
             raise OSError(code, f"{os.strerror(code)} ({free / 2**20:.0f} MiB free)",
                           str(path)) from exc
     return Path(path)
+
+
+def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """A matplotlib figure's ``fig.savefig(path, **kwargs)``, atomically; returns the path.
+
+    The format is the suffix's (``.png``, ``.pdf``, ...) unless ``format=`` says otherwise:
+    the temporary file's own suffix says nothing."""
+    path = Path(path)
+    kwargs.setdefault("format", path.suffix.lstrip(".").lower() or "png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **kwargs)
+    return path
 
 
 class BusyError(OSError):

@@ -11,6 +11,7 @@ from torch import nn
 
 from .errors import BPLError
 from .extension import find_conv_bn_pairs, partner_blocks, partner_sites
+from .modules import record_report
 from .partners import NormSlot, Partner, fold_conv_bn
 
 __all__ = ["fuse", "fold_batchnorm"]
@@ -72,8 +73,7 @@ def fuse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False) -> n
         model.set_submodule(block_name, conv)
         if norm is not None:
             model.set_submodule(slot_name, norm)
-    if hasattr(model, "bpl_report"):
-        del model.bpl_report
+    record_report(model, "extend", None)  # it described partners that are gone
     return model
 
 
@@ -89,7 +89,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     elif not inplace:
         model = copy.deepcopy(model)
     for conv_name, bn_name in find_conv_bn_pairs(
-        model, kernel_sizes=None, without_bn=False
+        model, placement=None, without_bn=False
     ).extended:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         weight, bias = fold_conv_bn(conv, bn)

@@ -1,8 +1,9 @@
 """Small utilities on ``nn.Module``s that several parts of bpl share.
 
 Example inputs as call arguments, eval mode that restores every flag, the model inside a
-data-parallel wrapper, throw-away copies on the meta device, and the one finder of a
-model's output layers (its classifier).
+data-parallel wrapper, throw-away copies on the meta device, the one finder of a
+model's output layers (its classifier), and the one place a model keeps the reports of
+the bpl steps that made it (:func:`reports`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ __all__ = [
     "find_output_layers",
     "flat_tensors",
     "meta_copy",
+    "record_report",
+    "reports",
     "unwrap_parallel",
 ]
 
@@ -64,6 +67,37 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+#: The attribute each step's report had before :func:`reports` (still set, until bpl 0.3).
+LEGACY_REPORT_ATTRIBUTES = {"extend": "bpl_report", "prune": "bpl_prune_report"}
+
+
+def reports(model: nn.Module) -> dict[str, Any]:
+    """Every report of the bpl steps that made ``model``, keyed by step.
+
+    ``"prune"``: a :class:`~bpl.PruneReport` (:func:`bpl.prune`); ``"extend"``: an
+    :class:`~bpl.ExtendReport` (:func:`bpl.extend`, or a checkpoint with partners loaded;
+    gone once :func:`bpl.fuse` has removed the partners); ``"soft"``: a
+    :class:`~bpl.SoftReport` (on the model :meth:`bpl.SoftPruner.finalize` returns). A
+    copy of a model keeps them; a model bpl did not make has none (``{}``).
+    """
+    return dict(getattr(unwrap_parallel(model), "bpl_reports", None) or {})
+
+
+def record_report(model: nn.Module, step: str, report: Any | None) -> None:
+    """Keep ``report`` as ``model``'s report of ``step`` (``None``: forget it), also under the
+    step's old attribute where it had one. A new dict each time: a shallow copy of the
+    model keeps its own reports."""
+    held = {k: v for k, v in (getattr(model, "bpl_reports", None) or {}).items() if k != step}
+    model.bpl_reports = held if report is None else {**held, step: report}
+    legacy = LEGACY_REPORT_ATTRIBUTES.get(step)
+    if legacy is None:
+        return
+    if report is not None:
+        setattr(model, legacy, report)
+    elif legacy in vars(model):
+        delattr(model, legacy)
 
 
 def meta_copy(model: nn.Module) -> nn.Module:

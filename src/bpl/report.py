@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_path, atomic_write_json, atomic_write_text
+from .files import atomic_savefig, atomic_write_json, atomic_write_text
 
 __all__ = ["write_budget_curve", "write_json", "write_report", "comparison_table"]
 
@@ -205,8 +205,7 @@ def _draw(plt, run_dir: Path, metrics: dict[str, Any]) -> list[str]:
 
 def _save_figure(fig, path: Path) -> None:
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")  # no label is clipped
+    atomic_savefig(fig, path, format="png", dpi=110, bbox_inches="tight")  # no label is clipped
 
 
 def write_budget_curve(run_dir: str | Path, reference: float, max_drop: float | None,

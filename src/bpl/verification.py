@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .deprecation import renamed_keywords
 from .errors import VerificationError
 from .modules import eval_mode
 
@@ -30,14 +31,15 @@ def relative_error(reference: nn.Module, candidate: nn.Module, *inputs: torch.Te
     return max_relative_error(ref, out)
 
 
+@renamed_keywords(tol="verify_tol")
 def verify(
-    reference: nn.Module, candidate: nn.Module, *inputs: torch.Tensor, tol: float = 1e-5
+    reference: nn.Module, candidate: nn.Module, *inputs: torch.Tensor, verify_tol: float = 1e-5
 ) -> float:
-    """Relative error of ``candidate`` against ``reference``; raises if it exceeds ``tol``."""
+    """Relative error of ``candidate`` against ``reference``; raises if it exceeds ``verify_tol``."""
     err = relative_error(reference, candidate, *inputs)
-    if not err <= tol:  # also catches NaN
+    if not err <= verify_tol:  # also catches NaN
         raise VerificationError(
-            f"models differ: relative error {err:.3g} > tolerance {tol:g}; the transformation "
+            f"models differ: relative error {err:.3g} > tolerance {verify_tol:g}; the transformation "
             "is not exact for this model (please report it with the model definition)"
         )
     return err

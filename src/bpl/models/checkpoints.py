@@ -12,10 +12,11 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..deprecation import warn_deprecated
 from ..errors import BPLError, CheckpointError
 from ..extension import find_conv_bn_pairs, partner_sites, put_partners
 from ..files import atomic_save
-from ..modules import unwrap_parallel
+from ..modules import record_report, unwrap_parallel
 from ..partners import DEFAULT_KIND, PARTNER_KINDS
 from .zoo import stock_model
 
@@ -173,17 +174,23 @@ def model_payload(
 
 
 def save_model(
-    path: str | os.PathLike,
     model: nn.Module,
+    path: str | os.PathLike,
     *,
     arch: str,
     num_classes: int,
     meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` (plain, pruned, extended or fused) so :func:`load_model` can rebuild it.
+    """Write ``model`` (plain, pruned, extended or fused) to ``path`` so :func:`load_model`
+    can rebuild it; returns the path.
 
     The file holds :func:`model_payload` and is written atomically (:func:`atomic_save`).
+    The model comes first, as in every bpl function; the order of 0.1, ``(path, model)``,
+    still works until bpl 0.3, with a ``DeprecationWarning``.
     """
+    if isinstance(model, str | os.PathLike) and isinstance(path, nn.Module):
+        warn_deprecated("save_model(path, model)", "save_model(model, path)")
+        model, path = path, model
     return atomic_save(model_payload(model, arch, num_classes, meta), path)
 
 
@@ -350,7 +357,7 @@ def _re_extend(model: nn.Module, pairs: list[list], mismatch: str) -> None:
                               f"does not know ({', '.join(PARTNER_KINDS)}); upgrade bpl")
     put_partners(model, sites, kinds)
     report.partners = kinds
-    model.bpl_report = report
+    record_report(model, "extend", report)
 
 
 def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[nn.Module, dict]:

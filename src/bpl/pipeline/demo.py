@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from .compress import compress
+from .compression import compress
 from .train import train_baseline
 
 log = logging.getLogger(__name__)

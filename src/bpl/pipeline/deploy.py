@@ -234,7 +234,7 @@ def export_checkpoint(
         extra = _int8_inputs(path, meta, size, calibration_data, calibration_images, split,
                              dict(overrides or {}, image_size=size), force, progress)
         extra["max_drop"] = None if force else max_drop
-    return export(model, torch.randn(1, 3, size, size), out, format=format, tol=tol,
+    return export(model, torch.randn(1, 3, size, size), out, format=format, verify_tol=tol,
                   metadata=metadata, int8=int8, **extra)
 
 

@@ -3,9 +3,9 @@
 Two ways to a physically smaller model:
 
 * :func:`prune` (hard, :mod:`.hard`): remove the least important output channels of
-  every prunable group now. With ``flops_reduction=r`` the channel pruning ratio is
-  searched (:mod:`.search`) so that the MACs of the pruned model drop by ``r`` (within
-  ``tolerance``, one point by default).
+  every prunable group now. With ``flops_reduction=r`` (the fraction of FLOPs to remove,
+  counted as MACs) the channel pruning ratio is searched (:mod:`.search`) so that the
+  MACs of the pruned model drop by ``r`` (within ``tolerance``, one point by default).
 * :func:`prune_within` (:mod:`.budget`): prune in steps, recovering and scoring each,
   and keep the smallest model within an accuracy budget; with no budget and
   :func:`step_levels`, iterative pruning to a fixed cut.
@@ -18,7 +18,9 @@ Torch-Pruning handles the coupling: channels joined by a residual addition or a
 concatenation, depthwise convs, and a partner block (its conv and partner conv both feed
 one addition, so they always lose the same channels). MACs are the FLOPs counted by
 :class:`torch.utils.flop_counter.FlopCounterMode` divided by two, measured on the deployed
-form of the model (an extended model is counted as if fused: partners cost nothing).
+form of the model (an extended model is counted as if fused: partners cost nothing). The
+name ``flops_reduction`` is the paper's ("FLOPs" reduction, FLOPs counted as MACs); a
+fraction removed is the same whichever of the two is counted.
 
 The ratio search prunes throw-away copies of the model on PyTorch's ``meta`` device
 (shapes only, no memory, no arithmetic), scoring channels once on the real weights, so a

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from ..deprecation import renamed_keywords
 from ..errors import InvalidArgumentError, PruningError, arg
 from .graph import Inputs, deploy_macs
 from .hard import prune
@@ -33,8 +34,11 @@ log = logging.getLogger(__name__)
 LEVELS: tuple[float, ...] = (0.5, 0.74, 0.85, 0.9, 0.93, 0.95)
 
 
-def step_levels(flops_reduction: float, steps: int) -> list[float]:
-    """``steps`` cuts to ``flops_reduction`` that each keep the same fraction of the MACs.
+@renamed_keywords(steps="prune_steps")
+def step_levels(flops_reduction: float, prune_steps: int) -> list[float]:
+    """``prune_steps`` cuts to ``flops_reduction`` (the fraction of FLOPs to remove, counted as
+    MACs) that each keep the same fraction of the MACs
+    (``--prune-steps``; ``steps=`` is its deprecated name until bpl 0.3).
 
     >>> [round(v, 3) for v in step_levels(0.9, 2)]
     [0.684, 0.9]
@@ -43,10 +47,11 @@ def step_levels(flops_reduction: float, steps: int) -> list[float]:
         raise InvalidArgumentError(
             f"{arg('flops_reduction')} must be between 0 and 1 (exclusive), got {flops_reduction}",
             param="flops_reduction")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InvalidArgumentError(f"steps must be a whole number of at least 1, got {steps!r}",
-                                   param="steps")
-    return [1 - (1 - flops_reduction) ** (k / steps) for k in range(1, steps + 1)]
+    if isinstance(prune_steps, bool) or not isinstance(prune_steps, int) or prune_steps < 1:
+        raise InvalidArgumentError(
+            f"{arg('prune_steps')} must be a whole number of at least 1, got {prune_steps!r}",
+            param="prune_steps")
+    return [1 - (1 - flops_reduction) ** (k / prune_steps) for k in range(1, prune_steps + 1)]
 
 
 @dataclass

@@ -12,7 +12,15 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import PruningError
-from ..modules import Inputs, Scratch, as_args, eval_mode, find_output_layers, flat_tensors
+from ..modules import (
+    Inputs,
+    Scratch,
+    as_args,
+    eval_mode,
+    find_output_layers,
+    flat_tensors,
+    record_report,
+)
 from ..profiling import count_params
 from .graph import (
     DEFAULT_ROUND_TO,
@@ -34,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PruneReport:
-    """What :func:`prune` did (``pruned.bpl_prune_report``)."""
+    """What :func:`prune` did (``bpl.reports(pruned)["prune"]``)."""
 
     channel_ratio: float
     macs_before: int
@@ -76,9 +84,9 @@ def prune(
 ) -> nn.Module:
     """Physically remove channels from ``model`` (plain or extended) and return it.
 
-    Give exactly one of ``flops_reduction`` (fraction of MACs to remove; the channel
-    ratio is searched until the reduction is within ``tolerance``) or ``channel_ratio``
-    (fraction of each group's channels to remove). ``importance`` names the criterion
+    Give exactly one of ``flops_reduction`` (the fraction of FLOPs to remove, counted as
+    MACs; the channel ratio is searched until the reduction is within ``tolerance``) or
+    ``channel_ratio`` (the fraction of each group's channels to remove). ``importance`` names the criterion
     (see :data:`IMPORTANCES`; ``"l2"`` is the paper's filter norm). The layers producing
     the model's outputs are never pruned, so the output shape is unchanged;
     ``ignored_layers`` (modules or qualified names) protects more.
@@ -92,8 +100,8 @@ def prune(
     with half the ``round_to`` until it lands, with a warning; the report says which
     was used. A ``flops_reduction`` beyond what the model allows, or missed by more than
     ``tolerance`` even unrounded, raises :class:`PruningError` naming the closest
-    reachable value; ``accept_closest=True`` prunes to that value instead. The result
-    carries a :class:`PruneReport` as ``bpl_prune_report``.
+    reachable value; ``accept_closest=True`` prunes to that value instead. The result's
+    :class:`PruneReport` is ``bpl.reports(result)["prune"]``.
     """
     if (flops_reduction is None) == (channel_ratio is None):
         raise PruningError(
@@ -184,7 +192,7 @@ def prune(
         round_to=round_to if rounds(round_to) else None,
     )
     log.info("pruned %s: %s", type(model).__name__, report)
-    target.bpl_prune_report = report
+    record_report(target, "prune", report)
     return target
 
 

@@ -12,10 +12,11 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..deprecation import renamed_attribute, renamed_keywords, warn_deprecated
 from ..errors import PruningError
 from ..extension import partner_blocks
 from ..fusion import fuse
-from ..modules import Inputs, Scratch, as_args, find_output_layers, unwrap_parallel
+from ..modules import Inputs, Scratch, as_args, find_output_layers, record_report, unwrap_parallel
 from ..verification import max_relative_error, verify
 from .graph import (
     DEFAULT_ROUND_TO,
@@ -42,46 +43,61 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SoftReport:
-    """What :meth:`SoftPruner.finalize` did (``pruner.report``).
+    """What :meth:`SoftPruner.finalize` did (``bpl.reports(deployed)["soft"]``).
 
     ``report["removal_error"]`` reads a field too, as when the report was a dict.
+    ``channel_ratio`` is the fraction of each group's channels removed, as in
+    :class:`~bpl.PruneReport` (``keep_ratio``, the fraction kept, goes in bpl 0.3).
     """
 
     macs_before: int
     macs_after: int
     reduction: float
     target: float | None
-    keep_ratio: float
+    channel_ratio: float
     fusion_error: float
     removal_error: float
     relative_error: float
 
+    @property
+    def keep_ratio(self) -> float:
+        """Deprecated: ``1 - channel_ratio``."""
+        warn_deprecated("SoftReport.keep_ratio", "1 - SoftReport.channel_ratio")
+        return 1.0 - self.channel_ratio
+
     def __getitem__(self, key: str) -> Any:
+        if key == "keep_ratio":
+            warn_deprecated('SoftReport["keep_ratio"]', '1 - SoftReport["channel_ratio"]')
+            return 1.0 - self.channel_ratio
         return asdict(self)[key]
 
 
 def _check_options(
-    keep_ratio: float | None, flops_reduction: float | None, every: int, importance: str,
-    round_to: int | None, partners: str,
+    channel_ratio: float | None, flops_reduction: float | None, soft_every: int,
+    importance: str, round_to: int | None, soft_partners: str,
 ) -> float | None:
     """Refuse options :class:`SoftPruner` cannot use; returns ``flops_reduction`` as a float."""
-    if (keep_ratio is None) == (flops_reduction is None):
+    if (channel_ratio is None) == (flops_reduction is None):
         raise PruningError(
-            "give exactly one of keep_ratio (fraction of channels kept per group) or "
+            "give exactly one of channel_ratio (fraction of channels to remove per group) or "
             "flops_reduction (e.g. 0.74 for 74% fewer MACs)"
         )
-    if keep_ratio is not None and (isinstance(keep_ratio, bool) or not 0.0 < keep_ratio <= 1.0):
-        raise PruningError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+    if channel_ratio is not None and (isinstance(channel_ratio, bool)
+                                      or not isinstance(channel_ratio, int | float)
+                                      or not 0.0 <= channel_ratio < 1.0):
+        raise PruningError(f"channel_ratio must be in [0, 1), got {channel_ratio!r}; pass e.g. "
+                           "0.5 to remove half the channels")
     if flops_reduction is not None:
         flops_reduction = check_fraction(
             flops_reduction, "flops_reduction", "pass e.g. 0.74 for 74% fewer MACs"
         )
-    if not isinstance(every, int) or every < 1:
-        raise PruningError(f"every must be a positive number of epochs, got {every!r}")
+    if isinstance(soft_every, bool) or not isinstance(soft_every, int) or soft_every < 1:
+        raise PruningError(f"soft_every must be a positive number of epochs, got {soft_every!r}")
     make_importance(importance)  # an unknown name: one line with the choices
     check_round_to(round_to)
-    if partners not in SOFT_PARTNERS:
-        raise PruningError(f"partners must be one of {', '.join(SOFT_PARTNERS)}, got {partners!r}")
+    if soft_partners not in SOFT_PARTNERS:
+        raise PruningError(f"soft_partners must be one of {', '.join(SOFT_PARTNERS)}, got "
+                           f"{soft_partners!r}")
     return flops_reduction
 
 
@@ -99,44 +115,50 @@ class SoftPruner:
     (:func:`~bpl.pruning.importance_names`, or a Torch-Pruning importance object) over the
     whole group: ``"l2"``, the paper's choice, is the norm of its filters in all the
     group's convs and Linears together. On an
-    update, the lowest ``1 - keep_ratio`` of each group are zeroed: conv/Linear
+    update, the lowest ``channel_ratio`` of each group are zeroed: conv/Linear
     weights and biases and both BNs' weight, bias and running mean, so the channel's
     output is exactly 0 in train and eval mode. Gradient hooks zero the masked rows'
     gradients, and :meth:`apply` (call it after ``optimizer.step()``) re-zeroes them,
     because momentum and weight decay would otherwise revive them.
 
-    ``partners="regrow"`` (the default, the reference code's recipe) holds only the
+    ``soft_partners="regrow"`` (the default, the reference code's recipe) holds only the
     block's and the network's masked channels at zero: a partner's masked filters are
     zeroed at each update and regrow in between, so the network trains with more
     capacity than it deploys with. Its BNs are left alone until the end (zeroing them
     would leave nothing to regrow: see :mod:`~bpl.pruning.soft_masks`), so between
-    updates a masked channel carries the partner BN's shift. ``partners="masked"`` holds
+    updates a masked channel carries the partner BN's shift. ``soft_partners="masked"`` holds
     the partners' channels at exactly zero too, so zeroed filters have norm 0 and are
     picked again: masks only grow. Either way :meth:`finalize` makes a last update that
     zeroes every masked channel exactly, so the removal is exact.
 
-    ``keep_ratio`` is the fraction of each group's channels kept; with
-    ``flops_reduction`` it is searched so that the model returned by :meth:`finalize`
-    has that many fewer MACs than the fused unpruned model (within ``tolerance``).
+    ``channel_ratio`` is the fraction of each group's channels removed, as in
+    :func:`~bpl.pruning.prune`; with ``flops_reduction`` (the fraction of FLOPs to remove,
+    counted as MACs) it is searched so that the model returned by :meth:`finalize` has that
+    many fewer MACs than the fused unpruned model (within ``tolerance``). The masks are picked anew every ``soft_every`` epochs
+    (:meth:`epoch_end`). The keywords are the config's and flags' names
+    (``--soft-every``, ``--soft-partners``); ``keep_ratio`` (``1 - channel_ratio``),
+    ``every`` and ``partners`` are their deprecated forms until bpl 0.3.
     ``round_to`` (8 by default; 1 or None: no rounding) keeps each group's kept count a
     multiple of it, as in :func:`~bpl.pruning.prune`, with the same fallback to half the
     ``round_to`` when the target cannot be reached with it (``self.round_to`` is the one
     used).
     """
 
+    @renamed_keywords(every="soft_every", partners="soft_partners")
     def __init__(
         self,
         model: nn.Module,
         example_inputs: Inputs,
         *,
-        keep_ratio: float | None = None,
+        channel_ratio: float | None = None,
         flops_reduction: float | None = None,
-        every: int = 1,
+        soft_every: int = 1,
         importance: str | tp.importance.Importance = "l2",
         round_to: int | None = DEFAULT_ROUND_TO,
         ignored_layers: Iterable[LayerRef] | LayerRef | None = None,
         tolerance: float = 0.01,
-        partners: str = "regrow",
+        soft_partners: str = "regrow",
+        keep_ratio: float | None = None,
     ) -> None:
         model = unwrap_parallel(model)
         if not partner_blocks(model):
@@ -144,18 +166,28 @@ class SoftPruner:
                 f"{type(model).__name__} has no partner blocks; SoftPruner works on an extended "
                 "model: call bpl.extend(model) first (or use bpl.prune for a plain model)"
             )
-        flops_reduction = _check_options(keep_ratio, flops_reduction, every, importance, round_to,
-                                         partners)
-        self.partners = partners
+        keep = None
+        if keep_ratio is not None:  # the fraction kept (0.1): warn, and keep it exactly
+            warn_deprecated("SoftPruner(keep_ratio=k)", "SoftPruner(channel_ratio=1 - k)",
+                            stacklevel=4)  # past the keyword wrapper
+            if channel_ratio is not None:
+                raise PruningError("give channel_ratio only (keep_ratio is its deprecated "
+                                   "complement)")
+            if isinstance(keep_ratio, bool) or not 0.0 < keep_ratio <= 1.0:
+                raise PruningError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+            keep, channel_ratio = float(keep_ratio), 1.0 - keep_ratio
+        flops_reduction = _check_options(channel_ratio, flops_reduction, soft_every, importance,
+                                         round_to, soft_partners)
+        self.soft_partners = soft_partners
         self.model = model
         self.args = as_args(example_inputs)
-        self.every = every
+        self.soft_every = soft_every
         self.importance = importance
         self.round_to = round_to
         self.flops_reduction = flops_reduction
         self.tolerance = tolerance
         self.updates = 0
-        self.report: SoftReport | None = None
+        self._report: SoftReport | None = None
         ignored = list(dict.fromkeys(
             resolve_layers(model, ignored_layers) + find_output_layers(model, self.args)
         ))
@@ -176,11 +208,34 @@ class SoftPruner:
 
             drop = over_round_to(round_to, attempt, flops_reduction, tolerance,
                                  type(model).__name__)
-            keep_ratio = 1.0 - drop
-        self.keep_ratio = float(keep_ratio)
-        self._masks = ChannelMasks(self.groups, regrow=partners == "regrow")
-        log.info("soft pruning %d channel groups, keep ratio %.4f, update every %d epochs",
-                 len(self.groups), self.keep_ratio, every)
+            keep = 1.0 - drop
+        # the fraction kept, as the masks use it (and the state holds it)
+        self._keep = 1.0 - float(channel_ratio) if keep is None else keep
+        self._masks = ChannelMasks(self.groups, regrow=soft_partners == "regrow")
+        log.info("soft pruning %d channel groups, channel ratio %.4f, update every %d epochs",
+                 len(self.groups), self.channel_ratio, soft_every)
+
+    @property
+    def channel_ratio(self) -> float:
+        """The fraction of each group's channels removed (given, or searched for
+        ``flops_reduction``)."""
+        return 1.0 - self._keep
+
+    @property
+    def keep_ratio(self) -> float:
+        """Deprecated: ``1 - channel_ratio``."""
+        warn_deprecated("SoftPruner.keep_ratio", "1 - SoftPruner.channel_ratio")
+        return self._keep
+
+    every = renamed_attribute("SoftPruner", "every", "soft_every")
+    partners = renamed_attribute("SoftPruner", "partners", "soft_partners")
+
+    @property
+    def report(self) -> SoftReport | None:
+        """Deprecated: ``bpl.reports(deployed)["soft"]`` of the model :meth:`finalize`
+        returned (None before it ran)."""
+        warn_deprecated("SoftPruner.report", 'bpl.reports(deployed)["soft"]')
+        return self._report
 
     def _reduction_at(self, drop: float) -> float:
         """MAC reduction of the fused model after removing ``drop`` of every group's channels."""
@@ -221,7 +276,7 @@ class SoftPruner:
         regrowing partners' BNs too, so every masked channel is exactly 0)."""
         scores = self.scores()
         for group in self.groups:
-            n_drop = group.size - keep_count(group.size, self.keep_ratio, self.round_to)
+            n_drop = group.size - keep_count(group.size, self._keep, self.round_to)
             keep = torch.ones(group.size, dtype=torch.bool)
             keep[torch.argsort(scores[group.name], stable=True)[:n_drop]] = False
             group.keep = keep
@@ -232,8 +287,8 @@ class SoftPruner:
                  sum(int((~g.keep).sum()) for g in self.groups), sum(g.size for g in self.groups))
 
     def epoch_end(self, epoch: int) -> bool:
-        """Call after each epoch (0-based); updates the masks every ``every`` epochs."""
-        if (epoch + 1) % self.every:
+        """Call after each epoch (0-based); updates the masks every ``soft_every`` epochs."""
+        if (epoch + 1) % self.soft_every:
             return False
         self.update()
         return True
@@ -250,12 +305,13 @@ class SoftPruner:
     # -- state
 
     def state_dict(self) -> dict[str, Any]:
-        """Masks and schedule state, to save with a training checkpoint."""
+        """Masks and schedule state, to save with a training checkpoint (the keys of 0.1:
+        ``keep_ratio`` is the fraction kept)."""
         return {
-            "keep_ratio": self.keep_ratio,
+            "keep_ratio": self._keep,
             "round_to": self.round_to,
-            "every": self.every,
-            "partners": self.partners,
+            "every": self.soft_every,
+            "partners": self.soft_partners,
             "updates": self.updates,
             "masks": self.masks,
         }
@@ -280,26 +336,27 @@ class SoftPruner:
                 )
         for name, mask in masks.items():
             mine[name].keep = mask.to("cpu", torch.bool).clone()
-        self.keep_ratio = float(state.get("keep_ratio", self.keep_ratio))
+        self._keep = float(state.get("keep_ratio", self._keep))
         self.round_to = state.get("round_to", self.round_to)
-        self.every = int(state.get("every", self.every))
+        self.soft_every = int(state.get("every", self.soft_every))
         self.updates = int(state.get("updates", self.updates))
         partners = state.get("partners", "masked")  # states before "regrow" held partners too
-        if partners != self.partners:
+        if partners != self.soft_partners:
             self._masks.remove_hooks()
             self._masks = ChannelMasks(self.groups, regrow=partners == "regrow")
-            self.partners = partners
+            self.soft_partners = partners
         self._masks.rebuild()
         self.apply()
 
     # -- the end
 
+    @renamed_keywords(tol="verify_tol")
     def finalize(
         self,
         model: nn.Module | None = None,
         example_inputs: Inputs | None = None,
         *,
-        tol: float = 1e-5,
+        verify_tol: float = 1e-5,
     ) -> nn.Module:
         """Fuse the partners, then physically remove exactly the zeroed channels.
 
@@ -307,10 +364,10 @@ class SoftPruner:
         architecture of the un-extended model (``model``, if given, must be the model
         the pruner was built on). It is checked in eval mode on ``example_inputs``
         (default: those given at construction) against the masked extended model:
-        relative error <= ``tol``, else :class:`~bpl.errors.VerificationError`.
-        ``self.report`` (a :class:`SoftReport`) gets the MACs before and after, the
-        reduction, and the errors of the fusion (``fusion_error``), of the removal
-        (``removal_error``) and of both (``relative_error``).
+        relative error <= ``verify_tol``, else :class:`~bpl.errors.VerificationError`.
+        ``bpl.reports(result)["soft"]`` (a :class:`SoftReport`) has the MACs before and
+        after, the reduction, and the errors of the fusion (``fusion_error``), of the
+        removal (``removal_error``) and of both (``relative_error``).
         """
         if model is not None:
             model = unwrap_parallel(model)
@@ -324,7 +381,7 @@ class SoftPruner:
         was_training = model.training
         deploy = copy.deepcopy(model).eval()
         fuse(deploy, inplace=True)
-        fusion_error = verify(model, deploy, *check, tol=tol)
+        fusion_error = verify(model, deploy, *check, verify_tol=verify_tol)
         with torch.no_grad():
             fused_out = deploy(*check)
         dg = dependency_graph(deploy, check)
@@ -335,20 +392,21 @@ class SoftPruner:
                 dg.get_pruning_group(root, tp.prune_conv_out_channels, dropped).prune()
         with torch.no_grad():
             removal_error = max_relative_error(fused_out, deploy(*check))
-        err = verify(model, deploy, *check, tol=tol)
+        err = verify(model, deploy, *check, verify_tol=verify_tol)
         deploy.train(was_training)
         macs_after = deploy_macs(self._scratch.copy(deploy), self._scratch.args)
         reduction = 1.0 - macs_after / self.macs_before
-        self.report = SoftReport(
+        self._report = SoftReport(
             macs_before=self.macs_before,
             macs_after=macs_after,
             reduction=reduction,
             target=self.flops_reduction,
-            keep_ratio=self.keep_ratio,
+            channel_ratio=self.channel_ratio,
             fusion_error=fusion_error,
             removal_error=removal_error,
             relative_error=err,
         )
+        record_report(deploy, "soft", self._report)
         log.info("soft pruning finalized: MACs %d -> %d (%.2f%% fewer), relative error %.2g",
                  self.macs_before, macs_after, 100 * reduction, err)
         if self.flops_reduction is not None and abs(reduction - self.flops_reduction) > self.tolerance:

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from .. import distributed
-from ..config import PLACEMENTS, Config, strategy_of
+from ..config import Config, strategy_of
 from ..distill import Distillation
-from ..diversity import diversity_loss
+from ..diversity import Diversity
 from ..engine import (
     LossTerm,
     seed_everything,
@@ -35,6 +35,7 @@ from ..models import (
     reinitialize,
     save_model,
 )
+from ..modules import reports
 from ..pruning import LEVELS, BudgetStep, SoftPruner, prune, prune_within, step_levels
 from ..report import write_budget_curve, write_json, write_report
 from ..verification import verify
@@ -140,18 +141,18 @@ def _loss_terms(cfg: Config, student: nn.Module, baseline: nn.Module) -> dict[st
     """The method's terms added to the cross-entropy: diversity (with partners), distillation."""
     terms: dict[str, LossTerm] = {}
     if partner_blocks(student) and cfg.diversity_weight > 0:
-        weight, granularity, compare = cfg.diversity_weight, cfg.granularity, cfg.diversity_compare
-        terms["diversity"] = lambda step: diversity_loss(step.model, weight=weight,
-                                                         granularity=granularity, compare=compare)
+        terms["diversity"] = Diversity(diversity_weight=cfg.diversity_weight,
+                                       granularity=cfg.granularity,
+                                       diversity_compare=cfg.diversity_compare)
     if cfg.distill:
-        terms["distill"] = Distillation(baseline, temperature=cfg.distill_temperature,
-                                        weight=cfg.distill_weight)
+        terms["distill"] = Distillation(baseline, distill_temperature=cfg.distill_temperature,
+                                        distill_weight=cfg.distill_weight)
     return terms
 
 
 def _partner_args(cfg: Config) -> dict[str, Any]:
-    return dict(partner=cfg.partner, kernel_sizes=PLACEMENTS[cfg.placement], init=cfg.init,
-                share=cfg.partner_share)
+    return dict(partner=cfg.partner, placement=cfg.placement, init=cfg.init,
+                partner_share=cfg.partner_share)
 
 
 def _check_inputs(data) -> torch.Tensor:
@@ -163,7 +164,7 @@ def _fuse_checked(student: nn.Module, check_x: torch.Tensor, tol: float
                   ) -> tuple[nn.Module, float]:
     """The partners folded in, and the fused model's error against ``student`` (checked)."""
     deploy = fuse(student)
-    return deploy, verify(student, deploy, check_x, tol=tol)
+    return deploy, verify(student, deploy, check_x, verify_tol=tol)
 
 
 def _compress(
@@ -203,8 +204,8 @@ def _compress(
         student = extend(pruned, **partner_args) if cfg.partners else pruned
     if cfg.soft:
         hooks.append(SoftPruner(student, example, flops_reduction=cfg.flops_reduction,
-                                every=cfg.soft_every, importance=cfg.importance,
-                                round_to=cfg.round_to, partners=cfg.soft_partners))
+                                soft_every=cfg.soft_every, importance=cfg.importance,
+                                round_to=cfg.round_to, soft_partners=cfg.soft_partners))
     if partner_blocks(student) and state is None and main:
         log.info("partners: each training step costs 1.1-1.8x a --no-partners step; in bpl's "
                  "recovery study (docs/results.md) they were no more accurate than plain "
@@ -223,15 +224,15 @@ def _compress(
     check_x = _check_inputs(data)
     metrics: dict[str, Any] = {"command": "compress", "config": cfg.to_dict("compress")}
     if cfg.soft:
-        deploy = hooks[0].finalize(student, check_x, tol=cfg.verify_tol)
-        metrics["removal_error"] = hooks[0].report.removal_error
-        metrics["fusion_error"] = hooks[0].report.fusion_error
+        deploy = hooks[0].finalize(student, check_x, verify_tol=cfg.verify_tol)
+        metrics["removal_error"] = reports(deploy)["soft"].removal_error
+        metrics["fusion_error"] = reports(deploy)["soft"].fusion_error
     elif cfg.partners:
         deploy, metrics["fusion_error"] = _fuse_checked(student, check_x, cfg.verify_tol)
     else:
         deploy = student
     deploy_eval = evaluate_split(deploy, data, cfg, device)
-    save_model(run_dir / "deploy.pt", deploy.cpu(), arch=cfg.arch, num_classes=data.num_classes,
+    save_model(deploy.cpu(), run_dir / "deploy.pt", arch=cfg.arch, num_classes=data.num_classes,
                meta={**meta, "epochs": result.epochs, "baseline_epochs": base_meta.get("epochs")})
     models = {
         "baseline": measure(baseline, cfg, base_eval["top1"]),
@@ -309,7 +310,7 @@ def _compress_in_steps(
 
     def on_step(step: BudgetStep, model: nn.Module) -> None:
         step_dir = steps_dir / str(step.step)
-        save_model(step_dir / "deploy.pt", model.cpu(), arch=cfg.arch,
+        save_model(model.cpu(), step_dir / "deploy.pt", arch=cfg.arch,
                    num_classes=data.num_classes, meta={**meta, "budget_step": asdict(step)})
         write_json(step_dir / "step.json", {**asdict(step), **fits.get(step.step, {})})
         write_budget_curve(run_dir, reference, cfg.max_drop, _recorded_steps(steps_dir))
@@ -341,7 +342,7 @@ def _compress_in_steps(
     base_eval = evaluate_split(baseline, data, cfg, device)
     base_eval["val_top1"] = reference if has_val else None
     deploy_eval = evaluate_split(deploy, data, cfg, device)  # the one evaluation of the test split
-    save_model(run_dir / "deploy.pt", deploy.cpu(), arch=cfg.arch, num_classes=data.num_classes,
+    save_model(deploy.cpu(), run_dir / "deploy.pt", arch=cfg.arch, num_classes=data.num_classes,
                meta={**meta, "epochs": trained, "budget_step": asdict(chosen),
                      "baseline_epochs": base_meta.get("epochs")})
     models = {"baseline": measure(baseline, cfg, base_eval["top1"]),
