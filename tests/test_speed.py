@@ -18,8 +18,10 @@ import torchvision
 from torch import nn
 
 import bpl
+import bpl.pruning.speed
+from bpl.cli import main
 from bpl.errors import BPLError, PruningError
-from bpl.models import build_model
+from bpl.models import build_model, load_model
 from bpl.pruning.graph import prune_to_widths
 from bpl.pruning.importance import CachedImportance, make_importance
 from bpl.pruning.latency import GRID, LatencyTable, LayerTable, latency_cache_dir
@@ -27,6 +29,7 @@ from bpl.pruning.speed import allocate, model_structure
 from nets import GroupedNet
 
 X32 = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+FAST = ["--data", "digits", "--image-size", "16", "--batch-size", "64", "--quiet", "--no-latency"]
 
 
 class FakeMeasure:
@@ -283,3 +286,65 @@ def test_real_timing_in_torch_gives_a_faster_model(tmp_path):
     assert report.runtime == "torch" and report.threads == 1 and report.speedup > 0
     assert report.macs_after < report.macs_before and report.latency_table["layers"] > 0
     assert pruned(x).shape == model(x).shape
+
+
+# --------------------------------------------------------------------------- the command
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--speedup", "2", "--flops-reduction", "0.5"], ["--speedup", "--flops-reduction"]),
+    (["--speedup", "2", "--max-drop", "1"], ["--speedup", "--max-drop"]),
+    (["--speedup", "0.5"], ["--speedup", "above 1"]),
+    (["--speedup", "2", "--soft"], ["--speedup", "--soft"]),
+    (["--speedup", "2", "--global-pruning"], ["--speedup", "--global-pruning"]),
+    (["--speedup", "2", "--prune-steps", "2"], ["--speedup", "--prune-steps"]),
+    (["--speedup", "2", "--latency-batch", "0"], ["--latency-batch"]),
+])
+def test_speedup_flags_are_checked_before_data_loads(extra, words, tmp_path, capsys,
+                                                      monkeypatch):
+    import bpl.pipeline
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was loaded")
+
+    monkeypatch.setattr(bpl.pipeline, "load_dataset", no_data)
+    assert main(["compress", *FAST, "--baseline", str(tmp_path / "b.pt"), *extra,
+                 "--out", str(tmp_path / "r")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert all(w in err for w in words) and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "base"
+    assert main(["train", *FAST, "--arch", "tiny_resnet", "--epochs", "1", "--lr", "0.1",
+                 "--out", str(out)]) == 0
+    return out / "best.pt"
+
+
+def test_compress_speedup_reports_asked_measured_and_macs(baseline, tmp_path, monkeypatch):
+    made = []
+
+    def fake_runtime(runtime, threads):
+        made.append((runtime, threads))
+        return FakeMeasure()
+
+    monkeypatch.setattr(bpl.pruning.speed, "RuntimeMeasure", fake_runtime)
+    out = tmp_path / "fast"
+    assert main(["compress", *FAST, "--baseline", str(baseline), "--speedup", "1.6",
+                 "--runtime", "torch", "--latency-batch", "4", "--latency-threads", "1",
+                 "--epochs", "1", "--no-partners", "--out", str(out)]) == 0
+    assert made == [("torch", 1)]
+    metrics = json.loads((out / "metrics.json").read_text())
+    speed = metrics["speedup"]
+    assert speed["asked"] == 1.6 and speed["measured"] == pytest.approx(1.6, rel=0.05)
+    assert speed["runtime"] == "torch" and speed["batch_size"] == 4
+    assert speed["macs_reduction"] == pytest.approx(metrics["macs_reduction"], abs=1e-6)
+    assert metrics["config"]["speedup"] == 1.6 and metrics["config"]["runtime"] == "torch"
+    report = (out / "report.md").read_text()
+    assert "speedup: asked 1.60x, measured" in report and "in torch at batch 4" in report
+    assert "what the 1.60x speedup asked for took" in report
+    model, _ = load_model(out / "deploy.pt")
+    assert bpl.count_macs(model, torch.randn(1, 3, 16, 16)) < bpl.count_macs(
+        load_model(baseline)[0], torch.randn(1, 3, 16, 16))

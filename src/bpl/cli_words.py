@@ -33,6 +33,8 @@ _FLAGS = {
     "importance": "--importance",
     "num_classes": "the number of class folders",
     "max_drop": "--max-drop",
+    "speedup": "--speedup",
+    "runtime": "--runtime",
     "min_calibration": "--calibration-images",
 }
 _SPECIAL = {

@@ -20,6 +20,7 @@ from .engine import SCHEDULES
 from .errors import BPLError
 from .partners import INITS, PARTNER_KINDS, partner_kind
 from .pruning import SOFT_PARTNERS, importance_names
+from .pruning.latency import RUNTIMES
 
 __all__ = [
     "CACHE_MODES",
@@ -85,6 +86,10 @@ class Config:
     # compression
     flops_reduction: float | None = None  # a fixed cut; or ...
     max_drop: float | None = None  # ... the smallest model within this many validation points
+    speedup: float | None = None  # ... or this many times faster, measured on --runtime
+    runtime: str = "onnxruntime"  # --speedup: where the speed is measured
+    latency_batch: int = 1  # --speedup: the batch the speed is measured at
+    latency_threads: int | None = None  # --speedup: threads (None: torch's, all cores)
     prune_steps: int = 1  # a fixed cut reached in this many cuts, each recovered for --epochs
     accept_closest: bool = False
     soft: bool = False
@@ -132,7 +137,8 @@ class Config:
 
 #: Fields only `bpl compress` reads (a train run's config.json leaves them out).
 COMPRESS_ONLY = frozenset({
-    "baseline", "flops_reduction", "max_drop", "prune_steps", "accept_closest", "soft", "soft_every",
+    "baseline", "flops_reduction", "max_drop", "speedup", "runtime", "latency_batch",
+    "latency_threads", "prune_steps", "accept_closest", "soft", "soft_every",
     "soft_partners", "from_scratch", "importance", "global_pruning", "round_to", "partner", "init",
     "partner_share", "placement", "diversity_weight", "granularity", "diversity_compare", "partners", "distill", "distill_temperature", "distill_weight", "verify_tol",
 })
@@ -342,6 +348,41 @@ def _normal(value: Any) -> Any:
 MIN_IMAGE_SIZE = 16
 
 
+def _check_speedup(cfg: Config) -> None:
+    """--speedup and its measurement settings (checked before any data loads)."""
+    if cfg.runtime not in RUNTIMES:
+        raise BPLError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {cfg.runtime!r}")
+    if (isinstance(cfg.latency_batch, bool) or not isinstance(cfg.latency_batch, int)
+            or cfg.latency_batch < 1):
+        raise BPLError(f"--latency-batch must be a whole number of at least 1, got "
+                       f"{cfg.latency_batch!r}")
+    if cfg.latency_threads is not None and (
+            isinstance(cfg.latency_threads, bool) or not isinstance(cfg.latency_threads, int)
+            or cfg.latency_threads < 1):
+        raise BPLError(f"--latency-threads must be a whole number of at least 1, got "
+                       f"{cfg.latency_threads!r}")
+    if cfg.speedup is None:
+        return
+    given = [flag for flag, value in (("--flops-reduction", cfg.flops_reduction),
+                                      ("--max-drop", cfg.max_drop)) if value is not None]
+    if given:
+        raise BPLError(f"give --speedup (a measured speed), --flops-reduction (a fixed cut) or "
+                       f"--max-drop (an accuracy budget), not --speedup and {given[0]}")
+    if isinstance(cfg.speedup, bool) or not isinstance(cfg.speedup, int | float) \
+            or cfg.speedup <= 1:
+        raise BPLError(f"--speedup is how many times faster the pruned model must run, above "
+                       f"1 (e.g. 2), got {cfg.speedup!r}")
+    for flag, set_ in (("--soft", cfg.soft), ("--global-pruning", cfg.global_pruning),
+                       ("--prune-steps", cfg.prune_steps > 1)):
+        if set_:
+            raise BPLError(f"--speedup prunes once, by measured latency, before training; "
+                           f"{flag} is for a --flops-reduction: leave out one of the two")
+    if cfg.runtime == "onnxruntime":
+        from .exporting import _require_onnx
+
+        _require_onnx()  # the measurement needs the extra: say so before the data loads
+
+
 def _check(cfg: Config) -> None:
     for f in dataclasses.fields(cfg):  # NaN and infinity pass every < and > check below
         value = getattr(cfg, f.name)
@@ -379,6 +420,7 @@ def _check(cfg: Config) -> None:
         if cfg.soft:
             raise BPLError("--prune-steps cuts in hard steps and cannot run the soft schedule; "
                            "leave out --prune-steps or --soft")
+    _check_speedup(cfg)
     if cfg.epochs != "auto" and (isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, int)
                                  or cfg.epochs < 1):
         raise BPLError(f"--epochs must be a whole number of at least 1, or auto, got {cfg.epochs!r}")

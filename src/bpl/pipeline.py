@@ -56,7 +56,15 @@ from .models import (
     save_model,
 )
 from .profiling import profile
-from .pruning import LEVELS, BudgetStep, SoftPruner, prune, prune_within, step_levels
+from .pruning import (
+    LEVELS,
+    BudgetStep,
+    PruneReport,
+    SoftPruner,
+    prune,
+    prune_within,
+    step_levels,
+)
 from .report import write_budget_curve, write_json, write_report
 from .verification import verify
 
@@ -285,6 +293,19 @@ def _after_pruning(pruned: nn.Module, data, cfg: Config, run_dir: Path,
     return result
 
 
+def speed_record(report: PruneReport) -> dict[str, Any]:
+    """What a compress run records of pruning to a speedup (``speedup.json``, metrics.json)."""
+    return {"asked": report.speedup_target, "measured": report.speedup,
+            "runtime": report.runtime, "batch_size": report.batch_size,
+            "threads": report.threads, "latency_ms": report.latency_ms,
+            "predicted": report.predicted_speedup, "macs_reduction": report.reduction,
+            "trials": report.speed_trials, "latency_table": report.latency_table}
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def train_baseline(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     """`bpl train`: train ``cfg.arch`` on ``cfg.data`` from scratch (or given weights)."""
     seed_everything(cfg.seed)
@@ -379,10 +400,14 @@ def compress(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         raise BPLError("compress needs a baseline checkpoint: pass --baseline PATH (from bpl train)")
     _check_processes(cfg)
     baseline, base_meta = _load_baseline(cfg)
-    if cfg.flops_reduction is None and cfg.max_drop is None:
+    if cfg.flops_reduction is None and cfg.max_drop is None and cfg.speedup is None:
         raise BPLError("compress needs a target: --flops-reduction R (remove that fraction of the "
-                       "MACs, e.g. 0.74) or --max-drop P (the smallest model within P points of "
-                       "the baseline's validation top-1)")
+                       "MACs, e.g. 0.74), --max-drop P (the smallest model within P points of "
+                       "the baseline's validation top-1) or --speedup S (S times faster, "
+                       "measured on --runtime)")
+    if cfg.speedup is not None and distributed.current().enabled:
+        raise BPLError("--speedup measures speed in one process, so that every process prunes "
+                       "alike: prune without torchrun, or give a --flops-reduction")
     stepwise = cfg.max_drop is not None or cfg.prune_steps > 1
     if stepwise and distributed.current().enabled:
         raise BPLError("--max-drop and --prune-steps run in one process for now; run them "
@@ -462,6 +487,9 @@ def _compress(
         start = reinitialize(copy.deepcopy(baseline).cpu()) if cfg.from_scratch else baseline.cpu()
         student = extend(start, **partner_args)
     else:
+        speed = ({} if cfg.speedup is None else
+                 dict(speedup=cfg.speedup, runtime=cfg.runtime, batch_size=cfg.latency_batch,
+                      threads=cfg.latency_threads))
         pruned = prune(
             baseline.cpu(), example,
             flops_reduction=cfg.flops_reduction,
@@ -469,7 +497,10 @@ def _compress(
             global_pruning=cfg.global_pruning,
             round_to=cfg.round_to,
             accept_closest=cfg.accept_closest,
+            **speed,
         )
+        if cfg.speedup is not None and main:
+            write_json(run_dir / "speedup.json", speed_record(pruned.bpl_prune_report))
         if cfg.from_scratch:  # the pruned architecture only: its trained weights are dropped
             log.info("--from-scratch: training the pruned architecture from fresh weights")
             reinitialize(pruned)
@@ -524,6 +555,7 @@ def _compress(
         history=result.history,
         models=models,
         macs_reduction=1 - models["compressed"]["macs"] / models["baseline"]["macs"],
+        speedup=_read_json(run_dir / "speedup.json"),
         wall_time_s=result.earlier_wall_time_s + time.perf_counter() - t0,
         segments=result.segments,
         precision=result.precision,
