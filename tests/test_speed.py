@@ -24,7 +24,13 @@ from bpl.errors import BPLError, PruningError
 from bpl.models import build_model, load_model
 from bpl.pruning.graph import prune_to_widths
 from bpl.pruning.importance import CachedImportance, make_importance
-from bpl.pruning.latency import GRID, LatencyTable, LayerTable, latency_cache_dir
+from bpl.pruning.latency import (
+    GRID,
+    LatencyTable,
+    LayerTable,
+    RuntimeMeasure,
+    latency_cache_dir,
+)
 from bpl.pruning.speed import allocate, model_structure
 from nets import GroupedNet
 
@@ -273,6 +279,17 @@ def test_an_extended_model_is_refused():
     student = bpl.extend(build_model("tiny_resnet", 10))
     with pytest.raises(PruningError, match="prune before bpl.extend"):
         bpl.prune(student, torch.randn(1, 3, 16, 16), speedup=2.0, measure=FakeMeasure())
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_measuring_leaves_the_callers_model_as_it_was(runtime):
+    model = build_model("tiny_resnet", 10).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ms = RuntimeMeasure(runtime, 1, warmup=0, repeats=1)({"m": (model, torch.randn(2, 3, 16, 16))})
+    assert ms["m"] > 0 and all(m.training for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.is_contiguous() for p in model.parameters())  # not turned channels_last
 
 
 def test_real_timing_in_torch_gives_a_faster_model(tmp_path):

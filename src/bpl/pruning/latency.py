@@ -38,6 +38,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..files import atomic_write_json
+from ..modules import eval_mode
 from ..profiling import compare_latency
 
 __all__ = [
@@ -155,11 +156,13 @@ class RuntimeMeasure:
         from ..exporting import ChannelsLast, OnnxModule, _write_onnx
         from ..fusion import fold_batchnorm
 
-        model = model.cpu().eval()
+        # a copy, on the CPU, in eval mode: the caller's model is left as it was
         if any(isinstance(m, _BatchNorm) for m in model.modules()):
-            model = fold_batchnorm(model)  # a copy
+            with eval_mode(model):
+                model = fold_batchnorm(model)
         else:
-            model = copy.deepcopy(model)  # channels_last must not touch the caller's
+            model = copy.deepcopy(model)
+        model = model.cpu().eval()
         if self.runtime == "torch":
             return ChannelsLast(model).eval()  # deploy_form, for models folded or not
         with tempfile.TemporaryDirectory() as tmp:
