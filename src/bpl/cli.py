@@ -190,8 +190,8 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "global-pruning", action="store_true",
           help="rank channels across all layers instead of the same ratio in each")
     _flag(g, "accept-closest", action="store_true",
-          help="when --flops-reduction cannot be reached, keep the closest reachable "
-               "reduction instead of stopping with an error")
+          help="when --flops-reduction (or --speedup) cannot be reached, keep the closest "
+               "reachable one instead of stopping with an error")
     _flag(g, "round-to", type=int, metavar="N",
           help="keep pruned channel counts multiples of N, which CPU kernels run much faster "
                "(default 8; 1: no rounding)")

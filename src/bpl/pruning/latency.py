@@ -333,11 +333,25 @@ def build_table(
             log.debug("latency table %d/%d: %s", n + 1, len(grids), layer.name)
         if path is not None:
             try:
-                atomic_write_json(path, {"key": full_key, "tables": stored})
+                atomic_write_json(path, {"key": full_key, "tables": stored,
+                                         "measured": _conditions()})
             except OSError as exc:  # a read-only cache folder: measured, just not kept
                 log.warning("could not keep the latency table in %s: %s", path, exc)
     tables = {sig: LayerTable(**t) for sig, t in stored.items()}
     return LatencyTable(layers, tables, signatures), info
+
+
+def _conditions() -> dict[str, Any]:
+    """When and under what load a table was measured (kept beside it, not in its key: a
+    table measured on a busy machine is worth deleting and measuring again)."""
+    import time
+
+    try:
+        load = [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        load = None
+    return {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": load,
+            "cpu_count": os.cpu_count()}
 
 
 def _read(path: Path | None, key: Mapping[str, Any]) -> dict[str, Any] | None:
