@@ -29,6 +29,17 @@ fractions, not the milliseconds, and say so.
     python benchmarks/bench_deploy.py --forms deploy deploy_bf16 --name deploy_bf16 \
         --agreement runs/precision_fp32/ucm/seed0/r90/plain ...   # bf16 inference: speed, top-1
 
+``--speed-target`` prunes to a measured speedup (``bpl.prune(speedup=S, runtime=...)``,
+issue 30) on resnet18, resnet50, mobilenet_v2 and resnext50_32x4d at 64 and 224 px, batch
+1 and 16, in onnxruntime and the torch deploy form, for 2x and 3x; then times, in a fresh
+interleaved run, the unpruned model, the speed-pruned one and a MACs-uniform
+(``flops_reduction``) pruning searched to the same measured speed, so that the MACs each
+keeps at equal speed compare (files ``deploy_speed.*``, one row per cell written as it is
+done, so a rerun resumes; ``--quick``: resnet18, 64 px, batch 1, onnxruntime, 2x only):
+
+    python benchmarks/bench_deploy.py --speed-target --quick               # minutes
+    python benchmarks/bench_deploy.py --speed-target --threads 1           # idle machine, hours
+
 ``--agreement RUN_DIR...`` evaluates each run's ``deploy.pt`` on its validation split in the
 deploy form, fp32 and bf16, and counts the predictions that agree.
 
@@ -380,13 +391,150 @@ def int8_accuracy(spec: str, images: int = CALIBRATION_IMAGES) -> dict:
                      "int8_top1": test["top1_b"], "agreement": test["agreement"]}}
 
 
+def _runtime_pair(measure, base, pruned, x) -> float:
+    """Measured speedup of ``pruned`` over ``base`` (one interleaved call of ``measure``)."""
+    ms = measure({"base": (base, x), "pruned": (pruned, x)})
+    return ms["base"] / ms["pruned"]
+
+
+def uniform_at_speed(base, x1, xb, speed: float, measure, trials: int = 6):
+    """MACs-uniform pruning (``flops_reduction``, the same ratio in every group) searched on
+    the measured speedup until it runs as fast as ``speed``: a secant on log(MACs kept)
+    against log(speedup), starting from the ideal (speedup = MACs ratio). Returns the
+    closest trial: (reduction, model, measured speedup, trials)."""
+    import math
+
+    tried = []
+    kept = 1 / speed
+    for _ in range(trials):
+        r = min(0.95, max(0.02, 1 - kept))
+        model = bpl.prune(base, x1, flops_reduction=r, accept_closest=True).eval()
+        s = _runtime_pair(measure, base, model, xb)
+        tried.append((bpl.reports(model)["prune"].reduction, model, s))
+        if abs(s / speed - 1) <= 0.03:
+            break
+        pts = sorted(((math.log(1 - red), math.log(sp)) for red, _, sp in tried), reverse=True)
+        pts = [(0.0, 0.0)] + pts  # unpruned: all MACs, speedup 1
+        lo = max((p for p in pts if p[1] < math.log(speed)), key=lambda p: p[1])
+        hi = [p for p in pts if p[1] > math.log(speed)]
+        if hi:
+            h = min(hi, key=lambda p: p[1])
+            u = lo[0] + (math.log(speed) - lo[1]) * (h[0] - lo[0]) / (h[1] - lo[1])
+        else:  # slope of the last two points (MACs ratio = speedup at first)
+            u = math.log(1 - tried[-1][0]) - (math.log(speed) - math.log(s))
+        kept = math.exp(u)
+    best = min(tried, key=lambda t: abs(math.log(t[2] / speed)))
+    return best[0], best[1], best[2], len(tried)
+
+
+def _speed_key(row: dict) -> tuple:
+    return (row["model"], row["size"], row["batch_size"], row["runtime"], row["target"])
+
+
+def speed_cell(arch: str, size: int, bs: int, runtime: str, target: float,
+               args: argparse.Namespace) -> dict:
+    """One cell of the speed-target study (see the module docstring)."""
+    from bpl.pruning.latency import RuntimeMeasure
+
+    torch.manual_seed(0)
+    x1 = torch.randn(1, 3, size, size)
+    xb = x1.expand(bs, -1, -1, -1).contiguous()
+    base = getattr(torchvision.models, arch)(num_classes=args.classes).eval()
+    repeats = args.repeats[0] if bs == 1 else args.repeats[-1]
+    start = time.perf_counter()
+    measure = RuntimeMeasure(runtime, args.threads, warmup=args.warmup, repeats=repeats)
+    fast = bpl.prune(base, x1, speedup=target, runtime=runtime, batch_size=bs,
+                     threads=args.threads, measure=measure, accept_closest=True).eval()
+    report = bpl.reports(fast)["prune"]
+    prune_s = time.perf_counter() - start
+    search = RuntimeMeasure(runtime, args.threads, warmup=args.warmup, repeats=repeats)
+    search.pin(base, xb)
+    red, uniform, uniform_search, uniform_trials = uniform_at_speed(
+        base, x1, xb, report.speedup, search)
+    fresh = RuntimeMeasure(runtime, args.threads, warmup=args.warmup, repeats=repeats)
+    load = load_average()
+    ms = fresh({"baseline": (base, xb), "speed": (fast, xb), "uniform": (uniform, xb)})
+    row = {
+        "model": arch, "size": size, "batch_size": bs, "runtime": runtime, "target": target,
+        "speedup_search": report.speedup, "speedup_fresh": ms["baseline"] / ms["speed"],
+        "macs_reduction": report.reduction, "predicted": report.predicted_speedup,
+        "trials": len(report.speed_trials), "table": report.latency_table,
+        "uniform_reduction": red, "uniform_speedup_search": uniform_search,
+        "uniform_speedup_fresh": ms["baseline"] / ms["uniform"],
+        "uniform_trials": uniform_trials, "baseline_ms": ms["baseline"],
+        "speed_ms": ms["speed"], "uniform_ms": ms["uniform"], "prune_s": prune_s,
+        "repeats": repeats, "load_average_before": load,
+    }
+    row["within_10"] = abs(row["speedup_fresh"] / target - 1) <= 0.10
+    print(f"{arch:>16} {size:>3}px batch {bs:>2} {runtime:>11} {target:.1f}x: measured "
+          f"{row['speedup_fresh']:.2f}x fresh ({report.speedup:.2f}x in the search), MACs "
+          f"kept {100 * (1 - report.reduction):.1f}% vs {100 * (1 - red):.1f}% uniform at "
+          f"{row['uniform_speedup_fresh']:.2f}x", flush=True)
+    return row
+
+
+def speed_markdown(rows: list[dict], meta: dict, command: str) -> str:
+    """The speed-target study as a table, one line per cell."""
+    lines = [
+        "# Pruning to a measured speedup (issue 30)", "",
+        f"- `{command}`",
+        f"- CPU: {meta['machine']['cpu']} ({meta['machine']['cpu_count']} logical CPUs), torch "
+        f"{meta['machine']['torch']}, onnxruntime {meta.get('onnxruntime')}, "
+        f"{meta['threads']} thread(s); medians of interleaved runs",
+        f"- load average (1/5/15 min) at the start {meta['load_average_start']}, at the end "
+        f"{meta.get('load_average_end')}",
+        *([f"- conditions: {meta['note']}"] if meta.get("note") else []),
+        "- `bpl.prune(speedup=S, runtime=R)` against the unpruned model; **fresh**: the "
+        "unpruned, the speed-pruned and the MACs-uniform models timed again together after "
+        "pruning; **uniform**: `flops_reduction` (the same ratio in every group) searched on "
+        "the measured speed to match the speed-pruned model's; MACs kept: share of the "
+        "unpruned model's",
+        "",
+        "| model | px | batch | runtime | target | fresh | in search | within ±10% | "
+        "MACs kept | uniform: MACs kept | uniform: fresh | trials |",
+        "|---|---:|---:|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=_speed_key):
+        lines.append(
+            f"| {r['model']} | {r['size']} | {r['batch_size']} | {r['runtime']} | "
+            f"{r['target']:.1f}x | {r['speedup_fresh']:.2f}x | {r['speedup_search']:.2f}x | "
+            f"{'yes' if r['within_10'] else '**no**'} | {100 * (1 - r['macs_reduction']):.1f}% | "
+            f"{100 * (1 - r['uniform_reduction']):.1f}% | {r['uniform_speedup_fresh']:.2f}x | "
+            f"{r['trials']} |")
+    return "\n".join(lines) + "\n"
+
+
+def speed_study(args: argparse.Namespace, meta: dict) -> None:
+    """Every cell of the speed-target study not yet in the results file."""
+    name = args.name or ("deploy_speed" + ("_quick" if args.quick else ""))
+    path = RESULTS / f"{name}.json"
+    old = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+    rows: list[dict] = old.get("results", [])
+    done = {_speed_key(r) for r in rows}
+    command = "python benchmarks/bench_deploy.py --speed-target" + (" --quick" if args.quick else "")
+    for arch in args.models:
+        for size in args.sizes:
+            for bs in args.batch_sizes:
+                for runtime in args.runtimes:
+                    for target in args.targets:
+                        if (arch, size, bs, runtime, target) in done:
+                            continue
+                        rows.append(speed_cell(arch, size, bs, runtime, target, args))
+                        meta["load_average_end"] = load_average()
+                        write_results(name, {"meta": meta, "results": rows},
+                                      speed_markdown(rows, meta, command))
+    if not path.exists():  # nothing to do, nothing written yet
+        write_results(name, {"meta": meta, "results": rows}, speed_markdown(rows, meta, command))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
                     help="resnet18 at 64 px, 74%%, fewer repeats (files deploy_quick.*)")
     ap.add_argument("--models", nargs="+",
                     help="torchvision names (default: resnet18 resnet50 mobilenet_v2, and "
-                         "resnext50_32x4d with --int8)")
+                         "resnext50_32x4d with --int8 or --speed-target)")
     ap.add_argument("--sizes", type=int, nargs="+",
                     help="input sizes (default: 64 128 224; 64 224 with --int8)")
     ap.add_argument("--reductions", type=float, nargs="+",
@@ -397,6 +545,13 @@ def main() -> None:
                          "onnxruntime_int8 with --int8)")
     ap.add_argument("--int8", action="store_true",
                     help="INT8 against fp32 in onnxruntime (issue 30; files deploy_int8.*)")
+    ap.add_argument("--speed-target", action="store_true",
+                    help="prune to a measured speedup and compare with MACs-uniform pruning "
+                         "at the same speed (issue 30; files deploy_speed.*)")
+    ap.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0],
+                    help="--speed-target: speedups asked")
+    ap.add_argument("--runtimes", nargs="+", choices=["onnxruntime", "torch"],
+                    default=["onnxruntime", "torch"], help="--speed-target: runtimes")
     ap.add_argument("--int8-accuracy", nargs="+", metavar="CHECKPOINT[,SPLIT]",
                     help="only INT8 against fp32 top-1 of these trained checkpoints on their "
                          "validation and test splits (files int8_accuracy.*; no timing)")
@@ -415,8 +570,8 @@ def main() -> None:
     ap.add_argument("--explain", nargs=4, metavar=("ARCH", "PX", "BATCH", "REDUCTION"),
                     help="time per conv kind, baseline vs pruned (where the ideal is lost)")
     args = ap.parse_args()
-    defaults = ((INT8_MODELS, [64, 224], [0.74], ["onnxruntime", "onnxruntime_int8"]) if args.int8
-                else (["resnet18", "resnet50", "mobilenet_v2"], [64, 128, 224], [0.5, 0.74, 0.9],
+    defaults = ((INT8_MODELS, [64, 224], [0.74], ["onnxruntime", "onnxruntime_int8"])
+                if args.int8 or args.speed_target else (["resnet18", "resnet50", "mobilenet_v2"], [64, 128, 224], [0.5, 0.74, 0.9],
                       list(FORMS[:3])))
     for field, value in zip(("models", "sizes", "reductions", "forms"), defaults):
         if getattr(args, field) is None:
@@ -424,6 +579,9 @@ def main() -> None:
     if args.quick:
         args.models, args.sizes, args.reductions = ["resnet18"], [64], [0.74]
         args.repeats = [10, 5]
+        if args.speed_target:
+            args.batch_sizes, args.runtimes, args.targets = [1], ["onnxruntime"], [2.0]
+            args.warmup, args.repeats = 1, [5, 3]
     logging.getLogger("bpl.exporting").setLevel(logging.ERROR)  # INT8 of random models: unchecked
     name = args.name or ("deploy" + ("_int8" if args.int8 else "") + ("_quick" if args.quick else ""))
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -441,6 +599,9 @@ def main() -> None:
     meta["note"] = args.note or old.get("meta", {}).get("note", "")
     command = ("python benchmarks/bench_deploy.py" + (" --int8" if args.int8 else "")
                + (" --quick" if args.quick else ""))
+    if args.speed_target:
+        speed_study(args, meta)
+        return
     if args.explain:
         arch, size, batch, reduction = args.explain
         torch.set_num_threads(1)

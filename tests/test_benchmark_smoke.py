@@ -27,6 +27,8 @@ SCRIPTS = {
                      ["smoke_deploy.json", "smoke_deploy.md"]),
     "bench_deploy --int8": (["--int8", "--quick", "--name", "smoke_int8"],
                             ["smoke_int8.json", "smoke_int8.md"]),
+    "bench_deploy --speed-target": (["--speed-target", "--quick", "--name", "smoke_speed"],
+                                    ["smoke_speed.json", "smoke_speed.md"]),
     "zoo": (["--models", "tv:resnet18", "--timeout", "120"], ["zoo.json", "zoo.md"]),
     "run_all": (["--quick"], ["suite_quick.json", "suite_quick.md"]),
     "bench_data_cache": (["--quick", "--sizes", "100", "--modes", "mmap", "--work", "work",

@@ -115,7 +115,7 @@ def test_prune_within_continues_a_search_from_its_finished_steps():
 
 def test_max_drop_is_an_alternative_to_flops_reduction():
     assert resolve_config(overrides={"max_drop": 1.0}).flops_reduction is None
-    with pytest.raises(BPLError, match="not both"):
+    with pytest.raises(BPLError, match="give one target"):
         resolve_config(overrides={"max_drop": 1.0, "flops_reduction": 0.5})
     with pytest.raises(BPLError, match="cannot run the soft schedule"):
         resolve_config(overrides={"max_drop": 1.0, "soft": True})

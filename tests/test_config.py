@@ -10,10 +10,12 @@ from bpl.errors import BPLError
 #: A value away from the default for each option of CUT_OPTIONS.
 SET = {"flops_reduction": 0.5, "max_drop": 1.0, "prune_steps": 3, "soft": True,
        "accept_closest": True, "global_pruning": True, "soft_every": 2,
-       "soft_partners": "masked", "from_scratch": True, "partners": False}
+       "soft_partners": "masked", "from_scratch": True, "partners": False, "speedup": 2.0,
+       "runtime": "torch", "latency_batch": 16, "latency_threads": 1}
 #: What picks each strategy.
 PICK = {"hard": {"flops_reduction": 0.5}, "steps": {"flops_reduction": 0.5, "prune_steps": 3},
-        "budget": {"max_drop": 1.0}, "soft": {"flops_reduction": 0.5, "soft": True}}
+        "budget": {"max_drop": 1.0}, "soft": {"flops_reduction": 0.5, "soft": True},
+        "speed": {"speedup": 2.0, "runtime": "torch"}}
 
 
 def test_every_cut_option_has_a_value_to_try():
@@ -30,8 +32,11 @@ def test_a_strategy_takes_what_it_honours_and_refuses_the_rest(name):
             continue
         if option in strategy.honours:
             assert strategy_of(resolve_config(overrides=given)) is strategy, option
-        elif option not in {"soft", "max_drop", "prune_steps"} or name in ("soft", "budget"):
-            # (soft, max_drop and prune_steps pick another strategy unless one ranks higher)
+        elif option not in {"soft", "max_drop", "speedup", "prune_steps"} or (
+                (name, option) in {("soft", "max_drop"), ("soft", "speedup"),
+                                   ("soft", "prune_steps"), ("budget", "speedup"),
+                                   ("budget", "prune_steps"), ("speed", "prune_steps")}):
+            # (soft, max_drop, speedup and prune_steps pick their own strategy, in that order)
             with pytest.raises(BPLError) as err:
                 resolve_config(overrides=given)
             message = str(err.value)
@@ -42,5 +47,5 @@ def test_a_strategy_takes_what_it_honours_and_refuses_the_rest(name):
 def test_the_soft_refusals_name_the_reference_recipe():
     with pytest.raises(BPLError, match="--soft zeroes the filters of each block and its partner"):
         resolve_config(overrides={"soft": True, "flops_reduction": 0.5, "partners": False})
-    with pytest.raises(BPLError, match="not both"):
+    with pytest.raises(BPLError, match="give one target"):
         resolve_config(overrides={"max_drop": 1.0, "flops_reduction": 0.5})

@@ -29,6 +29,7 @@ from .errors import NOTHING, BPLError, wording
 from .exporting import CALIBRATION_IMAGES, INT8_MAX_DROP, MIN_CALIBRATION_IMAGES
 from .partners import INITS, PARTNER_KINDS
 from .pruning import LEVELS, SOFT_PARTNERS, importance_names
+from .pruning.latency import RUNTIMES
 
 log = logging.getLogger("bpl")
 S = argparse.SUPPRESS
@@ -151,13 +152,26 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "arch", help="architecture of a --baseline that is not a bpl checkpoint "
                           "(a torchvision name, or timm/NAME with the timm extra)")
     _flag(g, "flops-reduction", type=float, metavar="R",
-          help="fraction of FLOPs to remove, counted as MACs, e.g. 0.74 (this, or --max-drop)")
+          help="fraction of FLOPs to remove, counted as MACs, e.g. 0.74 (this, --max-drop or "
+               "--speedup)")
     _flag(g, "max-drop", type=float, metavar="POINTS",
           help="instead of --flops-reduction: prune in steps ("
                + ", ".join(f"{100 * level:.0f}%%" for level in LEVELS)
                + " fewer MACs), recovering each for --epochs, and keep the smallest model "
                "within POINTS of the baseline's validation top-1; every step is kept in "
                "steps/K/ of the run")
+    _flag(g, "speedup", type=float, metavar="S",
+          help="instead of --flops-reduction: prune until the deployed model (BN folded) runs "
+               "S times faster than the baseline, measured on this machine in --runtime "
+               "(interleaved, medians); the cuts go where a per-layer latency table, measured "
+               "once and cached beside the image caches, says the time is")
+    _flag(g, "runtime", choices=list(RUNTIMES),
+          help="--speedup: onnxruntime (the ONNX export, as `bpl export` writes it) or torch "
+               "(the channels_last deploy form `bpl predict` runs)")
+    _flag(g, "latency-batch", type=int, metavar="B",
+          help="--speedup: the batch size the speed is measured at (--batch-size is training's)")
+    _flag(g, "latency-threads", type=int, metavar="N",
+          help="--speedup: CPU threads of the measurement (default: all torch uses)")
     _flag(g, "prune-steps", type=int, metavar="N",
           help="reach --flops-reduction in N cuts, each keeping the same share of the MACs "
                "and each recovered for --epochs (iterative pruning); every step is kept in "
@@ -176,8 +190,8 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "global-pruning", action="store_true",
           help="rank channels across all layers instead of the same ratio in each")
     _flag(g, "accept-closest", action="store_true",
-          help="when --flops-reduction cannot be reached, keep the closest reachable "
-               "reduction instead of stopping with an error")
+          help="when --flops-reduction (or --speedup) cannot be reached, keep the closest "
+               "reachable one instead of stopping with an error")
     _flag(g, "round-to", type=int, metavar="N",
           help="keep pruned channel counts multiples of N, which CPU kernels run much faster "
                "(default 8; 1: no rounding)")

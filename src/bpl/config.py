@@ -23,6 +23,7 @@ from .extension import PLACEMENTS  # where partners go: the paper's 3x3/5x5 conv
 from .partners import INITS, PARTNER_KINDS, partner_kind
 from .pruning import SOFT_PARTNERS, importance_names
 from .pruning.graph import check_round_to
+from .pruning.latency import RUNTIMES
 
 __all__ = [
     "CACHE_MODES",
@@ -82,6 +83,10 @@ class Config(TrainSettings):
     # compression
     flops_reduction: float | None = None  # a fixed cut; or ...
     max_drop: float | None = None  # ... the smallest model within this many validation points
+    speedup: float | None = None  # ... or this many times faster, measured on --runtime
+    runtime: str = "onnxruntime"  # --speedup: where the speed is measured
+    latency_batch: int = 1  # --speedup: the batch the speed is measured at
+    latency_threads: int | None = None  # --speedup: threads (None: torch's, all cores)
     prune_steps: int = 1  # a fixed cut reached in this many cuts, each recovered for --epochs
     accept_closest: bool = False
     soft: bool = False
@@ -123,7 +128,8 @@ class Config(TrainSettings):
 NOT_SET_BY_USER = frozenset({"replay"})
 #: Fields only `bpl compress` reads (a train run's config.json leaves them out).
 COMPRESS_ONLY = frozenset({
-    "baseline", "flops_reduction", "max_drop", "prune_steps", "accept_closest", "soft", "soft_every",
+    "baseline", "flops_reduction", "max_drop", "speedup", "runtime", "latency_batch",
+    "latency_threads", "prune_steps", "accept_closest", "soft", "soft_every",
     "soft_partners", "from_scratch", "importance", "global_pruning", "round_to", "partner", "init",
     "partner_share", "placement", "diversity_weight", "granularity", "diversity_compare", "partners", "distill", "distill_temperature", "distill_weight", "verify_tol",
 })
@@ -288,11 +294,14 @@ class Strategy:
 
 
 #: The options that pick a strategy or that only some strategies honour.
-CUT_OPTIONS = frozenset({"flops_reduction", "max_drop", "prune_steps", "soft", "accept_closest",
-                         "global_pruning", "soft_every", "soft_partners", "from_scratch",
-                         "partners"})
-_ONE_TARGET = ("give --flops-reduction (a fixed cut) or --max-drop (the smallest model within a "
-               "budget), not both")
+CUT_OPTIONS = frozenset({"flops_reduction", "max_drop", "speedup", "prune_steps", "soft",
+                         "accept_closest", "global_pruning", "soft_every", "soft_partners",
+                         "from_scratch", "partners", "runtime", "latency_batch",
+                         "latency_threads"})
+_ONE_TARGET = ("give one target: --flops-reduction (a fixed cut), --max-drop (the smallest model "
+               "within a budget) or --speedup (a measured speed)")
+_SPEED_ONCE = ("--speedup prunes once, by measured latency, before training; {} is for a "
+               "--flops-reduction: leave out one of the two")
 _HARD_STEPS = ("cuts in hard steps and cannot run the soft schedule of --soft; leave out one of "
                "the two")
 _SCRATCH = ("--from-scratch trains the pruned architecture once from fresh weights; --max-drop "
@@ -310,10 +319,18 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              refusals={"from_scratch": _SCRATCH, "accept_closest": f"--prune-steps {_CLOSEST}"}),
     Strategy("budget", "--max-drop", "the smallest model within a validation budget, in steps",
              frozenset({"max_drop", "global_pruning", "partners"}), distributed=False,
-             refusals={"flops_reduction": _ONE_TARGET, "from_scratch": _SCRATCH,
+             refusals={"flops_reduction": _ONE_TARGET, "speedup": _ONE_TARGET,
+                       "from_scratch": _SCRATCH,
                        "prune_steps": "--max-drop cuts in its own steps (bpl.LEVELS); give "
                                       "--prune-steps only with a fixed --flops-reduction",
                        "accept_closest": f"--max-drop {_CLOSEST}"}),
+    Strategy("speed", "--speedup", "prune once until the deployed model runs S times faster, "
+             "measured", frozenset({"speedup", "runtime", "latency_batch", "latency_threads",
+                                    "accept_closest", "from_scratch", "partners"}),
+             distributed=False,  # each process would time, and prune to, other widths
+             refusals={"flops_reduction": _ONE_TARGET,
+                       "prune_steps": _SPEED_ONCE.format("--prune-steps"),
+                       "global_pruning": _SPEED_ONCE.format("--global-pruning")}),
     Strategy("soft", "--soft", "zero the weakest filters while training, remove them at the end",
              frozenset({"flops_reduction", "soft", "soft_every", "soft_partners",
                         "from_scratch"}),
@@ -327,17 +344,20 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
                  "accept_closest": "--soft reaches its cut within a point or stops with an "
                                    "error; --accept-closest is for hard pruning: leave it out",
                  "max_drop": f"--max-drop {_HARD_STEPS}",
+                 "speedup": _SPEED_ONCE.format("--soft"),
                  "prune_steps": f"--prune-steps {_HARD_STEPS}"}),
 )}
 
 
 def strategy_of(cfg: Config) -> Strategy:
-    """The strategy a compress config picks: ``--soft``, ``--max-drop``, ``--prune-steps``
-    above 1, or one hard cut to ``--flops-reduction``."""
+    """The strategy a compress config picks: ``--soft``, ``--max-drop``, ``--speedup``,
+    ``--prune-steps`` above 1, or one hard cut to ``--flops-reduction``."""
     if cfg.soft:
         return STRATEGIES["soft"]
     if cfg.max_drop is not None:
         return STRATEGIES["budget"]
+    if cfg.speedup is not None:
+        return STRATEGIES["speed"]
     return STRATEGIES["steps" if cfg.prune_steps > 1 else "hard"]
 
 
@@ -423,6 +443,31 @@ def _normal(value: Any) -> Any:
 MIN_IMAGE_SIZE = 16
 
 
+def _check_speedup(cfg: Config) -> None:
+    """--speedup and its measurement settings (checked before any data loads)."""
+    if cfg.runtime not in RUNTIMES:
+        raise BPLError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {cfg.runtime!r}")
+    if (isinstance(cfg.latency_batch, bool) or not isinstance(cfg.latency_batch, int)
+            or cfg.latency_batch < 1):
+        raise BPLError(f"--latency-batch must be a whole number of at least 1, got "
+                       f"{cfg.latency_batch!r}")
+    if cfg.latency_threads is not None and (
+            isinstance(cfg.latency_threads, bool) or not isinstance(cfg.latency_threads, int)
+            or cfg.latency_threads < 1):
+        raise BPLError(f"--latency-threads must be a whole number of at least 1, got "
+                       f"{cfg.latency_threads!r}")
+    if cfg.speedup is None:
+        return
+    if isinstance(cfg.speedup, bool) or not isinstance(cfg.speedup, int | float) \
+            or cfg.speedup <= 1:
+        raise BPLError(f"--speedup is how many times faster the pruned model must run, above "
+                       f"1 (e.g. 2), got {cfg.speedup!r}")
+    if cfg.runtime == "onnxruntime":
+        from .exporting import _require_onnx
+
+        _require_onnx()  # the measurement needs the extra: say so before the data loads
+
+
 def _check(cfg: Config) -> None:
     for f in dataclasses.fields(cfg):  # NaN and infinity pass every < and > check below
         value = getattr(cfg, f.name)
@@ -447,6 +492,7 @@ def _check(cfg: Config) -> None:
         raise BPLError(f"--prune-steps must be a whole number of at least 1, got "
                        f"{cfg.prune_steps!r}")
     _check_strategy(cfg)
+    _check_speedup(cfg)
     if cfg.epochs != "auto" and (isinstance(cfg.epochs, bool) or not isinstance(cfg.epochs, int)
                                  or cfg.epochs < 1):
         raise BPLError(f"--epochs must be a whole number of at least 1, or auto, got {cfg.epochs!r}")

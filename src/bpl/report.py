@@ -365,10 +365,20 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
     ):
         if metrics.get(key) is not None:
             lines.append(f"- {label}: {metrics[key]:.2e}")
+    speed = metrics.get("speedup")
     if metrics.get("macs_reduction") is not None:
         asked = (f"asked {100 * cfg['flops_reduction']:.2f}%" if cfg.get("flops_reduction")
+                 else f"what the {speed['asked']:.2f}x speedup asked for took" if speed
                  else f"the smallest within --max-drop {cfg.get('max_drop')}")
         lines.append(f"- MACs reduction: {100 * metrics['macs_reduction']:.2f}% ({asked})")
+    if speed:
+        threads = f", {speed['threads']} thread(s)" if speed.get("threads") else ""
+        lines.append(
+            f"- speedup: asked {speed['asked']:.2f}x, measured {speed['measured']:.2f}x in "
+            f"{speed['runtime']} at batch {speed['batch_size']}{threads} (the pruned model "
+            "against the baseline, BN folded, timed interleaved, medians; "
+            f"{speed['latency_ms']['unpruned']:.2f} -> {speed['latency_ms']['pruned']:.2f} ms); "
+            f"{100 * speed['macs_reduction']:.2f}% fewer MACs came with it")
     if metrics.get("stopped"):
         lines.append(f"- trained {metrics.get('epochs_trained', '?')} epochs; training ended: "
                      f"{metrics['stopped']}")

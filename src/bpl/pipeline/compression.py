@@ -36,7 +36,15 @@ from ..models import (
     save_model,
 )
 from ..modules import reports
-from ..pruning import LEVELS, BudgetStep, SoftPruner, prune, prune_within, step_levels
+from ..pruning import (
+    LEVELS,
+    BudgetStep,
+    PruneReport,
+    SoftPruner,
+    prune,
+    prune_within,
+    step_levels,
+)
 from ..report import write_budget_curve, write_json, write_report
 from ..verification import verify
 from .fitting import (
@@ -92,6 +100,19 @@ def _after_pruning(pruned: nn.Module, data, cfg: Config, run_dir: Path,
 
 
 
+def speed_record(report: PruneReport) -> dict[str, Any]:
+    """What a compress run records of pruning to a speedup (``speedup.json``, metrics.json)."""
+    return {"asked": report.speedup_target, "measured": report.speedup,
+            "runtime": report.runtime, "batch_size": report.batch_size,
+            "threads": report.threads, "latency_ms": report.latency_ms,
+            "predicted": report.predicted_speedup, "macs_reduction": report.reduction,
+            "trials": report.speed_trials, "latency_table": report.latency_table}
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def compress(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
     """`bpl compress`: prune a baseline, extend, train with the diversity loss, fuse, verify.
 
@@ -104,17 +125,18 @@ def compress(cfg: Config, *, progress: bool = True) -> dict[str, Any]:
         raise BPLError("compress needs a baseline checkpoint: pass --baseline PATH (from bpl train)")
     check_processes(cfg)
     baseline, base_meta = _load_baseline(cfg)
-    if cfg.flops_reduction is None and cfg.max_drop is None:
+    if cfg.flops_reduction is None and cfg.max_drop is None and cfg.speedup is None:
         raise BPLError("compress needs a target: --flops-reduction R (remove that fraction of the "
-                       "MACs, e.g. 0.74) or --max-drop P (the smallest model within P points of "
-                       "the baseline's validation top-1)")
+                       "MACs, e.g. 0.74), --max-drop P (the smallest model within P points of "
+                       "the baseline's validation top-1) or --speedup S (S times faster, "
+                       "measured on --runtime)")
     strategy = strategy_of(cfg)
     if not strategy.distributed and distributed.current().enabled:
         raise BPLError(f"{strategy.picked_by} runs in one process for now; run it without "
                        "torchrun, or give a one-step --flops-reduction")
     cfg.arch = base_meta.get("arch", cfg.arch)
-    job = {"hard": _compress, "soft": _compress, "steps": _compress_in_steps,
-           "budget": _compress_in_steps}[strategy.name]
+    job = {"hard": _compress, "speed": _compress, "soft": _compress,
+           "steps": _compress_in_steps, "budget": _compress_in_steps}[strategy.name]
     with open_run(cfg, "compress") as run_dir:
         return job(cfg, run_dir, baseline, base_meta, progress)
 
@@ -188,6 +210,9 @@ def _compress(
         start = reinitialize(copy.deepcopy(baseline).cpu()) if cfg.from_scratch else baseline.cpu()
         student = extend(start, **partner_args)
     else:
+        speed = ({} if cfg.speedup is None else
+                 dict(speedup=cfg.speedup, runtime=cfg.runtime, batch_size=cfg.latency_batch,
+                      threads=cfg.latency_threads))
         pruned = prune(
             baseline.cpu(), example,
             flops_reduction=cfg.flops_reduction,
@@ -195,7 +220,10 @@ def _compress(
             global_pruning=cfg.global_pruning,
             round_to=cfg.round_to,
             accept_closest=cfg.accept_closest,
+            **speed,
         )
+        if cfg.speedup is not None and main:
+            write_json(run_dir / "speedup.json", speed_record(reports(pruned)["prune"]))
         if cfg.from_scratch:  # the pruned architecture only: its trained weights are dropped
             log.info("--from-scratch: training the pruned architecture from fresh weights")
             reinitialize(pruned)
@@ -250,6 +278,7 @@ def _compress(
         history=result.history,
         models=models,
         macs_reduction=1 - models["compressed"]["macs"] / models["baseline"]["macs"],
+        speedup=_read_json(run_dir / "speedup.json"),
         wall_time_s=result.earlier_wall_time_s + time.perf_counter() - t0,
         segments=result.segments,
         precision=result.precision,

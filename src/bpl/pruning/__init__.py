@@ -6,6 +6,10 @@ Two ways to a physically smaller model:
   every prunable group now. With ``flops_reduction=r`` (the fraction of FLOPs to remove,
   counted as MACs) the channel pruning ratio is searched (:mod:`.search`) so that the
   MACs of the pruned model drop by ``r`` (within ``tolerance``, one point by default).
+  With ``speedup=S`` (:mod:`.speed`) it prunes until the deployed model runs ``S``
+  times faster, measured on the target runtime (onnxruntime or the torch deploy form),
+  spending the cuts where a per-layer latency table (:mod:`.latency`, measured once and
+  cached) says the time is.
 * :func:`prune_within` (:mod:`.budget`): prune in steps, recovering and scoring each,
   and keep the smallest model within an accuracy budget; with no budget and
   :func:`step_levels`, iterative pruning to a fixed cut.
@@ -40,6 +44,7 @@ from .importance import (
     make_importance,
     register_importance,
 )
+from .latency import RUNTIMES, RuntimeMeasure, latency_cache_dir
 from .soft import SOFT_PARTNERS, SoftPruner, SoftReport
 
 __all__ = [
@@ -52,11 +57,14 @@ __all__ = [
     "FilterNormImportance",
     "PruneReport",
     "PruningError",
+    "RUNTIMES",
+    "RuntimeMeasure",
     "SoftPruner",
     "SoftReport",
     "deploy_macs",
     "find_output_layers",
     "importance_names",
+    "latency_cache_dir",
     "make_importance",
     "register_importance",
     "prune",

@@ -28,6 +28,7 @@ __all__ = [
     "dependency_graph",
     "deploy_macs",
     "make_pruner",
+    "prune_to_widths",
     "resolve_layers",
     "round_to_fallbacks",
     "rounded_keep",
@@ -82,12 +83,17 @@ class _RoundingPruner(tp.pruner.BasePruner):
     of the number of conv groups, and Torch-Pruning counts their pruned channels per
     conv group. With rounding, ``keep`` (root module name -> channels) overrides the
     count of those groups (a count above a group's width keeps it whole), and ``kept`` records the count of every rounded group.
+    With ``exact``, ``keep`` is the whole allocation: it sets the count of every group it
+    names, grouped ones included (a multiple of their conv groups), and every group it
+    does not name stays whole (:func:`prune_to_widths`).
     """
 
-    def __init__(self, *args: Any, keep: Mapping[str, int] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, keep: Mapping[str, int] | None = None, exact: bool = False,
+                 **kwargs: Any) -> None:
         self._conv_groups: dict[nn.Module, int] = {}
         self._counted: Any = None
         self.keep = dict(keep or {})
+        self.exact = exact
         self.kept: dict[str, int] = {}
         super().__init__(*args, **kwargs)
         self._names = {m: n for n, m in self.model.named_modules()}
@@ -117,9 +123,15 @@ class _RoundingPruner(tp.pruner.BasePruner):
 
     def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
         conv_groups = self._conv_groups.get(self._counted, 1)
-        if conv_groups > 1:  # counted per conv group: keep at least one channel in each
-            return min(n_pruned, current_channels // conv_groups - 1)
         name = self._names.get(self._counted)
+        if self.exact and name not in self.keep:
+            return 0
+        if conv_groups > 1:  # counted per conv group: keep at least one channel in each
+            per_group = current_channels // conv_groups
+            if self.exact:
+                self.kept[name] = conv_groups * max(1, min(per_group, self.keep[name] // conv_groups))
+                return per_group - self.kept[name] // conv_groups
+            return min(n_pruned, per_group - 1)
         keep = self.keep.get(name)
         if keep is None:
             keep = rounded_keep(current_channels, current_channels - n_pruned, round_to)
@@ -206,6 +218,34 @@ def make_pruner(
             ignored_layers=[model.get_submodule(n) for n in ignored],
             forward_fn=_forward,
         )
+
+
+def prune_to_widths(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    importance: tp.importance.Importance,
+    keep: Mapping[str, int],
+    *,
+    ignored: Iterable[str],
+) -> dict[str, int]:
+    """Prune ``model`` in place so that each group whose root ``keep`` names keeps exactly
+    that many channels (the most important ones; for a group of grouped convs, a multiple
+    of their conv groups, at least one per conv group); groups it does not name stay whole.
+    Returns the count each named group kept."""
+    with eval_mode(model), torch.enable_grad():
+        pruner = _RoundingPruner(
+            model,
+            list(args),
+            importance=importance,
+            pruning_ratio=0.999,  # every group reaches the rounding rule, which sets its count
+            round_to=1,
+            keep=keep,
+            exact=True,
+            ignored_layers=[model.get_submodule(n) for n in ignored],
+            forward_fn=_forward,
+        )
+        pruner.step()
+    return dict(pruner.kept)
 
 
 def dependency_graph(model: nn.Module, args: tuple[torch.Tensor, ...]) -> tp.DependencyGraph:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from ..errors import PruningError
+from ..extension import partner_blocks
 from ..modules import (
     Inputs,
     Scratch,
@@ -29,11 +33,14 @@ from .graph import (
     check_round_to,
     deploy_macs,
     make_pruner,
+    prune_to_widths,
     resolve_layers,
     rounds,
 )
 from .importance import CachedImportance, make_importance, score_groups
+from .latency import Measure
 from .search import max_local_ratio, over_round_to, search_ratio
+from .speed import MAX_TRIALS, SPEED_TOLERANCE, speedup_prune
 
 __all__ = ["PruneReport", "prune"]
 
@@ -53,6 +60,17 @@ class PruneReport:
     trials: int = 0
     ignored: list[str] = field(default_factory=list)
     round_to: int | None = None  # the rounding used (smaller than asked after a fallback)
+    # pruning to a speedup (speedup=): asked, measured (a fresh interleaved run of the
+    # deploy forms, medians), where and how, and the measured trials of the search
+    speedup_target: float | None = None
+    speedup: float | None = None
+    runtime: str | None = None
+    batch_size: int | None = None
+    threads: int | None = None
+    latency_ms: dict[str, float] | None = None  # {"unpruned": ..., "pruned": ...}
+    predicted_speedup: float | None = None  # what the latency table predicted
+    speed_trials: list[dict[str, float]] = field(default_factory=list)
+    latency_table: dict[str, Any] | None = None  # its cache file, and whether it was read
 
     @property
     def reduction(self) -> float:
@@ -60,8 +78,12 @@ class PruneReport:
         return 1.0 - self.macs_after / self.macs_before
 
     def __str__(self) -> str:
+        speed = ""
+        if self.speedup is not None:
+            speed = (f"{self.speedup:.2f}x faster measured in {self.runtime} at batch "
+                     f"{self.batch_size} (asked {self.speedup_target:.2f}x): ")
         return (
-            f"channel ratio {self.channel_ratio:.4f}: MACs {self.macs_before:,} -> "
+            speed + f"channel ratio {self.channel_ratio:.4f}: MACs {self.macs_before:,} -> "
             f"{self.macs_after:,} ({100 * self.reduction:.2f}% fewer), params "
             f"{self.params_before:,} -> {self.params_after:,}"
             + (f", round_to {self.round_to}" if rounds(self.round_to) else ", no rounding")
@@ -81,12 +103,21 @@ def prune(
     inplace: bool = False,
     tolerance: float = 0.01,
     accept_closest: bool = False,
+    speedup: float | None = None,
+    runtime: str = "onnxruntime",
+    batch_size: int | None = None,
+    threads: int | None = None,
+    measure: Measure | None = None,
+    latency_cache: str | Path | bool | None = None,
+    speed_tolerance: float = SPEED_TOLERANCE,
+    max_trials: int = MAX_TRIALS,
 ) -> nn.Module:
     """Physically remove channels from ``model`` (plain or extended) and return it.
 
     Give exactly one of ``flops_reduction`` (the fraction of FLOPs to remove, counted as
-    MACs; the channel ratio is searched until the reduction is within ``tolerance``) or
-    ``channel_ratio`` (the fraction of each group's channels to remove). ``importance`` names the criterion
+    MACs; the channel ratio is searched until the reduction is within ``tolerance``),
+    ``channel_ratio`` (the fraction of each group's channels to remove) or ``speedup``
+    (below). ``importance`` names the criterion
     (see :data:`IMPORTANCES`; ``"l2"`` is the paper's filter norm). The layers producing
     the model's outputs are never pruned, so the output shape is unchanged;
     ``ignored_layers`` (modules or qualified names) protects more.
@@ -102,13 +133,43 @@ def prune(
     ``tolerance`` even unrounded, raises :class:`PruningError` naming the closest
     reachable value; ``accept_closest=True`` prunes to that value instead. The result's
     :class:`PruneReport` is ``bpl.reports(result)["prune"]``.
+
+    ``speedup=S`` (above 1) prunes until the model, deployed with BN folded in
+    ``runtime`` (``"onnxruntime"``: its ONNX export; ``"torch"``: the channels_last
+    deploy form of `bpl predict`) on this machine, runs ``S`` times faster than the
+    unpruned one: both timed interleaved, medians, at ``batch_size`` (default: the batch
+    of ``example_inputs``) with ``threads`` (default: torch's). The cuts go where the
+    runtime spends time, by a per-layer latency table measured once and cached in
+    ``latency_cache`` (a folder; default :func:`~bpl.pruning.latency.latency_cache_dir`;
+    False: not kept), and the search stops when the measured speedup is within
+    ``speed_tolerance`` (5%) of ``S``, after at most ``max_trials`` measured trials
+    (:mod:`bpl.pruning.speed`). A speedup beyond the fastest reachable raises
+    :class:`PruningError` naming it. ``measure`` replaces the timing (a callable taking
+    ``{name: (module, input)}`` and returning median ms; tests pass a deterministic
+    one). The report adds the speedup asked and measured and the latencies. Takes a
+    plain model (prune before :func:`~bpl.extend`) and not ``global_pruning``.
     """
-    if (flops_reduction is None) == (channel_ratio is None):
+    targets = [v for v in (flops_reduction, channel_ratio, speedup) if v is not None]
+    if len(targets) != 1:
         raise PruningError(
-            "give exactly one of flops_reduction (e.g. 0.74 for 74% fewer MACs) or "
-            "channel_ratio (fraction of channels to remove per layer)"
+            "give exactly one of flops_reduction (e.g. 0.74 for 74% fewer MACs), "
+            "channel_ratio (fraction of channels to remove per layer) or speedup (e.g. 2.0 "
+            "for twice as fast, measured)"
         )
-    if flops_reduction is not None:
+    if speedup is not None:
+        if (isinstance(speedup, bool) or not isinstance(speedup, (int, float))
+                or not math.isfinite(speedup) or speedup <= 1.0):
+            raise PruningError(f"speedup must be a number above 1 (how many times faster), "
+                               f"got {speedup!r}; pass e.g. speedup=2.0")
+        if global_pruning:
+            raise PruningError("speedup= allocates the cuts by measured latency itself; "
+                               "leave out global_pruning")
+        if partner_blocks(model):
+            raise PruningError("speedup= prunes a plain model: prune before bpl.extend, or "
+                               "fuse the partners first (bpl.fuse)")
+        if not 0 < speed_tolerance < 1:
+            raise PruningError(f"speed_tolerance must be between 0 and 1, got {speed_tolerance!r}")
+    elif flops_reduction is not None:
         flops_reduction = check_fraction(
             flops_reduction, "flops_reduction", "pass e.g. 0.74 for 74% fewer MACs"
         )
@@ -130,7 +191,20 @@ def prune(
     params_before = count_params(model)
     target = model if inplace else copy.deepcopy(model)
     trials = 0
-    if channel_ratio is not None:
+    speed: Any = None
+    if speedup is not None:
+        speed, scores = speedup_prune(
+            target, args, imp, ignored, speedup=float(speedup), runtime=runtime,
+            batch_size=batch_size, threads=threads, measure=measure, cache=latency_cache,
+            round_to=round_to, tolerance=speed_tolerance, max_trials=max_trials,
+            accept_closest=accept_closest,
+        )
+        prune_to_widths(target, args, CachedImportance(scores, target), speed.keep,
+                        ignored=ignored)
+        widths = sum(_widths_before(scores, speed.keep))
+        ratio = 1.0 - sum(speed.keep.values()) / widths if widths else 0.0
+        trials = len(speed.trials)
+    elif channel_ratio is not None:
         ratio = channel_ratio
         options = _options(ignored, global_pruning, round_to)
         make_pruner(target, args, imp, ratio, **options).step()
@@ -191,9 +265,24 @@ def prune(
         ignored=ignored,
         round_to=round_to if rounds(round_to) else None,
     )
+    if speed is not None:
+        report.speedup_target = float(speedup)
+        report.speedup = speed.speedup
+        report.runtime = runtime
+        report.batch_size = batch_size or int(args[0].shape[0])
+        report.threads = speed.threads
+        report.latency_ms = {"unpruned": speed.unpruned_ms, "pruned": speed.pruned_ms}
+        report.predicted_speedup = speed.predicted
+        report.speed_trials = speed.trials
+        report.latency_table = speed.table
     log.info("pruned %s: %s", type(model).__name__, report)
     record_report(target, "prune", report)
     return target
+
+
+def _widths_before(scores: dict, keep: dict[str, int]) -> list[int]:
+    """The unpruned widths of the groups ``keep`` names (their score vectors' lengths)."""
+    return [len(scores[name]) for name in keep if scores.get(name) is not None]
 
 
 @dataclass

@@ -1,0 +1,431 @@
+"""Pruning to a measured speedup: a latency-aware allocation, then a search on measured speed.
+
+:func:`~bpl.pruning.prune` with ``speedup=S`` comes here. Three steps:
+
+1. **Where the time is.** Every conv and linear layer is timed alone on the target
+   runtime over a grid of widths (:mod:`.latency`; measured once, cached on disk). The
+   sum of the interpolated layer times predicts the latency of any allocation of
+   channel counts to Torch-Pruning's groups.
+2. **Where to cut** (:func:`allocate`). A greedy walk, as NetAdapt's and HALP's
+   allocations under a latency budget: at every step, the group whose next cut (one
+   ``round_to`` block, one channel per conv group for grouped convs) costs the least
+   for the predicted time it saves loses it. The cost of a cut is the importance of the
+   channels it removes (the group's scores, mean 1, lowest first) times
+   ``MACs_g * log(kept_before / kept_after)``, where ``MACs_g`` is the unpruned MACs of
+   the layers the group feeds and is fed by. With that cost, when time follows MACs the
+   walk prunes every group by about the same fraction (the MACs-uniform allocation of
+   ``flops_reduction``), and it moves away from uniform exactly where the measured time
+   per MAC differs: depthwise convs, widths that fall off fast kernels. The log makes
+   emptying a group infinitely dear. The walk runs to every group's narrowest width and
+   records each step, so any predicted speedup is a prefix of it.
+3. **How far** (:func:`search_speedup`). The predicted speedup is only a guide (the
+   table leaves out additions, pooling and the runtime's fusions), so the prefix is
+   chosen on the *measured* speedup: the pruned model and the unpruned one, both in
+   deploy form on the target runtime, timed interleaved (medians). The first trial
+   takes the prefix predicted to reach ``S``; the next ones correct it on a log-log
+   secant through the trials, until the measured speedup is within
+   ``speed_tolerance`` of ``S``. A speedup beyond what every group at its narrowest
+   gives is an error naming that fastest measured speedup.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..errors import PruningError
+from ..modules import eval_mode
+from .graph import make_pruner, prune_to_widths, rounds
+from .importance import CachedImportance
+from .latency import (
+    LatencyTable,
+    Layer,
+    Measure,
+    RuntimeMeasure,
+    build_table,
+    check_runtime,
+    cpu_name,
+    latency_cache_dir,
+)
+
+__all__ = ["Group", "SpeedResult", "Trajectory", "allocate", "model_structure",
+           "search_speedup", "speedup_prune"]
+
+log = logging.getLogger(__name__)
+
+#: Measured speedups within this fraction of the target end the search (the issue's goal is
+#: 10% in a fresh measurement; half of it leaves room for the noise of that one).
+SPEED_TOLERANCE = 0.05
+#: Measured trials (each: one pruned model, timed beside the unpruned one) at most.
+MAX_TRIALS = 8
+
+
+@dataclass
+class Group:
+    """One Torch-Pruning group: its channels, the step it is cut by, its narrowest width."""
+
+    name: str  # the root module's qualified name
+    size: int
+    unit: int  # channels removed per step: round_to, or the conv groups (one per group)
+    narrowest: int
+    conv_groups: int
+    scores: list[float]  # per channel slot (per conv group), ascending, mean 1
+    rounded: bool
+    layers: list[int] = field(default_factory=list)
+    weight: float = 0.0  # unpruned MACs of the layers it sets the widths of
+
+    def below(self, kept: int) -> int | None:
+        """The next narrower width after ``kept``, or None at the narrowest."""
+        nxt = self.unit * ((kept - 1) // self.unit) if self.rounded else kept - self.unit
+        return nxt if nxt >= self.narrowest else None
+
+
+def model_structure(
+    model: nn.Module, args: tuple[torch.Tensor, ...], importance: tp.importance.Importance,
+    ignored: Sequence[str], round_to: int | None,
+) -> tuple[list[Group], list[Layer], dict[str, torch.Tensor | None]]:
+    """The prunable groups of ``model`` (with their scores), every conv and linear layer
+    (with its input shape, MACs and the groups that set its widths), and the raw scores by
+    group root (what :class:`~.importance.CachedImportance` takes)."""
+    names = {m: n for n, m in model.named_modules()}
+    kinds = (nn.modules.conv._ConvNd, nn.Linear)
+    layers: dict[nn.Module, Layer] = {}
+    batch = args[0].shape[0]
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        x = inputs[0]
+        if isinstance(module, nn.Linear):
+            per_output, shape = module.in_features, tuple(x.shape[1:-1])
+        else:
+            per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+            shape = tuple(x.shape[2:])
+        layers[module] = Layer(
+            name=names[module], kind=type(module).__name__,
+            c_in=module.in_features if isinstance(module, nn.Linear) else module.in_channels,
+            c_out=module.out_features if isinstance(module, nn.Linear) else module.out_channels,
+            groups=getattr(module, "groups", 1),
+            depthwise=(not isinstance(module, nn.Linear) and module.groups > 1
+                       and module.groups == module.in_channels),
+            kernel=tuple(getattr(module, "kernel_size", ())),
+            stride=tuple(getattr(module, "stride", ())),
+            padding=getattr(module, "padding", ()),
+            dilation=tuple(getattr(module, "dilation", ())),
+            in_shape=shape, macs=output.numel() // batch * per_output,
+        )
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    order = [m for m in model.modules() if m in layers]
+    index = {m: i for i, m in enumerate(order)}
+    pruner = make_pruner(model, args, importance, 0.0, ignored=ignored)
+    groups: list[Group] = []
+    raw: dict[str, torch.Tensor | None] = {}
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):
+        root = names[group[0].dep.target.module]
+        imp = importance(group)
+        raw[root] = imp
+        if imp is None or len(imp) < 2:
+            continue
+        n = len(imp)
+        ch = pruner._get_channel_groups(group)  # private; see score_groups
+        slots = imp.detach().float().view(ch, -1).mean(0) if ch > 1 else imp.detach().float()
+        slots = slots.abs()
+        mean = float(slots.mean())
+        scores = sorted((slots / mean).tolist() if mean > 0 else [1.0] * len(slots))
+        rounded = rounds(round_to) and ch == 1 and n >= 2 * round_to
+        unit = round_to if rounded else ch
+        g = Group(root, n, unit, unit, ch, scores, rounded)
+        for item in group:
+            module = item.dep.target.module
+            if module not in layers or not item.idxs:
+                continue
+            term = (root, len(item.idxs) / n)
+            layer = layers[module]
+            if pruner.DG.is_out_channel_pruning_fn(item.dep.handler):
+                layer.out_terms.append(term)
+            else:
+                layer.in_terms.append(term)
+            if index[module] not in g.layers:
+                g.layers.append(index[module])
+        if g.below(g.size) is None or not g.layers:
+            continue
+        g.weight = float(sum(order_layer.macs for order_layer in
+                             (layers[order[i]] for i in g.layers)))
+        groups.append(g)
+    known = {g.name for g in groups}
+    for layer in layers.values():  # groups left out (too narrow) set no widths
+        layer.in_terms = [t for t in layer.in_terms if t[0] in known]
+        layer.out_terms = [t for t in layer.out_terms if t[0] in known]
+    return groups, [layers[m] for m in order], raw
+
+
+@dataclass
+class Trajectory:
+    """The greedy walk: from every group whole to every group at its narrowest."""
+
+    sizes: dict[str, int]
+    start_ms: float  # predicted, unpruned
+    steps: list[tuple[str, int, float]]  # (group, its new width, predicted total ms)
+    #: What the whole model takes beyond its layers' table times (additions, pooling,
+    #: the runtime's own overhead), measured once and taken as constant by the predictions.
+    rest_ms: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.steps) + 1  # states: before any step, and after each
+
+    def kept(self, i: int) -> dict[str, int]:
+        """Each group's width after ``i`` steps."""
+        kept = dict(self.sizes)
+        for name, width, _ in self.steps[:i]:
+            kept[name] = width
+        return kept
+
+    def predicted(self, i: int) -> float:
+        """Predicted speedup after ``i`` steps."""
+        if not i:
+            return 1.0
+        return (self.start_ms + self.rest_ms) / (self.steps[i - 1][2] + self.rest_ms)
+
+    def index_for(self, speedup: float) -> int:
+        """The fewest steps predicted to reach ``speedup`` (the last state if none do)."""
+        for i in range(len(self)):
+            if self.predicted(i) >= speedup:
+                return i
+        return len(self) - 1
+
+
+def allocate(groups: Sequence[Group], table: LatencyTable) -> Trajectory:
+    """The latency-aware greedy walk (module docstring, step 2) over ``groups``."""
+    layers = table.layers
+    by_name = {g.name: g for g in groups}
+    kept = {g.name: g.size for g in groups}
+    removed = {g.name: 0 for g in groups}
+    current = [table.layer_ms(layer, removed) for layer in layers]
+    neighbours = {g.name: {h.name for h in groups if set(h.layers) & set(g.layers)}
+                  for g in groups}
+    best: dict[str, tuple[float, float, int, dict[int, float]] | None] = {}
+
+    def score(g: Group) -> tuple[float, float, int, dict[int, float]] | None:
+        k = kept[g.name]
+        nxt = g.below(k)
+        if nxt is None:
+            return None
+        removed[g.name] = g.size - nxt
+        new = {i: table.layer_ms(layers[i], removed) for i in g.layers}
+        removed[g.name] = g.size - k
+        gain = sum(current[i] - ms for i, ms in new.items())
+        a, b = (g.size - k) // g.conv_groups, (g.size - nxt) // g.conv_groups
+        lost = g.scores[a:b]
+        importance = sum(lost) / len(lost) if lost else 1.0
+        cost = g.weight * math.log(k / nxt) * max(importance, 1e-6)
+        return cost, gain, nxt, new
+
+    for g in groups:
+        best[g.name] = score(g)
+    total = start = sum(current)
+    steps: list[tuple[str, int, float]] = []
+    while True:
+        live = {n: s for n, s in best.items() if s is not None}
+        if not live:
+            break
+        gaining = {n: s[0] / s[1] for n, s in live.items() if s[1] > 0}
+        # when no cut is predicted to save time (a flat stretch of the table), the cheapest
+        # one still goes: the walk ends with every group at its narrowest
+        name = (min(gaining, key=gaining.get) if gaining
+                else min(live, key=lambda n: live[n][0]))
+        _, gain, nxt, new = live[name]
+        kept[name] = nxt
+        removed[name] = by_name[name].size - nxt
+        for i, ms in new.items():
+            current[i] = ms
+        total = sum(current)
+        steps.append((name, nxt, total))
+        for other in neighbours[name]:
+            best[other] = score(by_name[other])
+    return Trajectory({g.name: g.size for g in groups}, start, steps)
+
+
+@dataclass
+class SpeedResult:
+    """Where the search landed: the widths, and every measured trial."""
+
+    keep: dict[str, int]
+    speedup: float  # measured
+    predicted: float
+    unpruned_ms: float
+    pruned_ms: float
+    trials: list[dict[str, float]]
+    table: dict[str, Any]
+    threads: int | None = None
+
+
+def search_speedup(
+    trajectory: Trajectory,
+    measure_at: Callable[[int], tuple[float, float, float]],
+    target: float,
+    *,
+    tolerance: float = SPEED_TOLERANCE,
+    max_trials: int = MAX_TRIALS,
+    accept_closest: bool = False,
+    runtime: str = "the runtime",
+) -> tuple[int, dict[int, tuple[float, float, float]]]:
+    """The trajectory state whose measured speedup is nearest ``target`` (module
+    docstring, step 3). ``measure_at(i)`` prunes to state ``i`` and returns the measured
+    ``(speedup, unpruned ms, pruned ms)``. Returns the state and every trial."""
+    last = len(trajectory) - 1
+    tried: dict[int, tuple[float, float, float]] = {}
+
+    def near(m: float) -> bool:
+        return abs(m / target - 1) <= tolerance
+
+    i = trajectory.index_for(target)
+    while len(tried) < max_trials:
+        tried[i] = measure_at(i)
+        m = tried[i][0]
+        log.info("speedup trial %d: state %d/%d, predicted %.2fx, measured %.2fx (target %.2fx)",
+                 len(tried), i, last, trajectory.predicted(i), m, target)
+        if near(m):
+            break
+        points = [(0.0, 0.0)] + sorted((math.log(trajectory.predicted(j)), math.log(s[0]))
+                                       for j, s in tried.items())
+        below = [p for p in points if p[1] < math.log(target)]
+        above = [p for p in points if p[1] > math.log(target)]
+        goal = math.log(target)
+        if above:
+            lo = max(below, key=lambda p: p[1])
+            hi = min(above, key=lambda p: p[1])
+            x = lo[0] + (goal - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1])
+        else:  # not fast enough yet: move by the shortfall (the measured follows the predicted)
+            x = math.log(trajectory.predicted(i)) + (goal - math.log(m))
+            if i == last:
+                break
+        nxt = trajectory.index_for(math.exp(x))
+        if nxt in tried:  # the correction is smaller than a step: halve the bracket instead
+            lo_i = max((j for j, s in tried.items() if s[0] < target), default=0)
+            hi_i = min((j for j, s in tried.items() if s[0] > target), default=last)
+            nxt = (lo_i + hi_i) // 2
+            if nxt in tried or nxt == 0:
+                break
+        i = nxt
+    best = min(tried, key=lambda j: abs(math.log(tried[j][0] / target)))
+    m = tried[best][0]
+    if near(m):
+        return best, tried
+    fastest = tried.get(last)
+    if fastest is not None and fastest[0] < target and not accept_closest:
+        raise PruningError(
+            f"a {target:.2f}x speedup cannot be reached in {runtime}: the fastest this model "
+            f"allows is {fastest[0]:.2f}x measured (every channel group at its narrowest); "
+            f"ask for speedup={math.floor(fastest[0] * 100) / 100:g} or less, or pass "
+            "accept_closest=True to take the closest"
+        )
+    if not accept_closest:
+        raise PruningError(
+            f"no pruning measured within {100 * tolerance:.0f}% of a {target:.2f}x speedup in "
+            f"{runtime} after {len(tried)} trials (closest: {m:.2f}x); the measurements may "
+            "be noisy (time on an idle machine), or pass accept_closest=True to take the closest"
+        )
+    log.warning("speedup %.2fx measured instead of the %.2fx asked (the closest reached)",
+                m, target)
+    return best, tried
+
+
+def speedup_prune(
+    model: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    importance: tp.importance.Importance,
+    ignored: Sequence[str],
+    *,
+    speedup: float,
+    runtime: str,
+    batch_size: int | None,
+    threads: int | None,
+    measure: Measure | None,
+    cache: str | Path | bool | None,
+    round_to: int | None,
+    tolerance: float,
+    max_trials: int,
+    accept_closest: bool,
+) -> tuple[SpeedResult, dict[str, torch.Tensor | None]]:
+    """Find the widths that make ``model`` ``speedup`` times faster, measured (the module
+    docstring); returns them with the importance scores to prune by."""
+    check_runtime(runtime)
+    if len(args) != 1:
+        raise PruningError("speedup= times models of one input tensor; this one takes "
+                           f"{len(args)}: use flops_reduction=")
+    batch = batch_size or int(args[0].shape[0])
+    if batch < 1:
+        raise PruningError(f"batch_size must be at least 1, got {batch}")
+    x = args[0][:1].expand(batch, *args[0].shape[1:]).contiguous()
+    if measure is None:
+        measure = RuntimeMeasure(runtime, threads)
+    groups, layers, raw = model_structure(model, (args[0][:1],), importance, ignored, round_to)
+    if not groups:
+        raise PruningError(f"{type(model).__name__} has no channel group to prune: nothing "
+                           "can make it faster")
+    narrowest = {g.name: g.size - g.narrowest for g in groups}
+    units = {g.name: g for g in groups}
+    lows, steps = {}, {}
+    for layer in layers:
+        lows[layer.name] = layer.widths(narrowest)
+        steps[layer.name] = tuple(
+            int(units[terms[0][0]].unit * terms[0][1]) if len(terms) == 1 else 1
+            for terms in (layer.in_terms, layer.out_terms))
+    folder = (None if cache is False else
+              Path(cache).expanduser() if isinstance(cache, str | Path) else latency_cache_dir())
+    key = {"runtime": runtime, "measure": getattr(measure, "key", type(measure).__name__),
+           "threads": getattr(measure, "threads", threads), "cpu": cpu_name(),
+           "input": list(x.shape), "round_to": round_to}
+    table, info = build_table(layers, lows, steps, measure, batch=batch, cache=folder, key=key)
+    log.info("latency table of %d distinct layers %s", info["layers"],
+             f"read from {info['path']}" if info["cached"] else "measured")
+    trajectory = allocate(groups, table)
+    pin = getattr(measure, "pin", None)
+    if pin is not None:
+        pin(model, x)
+    with torch.no_grad():
+        whole = measure({"unpruned": (model, x)})["unpruned"]
+    trajectory.rest_ms = max(0.0, whole - trajectory.start_ms)
+    log.info("unpruned model %.3f ms in %s, its layers %.3f ms by the table", whole, runtime,
+             trajectory.start_ms)
+
+    def measure_at(i: int) -> tuple[float, float, float]:
+        trial = copy.deepcopy(model)
+        prune_to_widths(trial, args, CachedImportance(raw, trial), trajectory.kept(i),
+                        ignored=ignored)
+        with torch.no_grad():
+            ms = measure({"unpruned": (model, x), "pruned": (trial.eval(), x)})
+        return ms["unpruned"] / ms["pruned"], ms["unpruned"], ms["pruned"]
+
+    try:
+        best, tried = search_speedup(trajectory, measure_at, speedup, tolerance=tolerance,
+                                     max_trials=max_trials, accept_closest=accept_closest,
+                                     runtime=runtime)
+    finally:
+        unpin = getattr(measure, "unpin", None)
+        if unpin is not None:
+            unpin(model)
+    m, base_ms, pruned_ms = tried[best]
+    result = SpeedResult(
+        keep=trajectory.kept(best), speedup=m, predicted=trajectory.predicted(best),
+        unpruned_ms=base_ms, pruned_ms=pruned_ms,
+        trials=[{"state": j, "predicted": trajectory.predicted(j), "measured": s[0]}
+                for j, s in tried.items()],
+        table=info, threads=getattr(measure, "threads", threads),
+    )
+    return result, raw
