@@ -545,7 +545,7 @@ def test_export_default_path_and_tolerance(compressed, tmp_path, capsys):
     # fusing and exporting change float rounding: a tolerance that small cannot be met
     for fmt in ("onnx", "torchscript"):
         out = tmp_path / f"strict.{fmt}"
-        assert run_cli("export", run / "last.pt", "--format", fmt, "--tol", "1e-12",
+        assert run_cli("export", run / "last.pt", "--format", fmt, "--verify-tol", "1e-12",
                        "--out", out) == 1
         err = capsys.readouterr().err
         assert "nothing was written" in err and "1e-12" in err

@@ -307,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
     p.add_argument("--out", metavar="PATH", help="output file (default: beside the checkpoint)")
     p.add_argument("--image-size", type=int, help="input size (default: the checkpoint's)")
-    p.add_argument("--tol", type=float, default=1e-4, help="largest relative error accepted")
+    p.add_argument("--verify-tol", "--tol", dest="verify_tol", type=float, default=1e-4,
+                   help="largest relative error accepted against the checkpoint's model, as "
+                        "compress's --verify-tol (--tol: its old name, until 0.3)")
     g = p.add_argument_group("INT8 (onnxruntime static quantization)")
     g.add_argument("--int8", action="store_true",
                    help="write an INT8 ONNX model (QDQ, per-channel int8 weights, uint8 "
@@ -438,7 +440,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     max_drop = INT8_MAX_DROP if args.max_drop is None else args.max_drop
     result = export_checkpoint(
         args.checkpoint, format=args.format, out=args.out, image_size=args.image_size,
-        tol=args.tol, int8=args.int8, calibration_data=args.calibration_data,
+        verify_tol=args.verify_tol, int8=args.int8, calibration_data=args.calibration_data,
         calibration_images=(CALIBRATION_IMAGES if args.calibration_images is None
                             else args.calibration_images),
         max_drop=max_drop, force=args.force, split=args.split, overrides=overrides,

@@ -121,7 +121,8 @@ class Config(TrainSettings):
         out = dataclasses.asdict(self)
         drop = {"train": COMPRESS_ONLY | {"resume"},
                 "compress": TRAIN_ONLY | {"resume"}}.get(command or "", set())
-        return {k: v for k, v in out.items() if k not in drop | NOT_SET_BY_USER}
+        return {k: list(v) if isinstance(v, tuple) else v  # as JSON stores it
+                for k, v in out.items() if k not in drop | NOT_SET_BY_USER}
 
 
 #: Engine settings a run derives rather than takes (the replayed curve of --recipe rewind).

@@ -200,7 +200,7 @@ def export_checkpoint(
     format: str = "onnx",
     out: str | Path | None = None,
     image_size: int | None = None,
-    tol: float = 1e-4,
+    verify_tol: float = 1e-4,
     int8: bool = False,
     calibration_data: str | Path | None = None,
     calibration_images: int = CALIBRATION_IMAGES,
@@ -234,7 +234,8 @@ def export_checkpoint(
         extra = _int8_inputs(path, meta, size, calibration_data, calibration_images, split,
                              dict(overrides or {}, image_size=size), force, progress)
         extra["max_drop"] = None if force else max_drop
-    return export(model, torch.randn(1, 3, size, size), out, format=format, verify_tol=tol,
+    return export(model, torch.randn(1, 3, size, size), out, format=format,
+                  verify_tol=verify_tol,
                   metadata=metadata, int8=int8, **extra)
 
 

@@ -295,9 +295,10 @@ class _Trial:
 
 
 def _mix_widths(
-    tried: list[_Trial], evaluate: Callable[..., float], target: float, tolerance: float,
+    tried: list[_Trial], evaluate: Callable[..., float], flops_reduction: float,
+    tolerance: float,
 ) -> tuple[float, dict[str, int]] | None:
-    """Land between two rounded trials that straddle ``target`` by moving single groups.
+    """Land between two rounded trials that straddle ``flops_reduction`` by moving single groups.
 
     With rounding, groups of one width all move to the next multiple at the same ratio,
     so the reduction can jump over the target (resnet18 at 64 px: 48.5% -> 54.0% for a
@@ -308,8 +309,8 @@ def _mix_widths(
     many, the first k in graph order, k bisected. Returns ``(ratio, keep)`` for
     :func:`make_pruner`, or None when no mix lands within ``tolerance``.
     """
-    below = [t for t in tried if t.reduction < target]
-    above = [t for t in tried if t.reduction > target]
+    below = [t for t in tried if t.reduction < flops_reduction]
+    above = [t for t in tried if t.reduction > flops_reduction]
     if not below or not above:
         return None
     lo = max(below, key=lambda t: t.reduction)
@@ -327,10 +328,11 @@ def _mix_widths(
         effect = {n: evaluate(hi.ratio, keep_moving([n])) - lo.reduction for n in moved}
         subsets = [frozenset(n for j, n in enumerate(moved) if mask >> j & 1)
                    for mask in range(1, 2 ** len(moved) - 1)]
-        subsets.sort(key=lambda ns: abs(lo.reduction + sum(effect[n] for n in ns) - target))
+        subsets.sort(key=lambda ns: abs(lo.reduction + sum(effect[n] for n in ns)
+                                        - flops_reduction))
         for names in subsets[:3]:
             found.append((evaluate(hi.ratio, keep_moving(names)), names))
-            if abs(found[-1][0] - target) <= tolerance / 4:
+            if abs(found[-1][0] - flops_reduction) <= tolerance / 4:
                 break
     else:
         a, b = 0, len(moved)
@@ -338,11 +340,11 @@ def _mix_widths(
             k = (a + b) // 2
             names = frozenset(moved[:k])
             found.append((evaluate(hi.ratio, keep_moving(names)), names))
-            a, b = (k, b) if found[-1][0] < target else (a, k)
+            a, b = (k, b) if found[-1][0] < flops_reduction else (a, k)
     if not found:
         return None
-    reduction, names = min(found, key=lambda t: abs(t[0] - target))
-    if abs(reduction - target) > tolerance:
+    reduction, names = min(found, key=lambda t: abs(t[0] - flops_reduction))
+    if abs(reduction - flops_reduction) > tolerance:
         return None
     log.info("rounded channel counts: %d of %d groups moved one step further to reach %.2f%% "
              "fewer MACs", len(names), len(moved), 100 * reduction)
