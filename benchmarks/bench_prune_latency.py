@@ -27,19 +27,10 @@ from torch.fx.experimental.optimization import fuse as fx_fuse_conv_bn
 
 import bpl
 from bpl.files import atomic_write_text
+from bpl.pruning.latency import cpu_name
 from common import load_average
 
 RESULTS = Path(os.environ.get("BPL_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -105,7 +96,7 @@ def main() -> None:
                       f"{speedup:5.2f}x of ideal {ideal:5.2f}x ({speedup / ideal:.2f})", flush=True)
 
     info = {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "logical_cpus": os.cpu_count(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
