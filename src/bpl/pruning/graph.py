@@ -7,6 +7,7 @@ the channel rounding rule (:func:`rounded_keep`) that hard and soft pruning shar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -262,6 +263,15 @@ def check_fraction(value: float, what: str, example: str) -> float:
         raise PruningError(f"{arg(what)} must be a number strictly between 0 and 1, got {value!r}; "
                            f"{example}", param=what)
     return float(value)
+
+
+def check_speedup(speedup: float) -> float:
+    """``speedup`` as a float above 1 (how many times faster), else a PruningError."""
+    if (isinstance(speedup, bool) or not isinstance(speedup, (int, float))
+            or not math.isfinite(speedup) or speedup <= 1.0):
+        raise PruningError(f"{arg('speedup')} must be a number above 1 (how many times faster), "
+                           f"got {speedup!r}; pass e.g. {arg('speedup', 2.0)}", param="speedup")
+    return float(speedup)
 
 
 def check_round_to(round_to: int | None) -> None:

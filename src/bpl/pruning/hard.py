@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from .graph import (
     LayerRef,
     check_fraction,
     check_round_to,
+    check_speedup,
     deploy_macs,
     make_pruner,
     prune_to_widths,
@@ -157,10 +157,7 @@ def prune(
             "for twice as fast, measured)"
         )
     if speedup is not None:
-        if (isinstance(speedup, bool) or not isinstance(speedup, (int, float))
-                or not math.isfinite(speedup) or speedup <= 1.0):
-            raise PruningError(f"speedup must be a number above 1 (how many times faster), "
-                               f"got {speedup!r}; pass e.g. speedup=2.0")
+        check_speedup(speedup)
         if global_pruning:
             raise PruningError("speedup= allocates the cuts by measured latency itself; "
                                "leave out global_pruning")
