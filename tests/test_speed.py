@@ -88,6 +88,26 @@ class FakeMeasure:
         return out
 
 
+class LyingTable(FakeMeasure):
+    """A runtime whose depthwise convs look ``depthwise`` times dearer than their MACs when
+    timed alone, and cost nothing inside the whole model: the latency table is wrong."""
+
+    def __call__(self, cases):
+        whole = {k: v for k, v in cases.items() if _n_layers(v[0]) > 1}
+        alone = {k: v for k, v in cases.items() if k not in whole}
+        out = FakeMeasure.__call__(self, alone) if alone else {}
+        depthwise, self.depthwise = self.depthwise, 0.0
+        try:
+            out.update(FakeMeasure.__call__(self, whole) if whole else {})
+        finally:
+            self.depthwise = depthwise
+        return out
+
+
+def _n_layers(model: nn.Module) -> int:
+    return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+
+
 def _tv(arch: str) -> nn.Module:
     torch.manual_seed(0)
     return getattr(torchvision.models, arch)(num_classes=10).eval()
@@ -190,9 +210,28 @@ def test_cuts_go_where_the_time_is_not_where_the_macs_are():
     speed = bpl.reports(fast)["prune"].speedup
     assert speed == pytest.approx(2.0, rel=0.05)
     cut = bpl.reports(fast)["prune"].reduction
+    assert bpl.reports(fast)["prune"].speed_allocation == "latency"
     for more in (0.0, 0.05):  # uniform needs more than 5 points more of the MACs cut
         uniform = bpl.prune(model, X32, flops_reduction=cut + more)
         assert _fake_speedup(fake, model, uniform) < 0.95 * speed
+
+
+def test_where_the_table_is_wrong_the_guard_keeps_the_uniform_cuts():
+    """The table says depthwise convs are dear, the whole model says they are free: the
+    latency walk's model lands as fast as the uniform one but smaller, so uniform is kept
+    (and where the table is right, the latency walk is: the test above)."""
+    model = _tv("mobilenet_v2")
+    fast = bpl.prune(model, X32, speedup=2.0, measure=LyingTable(depthwise=20.0),
+                     latency_cache=False)
+    report = bpl.reports(fast)["prune"]
+    assert report.speed_allocation == "uniform" and abs(report.speedup / 2.0 - 1) <= 0.05
+    landed = {}
+    for t in report.speed_trials:  # the trial of each walk nearest the target
+        if abs(t["measured"] / 2.0 - 1) <= 0.05:
+            landed[t["allocation"]] = max(landed.get(t["allocation"], 0), t["macs_kept"])
+    assert set(landed) == {"latency", "uniform"} and landed["uniform"] > landed["latency"]
+    assert report.macs_after == pytest.approx(landed["uniform"], rel=0.1)  # conv+linear MACs
+    assert "by uniform cuts" in str(report)
 
 
 def test_a_group_that_costs_no_time_is_left_whole():
@@ -243,6 +282,13 @@ def test_an_unreachable_speedup_names_the_fastest_reachable():
     closest = bpl.prune(model, X32, speedup=50.0, measure=fake, latency_cache=False,
                         accept_closest=True)
     assert bpl.reports(closest)["prune"].speedup == pytest.approx(fastest, abs=0.01)
+    # the trials say which one was every group at its narrowest (the benchmark's "refused");
+    # both walks end there, and it was measured once
+    trials = bpl.reports(closest)["prune"].speed_trials
+    ends = [t for t in trials if t["narrowest"]]
+    assert {t["allocation"] for t in ends} == {"latency", "uniform"}
+    assert len({t["measured"] for t in ends}) == 1
+    assert ends[0]["measured"] == pytest.approx(fastest, abs=0.01)
     reachable = bpl.prune(model, X32, speedup=0.9 * fastest, measure=fake, latency_cache=False)
     assert bpl.reports(reachable)["prune"].speedup == pytest.approx(0.9 * fastest, rel=0.05)
 
@@ -258,7 +304,9 @@ def test_the_report_says_what_was_asked_measured_and_cut():
         report.speedup)
     assert 0 < report.reduction < 1 and report.macs_after == bpl.count_macs(pruned, X32)
     assert report.predicted_speedup > 1 and report.speed_trials
-    assert "faster measured in onnxruntime at batch 4 (asked 1.70x)" in str(report)
+    assert re.search(r"faster measured in onnxruntime at batch 4( by uniform cuts)? "
+                     r"\(asked 1\.70x\)", str(report))
+    assert report.speed_allocation in ("latency", "uniform")
     assert "fewer" in str(report)
     assert bpl.reports(bpl.prune(model, X32, flops_reduction=0.5))["prune"].speedup is None
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import statistics
 import time
 from collections.abc import Iterator, Mapping
@@ -109,19 +110,24 @@ def compare_latency(
     threads: int | None = None,
     warmup: int = 5,
     repeats: int = 20,
+    min_sample_ms: float = 0.0,
 ) -> dict[str, float]:
     """Median latency in milliseconds of each model, timed interleaved (A, B, A, B, ...).
 
-    Every model gets ``warmup`` untimed passes, then ``repeats`` timed passes taken in
-    turn with the others, so that the ratio of two medians is a fair speed ratio. With
-    ``batch_size`` the first sample of ``example_inputs`` is repeated to that batch.
-    Models run in eval mode under ``torch.inference_mode``; their training flags and
-    the torch thread count are restored afterwards.
+    Every model gets ``warmup`` untimed passes, then ``repeats`` timed samples taken in
+    turn with the others, so that the ratio of two medians is a fair speed ratio. A
+    sample is one pass, or, with ``min_sample_ms``, as many back-to-back passes as take
+    at least that long (counted from the last warm-up pass, as ``timeit`` does), divided
+    by their number: a sub-millisecond model is then not timed at the clock's and the
+    scheduler's grain. With ``batch_size`` the first sample of ``example_inputs`` is
+    repeated to that batch. Models run in eval mode under ``torch.inference_mode``;
+    their training flags and the torch thread count are restored afterwards.
     """
     if not models:
         raise InvalidArgumentError("compare_latency needs at least one model")
-    if repeats < 1 or warmup < 0:
-        raise InvalidArgumentError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if repeats < 1 or warmup < 0 or min_sample_ms < 0:
+        raise InvalidArgumentError("need repeats >= 1, warmup >= 0 and min_sample_ms >= 0, got "
+                                   f"{repeats}, {warmup} and {min_sample_ms}")
     args = _batched(as_args(example_inputs), batch_size)
     times: dict[str, list[float]] = {name: [] for name in models}
     with _threads(threads), eval_mode(*models.values()), torch.inference_mode():
@@ -129,19 +135,25 @@ def compare_latency(
         for name, model in models.items():
             device = _device_of(model)
             placed[name] = (model, tuple(a.to(device) for a in args), device)
-        for _ in range(warmup):
-            for model, margs, device in placed.values():
+        passes = dict.fromkeys(models, 1)
+        for k in range(warmup):
+            for name, (model, margs, device) in placed.items():
+                start = time.perf_counter()
                 model(*margs)
                 _sync(device)
+                if k == warmup - 1 and min_sample_ms > 0:
+                    took = (time.perf_counter() - start) * 1e3
+                    passes[name] = max(1, math.ceil(min_sample_ms / max(took, 1e-6)))
         for _ in range(repeats):
             for name, (model, margs, device) in placed.items():
                 _sync(device)
                 start = time.perf_counter()
-                model(*margs)
+                for _ in range(passes[name]):
+                    model(*margs)
                 _sync(device)
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append((time.perf_counter() - start) * 1e3 / passes[name])
     result = {name: statistics.median(t) for name, t in times.items()}
-    log.debug("latency (ms, median of %d): %s", repeats, result)
+    log.debug("latency (ms, median of %d samples of %s passes): %s", repeats, passes, result)
     return result
 
 

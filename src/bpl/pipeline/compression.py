@@ -106,7 +106,8 @@ def speed_record(report: PruneReport) -> dict[str, Any]:
             "runtime": report.runtime, "batch_size": report.batch_size,
             "threads": report.threads, "latency_ms": report.latency_ms,
             "predicted": report.predicted_speedup, "macs_reduction": report.reduction,
-            "trials": report.speed_trials, "latency_table": report.latency_table}
+            "allocation": report.speed_allocation, "trials": report.speed_trials,
+            "latency_table": report.latency_table}
 
 
 def _read_json(path: Path) -> Any:

@@ -69,7 +69,10 @@ class PruneReport:
     threads: int | None = None
     latency_ms: dict[str, float] | None = None  # {"unpruned": ..., "pruned": ...}
     predicted_speedup: float | None = None  # what the latency table predicted
-    speed_trials: list[dict[str, float]] = field(default_factory=list)
+    speed_trials: list[dict[str, Any]] = field(default_factory=list)
+    #: which allocation the speed search kept: "latency" (the table's) or "uniform" (the
+    #: guard's, where uniform cuts were measured as fast keeping more MACs)
+    speed_allocation: str | None = None
     latency_table: dict[str, Any] | None = None  # its cache file, and whether it was read
 
     @property
@@ -80,8 +83,9 @@ class PruneReport:
     def __str__(self) -> str:
         speed = ""
         if self.speedup is not None:
+            how = " by uniform cuts" if self.speed_allocation == "uniform" else ""
             speed = (f"{self.speedup:.2f}x faster measured in {self.runtime} at batch "
-                     f"{self.batch_size} (asked {self.speedup_target:.2f}x): ")
+                     f"{self.batch_size}{how} (asked {self.speedup_target:.2f}x): ")
         return (
             speed + f"channel ratio {self.channel_ratio:.4f}: MACs {self.macs_before:,} -> "
             f"{self.macs_after:,} ({100 * self.reduction:.2f}% fewer), params "
@@ -271,6 +275,7 @@ def prune(
         report.latency_ms = {"unpruned": speed.unpruned_ms, "pruned": speed.pruned_ms}
         report.predicted_speedup = speed.predicted
         report.speed_trials = speed.trials
+        report.speed_allocation = speed.allocation
         report.latency_table = speed.table
     log.info("pruned %s: %s", type(model).__name__, report)
     record_report(target, "prune", report)

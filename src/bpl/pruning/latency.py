@@ -119,16 +119,17 @@ class RuntimeMeasure:
     fed channels_last inputs); ``"onnxruntime"``: the BN-folded ONNX export in an
     onnxruntime session (:class:`~bpl.exporting.OnnxModule`) with ``threads`` intra-op
     threads. All cases of one call run in turn, ``warmup`` untimed passes then
-    ``repeats`` timed ones (:func:`~bpl.profiling.compare_latency`), so their ratios
-    are fair. A module :meth:`pin`-ned (the unpruned model, timed beside every trial)
+    ``repeats`` timed samples of at least ``min_sample_ms`` each (back-to-back passes;
+    :func:`~bpl.profiling.compare_latency`), so their ratios are fair and a
+    sub-millisecond model is timed as precisely as a large one. A module :meth:`pin`-ned (the unpruned model, timed beside every trial)
     is converted once.
     """
 
     def __init__(self, runtime: str = "onnxruntime", threads: int | None = None, *,
-                 warmup: int = 3, repeats: int = 15) -> None:
+                 warmup: int = 3, repeats: int = 15, min_sample_ms: float = 10.0) -> None:
         self.runtime = check_runtime(runtime)
         self.threads = threads or torch.get_num_threads()
-        self.warmup, self.repeats = warmup, repeats
+        self.warmup, self.repeats, self.min_sample_ms = warmup, repeats, min_sample_ms
         self._pinned: dict[int, tuple[nn.Module, nn.Module]] = {}
         version = torch.__version__
         if runtime == "onnxruntime":
@@ -177,7 +178,8 @@ class RuntimeMeasure:
                 x = x.contiguous(memory_format=torch.channels_last)
             bound[name] = _Bound(self.runner(model, x), x)
         return compare_latency(bound, torch.zeros(1), threads=self.threads,
-                               warmup=self.warmup, repeats=self.repeats)
+                               warmup=self.warmup, repeats=self.repeats,
+                               min_sample_ms=self.min_sample_ms)
 
 
 @dataclass

@@ -26,6 +26,13 @@
    secant through the trials, until the measured speedup is within
    ``speed_tolerance`` of ``S``. A speedup beyond what every group at its narrowest
    gives is an error naming that fastest measured speedup.
+4. **A guard** (:func:`allocate_uniform`). The same search runs on the MACs-uniform walk
+   too (every group cut by the same fraction), and of the two models that land within
+   the tolerance the one keeping more MACs is kept. The table can be wrong about a
+   runtime: in PyTorch's eager deploy form at batch 1 on small inputs, per-operator
+   overheads the table leaves out are most of the time, and there uniform cuts reached
+   the same measured speed keeping more MACs. So a latency-aware model is never taken
+   where a uniform one was measured as fast and larger; the report says which won.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ from .latency import (
     latency_cache_dir,
 )
 
-__all__ = ["Group", "SpeedResult", "Trajectory", "allocate", "model_structure",
+__all__ = ["Group", "SpeedResult", "Trajectory", "allocate", "allocate_uniform", "model_structure",
            "search_speedup", "speedup_prune"]
 
 log = logging.getLogger(__name__)
@@ -260,6 +267,43 @@ def allocate(groups: Sequence[Group], table: LatencyTable) -> Trajectory:
     return Trajectory({g.name: g.size for g in groups}, start, steps)
 
 
+def allocate_uniform(groups: Sequence[Group], table: LatencyTable) -> Trajectory:
+    """The MACs-uniform walk (module docstring, step 4): every step cuts the group that keeps
+    the largest share of its channels, so all groups shrink by about the same fraction, as
+    ``flops_reduction`` does; the table only predicts each state's time."""
+    layers = table.layers
+    kept = {g.name: g.size for g in groups}
+    removed = {g.name: 0 for g in groups}
+    current = [table.layer_ms(layer, removed) for layer in layers]
+    start = sum(current)
+    steps: list[tuple[str, int, float]] = []
+    while True:
+        live = [g for g in groups if g.below(kept[g.name]) is not None]
+        if not live:
+            break
+        g = max(live, key=lambda h: kept[h.name] / h.size)
+        kept[g.name] = g.below(kept[g.name])
+        removed[g.name] = g.size - kept[g.name]
+        for i in g.layers:
+            current[i] = table.layer_ms(layers[i], removed)
+        steps.append((g.name, kept[g.name], sum(current)))
+    return Trajectory({g.name: g.size for g in groups}, start, steps)
+
+
+def macs_kept(layers: Sequence[Layer], sizes: dict[str, int], kept: dict[str, int]) -> float:
+    """The MACs of the conv and linear layers at the widths ``kept`` (from the unpruned
+    ``sizes``), from each layer's unpruned MACs: what the guard compares."""
+    removed = {name: sizes[name] - width for name, width in kept.items()}
+    total = 0.0
+    for layer in layers:
+        c_in, c_out = layer.widths(removed)
+        share = c_out / layer.c_out
+        if not layer.depthwise:
+            share *= c_in / layer.c_in
+        total += layer.macs * share
+    return total
+
+
 @dataclass
 class SpeedResult:
     """Where the search landed: the widths, and every measured trial."""
@@ -272,6 +316,7 @@ class SpeedResult:
     trials: list[dict[str, float]]
     table: dict[str, Any]
     threads: int | None = None
+    allocation: str = "latency"  # or "uniform": the guard's choice (module docstring, step 4)
 
 
 def search_speedup(
@@ -281,12 +326,11 @@ def search_speedup(
     *,
     tolerance: float = SPEED_TOLERANCE,
     max_trials: int = MAX_TRIALS,
-    accept_closest: bool = False,
-    runtime: str = "the runtime",
 ) -> tuple[int, dict[int, tuple[float, float, float]]]:
     """The trajectory state whose measured speedup is nearest ``target`` (module
     docstring, step 3). ``measure_at(i)`` prunes to state ``i`` and returns the measured
-    ``(speedup, unpruned ms, pruned ms)``. Returns the state and every trial."""
+    ``(speedup, unpruned ms, pruned ms)``. Returns the state and every trial; whether it
+    is near enough is the caller's to judge (:func:`refuse`)."""
     last = len(trajectory) - 1
     tried: dict[int, tuple[float, float, float]] = {}
 
@@ -323,26 +367,26 @@ def search_speedup(
                 break
         i = nxt
     best = min(tried, key=lambda j: abs(math.log(tried[j][0] / target)))
-    m = tried[best][0]
-    if near(m):
-        return best, tried
-    fastest = tried.get(last)
-    if fastest is not None and fastest[0] < target and not accept_closest:
-        raise PruningError(
+    return best, tried
+
+
+def refuse(target: float, closest: float, fastest: float | None, trials: int, *,
+           tolerance: float, runtime: str) -> PruningError:
+    """The error of a search that landed nowhere within ``tolerance`` of ``target``:
+    unreachable (``fastest``, every group at its narrowest, measured short of it) or not
+    found in ``trials`` measured trials (``closest``)."""
+    if fastest is not None and fastest < target:
+        return PruningError(
             f"a {target:.2f}x speedup cannot be reached in {runtime}: the fastest this model "
-            f"allows is {fastest[0]:.2f}x measured (every channel group at its narrowest); "
-            f"ask for speedup={math.floor(fastest[0] * 100) / 100:g} or less, or pass "
+            f"allows is {fastest:.2f}x measured (every channel group at its narrowest); "
+            f"ask for speedup={math.floor(fastest * 100) / 100:g} or less, or pass "
             "accept_closest=True to take the closest"
         )
-    if not accept_closest:
-        raise PruningError(
-            f"no pruning measured within {100 * tolerance:.0f}% of a {target:.2f}x speedup in "
-            f"{runtime} after {len(tried)} trials (closest: {m:.2f}x); the measurements may "
-            "be noisy (time on an idle machine), or pass accept_closest=True to take the closest"
-        )
-    log.warning("speedup %.2fx measured instead of the %.2fx asked (the closest reached)",
-                m, target)
-    return best, tried
+    return PruningError(
+        f"no pruning measured within {100 * tolerance:.0f}% of a {target:.2f}x speedup in "
+        f"{runtime} after {trials} trials (closest: {closest:.2f}x); the measurements may "
+        "be noisy (time on an idle machine), or pass accept_closest=True to take the closest"
+    )
 
 
 def speedup_prune(
@@ -394,38 +438,76 @@ def speedup_prune(
     table, info = build_table(layers, lows, steps, measure, batch=batch, cache=folder, key=key)
     log.info("latency table of %d distinct layers %s", info["layers"],
              f"read from {info['path']}" if info["cached"] else "measured")
-    trajectory = allocate(groups, table)
+    walks = {"latency": allocate(groups, table), "uniform": allocate_uniform(groups, table)}
     pin = getattr(measure, "pin", None)
     if pin is not None:
         pin(model, x)
     with torch.no_grad():
         whole = measure({"unpruned": (model, x)})["unpruned"]
-    trajectory.rest_ms = max(0.0, whole - trajectory.start_ms)
+    start_ms = walks["latency"].start_ms
     log.info("unpruned model %.3f ms in %s, its layers %.3f ms by the table", whole, runtime,
-             trajectory.start_ms)
+             start_ms)
 
-    def measure_at(i: int) -> tuple[float, float, float]:
-        trial = copy.deepcopy(model)
-        prune_to_widths(trial, args, CachedImportance(raw, trial), trajectory.kept(i),
-                        ignored=ignored)
-        with torch.no_grad():
-            ms = measure({"unpruned": (model, x), "pruned": (trial.eval(), x)})
-        return ms["unpruned"] / ms["pruned"], ms["unpruned"], ms["pruned"]
+    seen: dict[tuple, tuple[float, float, float]] = {}  # widths -> measured (walks meet at
+    # their ends: every group at its narrowest is measured once)
 
+    def measure_at(trajectory: Trajectory) -> Callable[[int], tuple[float, float, float]]:
+        def at(i: int) -> tuple[float, float, float]:
+            widths = tuple(sorted(trajectory.kept(i).items()))
+            if widths not in seen:
+                trial = copy.deepcopy(model)
+                prune_to_widths(trial, args, CachedImportance(raw, trial), dict(widths),
+                                ignored=ignored)
+                with torch.no_grad():
+                    ms = measure({"unpruned": (model, x), "pruned": (trial.eval(), x)})
+                seen[widths] = ms["unpruned"] / ms["pruned"], ms["unpruned"], ms["pruned"]
+            return seen[widths]
+        return at
+
+    landed: dict[str, tuple[int, dict[int, tuple[float, float, float]]]] = {}
     try:
-        best, tried = search_speedup(trajectory, measure_at, speedup, tolerance=tolerance,
-                                     max_trials=max_trials, accept_closest=accept_closest,
-                                     runtime=runtime)
+        for name, trajectory in walks.items():
+            trajectory.rest_ms = max(0.0, whole - trajectory.start_ms)
+            landed[name] = search_speedup(trajectory, measure_at(trajectory), speedup,
+                                          tolerance=tolerance, max_trials=max_trials)
     finally:
         unpin = getattr(measure, "unpin", None)
         if unpin is not None:
             unpin(model)
+    sizes = {g.name: g.size for g in groups}
+
+    def off(name: str) -> float:
+        best, tried = landed[name]
+        return abs(tried[best][0] / speedup - 1)
+
+    near = [n for n in walks if off(n) <= tolerance]
+    if near:  # the guard: of those within the tolerance, the one keeping more MACs
+        choice = max(near, key=lambda n: macs_kept(layers, sizes,
+                                                   walks[n].kept(landed[n][0])))
+    else:
+        choice = min(walks, key=off)
+        best, tried = landed[choice]
+        narrowest = [s[0] for n, (_, t) in landed.items() for j, s in t.items()
+                     if j == len(walks[n]) - 1]
+        fastest = max(narrowest) if narrowest else None
+        if not accept_closest:
+            raise refuse(speedup, tried[best][0], fastest,
+                         sum(len(t) for _, t in landed.values()), tolerance=tolerance,
+                         runtime=runtime)
+        log.warning("speedup %.2fx measured instead of the %.2fx asked (the closest reached)",
+                    tried[best][0], speedup)
+    trajectory = walks[choice]
+    best, tried = landed[choice]
     m, base_ms, pruned_ms = tried[best]
+    log.info("speedup %.2fx measured with the %s allocation%s", m, choice,
+             "" if len(near) < 2 else " (both landed: it keeps more MACs)")
     result = SpeedResult(
         keep=trajectory.kept(best), speedup=m, predicted=trajectory.predicted(best),
         unpruned_ms=base_ms, pruned_ms=pruned_ms,
-        trials=[{"state": j, "predicted": trajectory.predicted(j), "measured": s[0]}
-                for j, s in tried.items()],
-        table=info, threads=getattr(measure, "threads", threads),
+        trials=[{"allocation": n, "state": j, "predicted": walks[n].predicted(j),
+                 "measured": s[0], "narrowest": j == len(walks[n]) - 1,
+                 "macs_kept": macs_kept(layers, sizes, walks[n].kept(j))}
+                for n, (_, t) in landed.items() for j, s in t.items()],
+        table=info, threads=getattr(measure, "threads", threads), allocation=choice,
     )
     return result, raw
