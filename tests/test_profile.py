@@ -100,21 +100,24 @@ def test_compare_latency_is_the_median_of_interleaved_timed_passes(monkeypatch):
     assert not big.times and not small.times
 
 
-def test_compare_latency_times_fast_models_in_samples_of_several_passes(monkeypatch):
+def test_compare_latency_times_fast_models_in_warm_samples_of_several_passes(monkeypatch):
     import types
 
     import bpl.profiling
 
     clock, calls = [0.0], []
     monkeypatch.setattr(bpl.profiling, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    # the last warm-up pass says how many passes fill 10 ms: 2 ms -> 5, 30 ms -> 1
-    tiny = _Clocked(clock, "tiny", calls, [0.5, 0.002] + [0.001] * 5 + [0.003] * 5 + [0.002] * 5)
+    # the last warm-up pass says how many passes fill 10 ms: 2 ms -> 5, 30 ms -> 1; each
+    # sample of tiny is 5 untimed passes (slow, cold: 9 ms, not counted) then 5 timed ones
+    cold = [0.009] * 5
+    tiny = _Clocked(clock, "tiny", calls, [0.5, 0.002] + cold + [0.001] * 5 + cold + [0.003] * 5
+                    + cold + [0.002] * 5)
     slow = _Clocked(clock, "slow", calls, [0.5, 0.030, 0.020, 0.040, 0.030])
     result = bpl.compare_latency({"tiny": tiny, "slow": slow}, torch.zeros(1, 1), warmup=2,
                                  repeats=3, min_sample_ms=10)
-    # each sample of tiny is the mean of its 5 passes; the median of 1, 3 and 2 ms is 2 ms
+    # a sample of tiny is the mean of its 5 timed passes; the median of 1, 3 and 2 ms is 2 ms
     assert result == {"tiny": pytest.approx(2.0), "slow": pytest.approx(30.0)}
-    assert calls[4:] == ["tiny"] * 5 + ["slow"] + ["tiny"] * 5 + ["slow"] + ["tiny"] * 5 + ["slow"]
+    assert calls[4:] == (["tiny"] * 10 + ["slow"]) * 3  # slow (>= 10 ms a pass): no extra pass
     assert not tiny.times and not slow.times
     with pytest.raises(bpl.errors.InvalidArgumentError, match="min_sample_ms"):
         bpl.compare_latency({"tiny": tiny}, torch.zeros(1, 1), min_sample_ms=-1)

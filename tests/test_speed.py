@@ -340,6 +340,13 @@ def test_measuring_leaves_the_callers_model_as_it_was(runtime):
     assert all(p.is_contiguous() for p in model.parameters())  # not turned channels_last
 
 
+def test_the_table_is_timed_in_shorter_samples_than_whole_models():
+    whole = RuntimeMeasure("torch", 1, repeats=7)
+    table = whole.for_table()
+    assert whole.min_sample_ms == 20.0 and table.min_sample_ms == 5.0
+    assert (table.key, table.threads, table.repeats) == (whole.key, 1, 7)  # one cache key
+
+
 def test_real_timing_in_torch_gives_a_faster_model(tmp_path):
     """The one test that times: only loose properties hold on a shared machine."""
     model = build_model("tiny_resnet", 10).eval()

@@ -119,14 +119,15 @@ class RuntimeMeasure:
     fed channels_last inputs); ``"onnxruntime"``: the BN-folded ONNX export in an
     onnxruntime session (:class:`~bpl.exporting.OnnxModule`) with ``threads`` intra-op
     threads. All cases of one call run in turn, ``warmup`` untimed passes then
-    ``repeats`` timed samples of at least ``min_sample_ms`` each (back-to-back passes;
-    :func:`~bpl.profiling.compare_latency`), so their ratios are fair and a
-    sub-millisecond model is timed as precisely as a large one. A module :meth:`pin`-ned (the unpruned model, timed beside every trial)
+    ``repeats`` timed samples of at least ``min_sample_ms`` each (back-to-back passes,
+    after as many untimed ones; :func:`~bpl.profiling.compare_latency`), so their ratios
+    are fair, and a fast model is timed as precisely as a large one and as warm as it
+    runs alone. A module :meth:`pin`-ned (the unpruned model, timed beside every trial)
     is converted once.
     """
 
     def __init__(self, runtime: str = "onnxruntime", threads: int | None = None, *,
-                 warmup: int = 3, repeats: int = 15, min_sample_ms: float = 10.0) -> None:
+                 warmup: int = 3, repeats: int = 15, min_sample_ms: float = 20.0) -> None:
         self.runtime = check_runtime(runtime)
         self.threads = threads or torch.get_num_threads()
         self.warmup, self.repeats, self.min_sample_ms = warmup, repeats, min_sample_ms
@@ -138,6 +139,14 @@ class RuntimeMeasure:
             version = _require_onnx()[1].__version__
         #: What the cache key records of this measure.
         self.key = f"{runtime} {version}, {self.threads} threads"
+
+    def for_table(self) -> RuntimeMeasure:
+        """The same runtime with shorter samples (5 ms) for the per-layer table, which
+        ranks cuts and times hundreds of layer shapes; whole models keep ``min_sample_ms``."""
+        lighter = RuntimeMeasure(self.runtime, self.threads, warmup=self.warmup,
+                                 repeats=self.repeats, min_sample_ms=min(5.0, self.min_sample_ms))
+        lighter.key = self.key
+        return lighter
 
     def pin(self, model: nn.Module, x: torch.Tensor) -> None:
         """Convert ``model`` once and reuse that runner whenever it is timed again."""
@@ -330,8 +339,10 @@ def build_table(
                             "cached": stored is not None}
     if stored is None:
         stored = {}
+        for_table = getattr(measure, "for_table", None)  # RuntimeMeasure's shorter samples
+        timer = for_table() if for_table is not None else measure
         for n, (sig, (layer, in_axis, out_axis)) in enumerate(grids.items()):
-            stored[sig] = _time_layer(layer, in_axis, out_axis, measure, batch)
+            stored[sig] = _time_layer(layer, in_axis, out_axis, timer, batch)
             log.debug("latency table %d/%d: %s", n + 1, len(grids), layer.name)
         if path is not None:
             try:
