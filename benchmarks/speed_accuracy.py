@@ -41,8 +41,8 @@ from common import ci95, load_average, machine, write_results
 REPO = Path(__file__).resolve().parents[1]
 NAME = "speed_accuracy"
 
-#: Flags of every run (the recovery study's protocol: docs/results.md).
-COMMON = ["--data", "eurosat", "--image-size", "64", "--train-subset", "0.1",
+#: Flags of every run (the recovery study's protocol: docs/results.md), less the data's.
+COMMON = ["--data", "eurosat", "--train-subset", "0.1",
           "--batch-size", "64", "--momentum", "0.9", "--nesterov", "--weight-decay", "5e-4",
           "--val-ratio", "0.1", "--select", "best", "--workers", "0", "--no-latency",
           "--device", "cpu", "--quiet"]
@@ -54,7 +54,7 @@ def run_bpl(args: argparse.Namespace, command: str, flags: list[str], out: Path)
     if metrics.exists():
         return json.loads(metrics.read_text())
     cmd = [sys.executable, "-m", "bpl", command, *COMMON, "--data-root", args.data_root,
-           *flags, "--out", str(out)]
+           "--image-size", str(args.image_size), *flags, "--out", str(out)]
     if (out / "last.pt").exists():
         cmd.append("--resume")
     elif out.exists():  # cut off before its first epoch: nothing to keep
@@ -258,8 +258,6 @@ def main() -> int:
     ap.add_argument("--name", default=NAME, help="results file name")
     ap.add_argument("--report", action="store_true", help="only write the tables")
     args = ap.parse_args()
-    if args.image_size != 64:
-        COMMON[COMMON.index("--image-size") + 1] = str(args.image_size)
     if not args.report:
         for seed in args.seeds:  # seed by seed: a study cut short still pairs whole seeds
             for arch in args.archs:

@@ -122,9 +122,10 @@ def compare_latency(
     the clock's grain nor cold. (A model that runs alone keeps its weights in the CPU's
     caches; interleaved with a larger one it loses them, and its first passes after the
     switch ran up to 40% slower here: resnet50 pruned to half its MACs, 64 px, batch 1,
-    onnxruntime. The untimed passes give it back the state it runs in when deployed.) With ``batch_size`` the first sample of ``example_inputs`` is
-    repeated to that batch. Models run in eval mode under ``torch.inference_mode``;
-    their training flags and the torch thread count are restored afterwards.
+    onnxruntime. The untimed passes give it back the state it runs in when deployed.)
+    With ``batch_size`` the first sample of ``example_inputs`` is repeated to that batch.
+    Models run in eval mode under ``torch.inference_mode``; their training flags and the
+    torch thread count are restored afterwards.
     """
     if not models:
         raise InvalidArgumentError("compare_latency needs at least one model")

@@ -64,8 +64,8 @@ from .latency import (
     latency_cache_dir,
 )
 
-__all__ = ["Group", "SpeedResult", "Trajectory", "allocate", "allocate_uniform", "model_structure",
-           "search_speedup", "speedup_prune"]
+__all__ = ["Group", "SpeedResult", "Trajectory", "allocate", "allocate_uniform",
+           "model_structure", "search_speedup", "speedup_prune"]
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ class SpeedResult:
     predicted: float
     unpruned_ms: float
     pruned_ms: float
-    trials: list[dict[str, float]]
+    trials: list[dict[str, Any]]
     table: dict[str, Any]
     threads: int | None = None
     allocation: str = "latency"  # or "uniform": the guard's choice (module docstring, step 4)
@@ -486,19 +486,18 @@ def speedup_prune(
                                                    walks[n].kept(landed[n][0])))
     else:
         choice = min(walks, key=off)
-        best, tried = landed[choice]
-        narrowest = [s[0] for n, (_, t) in landed.items() for j, s in t.items()
-                     if j == len(walks[n]) - 1]
-        fastest = max(narrowest) if narrowest else None
-        if not accept_closest:
-            raise refuse(speedup, tried[best][0], fastest,
-                         sum(len(t) for _, t in landed.values()), tolerance=tolerance,
-                         runtime=runtime)
-        log.warning("speedup %.2fx measured instead of the %.2fx asked (the closest reached)",
-                    tried[best][0], speedup)
     trajectory = walks[choice]
     best, tried = landed[choice]
     m, base_ms, pruned_ms = tried[best]
+    if not near:
+        narrowest = [s[0] for n, (_, t) in landed.items() for j, s in t.items()
+                     if j == len(walks[n]) - 1]
+        if not accept_closest:
+            raise refuse(speedup, m, max(narrowest) if narrowest else None,
+                         sum(len(t) for _, t in landed.values()), tolerance=tolerance,
+                         runtime=runtime)
+        log.warning("speedup %.2fx measured instead of the %.2fx asked (the closest reached)",
+                    m, speedup)
     log.info("speedup %.2fx measured with the %s allocation%s", m, choice,
              "" if len(near) < 2 else " (both landed: it keeps more MACs)")
     result = SpeedResult(
