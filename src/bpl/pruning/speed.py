@@ -24,7 +24,8 @@
    deploy form on the target runtime, timed interleaved (medians). The first trial
    takes the prefix predicted to reach ``S``; the next ones correct it on a log-log
    secant through the trials, until the measured speedup is within
-   ``speed_tolerance`` of ``S``. A speedup beyond what every group at its narrowest
+   ``speed_tolerance`` of ``S``, confirmed: a trial that lands is measured twice more
+   and the median of the three decides. A speedup beyond what every group at its narrowest
    gives is an error naming that fastest measured speedup.
 4. **A guard** (:func:`allocate_uniform`). The same search runs on the MACs-uniform walk
    too (every group cut by the same fraction), and of the two models that land within
@@ -74,6 +75,11 @@ log = logging.getLogger(__name__)
 SPEED_TOLERANCE = 0.05
 #: Measured trials (each: one pruned model, timed beside the unpruned one) at most.
 MAX_TRIALS = 8
+#: Measurements of a trial that lands within the tolerance, before the search stops on it:
+#: the median of these is its speedup. One measurement at the edge of the tolerance was
+#: 7-10% off in a fresh run in 2 of 64 benchmark cells; a median of three is not fooled by
+#: one lucky sample.
+CONFIRMATIONS = 3
 
 
 @dataclass
@@ -321,16 +327,19 @@ class SpeedResult:
 
 def search_speedup(
     trajectory: Trajectory,
-    measure_at: Callable[[int], tuple[float, float, float]],
+    measure_at: Callable[[int, int], tuple[float, float, float]],
     target: float,
     *,
     tolerance: float = SPEED_TOLERANCE,
     max_trials: int = MAX_TRIALS,
+    confirmations: int = CONFIRMATIONS,
 ) -> tuple[int, dict[int, tuple[float, float, float]]]:
     """The trajectory state whose measured speedup is nearest ``target`` (module
-    docstring, step 3). ``measure_at(i)`` prunes to state ``i`` and returns the measured
-    ``(speedup, unpruned ms, pruned ms)``. Returns the state and every trial; whether it
-    is near enough is the caller's to judge (:func:`refuse`)."""
+    docstring, step 3). ``measure_at(i, n)`` prunes to state ``i``, makes sure it has been
+    measured at least ``n`` times and returns the median ``(speedup, unpruned ms, pruned
+    ms)``. A state that lands within the tolerance is measured ``confirmations`` times
+    before the search stops on it. Returns the state and every trial; whether it is near
+    enough is the caller's to judge (:func:`refuse`)."""
     last = len(trajectory) - 1
     tried: dict[int, tuple[float, float, float]] = {}
 
@@ -339,25 +348,35 @@ def search_speedup(
 
     i = trajectory.index_for(target)
     while len(tried) < max_trials:
-        tried[i] = measure_at(i)
+        tried[i] = measure_at(i, 1)
         m = tried[i][0]
         log.info("speedup trial %d: state %d/%d, predicted %.2fx, measured %.2fx (target %.2fx)",
                  len(tried), i, last, trajectory.predicted(i), m, target)
+        if near(m) and confirmations > 1:
+            tried[i] = measure_at(i, confirmations)
+            log.info("speedup trial %d confirmed: median %.2fx of %d measurements",
+                     len(tried), tried[i][0], confirmations)
+            m = tried[i][0]
         if near(m):
             break
-        points = [(0.0, 0.0)] + sorted((math.log(trajectory.predicted(j)), math.log(s[0]))
-                                       for j, s in tried.items())
-        below = [p for p in points if p[1] < math.log(target)]
-        above = [p for p in points if p[1] > math.log(target)]
         goal = math.log(target)
+        # (log predicted, log measured) of every trial and of the unpruned model (0, 0)
+        points = [(0.0, 0.0)] + [(math.log(trajectory.predicted(j)), math.log(s[0]))
+                                 for j, s in tried.items()]
+        above = [p for p in points if p[1] > goal]
+        if not above and i == last:
+            break  # every group at its narrowest is not fast enough: unreachable
+        # a secant through the two trials measured nearest the target (the measured
+        # speedup can grow several times faster than the table predicts, so a line through
+        # a far end of the bracket would creep), kept inside the bracket when there is one
+        (x0, y0), (x1, y1) = sorted(points, key=lambda p: abs(p[1] - goal))[:2]
+        x = (x0 + (goal - y0) * (x1 - x0) / (y1 - y0) if y1 != y0 and x1 != x0
+             else math.log(trajectory.predicted(i)) + (goal - math.log(m)))
         if above:
-            lo = max(below, key=lambda p: p[1])
+            lo = max((p for p in points if p[1] < goal), key=lambda p: p[1])
             hi = min(above, key=lambda p: p[1])
-            x = lo[0] + (goal - lo[1]) * (hi[0] - lo[0]) / (hi[1] - lo[1])
-        else:  # not fast enough yet: move by the shortfall (the measured follows the predicted)
-            x = math.log(trajectory.predicted(i)) + (goal - math.log(m))
-            if i == last:
-                break
+            if lo[0] < hi[0] and not lo[0] < x < hi[0]:
+                x = (lo[0] + hi[0]) / 2
         nxt = trajectory.index_for(math.exp(x))
         if nxt in tried:  # the correction is smaller than a step: halve the bracket instead
             lo_i = max((j for j, s in tried.items() if s[0] < target), default=0)
@@ -448,20 +467,24 @@ def speedup_prune(
     log.info("unpruned model %.3f ms in %s, its layers %.3f ms by the table", whole, runtime,
              start_ms)
 
-    seen: dict[tuple, tuple[float, float, float]] = {}  # widths -> measured (walks meet at
-    # their ends: every group at its narrowest is measured once)
+    # widths -> every measurement of them, (speedup, unpruned ms, pruned ms); the walks
+    # share them (they meet at their ends: every group at its narrowest)
+    seen: dict[tuple, list[tuple[float, float, float]]] = {}
 
-    def measure_at(trajectory: Trajectory) -> Callable[[int], tuple[float, float, float]]:
-        def at(i: int) -> tuple[float, float, float]:
+    def measure_at(trajectory: Trajectory) -> Callable[[int, int], tuple[float, float, float]]:
+        def at(i: int, times: int) -> tuple[float, float, float]:
             widths = tuple(sorted(trajectory.kept(i).items()))
-            if widths not in seen:
+            runs = seen.setdefault(widths, [])
+            if len(runs) < times:
                 trial = copy.deepcopy(model)
                 prune_to_widths(trial, args, CachedImportance(raw, trial), dict(widths),
                                 ignored=ignored)
-                with torch.no_grad():
-                    ms = measure({"unpruned": (model, x), "pruned": (trial.eval(), x)})
-                seen[widths] = ms["unpruned"] / ms["pruned"], ms["unpruned"], ms["pruned"]
-            return seen[widths]
+                trial.eval()
+                while len(runs) < times:
+                    with torch.no_grad():
+                        ms = measure({"unpruned": (model, x), "pruned": (trial, x)})
+                    runs.append((ms["unpruned"] / ms["pruned"], ms["unpruned"], ms["pruned"]))
+            return sorted(runs)[(len(runs) - 1) // 2]  # the median (the lower of two)
         return at
 
     landed: dict[str, tuple[int, dict[int, tuple[float, float, float]]]] = {}
@@ -469,7 +492,8 @@ def speedup_prune(
         for name, trajectory in walks.items():
             trajectory.rest_ms = max(0.0, whole - trajectory.start_ms)
             landed[name] = search_speedup(trajectory, measure_at(trajectory), speedup,
-                                          tolerance=tolerance, max_trials=max_trials)
+                                          tolerance=tolerance, max_trials=max_trials,
+                                          confirmations=CONFIRMATIONS)
     finally:
         unpin = getattr(measure, "unpin", None)
         if unpin is not None:
@@ -505,6 +529,7 @@ def speedup_prune(
         unpruned_ms=base_ms, pruned_ms=pruned_ms,
         trials=[{"allocation": n, "state": j, "predicted": walks[n].predicted(j),
                  "measured": s[0], "narrowest": j == len(walks[n]) - 1,
+                 "measurements": len(seen[tuple(sorted(walks[n].kept(j).items()))]),
                  "macs_kept": macs_kept(layers, sizes, walks[n].kept(j))}
                 for n, (_, t) in landed.items() for j, s in t.items()],
         table=info, threads=getattr(measure, "threads", threads), allocation=choice,
