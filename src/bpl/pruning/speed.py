@@ -368,9 +368,12 @@ def search_speedup(
             break  # every group at its narrowest is not fast enough: unreachable
         # a secant through the two trials measured nearest the target (the measured
         # speedup can grow several times faster than the table predicts, so a line through
-        # a far end of the bracket would creep), kept inside the bracket when there is one
+        # a far end of the bracket would creep), kept inside the bracket when there is one;
+        # two trials measured within the tolerance of each other give no slope (noise can
+        # make it anything), so then the move is the shortfall (measured follows predicted)
         (x0, y0), (x1, y1) = sorted(points, key=lambda p: abs(p[1] - goal))[:2]
-        x = (x0 + (goal - y0) * (x1 - x0) / (y1 - y0) if y1 != y0 and x1 != x0
+        x = (x0 + (goal - y0) * (x1 - x0) / (y1 - y0)
+             if abs(y1 - y0) > math.log1p(tolerance) and x1 != x0
              else math.log(trajectory.predicted(i)) + (goal - math.log(m)))
         if above:
             lo = max((p for p in points if p[1] < goal), key=lambda p: p[1])
