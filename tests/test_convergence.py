@@ -1,4 +1,5 @@
-"""Training to convergence (--epochs auto, the plateau schedule) and the recovery recipes."""
+"""Training to convergence (--epochs auto: the plateau and cycles schedules) and the recovery
+recipes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from bpl.cli import main
 from bpl.config import RECIPES, resolve_config
-from bpl.engine import Plateau, TrainSettings, _lr_lambda, fit
+from bpl.engine import Cycles, Plateau, TrainSettings, _lr_lambda, fit
 from bpl.errors import BPLError
 from bpl.models import load_checkpoint
 from test_engine import payload, tiny_data, tiny_net
@@ -32,6 +33,21 @@ def test_plateau_decays_after_patience_and_stops_after_the_last_decay():
     assert q.state_dict() == p.state_dict()
 
 
+def test_cycles_stop_after_a_cycle_that_adds_too_little():
+    c = Cycles(length=3, min_gain=0.5)
+    # cycle 1 ends (nothing before it to beat): another; cycle 2 adds 2 points: another
+    assert [c.update(v) for v in (50, 60, 58)] == [None, None, "restart"]
+    assert [c.update(v) for v in (55, 62, 61)] == [None, None, "restart"]
+    assert c.gain == pytest.approx(2) and c.cycles == 2 and not c.converged
+    # cycle 3 adds 0.4, not more than 0.5: converged
+    assert [c.update(v) for v in (62.4, 50, 40)] == [None, None, "stop"]
+    assert c.converged and c.gain == pytest.approx(0.4)
+    assert "cosine cycle 3 of 3 epochs added +0.40 points" in c.describe()
+    d = Cycles(3, 0.5)
+    d.load_state_dict(c.state_dict())
+    assert d.state_dict() == c.state_dict()
+
+
 def test_schedules_have_their_shapes():
     def lrs(**kw):
         f = _lr_lambda(TrainSettings(epochs=10, **kw), steps_per_epoch=10)
@@ -47,6 +63,12 @@ def test_schedules_have_their_shapes():
     assert all(a >= b for a, b in zip(rep, rep[1:]))  # the curve's order is kept
     with pytest.raises(BPLError, match="learning rates to replay"):
         lrs(schedule="replay")
+    # cycles of 4 epochs, the first after 1 epoch of warm-up: each anneals to ~0 and restarts
+    cyc = lrs(schedule="cycles", cycle_epochs=4, warmup_epochs=1)
+    assert cyc[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert cyc[10] == pytest.approx(1.0) and cyc[39] < 0.01
+    assert cyc[40] == pytest.approx(1.0) and cyc[79] < 0.01 and cyc[80] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(cyc[40:80], cyc[41:80]))
 
 
 def test_plateau_fit_stops_when_converged_and_resumes_exactly(tmp_path):
@@ -98,12 +120,59 @@ def test_plateau_fit_stops_when_converged_and_resumes_exactly(tmp_path):
     assert again.epochs == straight.epochs and again.stopped == straight.stopped
 
 
+def test_cycles_fit_stops_when_a_cycle_does_not_pay_and_resumes_exactly(tmp_path):
+    """Cut off mid-cycle, after a restart, and resumed: the same learning rates, decisions
+    and weights as one straight run."""
+    cfg = TrainSettings(epochs=40, batch_size=8, lr=0.2, device="cpu", schedule="cycles",
+                        cycle_epochs=3, min_gain=1.0, amp=False)
+    torch.manual_seed(0)
+    straight = fit(tiny_net(), tiny_data(48), tiny_data(24), cfg, tmp_path / "a", num_classes=3,
+                   payload=payload, progress=False)
+    n = straight.epochs
+    assert "converged: cosine cycle" in straight.stopped and n < 40 and n % 3 == 0 and n >= 6
+    lrs = [row["lr"] for row in straight.history]
+    # (each epoch logs the rate its last step left) the curve repeats: every cycle restarts
+    assert lrs[:3] == pytest.approx(lrs[3:6]) and lrs[0] > lrs[1] and lrs[2] == pytest.approx(0.2)
+
+    class Cut:
+        def __init__(self, at: int) -> None:
+            self.at = at
+
+        def after_step(self) -> None: ...
+        def state_dict(self) -> dict: return {}
+        def load_state_dict(self, state: dict) -> None: ...
+
+        def epoch_end(self, epoch: int) -> None:
+            if epoch + 1 > self.at:
+                raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    net = tiny_net()
+    with pytest.raises(KeyboardInterrupt):
+        fit(net, tiny_data(48), tiny_data(24), cfg, tmp_path / "b", num_classes=3,
+            payload=payload, hooks=[Cut(4)], progress=False)
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert state["epoch"] == 4 and state["plateau"]["epochs"] == 4
+    net = tiny_net()
+    net.load_state_dict(state["model"]["state_dict"])
+    resumed = fit(net, tiny_data(48), tiny_data(24), cfg, tmp_path / "b", num_classes=3,
+                  payload=payload, hooks=[Cut(99)], resume_state=state, progress=False)
+    assert [r["lr"] for r in resumed.history] == lrs and resumed.stopped == straight.stopped
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]["state_dict"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_epochs_auto_is_the_plateau_schedule_and_refuses_what_it_cannot_honour():
     cfg = resolve_config(overrides={"epochs": "auto"})
     assert cfg.schedule == "plateau" and cfg.max_epochs == 300
-    with pytest.raises(BPLError, match="--epochs auto anneals on plateaus.*--schedule cosine"):
+    cyc = resolve_config(overrides={"epochs": "auto", "schedule": "cycles", "cycle_epochs": 20})
+    assert cyc.schedule == "cycles" and cyc.cycle_epochs == 20
+    with pytest.raises(BPLError, match="--cycle-epochs must be at least 1"):
+        resolve_config(overrides={"epochs": "auto", "schedule": "cycles", "cycle_epochs": 0})
+    with pytest.raises(BPLError, match="--epochs auto stops when .*--schedule cosine"):
         resolve_config(overrides={"epochs": "auto", "schedule": "cosine"})
-    with pytest.raises(BPLError, match="--schedule plateau"):
+    with pytest.raises(BPLError, match="--schedule plateau or cycles"):
         resolve_config(overrides={"epochs": "auto", "recipe": "onecycle"})
     with pytest.raises(BPLError, match="--val-ratio above 0"):
         resolve_config(overrides={"epochs": "auto", "val_ratio": 0.0})
@@ -173,3 +242,15 @@ def test_one_resolver_reads_the_config_file_once(tmp_path, monkeypatch):
     assert config.resolve_command("compress", {"image_size": 24}, cfg_file).image_size == 24
     resumed = config.resolve_command("train", {"resume": True, "out": str(base), "epochs": 2})
     assert resumed.resume and resumed.image_size == 20 and resumed.epochs == 2
+
+
+def test_train_auto_with_cycles_reports_why_it_stopped(tmp_path):
+    out = tmp_path / "cycles"
+    assert main(["train", *FAST, "--epochs", "auto", "--schedule", "cycles", "--cycle-epochs",
+                 "2", "--min-gain", "50", "--max-epochs", "9", "--lr", "0.1",
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # no second cycle gains 50 points: two cycles, then converged
+    assert metrics["epochs_trained"] == 4 and metrics["config"]["schedule"] == "cycles"
+    assert metrics["stopped"].startswith("converged: cosine cycle 2 of 2 epochs added")
+    assert metrics["stopped"] in (out / "report.md").read_text()

@@ -5,7 +5,7 @@ Zhang et al., "Block-Wise Partner Learning for Model Compression", IEEE TNNLS 20
 
 from .distill import Distillation, distillation_loss
 from .diversity import Diversity, diversity_loss
-from .engine import Plateau
+from .engine import Cycles, Plateau
 from .errors import (
     BPLError,
     CheckpointError,
@@ -47,6 +47,7 @@ __all__ = [
     "BudgetResult",
     "BudgetStep",
     "LEVELS",
+    "Cycles",
     "Plateau",
     "CheckpointError",
     "ChecksumError",

@@ -116,9 +116,12 @@ def _train_options(p: argparse.ArgumentParser) -> None:
           help="plateau schedule (--epochs auto): epochs without a validation gain before the "
                "learning rate is multiplied by --gamma")
     _flag(g, "min-gain", type=float, metavar="POINTS",
-          help="plateau schedule: validation top-1 points that count as a gain")
+          help="plateau and cycles schedules: validation top-1 points that count as a gain")
     _flag(g, "decays", type=int, metavar="N",
           help="plateau schedule: learning-rate decays before the next plateau ends training")
+    _flag(g, "cycle-epochs", type=int, metavar="N",
+          help="cycles schedule (--epochs auto --schedule cycles): the length of each cosine "
+               "cycle; training ends after a cycle that adds no more than --min-gain")
     _flag(g, "label-smoothing", type=float)
     g = p.add_argument_group("execution")
     _flag(g, "device", help="auto, cpu, cuda, cuda:1 ...")

@@ -264,11 +264,11 @@ def _resolve(base: dict[str, Any], from_file: dict[str, Any],
                        "rates, so it cannot take --lr: leave --lr out, or choose another --recipe")
     if values.get("epochs") == "auto":
         given = {**(RECIPES.get(recipe) or {}), **from_file, **overrides}.get("schedule")
-        if given not in (None, "plateau"):
-            raise BPLError(f"--epochs auto anneals on plateaus of validation top-1 (--schedule "
-                           f"plateau), so it cannot take --schedule {given}: leave --schedule "
-                           "out, or pass a number of --epochs")
-        values["schedule"] = "plateau"
+        if given not in (None, "plateau", "cycles"):
+            raise BPLError(f"--epochs auto stops when validation top-1 stops improving, under "
+                           f"--schedule plateau or cycles, so it cannot take --schedule {given}: "
+                           "leave --schedule out, or pass a number of --epochs")
+        values["schedule"] = given or "plateau"
     if values.get("data_root") and "data" not in values:
         # a folder without a dataset name is the user's own data, never the bundled digits
         from .data.registry import guess_dataset
@@ -495,12 +495,14 @@ def _check(cfg: Config) -> None:
         raise BPLError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.schedule not in SCHEDULES:
         raise BPLError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
-    if cfg.schedule == "plateau" and cfg.val_ratio == 0:
-        raise BPLError("--epochs auto (the plateau schedule) decides on the validation split: "
-                       "pass --val-ratio above 0, or a fixed --epochs")
+    if cfg.schedule in ("plateau", "cycles") and cfg.val_ratio == 0:
+        raise BPLError(f"--epochs auto (the {cfg.schedule} schedule) decides on the validation "
+                       "split: pass --val-ratio above 0, or a fixed --epochs")
     if cfg.patience < 1 or cfg.decays < 0 or cfg.min_gain < 0:
         raise BPLError(f"--patience must be at least 1, --decays and --min-gain 0 or more; got "
                        f"{cfg.patience}, {cfg.decays} and {cfg.min_gain}")
+    if cfg.cycle_epochs < 1:
+        raise BPLError(f"--cycle-epochs must be at least 1, got {cfg.cycle_epochs}")
     if cfg.lr <= 0:
         raise BPLError(f"--lr must be positive, got {cfg.lr}")
     if cfg.diversity_weight < 0:

@@ -46,6 +46,7 @@ __all__ = [
     "SCHEDULES",
     "EpochHook",
     "FitResult",
+    "Cycles",
     "Plateau",
     "LossTerm",
     "Step",
@@ -66,8 +67,11 @@ CHECKPOINT_FORMAT = "bpl-train/1"
 #: down to 1/10,000 of the start), constant, ``plateau`` (x``gamma`` whenever validation
 #: top-1 stops improving, ending the run after ``decays`` decays: :class:`Plateau`), and
 #: ``replay``: the per-epoch learning rates in ``TrainSettings.replay`` (another run's,
-#: for learning-rate rewinding) stretched or squeezed over this run's epochs.
-SCHEDULES: tuple[str, ...] = ("cosine", "step", "onecycle", "constant", "plateau", "replay")
+#: for learning-rate rewinding) stretched or squeezed over this run's epochs, and
+#: ``cycles``: cosine cycles of ``cycle_epochs`` restarting at the full learning rate,
+#: until a cycle no longer improves validation top-1 (:class:`Cycles`).
+SCHEDULES: tuple[str, ...] = ("cosine", "step", "onecycle", "constant", "plateau", "replay",
+                              "cycles")
 
 
 @dataclass
@@ -87,6 +91,7 @@ class TrainSettings:
     patience: int = 10  # plateau: epochs without a validation gain before the lr decays
     min_gain: float = 0.0  # plateau: validation top-1 points that count as a gain
     decays: int = 2  # plateau: decays of the lr; the plateau after the last ends the run
+    cycle_epochs: int = 30  # cycles: the length of each cosine cycle
     replay: Sequence[float] = ()  # replay: the learning rate of each epoch of the run replayed
     label_smoothing: float = 0.0
     device: str = "auto"
@@ -199,6 +204,59 @@ class Plateau:
                 f"decay{'s' if self.done != 1 else ''}")
 
 
+class Cycles:
+    """The ``cycles`` schedule: cosine cycles that restart at the full learning rate (SGDR,
+    Loshchilov & Hutter 2017), until one does not pay.
+
+    Each cycle anneals from the peak to zero over ``length`` epochs (the first after the
+    warm-up). At the end of a cycle, when its best validation top-1 does not beat the best
+    of the cycles before it by more than ``min_gain`` points, training ends: another cycle
+    is not expected to pay either. A cycle ends at a small learning rate, so the top-1 it
+    is judged on is that of an annealed model, not of a noisy one mid-schedule.
+    """
+
+    def __init__(self, length: int, min_gain: float) -> None:
+        self.length, self.min_gain = length, min_gain
+        self.epochs = 0  # epochs seen
+        self.best: float | None = None  # best validation top-1 so far
+        self.before: float | None = None  # ... when the current cycle began
+        self.gain: float | None = None  # what the last finished cycle added
+        self.converged = False
+
+    @property
+    def cycles(self) -> int:
+        """Cycles finished."""
+        return self.epochs // self.length
+
+    def update(self, val_top1: float) -> str | None:
+        """Take one epoch's validation top-1; "restart" or "stop" at the end of a cycle."""
+        self.epochs += 1
+        self.best = val_top1 if self.best is None else max(self.best, val_top1)
+        if self.epochs % self.length:
+            return None
+        if self.before is not None:
+            self.gain = self.best - self.before
+            if self.gain <= self.min_gain:
+                self.converged = True
+                return "stop"
+        self.before = self.best
+        return "restart"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs, "best": self.best, "before": self.before,
+                "gain": self.gain, "converged": self.converged}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epochs, self.best, self.before = state["epochs"], state["best"], state["before"]
+        self.gain, self.converged = state["gain"], state["converged"]
+
+    def describe(self) -> str:
+        """Why a converged run stopped, in words for the log and the report."""
+        gain = f"more than {self.min_gain:g} points" if self.min_gain else "anything"
+        return (f"converged: cosine cycle {self.cycles} of {self.length} epochs added "
+                f"{self.gain:+.2f} points of validation top-1, not {gain}")
+
+
 def select_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when available, else the CPU."""
     ctx = distributed.current()
@@ -287,7 +345,7 @@ def _cosine(start: float, end: float, progress: float) -> float:
 
 
 def _lr_lambda(
-    cfg: TrainSettings, steps_per_epoch: int, plateau: Plateau | None = None
+    cfg: TrainSettings, steps_per_epoch: int, plateau: Plateau | Cycles | None = None
 ) -> Callable[[int], float]:
     """The learning rate of each step, as a multiple of ``cfg.lr``."""
     if cfg.schedule not in SCHEDULES:
@@ -312,7 +370,12 @@ def _lr_lambda(
             return (_cosine(1 / 25, 1.0, progress / up) if progress < up
                     else _cosine(1.0, 1 / 25e4, (progress - up) / (1 - up)))
         if cfg.schedule == "plateau":
-            return plateau.factor if plateau is not None else 1.0
+            return plateau.factor if isinstance(plateau, Plateau) else 1.0
+        if cfg.schedule == "cycles":  # the warm-up belongs to the first cycle
+            cycle = cfg.cycle_epochs * steps_per_epoch
+            first = step < cycle
+            into = (step - warm) if first else (step % cycle)
+            return _cosine(1.0, 0.0, into / max(1, cycle - (warm if first else 0)))
         if cfg.schedule == "replay":  # epoch e of the curve spans [e, e+1) of its length
             at = min(max(progress, 0.0), 1.0) * len(curve) - 0.5
             low = min(max(int(math.floor(at)), 0), len(curve) - 1)
@@ -484,13 +547,15 @@ def fit(
         nesterov=settings.nesterov and settings.momentum > 0,
         weight_decay=settings.weight_decay,
     )
-    plateau = None
-    if settings.schedule == "plateau":
+    plateau: Plateau | Cycles | None = None  # the schedules that decide on validation
+    if settings.schedule in ("plateau", "cycles"):
         if val_loader is None:
-            raise BPLError("the plateau schedule (--epochs auto) decides on the validation split, "
-                           "and there is none: pass --val-ratio above 0, or a fixed --epochs "
-                           "with another --schedule")
-        plateau = Plateau(settings.patience, settings.min_gain, settings.decays, settings.gamma)
+            raise BPLError(f"the {settings.schedule} schedule (--epochs auto) decides on the "
+                           "validation split, and there is none: pass --val-ratio above 0, or "
+                           "a fixed --epochs with another --schedule")
+        plateau = (Plateau(settings.patience, settings.min_gain, settings.decays, settings.gamma)
+                   if settings.schedule == "plateau"
+                   else Cycles(settings.cycle_epochs, settings.min_gain))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(settings, len(train_loader), plateau)
     )
@@ -548,10 +613,7 @@ def fit(
                     if change == "decay":
                         _refresh_lr(scheduler)  # x gamma from the next step on
                     if change and ctx.is_main:
-                        log.info("validation top-1 has not improved for %d epochs: %s",
-                                 settings.patience,
-                                 f"learning rate x{settings.gamma:g} ({plateau.done} of "
-                                 f"{settings.decays} decays)" if change == "decay" else "converged")
+                        _log_change(plateau, change, settings)
             if improved:
                 result.best_epoch = epoch + 1
             result.history.append(row)
@@ -591,6 +653,17 @@ def fit(
     result.stopped = (plateau.describe() if plateau is not None and plateau.converged
                       else f"reached the last of {settings.epochs} epochs")
     return result
+
+
+def _log_change(rule: Plateau | Cycles, change: str, settings: TrainSettings) -> None:
+    if isinstance(rule, Cycles):
+        log.info("cosine cycle %d ended%s: %s", rule.cycles,
+                 "" if rule.gain is None else f", {rule.gain:+.2f} points of validation top-1",
+                 "converged" if change == "stop" else "another cycle")
+    else:
+        log.info("validation top-1 has not improved for %d epochs: %s", settings.patience,
+                 f"learning rate x{settings.gamma:g} ({rule.done} of {settings.decays} decays)"
+                 if change == "decay" else "converged")
 
 
 class _Trainer:
