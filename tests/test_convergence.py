@@ -19,6 +19,21 @@ FAST = ["--data", "digits", "--image-size", "16", "--batch-size", "64", "--quiet
         "--arch", "tiny_resnet"]
 
 
+class Cut:
+    """An epoch hook that stands in for kill -9 after ``at`` epochs: last.pt then holds those."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def after_step(self) -> None: ...
+    def state_dict(self) -> dict: return {}
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def epoch_end(self, epoch: int) -> None:
+        if epoch + 1 > self.at:
+            raise KeyboardInterrupt
+
+
 def test_plateau_decays_after_patience_and_stops_after_the_last_decay():
     p = Plateau(patience=2, min_gain=0.5, decays=2, gamma=0.1)
     # 10 -> 12 gains; 12.4 is not a gain of more than 0.5; two epochs without one: decay
@@ -83,18 +98,6 @@ def test_plateau_fit_stops_when_converged_and_resumes_exactly(tmp_path):
     lrs = [row["lr"] for row in straight.history]
     assert sorted(set(lrs), reverse=True) == pytest.approx([0.2, 0.02])  # one decay of x0.1
 
-    class Cut:  # stands in for kill -9 after `at` epochs: last.pt then holds those epochs
-        def __init__(self, at: int) -> None:
-            self.at = at
-
-        def after_step(self) -> None: ...
-        def state_dict(self) -> dict: return {}
-        def load_state_dict(self, state: dict) -> None: ...
-
-        def epoch_end(self, epoch: int) -> None:
-            if epoch + 1 > self.at:
-                raise KeyboardInterrupt
-
     at = straight.epochs - 1  # after the decay: the plateau state must come back
     torch.manual_seed(0)
     net = tiny_net()
@@ -133,18 +136,6 @@ def test_cycles_fit_stops_when_a_cycle_does_not_pay_and_resumes_exactly(tmp_path
     lrs = [row["lr"] for row in straight.history]
     # (each epoch logs the rate its last step left) the curve repeats: every cycle restarts
     assert lrs[:3] == pytest.approx(lrs[3:6]) and lrs[0] > lrs[1] and lrs[2] == pytest.approx(0.2)
-
-    class Cut:
-        def __init__(self, at: int) -> None:
-            self.at = at
-
-        def after_step(self) -> None: ...
-        def state_dict(self) -> dict: return {}
-        def load_state_dict(self, state: dict) -> None: ...
-
-        def epoch_end(self, epoch: int) -> None:
-            if epoch + 1 > self.at:
-                raise KeyboardInterrupt
 
     torch.manual_seed(0)
     net = tiny_net()
