@@ -354,9 +354,11 @@ def load_records(settings: dict[str, Any]) -> list[dict[str, Any]]:
 
 def imported_record(raw: dict[str, Any], dataset: str, seed: int, name: str, source: str
                     ) -> dict[str, Any]:
-    """A ``bpl train`` run recorded by another study (its record holds the run's whole
-    metrics.json) as a record of this one."""
-    return {**record_of(raw["metrics"], dataset, seed, name), "imported_from": source,
+    """A ``bpl train`` run recorded by another study as a record of this one: the recovery
+    study's records hold the run's whole metrics.json, this study's are records already."""
+    own = record_of(raw["metrics"], dataset, seed, name) if "metrics" in raw else {
+        **raw, "dataset": dataset, "seed": seed, "name": name}
+    return {**own, "imported_from": source,
             "device": f"recorded by {source.split('/records/')[0]}"}
 
 

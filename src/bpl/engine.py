@@ -91,7 +91,7 @@ class TrainSettings:
     patience: int = 10  # plateau: epochs without a validation gain before the lr decays
     min_gain: float = 0.0  # plateau: validation top-1 points that count as a gain
     decays: int = 2  # plateau: decays of the lr; the plateau after the last ends the run
-    cycle_epochs: int = 30  # cycles: the length of each cosine cycle
+    cycle_epochs: int = 40  # cycles: the length of each cosine cycle (40: the recovery study's baselines)
     replay: Sequence[float] = ()  # replay: the learning rate of each epoch of the run replayed
     label_smoothing: float = 0.0
     device: str = "auto"
