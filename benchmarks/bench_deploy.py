@@ -582,7 +582,7 @@ def speed_study(args: argparse.Namespace, meta: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="resnet18 at 64 px, 74%%, fewer repeats (files deploy_quick.*)")
+                    help="resnet18 at 64 px, 74%%, fewer repeats (files deploy_quick.*); flags given still hold")
     ap.add_argument("--models", nargs="+",
                     help="torchvision names (default: resnet18 resnet50 mobilenet_v2, and "
                          "resnext50_32x4d with --int8 or --speed-target)")
@@ -590,7 +590,7 @@ def main() -> None:
                     help="input sizes (default: 64 128 224; 64 224 with --int8)")
     ap.add_argument("--reductions", type=float, nargs="+",
                     help="MACs reductions (default: 0.5 0.74 0.9; 0.74 with --int8)")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 16")
     ap.add_argument("--forms", nargs="+", choices=FORMS,
                     help="runtimes (default: eager deploy onnxruntime; onnxruntime "
                          "onnxruntime_int8 with --int8)")
@@ -599,10 +599,10 @@ def main() -> None:
     ap.add_argument("--speed-target", action="store_true",
                     help="prune to a measured speedup and compare with MACs-uniform pruning "
                          "at the same speed (issue 30; files deploy_speed.*)")
-    ap.add_argument("--targets", type=float, nargs="+", default=[2.0, 3.0],
-                    help="--speed-target: speedups asked")
+    ap.add_argument("--targets", type=float, nargs="+",
+                    help="--speed-target: speedups asked (default: 2 3)")
     ap.add_argument("--runtimes", nargs="+", choices=["onnxruntime", "torch"],
-                    default=["onnxruntime", "torch"], help="--speed-target: runtimes")
+                    help="--speed-target: runtimes (default: both)")
     ap.add_argument("--int8-accuracy", nargs="+", metavar="CHECKPOINT[,SPLIT]",
                     help="only INT8 against fp32 top-1 of these trained checkpoints on their "
                          "validation and test splits (files int8_accuracy.*; no timing)")
@@ -624,15 +624,17 @@ def main() -> None:
     defaults = ((INT8_MODELS, [64, 224], [0.74], ["onnxruntime", "onnxruntime_int8"])
                 if args.int8 or args.speed_target else (["resnet18", "resnet50", "mobilenet_v2"], [64, 128, 224], [0.5, 0.74, 0.9],
                       list(FORMS[:3])))
-    for field, value in zip(("models", "sizes", "reductions", "forms"), defaults):
-        if getattr(args, field) is None:
-            setattr(args, field, value)
-    if args.quick:
-        args.models, args.sizes, args.reductions = ["resnet18"], [64], [0.74]
+    defaults = dict(zip(("models", "sizes", "reductions", "forms"), defaults),
+                    batch_sizes=[1, 16], runtimes=["onnxruntime", "torch"], targets=[2.0, 3.0])
+    if args.quick:  # smaller defaults; what was given on the command line still holds
+        defaults.update(models=["resnet18"], sizes=[64], reductions=[0.74])
         args.repeats = [10, 5]
         if args.speed_target:
-            args.batch_sizes, args.runtimes, args.targets = [1], ["onnxruntime"], [2.0]
+            defaults.update(batch_sizes=[1], runtimes=["onnxruntime"], targets=[2.0])
             args.warmup, args.repeats = 1, [5, 3]
+    for field, value in defaults.items():
+        if getattr(args, field) is None:
+            setattr(args, field, value)
     logging.getLogger("bpl.exporting").setLevel(logging.ERROR)  # INT8 of random models: unchecked
     name = args.name or ("deploy" + ("_int8" if args.int8 else "") + ("_quick" if args.quick else ""))
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
