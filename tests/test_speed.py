@@ -32,6 +32,7 @@ from bpl.pruning.latency import (
     latency_cache_dir,
 )
 from bpl.pruning.speed import allocate, model_structure
+from bpl.report import write_report
 from nets import GroupedNet
 
 X32 = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -314,6 +315,33 @@ def test_a_landed_trial_is_confirmed_before_the_search_stops(monkeypatch):
         _fake_speedup(FakeMeasure(rest=2.0, power=1.3), model, believed))
 
 
+class Busy(FakeMeasure):
+    """A machine that gets busier: every call runs ``step`` slower than the one before."""
+
+    def __init__(self, step: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.step, self.calls = step, 0
+
+    def __call__(self, cases):
+        self.calls += 1
+        return {k: v * (1 + self.step * self.calls) for k, v in
+                FakeMeasure.__call__(self, cases).items()}
+
+
+def test_a_busy_machine_is_reported(caplog):
+    model = _tv("resnet18")
+    quiet = bpl.prune(model, X32, speedup=2.0, measure=FakeMeasure(), latency_cache=False)
+    assert bpl.reports(quiet)["prune"].latency_spread == 0.0
+    with caplog.at_level("WARNING", logger="bpl.pruning.speed"):
+        busy = bpl.prune(model, X32, speedup=2.0, measure=Busy(0.05), latency_cache=False,
+                         accept_closest=True)
+    spread = bpl.reports(busy)["prune"].latency_spread
+    assert spread > bpl.pruning.speed.BUSY_SPREAD
+    assert f"varied by {100 * spread:.0f}%" in caplog.text and "idle machine" in caplog.text
+    trial = bpl.reports(busy)["prune"].speed_trials[0]
+    assert trial["unpruned_ms"] / trial["pruned_ms"] == pytest.approx(trial["measured"])
+
+
 def test_an_unreachable_speedup_names_the_fastest_reachable():
     model = _tv("resnet18")
     fake = FakeMeasure(per_layer=5.0)  # fixed costs no pruning removes
@@ -463,3 +491,9 @@ def test_compress_speedup_reports_asked_measured_and_macs(baseline, tmp_path, mo
     model, _ = load_model(out / "deploy.pt")
     assert bpl.count_macs(model, torch.randn(1, 3, 16, 16)) < bpl.count_macs(
         load_model(baseline)[0], torch.randn(1, 3, 16, 16))
+    # a quiet machine: no warning; a busy one is named in the report
+    assert speed["unpruned_spread"] == 0.0 and "machine was busy" not in report
+    metrics["speedup"]["unpruned_spread"] = 0.3
+    write_report(tmp_path / "busy", metrics)
+    assert ("**the machine was busy while pruning**: the baseline's time varied by 30%"
+            in (tmp_path / "busy" / "report.md").read_text())

@@ -383,6 +383,13 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
                "table's allocation" if speed.get("allocation") == "uniform" else
                "; cuts allocated by the measured latency table"
                if speed.get("allocation") else ""))
+        from .pruning.speed import BUSY_SPREAD
+
+        if (speed.get("unpruned_spread") or 0.0) > BUSY_SPREAD:
+            lines.append(
+                f"- **the machine was busy while pruning**: the baseline's time varied by "
+                f"{100 * speed['unpruned_spread']:.0f}% across the speed search, so the measured "
+                "speedup may be off; check it with `bpl profile`, or prune on an idle machine")
     if metrics.get("stopped"):
         lines.append(f"- trained {metrics.get('epochs_trained', '?')} epochs; training ended: "
                      f"{metrics['stopped']}")

@@ -107,7 +107,7 @@ def speed_record(report: PruneReport) -> dict[str, Any]:
             "threads": report.threads, "latency_ms": report.latency_ms,
             "predicted": report.predicted_speedup, "macs_reduction": report.reduction,
             "allocation": report.speed_allocation, "trials": report.speed_trials,
-            "latency_table": report.latency_table}
+            "latency_table": report.latency_table, "unpruned_spread": report.latency_spread}
 
 
 def _read_json(path: Path) -> Any:

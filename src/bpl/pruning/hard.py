@@ -74,6 +74,9 @@ class PruneReport:
     #: guard's, where uniform cuts were measured as fast keeping more MACs)
     speed_allocation: str | None = None
     latency_table: dict[str, Any] | None = None  # its cache file, and whether it was read
+    #: how much the unpruned model's time varied across the search ((max - min) / median;
+    #: above 0.15 the machine was busy and the measured speedup may be off)
+    latency_spread: float | None = None
 
     @property
     def reduction(self) -> float:
@@ -277,6 +280,7 @@ def prune(
         report.speed_trials = speed.trials
         report.speed_allocation = speed.allocation
         report.latency_table = speed.table
+        report.latency_spread = speed.unpruned_spread
     log.info("pruned %s: %s", type(model).__name__, report)
     record_report(target, "prune", report)
     return target

@@ -75,6 +75,11 @@ log = logging.getLogger(__name__)
 SPEED_TOLERANCE = 0.05
 #: Measured trials (each: one pruned model, timed beside the unpruned one) at most.
 MAX_TRIALS = 8
+#: The unpruned model's time varying by more than this fraction (max - min over the median)
+#: across the search's measurements means the machine was busy: the search warns, and the
+#: report says so (one study cell on a shared host measured 1.90x where a later fresh run
+#: found 1.53x, the unpruned model 4.0 against 3.1 ms).
+BUSY_SPREAD = 0.15
 #: Measurements of a trial that lands within the tolerance, before the search stops on it:
 #: the median of these is its speedup. One measurement at the edge of the tolerance was
 #: 7-10% off in a fresh run in 2 of 64 benchmark cells; a median of three is not fooled by
@@ -323,6 +328,8 @@ class SpeedResult:
     table: dict[str, Any]
     threads: int | None = None
     allocation: str = "latency"  # or "uniform": the guard's choice (module docstring, step 4)
+    #: how much the unpruned model's time varied across the search ((max - min) / median)
+    unpruned_spread: float = 0.0
 
 
 def search_speedup(
@@ -527,14 +534,22 @@ def speedup_prune(
                     m, speedup)
     log.info("speedup %.2fx measured with the %s allocation%s", m, choice,
              "" if len(near) < 2 else " (both landed: it keeps more MACs)")
+    unpruned = sorted(run[1] for runs in seen.values() for run in runs)
+    spread = (unpruned[-1] - unpruned[0]) / unpruned[len(unpruned) // 2] if unpruned else 0.0
+    if spread > BUSY_SPREAD:
+        log.warning("the unpruned model's time varied by %.0f%% across the speed search's "
+                    "measurements: the machine was busy, so the measured %.2fx may be off; "
+                    "prune on an idle machine", 100 * spread, m)
     result = SpeedResult(
         keep=trajectory.kept(best), speedup=m, predicted=trajectory.predicted(best),
         unpruned_ms=base_ms, pruned_ms=pruned_ms,
         trials=[{"allocation": n, "state": j, "predicted": walks[n].predicted(j),
-                 "measured": s[0], "narrowest": j == len(walks[n]) - 1,
+                 "measured": s[0], "unpruned_ms": s[1], "pruned_ms": s[2],
+                 "narrowest": j == len(walks[n]) - 1,
                  "measurements": len(seen[tuple(sorted(walks[n].kept(j).items()))]),
                  "macs_kept": macs_kept(layers, sizes, walks[n].kept(j))}
                 for n, (_, t) in landed.items() for j, s in t.items()],
         table=info, threads=getattr(measure, "threads", threads), allocation=choice,
+        unpruned_spread=spread,
     )
     return result, raw
