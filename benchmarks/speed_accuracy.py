@@ -163,7 +163,17 @@ def run_seed(args: argparse.Namespace, arch: str, seed: int) -> dict[str, Any]:
           f"{a['latency_aware']['speedup_fresh']:.2f}x) vs uniform {a['uniform']['test_top1']:.2f} "
           f"({100 * (1 - a['uniform']['macs_reduction']):.1f}%, "
           f"{a['uniform']['speedup_fresh']:.2f}x)", flush=True)
+    if not equal_speed(record):
+        print(f"{arch} seed {seed} is not at equal speed (a busy machine during a search?): "
+              f"delete {folder}/{{latency_aware,uniform,uniform.json,record.json}} and run "
+              "again", flush=True)
     return record
+
+
+def equal_speed(record: dict[str, Any], within: float = 0.10) -> bool:
+    """Whether the two arms of a cell ran equally fast in the fresh timing."""
+    a = record["arms"]
+    return abs(a["latency_aware"]["speedup_fresh"] / a["uniform"]["speedup_fresh"] - 1) <= within
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -207,8 +217,10 @@ def markdown(records: list[dict[str, Any]], summary: dict[str, Any], args: argpa
         f"- latency-aware: `--speedup {p.get('speedup')} --runtime {p.get('runtime')} "
         f"--latency-batch {p.get('latency_batch')} --latency-threads "
         f"{p.get('latency_threads')}`; uniform: the `--flops-reduction` whose model measured as "
-        "fast (a secant search on measured speed); **fresh**: the baseline and both deployed "
-        "models timed again together after training, interleaved, medians",
+        "fast (a secant search on measured speed); **fresh**: each deployed model timed again "
+        "after training against the baseline in its own interleaved pair, medians of three "
+        "runs; a cell whose arms' fresh speedups differ by more than 10% is not at equal "
+        "speed (the machine was busy during a search) and is run again",
         f"- CPU: {machine()['cpu']}; differences are latency-aware minus uniform, paired by "
         "seed, with 95% t-intervals",
         "",
@@ -227,15 +239,16 @@ def markdown(records: list[dict[str, Any]], summary: dict[str, Any], args: argpa
             f"{_ci(s['test_diff'])} |")
     lines += ["", "Seed by seed:", "",
               "| model | seed | latency-aware test | uniform test | diff | MACs kept (aware / "
-              "uniform) | fresh speedup (aware / uniform) | allocation bpl kept |",
-              "|---|---:|---:|---:|---:|---|---|---|"]
+              "uniform) | fresh speedup (aware / uniform) | equal speed | allocation bpl kept |",
+              "|---|---:|---:|---:|---:|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["arch"], r["seed"])):
         la, un = r["arms"]["latency_aware"], r["arms"]["uniform"]
         lines.append(
             f"| {r['arch']} | {r['seed']} | {la['test_top1']:.2f} | {un['test_top1']:.2f} | "
             f"{la['test_top1'] - un['test_top1']:+.2f} | {100 * (1 - la['macs_reduction']):.1f}% / "
             f"{100 * (1 - un['macs_reduction']):.1f}% | {la['speedup_fresh']:.2f}x / "
-            f"{un['speedup_fresh']:.2f}x | {r.get('allocation') or '-'} |")
+            f"{un['speedup_fresh']:.2f}x | {'yes' if equal_speed(r) else '**no**'} | "
+            f"{r.get('allocation') or '-'} |")
     lines += ["", "`--speedup` searches the latency table's allocation and MACs-uniform cuts and "
               "keeps, of those that land within 5% of the target, the one with more MACs "
               "(`allocation bpl kept`); where it kept the uniform cuts, both arms prune alike "
