@@ -108,7 +108,9 @@ def time_models(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, A
     runs = [{k: measure({"baseline": (models["baseline"], x), k: (models[k], x)}) for k in arms}
             for _ in range(FRESH_RUNS)]
     speedup = {k: statistics.median(r[k]["baseline"] / r[k][k] for r in runs) for k in arms}
+    base = sorted(r[k]["baseline"] for r in runs for k in arms)
     return {"speedup": speedup, "runs": runs, "load_average": load, "repeats": 40,
+            "baseline_spread": (base[-1] - base[0]) / statistics.median(base),
             "pairwise": True, "min_sample_ms": measure.min_sample_ms}
 
 
