@@ -48,6 +48,19 @@ def test_flops_target_reached_on_torchvision_models(arch):
     assert bpl.count_macs(model, X32) == base  # the input model is untouched (inplace=False)
 
 
+def test_an_architecture_torch_pruning_cannot_trace_is_refused_in_words():
+    """ShuffleNetV2's channel shuffle breaks Torch-Pruning's index mapping (a
+    ZeroDivisionError deep inside it): the user gets one line naming the model and why."""
+    import torchvision
+
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    for target in ({"flops_reduction": 0.5}, {"channel_ratio": 0.3}):
+        with pytest.raises(BPLError, match="cannot trace the channel dependencies of "
+                           "ShuffleNetV2 .*channel shuffle") as e:
+            bpl.prune(model, torch.randn(1, 3, 32, 32), **target)
+        assert len(str(e.value).splitlines()) == 1
+
+
 def test_channel_ratio_importances_and_round_to():
     model = _seeded("tiny_resnet")
     for name in IMPORTANCES:

@@ -208,17 +208,29 @@ def make_pruner(
     ``kept`` holds the count of every group it rounded.
     """
     with eval_mode(model), torch.enable_grad():
-        return _RoundingPruner(
-            model,
-            list(args),
-            importance=importance,
-            pruning_ratio=ratio,
-            global_pruning=global_pruning,
-            round_to=round_to if rounds(round_to) else None,
-            keep=keep,
-            ignored_layers=[model.get_submodule(n) for n in ignored],
-            forward_fn=_forward,
-        )
+        try:
+            return _RoundingPruner(
+                model,
+                list(args),
+                importance=importance,
+                pruning_ratio=ratio,
+                global_pruning=global_pruning,
+                round_to=round_to if rounds(round_to) else None,
+                keep=keep,
+                ignored_layers=[model.get_submodule(n) for n in ignored],
+                forward_fn=_forward,
+            )
+        except (ZeroDivisionError, IndexError) as exc:  # its index mapping, on reshapes
+            # ShuffleNetV2's channel shuffle (a view that splits the channels into groups,
+            # a transpose, a view back) is one: Torch-Pruning 1.6 cannot map channels
+            # through it, so no channel of the model can be traced to its consumers
+            raise PruningError(
+                f"Torch-Pruning cannot trace the channel dependencies of "
+                f"{type(model).__name__} ({type(exc).__name__} in its dependency graph; "
+                "reshapes that mix channels, such as a channel shuffle, cause this): "
+                "structured pruning is not available for this architecture: choose another "
+                "(benchmarks/zoo.py checks an architecture in a minute)"
+            ) from exc
 
 
 def prune_to_widths(
