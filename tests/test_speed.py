@@ -342,6 +342,20 @@ def test_a_busy_machine_is_reported(caplog):
     assert trial["unpruned_ms"] / trial["pruned_ms"] == pytest.approx(trial["measured"])
 
 
+@pytest.mark.parametrize("arch", ["efficientnet_b0", "regnet_y_400mf"])
+def test_the_search_lands_on_squeeze_excitation_and_grouped_networks(arch):
+    """Networks beyond the benchmark's four (SE blocks, SiLU, grouped convs): the search lands
+    within the tolerance, and the fake runtime agrees on the pruned model."""
+    model = _tv(arch)
+    fake = FakeMeasure(depthwise=3.0)
+    x = torch.randn(1, 3, 64, 64)
+    pruned = bpl.prune(model, x, speedup=2.0, measure=fake, latency_cache=False)
+    report = bpl.reports(pruned)["prune"]
+    assert abs(report.speedup / 2.0 - 1) <= 0.05
+    assert _fake_speedup(fake, model, pruned, x) == pytest.approx(report.speedup)
+    assert pruned(x).shape == (1, 10)
+
+
 def test_an_unreachable_speedup_names_the_fastest_reachable():
     model = _tv("resnet18")
     fake = FakeMeasure(per_layer=5.0)  # fixed costs no pruning removes
