@@ -73,7 +73,7 @@ import bpl
 from bpl.errors import BPLError
 from bpl.exporting import CALIBRATION_IMAGES, OnnxModule, compare_top1, deploy_form, onnx_module
 from bpl.profiling import FAST_MULTIPLE, conv_widths
-from bpl.pruning.speed import BUSY_SPREAD, SPEED_TOLERANCE
+from bpl.pruning.speed import BUSY_SPREAD, SPEED_TOLERANCE, timing_spread
 from common import RESULTS, load_average, machine, write_results
 
 FORMS = ("eager", "deploy", "onnxruntime", "deploy_bf16", "onnxruntime_int8")
@@ -475,8 +475,7 @@ def speed_cell(arch: str, size: int, bs: int, runtime: str, target: float,
         load = load_average()
         runs = [{k: fresh({"baseline": cases["baseline"], k: cases[k]})
                  for k in ("speed", "uniform")} for _ in range(FRESH_RUNS)]
-        base = sorted(r[k]["baseline"] for r in runs for k in r)
-        spread = (base[-1] - base[0]) / statistics.median(base)
+        spread = timing_spread([r[k]["baseline"] for r in runs for k in r])
         if spread <= BUSY_SPREAD or attempt == FRESH_ATTEMPTS:
             break
         time.sleep(BUSY_PAUSE_S)

@@ -96,6 +96,7 @@ def time_models(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, A
     import bpl
     from bench_deploy import FRESH_RUNS
     from bpl.pruning.latency import RuntimeMeasure
+    from bpl.pruning.speed import timing_spread
 
     torch.set_num_threads(args.latency_threads)
     x = torch.randn(args.latency_batch, 3, args.image_size, args.image_size)
@@ -108,9 +109,8 @@ def time_models(args: argparse.Namespace, paths: dict[str, Path]) -> dict[str, A
     runs = [{k: measure({"baseline": (models["baseline"], x), k: (models[k], x)}) for k in arms}
             for _ in range(FRESH_RUNS)]
     speedup = {k: statistics.median(r[k]["baseline"] / r[k][k] for r in runs) for k in arms}
-    base = sorted(r[k]["baseline"] for r in runs for k in arms)
     return {"speedup": speedup, "runs": runs, "load_average": load, "repeats": 40,
-            "baseline_spread": (base[-1] - base[0]) / statistics.median(base),
+            "baseline_spread": timing_spread([r[k]["baseline"] for r in runs for k in arms]),
             "pairwise": True, "min_sample_ms": measure.min_sample_ms}
 
 

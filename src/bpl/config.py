@@ -17,7 +17,7 @@ from typing import Any
 from .data.cache import CACHE_MODES, DEFAULT_BUDGET, check_cache
 from .data.splits import check_ratios
 from .diversity import COMPARISONS, GRANULARITIES
-from .engine import SCHEDULES, TrainSettings
+from .engine import SCHEDULES, VALIDATED, TrainSettings
 from .errors import NOTHING, BPLError, wording
 from .extension import PLACEMENTS  # where partners go: the paper's 3x3/5x5 convs, or all
 from .partners import INITS, PARTNER_KINDS, partner_kind
@@ -264,7 +264,7 @@ def _resolve(base: dict[str, Any], from_file: dict[str, Any],
                        "rates, so it cannot take --lr: leave --lr out, or choose another --recipe")
     if values.get("epochs") == "auto":
         given = {**(RECIPES.get(recipe) or {}), **from_file, **overrides}.get("schedule")
-        if given not in (None, "plateau", "cycles"):
+        if given is not None and given not in VALIDATED:
             raise BPLError(f"--epochs auto stops when validation top-1 stops improving, under "
                            f"--schedule plateau or cycles, so it cannot take --schedule {given}: "
                            "leave --schedule out, or pass a number of --epochs")
@@ -495,7 +495,7 @@ def _check(cfg: Config) -> None:
         raise BPLError(f"--batch-size must be at least 1, got {cfg.batch_size}")
     if cfg.schedule not in SCHEDULES:
         raise BPLError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
-    if cfg.schedule in ("plateau", "cycles") and cfg.val_ratio == 0:
+    if cfg.schedule in VALIDATED and cfg.val_ratio == 0:
         raise BPLError(f"--epochs auto (the {cfg.schedule} schedule) decides on the validation "
                        "split: pass --val-ratio above 0, or a fixed --epochs")
     if cfg.patience < 1 or cfg.decays < 0 or cfg.min_gain < 0:

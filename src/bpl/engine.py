@@ -72,6 +72,8 @@ CHECKPOINT_FORMAT = "bpl-train/1"
 #: until a cycle no longer improves validation top-1 (:class:`Cycles`).
 SCHEDULES: tuple[str, ...] = ("cosine", "step", "onecycle", "constant", "plateau", "replay",
                               "cycles")
+#: The schedules that decide on the validation split (when to decay, when to stop).
+VALIDATED: tuple[str, ...] = ("plateau", "cycles")
 
 
 @dataclass
@@ -548,7 +550,7 @@ def fit(
         weight_decay=settings.weight_decay,
     )
     plateau: Plateau | Cycles | None = None  # the schedules that decide on validation
-    if settings.schedule in ("plateau", "cycles"):
+    if settings.schedule in VALIDATED:
         if val_loader is None:
             raise BPLError(f"the {settings.schedule} schedule (--epochs auto) decides on the "
                            "validation split, and there is none: pass --val-ratio above 0, or "

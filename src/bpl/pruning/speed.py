@@ -80,6 +80,12 @@ MAX_TRIALS = 8
 #: report says so (one study cell on a shared host measured 1.90x where a later fresh run
 #: found 1.53x, the unpruned model 4.0 against 3.1 ms).
 BUSY_SPREAD = 0.15
+
+
+def timing_spread(ms: Sequence[float]) -> float:
+    """(max - min) / median of repeated timings of one model: above BUSY_SPREAD, a busy host."""
+    ordered = sorted(ms)
+    return (ordered[-1] - ordered[0]) / ordered[len(ordered) // 2] if ordered else 0.0
 #: Measurements of a trial that lands within the tolerance, before the search stops on it:
 #: the median of these is its speedup. One measurement at the edge of the tolerance was
 #: 7-10% off in a fresh run in 2 of 64 benchmark cells; a median of three is not fooled by
@@ -534,8 +540,7 @@ def speedup_prune(
                     m, speedup)
     log.info("speedup %.2fx measured with the %s allocation%s", m, choice,
              "" if len(near) < 2 else " (both landed: it keeps more MACs)")
-    unpruned = sorted(run[1] for runs in seen.values() for run in runs)
-    spread = (unpruned[-1] - unpruned[0]) / unpruned[len(unpruned) // 2] if unpruned else 0.0
+    spread = timing_spread([run[1] for runs in seen.values() for run in runs])
     if spread > BUSY_SPREAD:
         log.warning("the unpruned model's time varied by %.0f%% across the speed search's "
                     "measurements: the machine was busy, so the measured %.2fx may be off; "
