@@ -315,6 +315,42 @@ def test_a_landed_trial_is_confirmed_before_the_search_stops(monkeypatch):
         _fake_speedup(FakeMeasure(rest=2.0, power=1.3), model, believed))
 
 
+class Line:
+    """A stand-in trajectory of ``n`` states whose predicted speedup grows evenly to 4x."""
+
+    def __init__(self, n: int = 400) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def predicted(self, i: int) -> float:
+        return 1.0 + 3.0 * i / (self.n - 1)
+
+    def index_for(self, speedup: float) -> int:
+        return max(0, min(self.n - 1, round((speedup - 1.0) * (self.n - 1) / 3.0)))
+
+
+def test_the_search_aims_inside_its_tolerance():
+    """A first trial 4% short is within the 5% tolerance but not the 3% aim: it is
+    confirmed, and the search goes on to a nearer state. With the aim at the tolerance,
+    it stops there. When nothing nearer exists, the 4% trial is what comes back."""
+    line = Line()
+
+    def measure_at(i: int, times: int) -> tuple[float, float, float]:  # 0.96x the table
+        return line.predicted(i) * 0.96, 1.0, 1.0 / (line.predicted(i) * 0.96)
+
+    best, tried = bpl.pruning.speed.search_speedup(line, measure_at, 2.0)
+    assert len(tried) > 1 and abs(tried[best][0] / 2.0 - 1) <= bpl.pruning.speed.SPEED_AIM
+    assert abs(tried[line.index_for(2.0)][0] / 2.0 - 1) > bpl.pruning.speed.SPEED_AIM
+    once, tried = bpl.pruning.speed.search_speedup(line, measure_at, 2.0, aim=0.05)
+    assert list(tried) == [once] == [line.index_for(2.0)]
+    coarse = Line(n=3)  # states at 1x, 2.5x, 4x predicted: 2.4x measured is the nearest
+    best, tried = bpl.pruning.speed.search_speedup(
+        coarse, lambda i, t: (coarse.predicted(i) * 0.96, 1.0, 1.0), 2.5)
+    assert tried[best][0] == pytest.approx(2.4)
+
+
 class Busy(FakeMeasure):
     """A machine that gets busier: every call runs ``step`` slower than the one before."""
 
