@@ -71,8 +71,9 @@ __all__ = ["Group", "SpeedResult", "Trajectory", "allocate", "allocate_uniform",
 
 log = logging.getLogger(__name__)
 
-#: Measured speedups within this fraction of the target end the search (the issue's goal is
-#: 10% in a fresh measurement; half of it leaves room for the noise of that one).
+#: A measured speedup within this fraction of the target is accepted, and a trial landing
+#: in it is confirmed (the issue's goal is 10% in a fresh measurement; half of it leaves
+#: room for the noise of that one); the search itself stops at SPEED_AIM.
 SPEED_TOLERANCE = 0.05
 #: The search goes on until a confirmed trial is within this fraction of the target (or the
 #: trials run out; then the nearest within SPEED_TOLERANCE is taken). A fresh measurement
