@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import pickle
 import zipfile
 from pathlib import Path
@@ -237,6 +238,16 @@ def test_a_fixed_split_says_what_was_added_since(tmp_path, caplog):
     _save(root / "a" / "late.png")
     load_dataset("imagefolder", root, **kw)
     assert "1 images under" in caplog.text
+    # a subset split written before bpl recorded what it left out cannot tell left-out
+    # images from added ones: no warning of "added" images, a note at info level
+    legacy = json.loads(split_file.read_text())
+    del legacy["left_out"]
+    split_file.write_text(json.dumps(legacy))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="bpl"):
+        load_dataset("imagefolder", root, **kw)
+    assert "were added" not in caplog.text
+    assert "are not in split file" in caplog.text and "--train-subset 0.5" in caplog.text
 
 
 def test_split_file_round_trip(tmp_path):

@@ -276,7 +276,13 @@ def check_split_files(split: dict[str, Any], root: Path, split_file: Path) -> No
         return  # nothing, or exactly the images --train-subset left out
     n_added = len(added) - left_out["count"]
     example = f" (e.g. {added[0]})" if not split.get("left_out") else ""
-    if n_added > 0:
+    if n_added > 0 and split.get("train_subset") and not split.get("left_out"):
+        # a --train-subset split from before bpl recorded what the subset left out: the
+        # unlisted images are those, images added since, or both; it cannot tell
+        log.info("%d images under %s are not in split file %s (its --train-subset %s left "
+                 "images out, and it predates the record of which): this run keeps its split",
+                 n_added, root, split_file, split["train_subset"])
+    elif n_added > 0:
         log.warning("%d images under %s were added after split file %s was written%s; "
                     "this run keeps its split and does not use them: start a new run (another "
                     "--out) to train on them", n_added, root, split_file, example)
