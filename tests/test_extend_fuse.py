@@ -183,8 +183,9 @@ def test_split_init_is_exact_and_trains_both_kernels_from_the_first_step():
 
 
 def test_split_at_one_half_is_refused():
-    with pytest.raises(BPLError, match="identical gradients"):
+    with pytest.raises(BPLError, match="partner_share must be .*identical gradients") as err:
         bpl.extend(ConvZoo(), init="split", partner_share=0.5)
+    assert err.value.param == "partner_share"
 
 
 def test_untraceable_model_names_the_module():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, arg
 
 __all__ = [
     "INITS",
@@ -42,13 +42,13 @@ def check_init(init: str, share: float, inits: tuple[str, ...] = INITS, kind: st
     """Refuse a partner start or share that the partners (of ``kind``) do not know."""
     if init not in inits:
         raise InvalidArgumentError(
-            f"init must be one of {', '.join(inits)} for {kind!r} partners; got {init!r}"
-        )
+            f"{arg('init')} must be one of {', '.join(inits)} for {kind!r} partners; "
+            f"got {init!r}", param="init")
     if not 0.0 < share < 1.0 or share == 0.5:
         raise InvalidArgumentError(
-            f"share must be between 0 and 1 and not 0.5, got {share} (at 0.5 the two copies "
-            "get identical gradients and never become different)"
-        )
+            f"{arg('partner_share')} must be between 0 and 1 and not 0.5, got {share} (at 0.5 "
+            "the two copies get identical gradients and never become different)",
+            param="partner_share")
 
 
 class Partner(nn.Module):
