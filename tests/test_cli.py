@@ -141,6 +141,8 @@ def test_soft_from_scratch_with_regrowing_asymmetric_partners(baseline, tmp_path
     assert 0.45 <= metrics["macs_reduction"] <= 0.55 and metrics["removal_error"] <= 1e-5
     state = torch.load(out / "last.pt", weights_only=False)
     assert state["hooks"][0]["partners"] == "regrow"
+    # a re-mask after each of the 2 epochs (the state saved after the last), then the final one
+    assert state["hooks"][0]["updates"] == 2 and metrics["soft_updates"] == 3
 
 
 def test_deploy_loads_in_a_fresh_process_and_reproduces_accuracy(compressed):

@@ -224,6 +224,7 @@ def test_soft_partners_regrow_between_updates_as_in_the_reference(kind):
         deploy = pruner.finalize(verify_tol=1e-4)  # the last update zeroes everything: exact removal
         report = bpl.reports(deploy)["soft"]
         assert report.removal_error <= 1e-5
+        assert report.updates == 2 and report.soft_partners == mode  # one above, the final one
         assert _masked_norms(pruner) == (0.0, 0.0)
         assert not bpl.partner_blocks(deploy)
         assert report.macs_after < 0.9 * report.macs_before

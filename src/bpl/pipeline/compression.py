@@ -256,6 +256,7 @@ def _compress(
         deploy = hooks[0].finalize(student, check_x, verify_tol=cfg.verify_tol)
         metrics["removal_error"] = reports(deploy)["soft"].removal_error
         metrics["fusion_error"] = reports(deploy)["soft"].fusion_error
+        metrics["soft_updates"] = reports(deploy)["soft"].updates
     elif cfg.partners:
         deploy, metrics["fusion_error"] = _fuse_checked(student, check_x, cfg.verify_tol)
     else:

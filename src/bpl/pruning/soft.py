@@ -58,6 +58,8 @@ class SoftReport:
     fusion_error: float
     removal_error: float
     relative_error: float
+    updates: int = 0  # re-masks done, the final one included
+    soft_partners: str = "regrow"  # what the partners did between re-masks
 
     @property
     def keep_ratio(self) -> float:
@@ -405,6 +407,8 @@ class SoftPruner:
             fusion_error=fusion_error,
             removal_error=removal_error,
             relative_error=err,
+            updates=self.updates,
+            soft_partners=self.soft_partners,
         )
         record_report(deploy, "soft", self._report)
         log.info("soft pruning finalized: MACs %d -> %d (%.2f%% fewer), relative error %.2g",
