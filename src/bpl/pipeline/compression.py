@@ -254,9 +254,10 @@ def _compress(
     metrics: dict[str, Any] = {"command": "compress", "config": cfg.to_dict("compress")}
     if cfg.soft:
         deploy = hooks[0].finalize(student, check_x, verify_tol=cfg.verify_tol)
-        metrics["removal_error"] = reports(deploy)["soft"].removal_error
-        metrics["fusion_error"] = reports(deploy)["soft"].fusion_error
-        metrics["soft_updates"] = reports(deploy)["soft"].updates
+        soft = reports(deploy)["soft"]
+        metrics["removal_error"] = soft.removal_error
+        metrics["fusion_error"] = soft.fusion_error
+        metrics["soft_updates"] = soft.updates
     elif cfg.partners:
         deploy, metrics["fusion_error"] = _fuse_checked(student, check_x, cfg.verify_tol)
     else:

@@ -151,9 +151,9 @@ def prune(
     False: not kept), and the search stops when the measured speedup is within 3% of
     ``S`` (``SPEED_AIM``), or after at most ``max_trials`` measured trials with the
     nearest within ``speed_tolerance`` (5%) of ``S`` (:mod:`bpl.pruning.speed`). A
-    speedup beyond the fastest reachable raises :class:`PruningError` naming it. ``measure`` replaces the timing (a callable taking
-    ``{name: (module, input)}`` and returning median ms; tests pass a deterministic
-    one). The report adds the speedup asked and measured and the latencies. Takes a
+    speedup beyond the fastest reachable raises :class:`PruningError` naming it.
+    ``measure`` replaces the timing (a callable taking ``{name: (module, input)}`` and
+    returning median ms; tests pass a deterministic one). The report adds the speedup asked and measured and the latencies. Takes a
     plain model (prune before :func:`~bpl.extend`) and not ``global_pruning``.
     """
     targets = [v for v in (flops_reduction, channel_ratio, speedup) if v is not None]
