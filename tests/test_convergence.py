@@ -4,13 +4,14 @@ recipes."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from bpl.cli import main
 from bpl.config import RECIPES, resolve_config
-from bpl.engine import Cycles, Plateau, TrainSettings, _lr_lambda, fit
+from bpl.engine import Cycles, Plateau, TrainSettings, _lr_lambda, fit, replayed_curve
 from bpl.errors import BPLError
 from bpl.models import load_checkpoint
 from test_engine import payload, tiny_data, tiny_net
@@ -78,6 +79,15 @@ def test_schedules_have_their_shapes():
     assert all(a >= b for a, b in zip(rep, rep[1:]))  # the curve's order is kept
     with pytest.raises(BPLError, match="learning rates to replay"):
         lrs(schedule="replay")
+    # rewinding a cycles run replays its last complete cycle, not every cycle squeezed
+    warm = [0.05, 0.1]
+    cycle = [0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]  # 0.1 .. ~0.015
+    assert replayed_curve(warm + cycle[2:]) == warm + cycle[2:]  # no restart: all of it
+    run = warm + cycle[2:] + cycle + cycle  # warm-up ends cycle 1, then two whole cycles
+    assert replayed_curve(run) == cycle
+    assert replayed_curve(run + cycle[:2]) == cycle  # kept mid-cycle: the last whole one
+    assert replayed_curve(warm + cycle[2:] + cycle[:2]) == warm + cycle[2:]  # only the first
+    assert replayed_curve([0.1, 0.01, 0.001]) == [0.1, 0.01, 0.001]  # a step schedule
     # cycles of 4 epochs, the first after 1 epoch of warm-up: each anneals to ~0 and restarts
     cyc = lrs(schedule="cycles", cycle_epochs=4, warmup_epochs=1)
     assert cyc[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])

@@ -53,6 +53,7 @@ __all__ = [
     "TrainSettings",
     "TrainingDiverged",
     "check_compile",
+    "replayed_curve",
     "evaluate",
     "fit",
     "make_loader",
@@ -387,6 +388,28 @@ def _lr_lambda(
         return 1.0  # constant
 
     return factor
+
+
+def replayed_curve(curve: Sequence[float]) -> list[float]:
+    """What learning-rate rewinding replays of a run's per-epoch learning rates: all of them,
+    or, where the run restarted its learning rate (the ``cycles`` schedule), its last
+    complete cycle, so the replay is one anneal from the peak rather than every cycle
+    squeezed together. A restart is a jump of more than 1.5x after the rate first fell
+    (a warm-up's rise is not one)."""
+    curve = [float(v) for v in curve]
+    starts, fell = [], False
+    for i in range(1, len(curve)):
+        if curve[i] < curve[i - 1]:
+            fell = True
+        elif fell and curve[i] > 1.5 * curve[i - 1]:
+            starts.append(i)
+    if not starts:
+        return curve
+    bounds = [0, *starts, len(curve)]
+    length = starts[1] - starts[0] if len(starts) > 1 else starts[0]
+    if bounds[-1] - bounds[-2] >= length:  # the last cycle ran to its end
+        return curve[bounds[-2]:]
+    return curve[bounds[-3]:bounds[-2]]
 
 
 def _refresh_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:

@@ -21,6 +21,7 @@ from ..distill import Distillation
 from ..diversity import Diversity
 from ..engine import (
     LossTerm,
+    replayed_curve,
     seed_everything,
     select_device,
 )
@@ -72,7 +73,11 @@ def _replay_curve(cfg: Config, base_meta: dict[str, Any]) -> list[float] | None:
         raise BPLError(f"--recipe rewind replays the learning rates the baseline trained with, "
                        f"and {cfg.baseline} does not record them (only the best.pt of a bpl "
                        "train run of bpl 0.2 or later does); choose another --recipe")
-    return [float(v) for v in curve]
+    replay = replayed_curve(curve)
+    if len(replay) < len(curve):
+        log.info("--recipe rewind: the baseline restarted its learning rate; replaying its "
+                 "last complete cycle (%d of its %d epochs)", len(replay), len(curve))
+    return replay
 
 
 
