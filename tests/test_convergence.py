@@ -164,11 +164,19 @@ def test_cycles_fit_stops_when_a_cycle_does_not_pay_and_resumes_exactly(tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_epochs_auto_is_the_plateau_schedule_and_refuses_what_it_cannot_honour():
+def test_epochs_auto_is_the_cycles_schedule_and_refuses_what_it_cannot_honour():
     cfg = resolve_config(overrides={"epochs": "auto"})
-    assert cfg.schedule == "plateau" and cfg.max_epochs == 300
-    cyc = resolve_config(overrides={"epochs": "auto", "schedule": "cycles", "cycle_epochs": 20})
+    assert cfg.schedule == "cycles" and cfg.cycle_epochs == 40 and cfg.max_epochs == 300
+    cyc = resolve_config(overrides={"epochs": "auto", "cycle_epochs": 20})
     assert cyc.schedule == "cycles" and cyc.cycle_epochs == 20
+    plat = resolve_config(overrides={"epochs": "auto", "schedule": "plateau", "patience": 4})
+    assert plat.schedule == "plateau" and plat.patience == 4
+    # one rule's option under the other would be ignored: refused, naming the fix
+    with pytest.raises(BPLError, match="--patience belongs to the plateau schedule.*add "
+                                       "--schedule plateau"):
+        resolve_config(overrides={"epochs": "auto", "patience": 4})
+    with pytest.raises(BPLError, match="--cycle-epochs belongs to the cycles schedule"):
+        resolve_config(overrides={"epochs": "auto", "schedule": "plateau", "cycle_epochs": 20})
     with pytest.raises(BPLError, match="--cycle-epochs must be at least 1"):
         resolve_config(overrides={"epochs": "auto", "schedule": "cycles", "cycle_epochs": 0})
     with pytest.raises(BPLError, match="--epochs auto stops when .*--schedule cosine"):
@@ -190,7 +198,8 @@ def test_epochs_auto_is_the_plateau_schedule_and_refuses_what_it_cannot_honour()
 
 def test_train_auto_then_compress_with_rewind(tmp_path, capsys):
     base = tmp_path / "base"
-    assert main(["train", *FAST, "--epochs", "auto", "--patience", "1", "--decays", "1",
+    assert main(["train", *FAST, "--epochs", "auto", "--schedule", "plateau", "--patience", "1",
+                 "--decays", "1",
                  "--max-epochs", "6", "--lr", "0.1", "--out", str(base)]) == 0
     metrics = json.loads((base / "metrics.json").read_text())
     n = metrics["epochs_trained"]

@@ -99,8 +99,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
           help="named settings: the paper's 'reference'; recoveries after pruning: cosine, rewind "
                "(the baseline's learning rates replayed), onecycle, constant")
     _flag(g, "epochs", type=_epochs, metavar="N|auto",
-          help="epochs to train, or auto: until validation top-1 stops improving (the plateau "
-               "schedule, at most --max-epochs)")
+          help="epochs to train, or auto: until validation top-1 stops improving (cosine "
+               "cycles of --cycle-epochs; --schedule plateau for the other rule; at most "
+               "--max-epochs)")
     _flag(g, "max-epochs", type=int, metavar="N", help="the cap of --epochs auto")
     _flag(g, "batch-size", type=int)
     _flag(g, "lr", type=float, help="peak learning rate")
@@ -113,14 +114,14 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "gamma", type=float)
     _flag(g, "warmup-epochs", type=int)
     _flag(g, "patience", type=int, metavar="N",
-          help="plateau schedule (--epochs auto): epochs without a validation gain before the "
+          help="plateau schedule (--epochs auto --schedule plateau): epochs without a validation gain before the "
                "learning rate is multiplied by --gamma")
     _flag(g, "min-gain", type=float, metavar="POINTS",
           help="plateau and cycles schedules: validation top-1 points that count as a gain")
     _flag(g, "decays", type=int, metavar="N",
           help="plateau schedule: learning-rate decays before the next plateau ends training")
     _flag(g, "cycle-epochs", type=int, metavar="N",
-          help="cycles schedule (--epochs auto --schedule cycles): the length of each cosine "
+          help="cycles schedule (--epochs auto's default): the length of each cosine "
                "cycle; training ends after a cycle that adds no more than --min-gain")
     _flag(g, "label-smoothing", type=float)
     g = p.add_argument_group("execution")

@@ -60,7 +60,7 @@ class Config(TrainSettings):
     """
 
     # optimisation: the engine's, except that --epochs may be "auto"
-    epochs: int | str = 10  # or "auto": until validation top-1 stops improving (plateau schedule)
+    epochs: int | str = 10  # or "auto": until validation top-1 stops improving (cycles schedule)
     max_epochs: int = 300  # the cap of --epochs auto
     recipe: str | None = None
     # data
@@ -167,6 +167,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "constant": {"schedule": "constant", "lr": 1e-3, "warmup_epochs": 0},
 }
 
+#: The options of one --epochs auto rule that the other ignores.
+_PLATEAU_ONLY = ("patience", "decays", "gamma")
+_CYCLES_ONLY = ("cycle_epochs",)
+
 _FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in NOT_SET_BY_USER}
 
 
@@ -268,7 +272,16 @@ def _resolve(base: dict[str, Any], from_file: dict[str, Any],
             raise BPLError(f"--epochs auto stops when validation top-1 stops improving, under "
                            f"--schedule plateau or cycles, so it cannot take --schedule {given}: "
                            "leave --schedule out, or pass a number of --epochs")
-        values["schedule"] = given or "plateau"
+        values["schedule"] = given or "cycles"
+        said = {**from_file, **overrides}
+        foreign = sorted(k for k in (_PLATEAU_ONLY if values["schedule"] != "plateau"
+                                     else _CYCLES_ONLY) if k in said)
+        if foreign:  # an option of the other rule would be ignored without a word
+            flag = "--" + foreign[0].replace("_", "-")
+            other = "plateau" if values["schedule"] != "plateau" else "cycles"
+            raise BPLError(f"{flag} belongs to the {other} schedule, and --epochs auto trains "
+                           f"under {values['schedule']}: add --schedule {other}, or leave "
+                           f"{flag} out")
     if values.get("data_root") and "data" not in values:
         # a folder without a dataset name is the user's own data, never the bundled digits
         from .data.registry import guess_dataset

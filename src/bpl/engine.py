@@ -2,7 +2,7 @@
 
 Loss = cross-entropy + whatever extra loss terms the caller passes (the pipeline passes
 the diversity loss and distillation), SGD with momentum, a per-iteration cosine or step
-schedule with warm-up (or the plateau schedule of ``--epochs auto``), mixed precision
+schedule with warm-up (or the cosine cycles or plateau of ``--epochs auto``), mixed precision
 and channels_last (float16 on CUDA; bfloat16 on a CPU with AMX when asked:
 :mod:`bpl.precision`), and epoch hooks (the soft pruner is one). After every epoch the model is evaluated on the
 validation set (in float32), the epoch with the best validation top-1 is kept in
@@ -214,8 +214,9 @@ class Cycles:
     Each cycle anneals from the peak to zero over ``length`` epochs (the first after the
     warm-up). At the end of a cycle, when its best validation top-1 does not beat the best
     of the cycles before it by more than ``min_gain`` points, training ends: another cycle
-    is not expected to pay either. A cycle ends at a small learning rate, so the top-1 it
-    is judged on is that of an annealed model, not of a noisy one mid-schedule.
+    is not expected to pay either. A cycle is judged by its best epoch, which comes near
+    its end, where the rate is small (in the convergence pilot each cycle's best was within
+    2 points of its last epoch's, and both rules stopped at the same cycles).
     """
 
     def __init__(self, length: int, min_gain: float) -> None:
