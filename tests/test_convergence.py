@@ -181,8 +181,12 @@ def test_epochs_auto_is_the_cycles_schedule_and_refuses_what_it_cannot_honour():
         resolve_config(overrides={"epochs": "auto", "schedule": "cycles", "cycle_epochs": 0})
     with pytest.raises(BPLError, match="--epochs auto stops when .*--schedule cosine"):
         resolve_config(overrides={"epochs": "auto", "schedule": "cosine"})
-    with pytest.raises(BPLError, match="--schedule plateau or cycles"):
+    with pytest.raises(BPLError, match=r"--schedule cycles or plateau, so it cannot take "
+                                       r"--recipe onecycle \(a onecycle schedule\)"):
         resolve_config(overrides={"epochs": "auto", "recipe": "onecycle"})
+    # the cosine recipe until it stops paying: cosine cycles at the recipe's learning rate
+    cos = resolve_config(overrides={"epochs": "auto", "recipe": "cosine"})
+    assert cos.schedule == "cycles" and cos.lr == RECIPES["cosine"]["lr"]
     with pytest.raises(BPLError, match="--val-ratio above 0"):
         resolve_config(overrides={"epochs": "auto", "val_ratio": 0.0})
     for bad in ("many", 0, 2.5, True):

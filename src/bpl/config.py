@@ -267,13 +267,18 @@ def _resolve(base: dict[str, Any], from_file: dict[str, Any],
         raise BPLError("--recipe rewind (--schedule replay) replays the baseline's own learning "
                        "rates, so it cannot take --lr: leave --lr out, or choose another --recipe")
     if values.get("epochs") == "auto":
-        given = {**(RECIPES.get(recipe) or {}), **from_file, **overrides}.get("schedule")
-        if given is not None and given not in VALIDATED:
-            raise BPLError(f"--epochs auto stops when validation top-1 stops improving, under "
-                           f"--schedule plateau or cycles, so it cannot take --schedule {given}: "
-                           "leave --schedule out, or pass a number of --epochs")
-        values["schedule"] = given or "cycles"
         said = {**from_file, **overrides}
+        given = said.get("schedule")
+        from_recipe = None if given else (RECIPES.get(recipe) or {}).get("schedule")
+        # a cosine recipe run until it stops paying is cosine cycles, at the recipe's lr
+        given = given or ("cycles" if from_recipe == "cosine" else from_recipe)
+        if given is not None and given not in VALIDATED:
+            what = (f"--recipe {recipe} (a {given} schedule)" if from_recipe
+                    else f"--schedule {given}")
+            raise BPLError(f"--epochs auto stops when validation top-1 stops improving, under "
+                           f"--schedule cycles or plateau, so it cannot take {what}: leave it "
+                           "out, or pass a number of --epochs")
+        values["schedule"] = given or "cycles"
         foreign = sorted(k for k in (_PLATEAU_ONLY if values["schedule"] != "plateau"
                                      else _CYCLES_ONLY) if k in said)
         if foreign:  # an option of the other rule would be ignored without a word
