@@ -179,3 +179,49 @@ def console_logging(quiet: bool = False) -> Iterator[None]:
     finally:
         root.removeHandler(console)
         root.setLevel(old_level)
+
+
+def time_sgd_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, terms: list,
+                  steps: int) -> float:
+    """Median seconds of one SGD step (forward, loss terms, backward, update) of ``model``
+    on the batch ``x``; the first step warms up and is not counted."""
+    import contextlib
+    import time
+
+    from bpl.engine import Step
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model.train()
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        for term in terms:
+            loss = loss + term(Step(model, x, y, logits, contextlib.nullcontext))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def split_counts(dataset: str, data_root: str | Path | None, seed: int,
+                 train_ratio: float | None, val_ratio: float, train_subset: float | None
+                 ) -> dict[str, int]:
+    """Image counts of one seed's split of a registered dataset (scans the folder; decodes
+    nothing). The bundled digits need no folder."""
+    from bpl.data import DATASETS
+    from bpl.data.download import resolve_root
+    from bpl.data.load import _digits_split
+    from bpl.data.splits import make_split
+
+    if dataset == "digits":
+        split = _digits_split(seed, train_ratio, val_ratio, train_subset)
+    else:
+        spec = DATASETS[dataset]
+        split = make_split(spec, resolve_root(spec, Path(data_root), False), seed, train_ratio,
+                           val_ratio, train_subset)
+    return {"classes": len(split["classes"]), "train": len(split["train"]),
+            "val": len(split["val"]), "test": len(split["test"])}

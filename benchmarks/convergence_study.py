@@ -11,6 +11,7 @@ run, at its end, and reported beside it.
     python benchmarks/convergence_study.py --config benchmarks/configs/convergence_cpu.yaml
     python benchmarks/convergence_study.py --config ... --jobs 12    # runs at a time (a GPU host)
     python benchmarks/convergence_study.py --config ... --report     # aggregate what finished
+    python benchmarks/convergence_study.py --config ... --size       # hours left, before starting
     python benchmarks/convergence_study.py --config ... --import F   # records written elsewhere
     python benchmarks/convergence_study.py --config ... --pack       # the data as lossless PNGs
                                                                      # at the decode size, to carry
@@ -25,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
 import shutil
 import statistics
@@ -39,7 +42,7 @@ from typing import Any
 import yaml
 
 from bpl.files import atomic_write_text
-from common import ci95, machine, write_csv
+from common import ci95, machine, split_counts, time_sgd_step, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -335,6 +338,146 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
     return 1 if failed else 0
 
 
+# ---------------------------------------------------------------------------- sizing
+
+
+def job_phases(settings: dict[str, Any], job: Job) -> list[tuple[float | None, str | None]]:
+    """What each phase of ``job`` trains: (MACs cut of the model or None for the full one,
+    partner kind or None). One phase, or one per cut of ``--prune-steps`` and ``--max-drop``
+    (every rung of the ladder: the most it can cost)."""
+    import bpl
+
+    opts = job.options
+    if job.command == "train":
+        return [(None, None)]
+    kind = opts.get("partner", "same") if opts.get("partners", True) else None
+    if opts.get("soft"):
+        return [(None, kind)]  # soft pruning trains the full width with its partners
+    if opts.get("max_drop") is not None:
+        return [(level, kind) for level in bpl.LEVELS]
+    cut = float(opts.get("flops_reduction") or settings["flops_reduction"])
+    steps = int(opts.get("prune_steps", 1))
+    return [(level, kind) for level in (bpl.step_levels(cut, steps) if steps > 1 else [cut])]
+
+
+def job_epochs(settings: dict[str, Any], job: Job, records: list[dict[str, Any]]
+               ) -> tuple[float, bool]:
+    """Epochs per phase of ``job`` and whether that is an assumption: the number asked, the
+    mean of the finished runs of the same name (``--epochs auto``), or, with none, the least
+    the rule trains (two cycles; a plateau run's two patience-long decays and its end)."""
+    opts = job.options
+    if opts.get("epochs", 10) != "auto":
+        return float(opts.get("epochs", 10)), False
+    done = [r["epochs_all"] / len(job_phases(settings, job))
+            for r in records if r["name"] == job.name and r.get("epochs_all")]
+    if done:
+        return statistics.fmean(done), False
+    if opts.get("schedule", "cycles") == "cycles":
+        return 2.0 * float(opts.get("cycle_epochs", 40)), True
+    return 3.0 * float(opts.get("patience", 10)), True
+
+
+def ran(settings: dict[str, Any], job: Job) -> int:
+    """Epochs a cut-off run has already trained (its log.csv rows, every step's)."""
+    out = run_dir(settings, job)
+    logs = [out / "log.csv", *sorted(out.glob("steps/*/log.csv"))]
+    return sum(max(0, len(p.read_text().splitlines()) - 1) for p in logs if p.exists())
+
+
+def size(settings: dict[str, Any], jobs: int, steps: int = 3) -> dict[str, Any]:
+    """Estimate what the runs not yet recorded cost, before starting them.
+
+    Each run's seconds per epoch come from timed SGD steps of the model it trains (pruned,
+    extended with its partner kind, or full width for the soft recipe), times its steps
+    per epoch plus a third of a step per validation batch; they are scaled, per dataset, by
+    the median ratio of recorded runs' real seconds per epoch to the same estimate, so the
+    machine's speed, data loading and the study's own concurrency are in the estimate
+    (without records the scale is 1: one run alone). Epochs: :func:`job_epochs`."""
+    import torch
+
+    import bpl
+    from bpl.models import build_model
+
+    logging.getLogger("bpl").setLevel(logging.ERROR)  # each cut's "closest reachable" note
+    records = load_records(settings)
+    done = {(r["dataset"], r["seed"], r["name"]) for r in records}
+    batch = int(settings["common"].get("batch_size", 64))
+    round_to = settings["common"].get("round_to", 8)
+    out: dict[str, Any] = {"jobs": jobs, "machine": machine(), "datasets": {}}
+    for dataset, data in settings["datasets"].items():
+        root = _in_repo(data["data_root"]) if data.get("data_root") else None
+        counts = split_counts(data["data"], root, 0,
+                              settings["common"].get("train_ratio"),
+                              float(settings["common"].get("val_ratio", 0.1)),
+                              data.get("train_subset"))
+        side = int(data["image_size"])
+        x = torch.randn(batch, 3, side, side)
+        y = torch.randint(0, counts["classes"], (batch,))
+        full = build_model(settings["arch"], counts["classes"])
+        step_s: dict[tuple[float | None, str | None], float] = {}
+
+        def epoch_s(phase, _full=full, _x=x, _y=y, _step_s=step_s, _counts=counts):
+            if phase not in _step_s:
+                cut, kind = phase
+                model = (_full if cut is None else
+                         bpl.prune(_full, _x[:1], flops_reduction=cut, round_to=round_to))
+                if kind is not None:
+                    model = bpl.extend(model, partner=kind)
+                _step_s[phase] = time_sgd_step(model, _x, _y, [], steps)
+            one = _step_s[phase]
+            return one * math.ceil(_counts["train"] / batch) + one / 3 * math.ceil(
+                _counts["val"] / batch)
+
+        mine = [j for j in plan(settings) if j.dataset == dataset]
+        ratios = []
+        for rec in records:
+            job = next((j for j in mine if (j.seed, j.name) == (rec["seed"], rec["name"])
+                        and rec["dataset"] == dataset), None)
+            if job is None or not rec.get("epochs_all") or not rec.get("train_time_s"):
+                continue
+            phases = job_phases(settings, job)
+            if len(phases) == 1:
+                ratios.append(rec["train_time_s"] / rec["epochs_all"] / epoch_s(phases[0]))
+        scale = statistics.median(ratios) if ratios else 1.0
+        rows: dict[str, dict[str, Any]] = {}
+        for job in mine:
+            if (dataset, job.seed, job.name) in done:
+                continue
+            epochs, assumed = job_epochs(settings, job, records)
+            phases = job_phases(settings, job)
+            left = epochs * len(phases) - ran(settings, job)
+            if job.options.get("epochs", 10) == "auto":  # past the estimate: one more cycle
+                left = max(left, float(job.options.get("cycle_epochs", 40)) / 2)
+            seconds = statistics.fmean(epoch_s(ph) for ph in phases) * scale * max(left, 0.0)
+            row = rows.setdefault(job.name, {"runs": 0, "epochs": epochs, "assumed": assumed,
+                                             "seconds": 0.0})
+            row["runs"] += 1
+            row["seconds"] += seconds
+        out["datasets"][dataset] = {"counts": counts, "scale": scale, "calibrated_on": len(ratios),
+                                    "step_s": {f"{c}/{k}": v for (c, k), v in step_s.items()},
+                                    "runs": rows,
+                                    "seconds": sum(r["seconds"] for r in rows.values())}
+    out["seconds"] = sum(d["seconds"] for d in out["datasets"].values())
+    out["wall_s"] = out["seconds"] / max(1, jobs)
+    return out
+
+
+def size_markdown(sized: dict[str, Any]) -> str:
+    lines = ["| dataset | run | runs left | epochs each | hours |", "|---|---|---:|---:|---:|"]
+    for dataset, d in sized["datasets"].items():
+        for name, r in d["runs"].items():
+            epochs = f"{r['epochs']:.0f}" + (" (at least)" if r["assumed"] else "")
+            lines.append(f"| {dataset} | {name} | {r['runs']} | {epochs} | "
+                         f"{r['seconds'] / 3600:.2f} |")
+    lines.append("")
+    for dataset, d in sized["datasets"].items():
+        lines.append(f"- {dataset}: {d['seconds'] / 3600:.1f} h of runs; scale {d['scale']:.2f} "
+                     f"from {d['calibrated_on']} recorded runs")
+    lines.append(f"- all: {sized['seconds'] / 3600:.1f} h of runs, about "
+                 f"{sized['wall_s'] / 3600:.1f} h at {sized['jobs']} at a time")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -549,6 +692,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--records", type=Path, help="also append each record to this JSON-lines file")
     p.add_argument("--deadline", type=float, help="start no run after this many seconds")
     p.add_argument("--report", action="store_true", help="aggregate the recorded runs")
+    p.add_argument("--size", action="store_true",
+                   help="estimate the hours of the runs not yet recorded (at --jobs at a time)")
     p.add_argument("--import", dest="import_", type=Path, metavar="FILE",
                    help="record the runs of a --records file written elsewhere (a GPU host)")
     p.add_argument("--refresh", action="store_true",
@@ -577,6 +722,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.report:
         print(report(settings).read_text())
+        return 0
+    if args.size:
+        sized = size(settings, args.jobs)
+        folder = _in_repo(settings["results"])
+        atomic_write_text(folder / "size.json", json.dumps(sized, indent=1) + "\n")
+        print(size_markdown(sized), end="")
         return 0
     return execute(settings, jobs=args.jobs, records=args.records, deadline=args.deadline)
 

@@ -36,7 +36,6 @@ to come, and keeps that seed's recorded runs only if the retrained weights are i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import csv
 import hashlib
@@ -58,7 +57,6 @@ import yaml
 from bpl.config import Config, resolve_command
 from bpl.distill import Distillation
 from bpl.diversity import diversity_loss
-from bpl.engine import Step
 from bpl.errors import BPLError
 from bpl.extension import extend
 from bpl.files import atomic_savefig, atomic_write_text
@@ -75,6 +73,8 @@ from common import (
     log_to,
     machine,
     saved_partner_stats,
+    split_counts,
+    time_sgd_step,
     write_csv,
 )
 
@@ -472,26 +472,6 @@ def finished_rows(settings: dict[str, Any], variant: str | None) -> tuple[list, 
 # --------------------------------------------------------------------------- sizing
 
 
-def _time_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, terms: list,
-                steps: int) -> float:
-    """Median seconds of one SGD step (forward, loss terms, backward, update)."""
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    model.train()
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
-        logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits, y)
-        for term in terms:
-            loss = loss + term(Step(model, x, y, logits, contextlib.nullcontext))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i:  # the first step warms up
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def size(settings: dict[str, Any], steps: int = 3) -> dict[str, Any]:
     """Time one training step of every arm at every reduction, and estimate the protocol's cost.
 
@@ -509,7 +489,7 @@ def size(settings: dict[str, Any], steps: int = 3) -> dict[str, Any]:
         counts = _split_counts(settings, dataset)
         x, y = torch.randn(batch, 3, s, s), torch.randint(0, counts["classes"], (batch,))
         base = build_model(settings["arch"], counts["classes"])
-        times = {"baseline": _time_steps(base, x, y, [], steps)}
+        times = {"baseline": time_sgd_step(base, x, y, [], steps)}
         kd = Distillation(base)
         for r in settings["reductions"]:
             pruned = prune(base, x[:1], flops_reduction=r)
@@ -519,10 +499,10 @@ def size(settings: dict[str, Any], steps: int = 3) -> dict[str, Any]:
             def div(step, _m=student):
                 return diversity_loss(_m)
 
-            times[f"{_pct(r)}/plain"] = _time_steps(pruned, x, y, [], steps)
-            times[f"{_pct(r)}/bpl"] = _time_steps(student, x, y, [div], steps)
-            times[f"{_pct(r)}/kd"] = _time_steps(pruned, x, y, [kd], steps)
-            times[f"{_pct(r)}/bpl+kd"] = _time_steps(student, x, y, [div, kd], steps)
+            times[f"{_pct(r)}/plain"] = time_sgd_step(pruned, x, y, [], steps)
+            times[f"{_pct(r)}/bpl"] = time_sgd_step(student, x, y, [div], steps)
+            times[f"{_pct(r)}/kd"] = time_sgd_step(pruned, x, y, [kd], steps)
+            times[f"{_pct(r)}/bpl+kd"] = time_sgd_step(student, x, y, [div, kd], steps)
         per_epoch = {k: v * counts["train"] / batch
                      + v / 3 * counts["val"] / batch for k, v in times.items()}
         finetune = sum(v for k, v in per_epoch.items() if k != "baseline")
@@ -542,17 +522,9 @@ def size(settings: dict[str, Any], steps: int = 3) -> dict[str, Any]:
 
 def _split_counts(settings: dict[str, Any], dataset: str) -> dict[str, int]:
     """Image counts of the seed-0 split (scans the folder; decodes nothing)."""
-    from bpl.data import DATASETS
-    from bpl.data.download import resolve_root
-    from bpl.data.splits import make_split
-
-    spec = settings["datasets"][dataset]
     cfg = run_config(settings, dataset, 0)
-    ds = DATASETS[dataset]
-    root = resolve_root(ds, Path(spec["data_root"]), False)
-    split = make_split(ds, root, 0, cfg.train_ratio, cfg.val_ratio, cfg.train_subset)
-    return {"classes": len(split["classes"]), "train": len(split["train"]),
-            "val": len(split["val"]), "test": len(split["test"])}
+    return split_counts(cfg.data, settings["datasets"][dataset]["data_root"], 0, cfg.train_ratio,
+                        cfg.val_ratio, cfg.train_subset)
 
 
 # --------------------------------------------------------------------------- reporting

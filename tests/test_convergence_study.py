@@ -89,6 +89,24 @@ def test_study_runs_baselines_then_recoveries_resumes_and_reports(tmp_path, caps
     assert table["old"]["runs"] == 2 and table["old"]["kind"] == "train"
     assert table["old"]["test_vs_ref"]["mean"] == 0.0  # the same runs as the reference's
 
+    # --size: nothing left to run; with a third seed, its runs are priced from timed steps
+    # scaled by what the recorded runs really took, auto baselines at their recorded epochs
+    capsys.readouterr()
+    assert study.main(["--config", str(config), "--size"]) == 0
+    assert "all: 0.0 h of runs" in capsys.readouterr().out
+    sized = json.loads((tmp_path / "results" / "size.json").read_text())
+    assert sized["datasets"]["digits"]["runs"] == {}
+    settings["seeds"] = [0, 1, 2]
+    more = study.size(settings, jobs=2, steps=1)["datasets"]["digits"]
+    assert more["calibrated_on"] >= 4 and more["scale"] > 0
+    assert set(more["runs"]) == {"fixed", "auto", "cosine-1", "rewind-1", "unpruned-cosine-1"}
+    assert all(r["runs"] == 1 and r["seconds"] > 0 for r in more["runs"].values())
+    recorded = [by[(s, "auto", "train")]["epochs_trained"] for s in (0, 1)]
+    assert more["runs"]["auto"]["epochs"] == sum(recorded) / 2
+    assert not more["runs"]["auto"]["assumed"] and more["runs"]["cosine-1"]["epochs"] == 1
+    # the models timed: the full one (baselines, the control) and the 50% cut (recoveries)
+    assert set(more["step_s"]) == {"None/None", "0.5/None"}
+
 
 def test_a_recovery_may_not_share_a_baselines_name(tmp_path):
     """Their runs would share one directory and one record (the recovery meets the train run)."""
