@@ -401,6 +401,11 @@ def size(settings: dict[str, Any], jobs: int, steps: int = 3) -> dict[str, Any]:
     logging.getLogger("bpl").setLevel(logging.ERROR)  # each cut's "closest reachable" note
     records = load_records(settings)
     done = {(r["dataset"], r["seed"], r["name"]) for r in records}
+    for job in plan(settings):  # finished in a shared run folder: the runner records it as is
+        if (job.dataset, job.seed, job.name) not in done and (
+                run_dir(settings, job) / "metrics.json").exists():
+            records.append(make_record(settings, job))
+            done.add((job.dataset, job.seed, job.name))
     batch = int(settings["common"].get("batch_size", 64))
     round_to = settings["common"].get("round_to", 8)
     out: dict[str, Any] = {"jobs": jobs, "machine": machine(), "datasets": {}}
