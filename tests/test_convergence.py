@@ -3,6 +3,7 @@ recipes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -177,6 +178,10 @@ def test_epochs_auto_is_the_cycles_schedule_and_refuses_what_it_cannot_honour():
         resolve_config(overrides={"epochs": "auto", "patience": 4})
     with pytest.raises(BPLError, match="--cycle-epochs belongs to the cycles schedule"):
         resolve_config(overrides={"epochs": "auto", "schedule": "plateau", "cycle_epochs": 20})
+    # a whole config written out (a run's config.json) holds every field at its value: the
+    # other rule's defaults there are not a request
+    dump = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "replay"}
+    assert resolve_config(overrides=dump).schedule == "cycles"
     with pytest.raises(BPLError, match="--cycle-epochs must be at least 1"):
         resolve_config(overrides={"epochs": "auto", "schedule": "cycles", "cycle_epochs": 0})
     with pytest.raises(BPLError, match="--epochs auto stops when .*--schedule cosine"):

@@ -280,8 +280,9 @@ def _resolve(base: dict[str, Any], from_file: dict[str, Any],
                            "out, or pass a number of --epochs")
         values["schedule"] = given or "cycles"
         foreign = sorted(k for k in (_PLATEAU_ONLY if values["schedule"] != "plateau"
-                                     else _CYCLES_ONLY) if k in said)
-        if foreign:  # an option of the other rule would be ignored without a word
+                                     else _CYCLES_ONLY)
+                         if k in said and said[k] != _FIELDS[k].default)
+        if foreign:  # the other rule's option, set, would be ignored without a word
             flag = "--" + foreign[0].replace("_", "-")
             other = "plateau" if values["schedule"] != "plateau" else "cycles"
             raise BPLError(f"{flag} belongs to the {other} schedule, and --epochs auto trains "
