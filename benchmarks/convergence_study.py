@@ -532,6 +532,27 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return statistics.fmean(vals) if vals else None
 
 
+def _total_epochs(options: dict[str, Any]) -> int | None:
+    """The epochs a recovery trains in all, when that is fixed (not --epochs auto or
+    --max-drop): --epochs, times --prune-steps."""
+    epochs = options.get("epochs", 10)
+    if epochs == "auto" or options.get("max_drop") is not None:
+        return None
+    return int(epochs) * int(options.get("prune_steps", 1))
+
+
+def _cosine_at_equal_epochs(settings: dict[str, Any], name: str) -> str | None:
+    """The one-shot plain cosine recovery that trains as many epochs in all as ``name``
+    (so 4 cuts of 10 epochs pair with cosine for 40), or None."""
+    recoveries = settings["recoveries"]
+    total = _total_epochs(recoveries.get(name, {}))
+    if total is None:
+        return None
+    return next((n for n, o in recoveries.items()
+                 if n != name and o.get("recipe") == "cosine" and o.get("partners") is False
+                 and int(o.get("prune_steps", 1)) == 1 and _total_epochs(o) == total), None)
+
+
 def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for dataset in settings["datasets"]:
@@ -564,7 +585,7 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
                     entry["control"] = control
                     entry["val_vs_control"] = ci95(_paired(rows, name, control, "val_top1"))
                     entry["test_vs_control"] = ci95(_paired(rows, name, control, "test_top1"))
-                same = f"cosine-{name.rsplit('-', 1)[-1]}"  # cosine at the same epochs
+                same = _cosine_at_equal_epochs(settings, name)
                 if kind == "compress" and same in names and same not in (name, ref):
                     entry["equal"] = same
                     entry["val_vs_equal"] = ci95(_paired(rows, name, same, "val_top1"))
@@ -649,7 +670,7 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
             lines.append("")
         equal = {n: e for n, e in table.items() if e.get("equal")}
         if equal:
-            lines += ["At equal epochs, against cosine:", "",
+            lines += ["At equal epochs in all, against one-shot plain cosine:", "",
                       "| run | against | val difference | test difference |", "|---|---|---:|---:|"]
             lines += [f"| {n} | {e['equal']} | {_cell(e['val_vs_equal'])} | "
                       f"{_cell(e['test_vs_equal'])} |" for n, e in equal.items()]

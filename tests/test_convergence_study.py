@@ -207,3 +207,20 @@ def test_every_run_of_the_shipped_configs_is_a_valid_bpl_command(name):
             cfg.flops_reduction or cfg.max_drop is not None))
         # the command line the study runs parses (bpl train takes no compress-only flag)
         build_parser().parse_args([job.command, *study.flags(job.options)])
+
+
+def test_recoveries_pair_with_the_plain_cosine_of_as_many_epochs_in_all():
+    """Equal epochs in all: 4 cuts of 10 against cosine-40; --max-drop and auto have none."""
+    study = _load_script()
+    settings = {"recoveries": {
+        "cosine-10": {"recipe": "cosine", "epochs": 10, "partners": False},
+        "cosine-40": {"recipe": "cosine", "epochs": 40, "partners": False},
+        "rewind-10": {"recipe": "rewind", "epochs": 10, "partners": False},
+        "same-40": {"recipe": "cosine", "epochs": 40, "partner": "same"},
+        "steps4-10": {"recipe": "cosine", "epochs": 10, "prune_steps": 4, "partners": False},
+        "maxdrop1-40": {"max_drop": 1, "recipe": "cosine", "epochs": 40, "partners": False},
+        "auto-cycles": {"epochs": "auto", "schedule": "cycles", "partners": False}}}
+    pairs = {n: study._cosine_at_equal_epochs(settings, n) for n in settings["recoveries"]}
+    assert pairs == {"cosine-10": None, "cosine-40": None, "rewind-10": "cosine-10",
+                     "same-40": "cosine-40", "steps4-10": "cosine-40", "maxdrop1-40": None,
+                     "auto-cycles": None}
