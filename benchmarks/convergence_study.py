@@ -12,6 +12,7 @@ run, at its end, and reported beside it.
     python benchmarks/convergence_study.py --config ... --jobs 12    # runs at a time (a GPU host)
     python benchmarks/convergence_study.py --config ... --report     # aggregate what finished
     python benchmarks/convergence_study.py --config ... --size       # hours left, before starting
+    python benchmarks/convergence_study.py --config ... --step-tests # each kept step's test top-1
     python benchmarks/convergence_study.py --config ... --import F   # records written elsewhere
     python benchmarks/convergence_study.py --config ... --pack       # the data as lossless PNGs
                                                                      # at the decode size, to carry
@@ -660,6 +661,25 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
                     f"{r['test_top1']:.2f} | {r['test_top1'] - r['baseline_test_top1']:+.2f} | "
                     f"{'-' if other is None else format(r['test_top1'] - other['test_top1'], '+.2f')} |")
             lines.append("")
+        for name in settings["recoveries"]:
+            stepped = sorted((r for r in records if r["dataset"] == dataset
+                              and r["name"] == name and r.get("step_tests")),
+                             key=lambda r: r["seed"])
+            if not stepped:
+                continue
+            lines += [f"{name}, step by step (judged on validation; the test column only "
+                      "shows how those judgments held, `--step-tests`):", "",
+                      "| seed | step | MACs removed (%) | val top-1 | within | test top-1 "
+                      "| test minus its baseline |", "|---:|---:|---:|---:|---|---:|---:|"]
+            for r in stepped:
+                base_test = r.get("baseline_test_top1")
+                for st in r["step_tests"]:
+                    drop = "-" if base_test is None else format(st["test_top1"] - base_test, "+.2f")
+                    lines.append(f"| {r['seed']} | {st['step']} | "
+                                 f"{100 * st['macs_reduction']:.1f} | {st['val_top1']:.2f} | "
+                                 f"{'yes' if st['within'] else 'no'} | {st['test_top1']:.2f} | "
+                                 f"{drop} |")
+            lines.append("")
         controlled = {n: e for n, e in table.items() if e.get("control")}
         if controlled:
             lines += ["Against the unpruned baseline given the same training (its control):",
@@ -676,6 +696,47 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
                       f"{_cell(e['test_vs_equal'])} |" for n, e in equal.items()]
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def step_tests(settings: dict[str, Any], python: str = sys.executable) -> int:
+    """Test top-1 of every step a finished ``--max-drop`` or ``--prune-steps`` run kept
+    (``bpl evaluate`` of ``steps/K/deploy.pt`` on the run's split), written into its record
+    for the report's step-by-step table. The steps were judged on validation; the test
+    split is read here only to show how those judgments held. Returns the runs done."""
+    done = 0
+    for job in plan(settings):
+        path, out = record_path(settings, job), run_dir(settings, job)
+        if not path.exists():
+            continue
+        rec = json.loads(path.read_text())
+        if rec.get("step_tests") or not (out / "steps").is_dir():
+            continue
+        metrics = out / "metrics.json"
+        steps = (json.loads(metrics.read_text()).get("budget") or {}).get("steps") if (
+            metrics.exists()) else rec.get("steps")
+        rows = []
+        for st in steps or []:
+            ckpt = out / "steps" / str(st["step"]) / "deploy.pt"
+            if not ckpt.exists():
+                continue
+            env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"]),
+                   "PYTHONPATH": os.pathsep.join([str(REPO / "src"),
+                                                  os.environ.get("PYTHONPATH", "")])}
+            cache = settings["common"].get("cache_dir")
+            args = [python, "-m", "bpl", "evaluate", str(ckpt), "--split", str(out / "split.json"),
+                    "--json", "--quiet", *(["--cache-dir", str(cache)] if cache else [])]
+            result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO)
+            if result.returncode:
+                raise SystemExit(f"bpl evaluate {ckpt} failed: {result.stderr.strip()[-300:]}")
+            rows.append({"step": st["step"], "macs_reduction": st["macs_reduction"],
+                         "val_top1": st["score"], "within": st["within"],
+                         "test_top1": json.loads(result.stdout)["top1"]})
+        if rows:
+            rec["step_tests"] = rows
+            atomic_write_text(path, json.dumps(rec, indent=1) + "\n")
+            done += 1
+            print(f"{job.key}: {len(rows)} steps evaluated on the test split", flush=True)
+    return done
 
 
 def report(settings: dict[str, Any]) -> Path:
@@ -718,6 +779,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--records", type=Path, help="also append each record to this JSON-lines file")
     p.add_argument("--deadline", type=float, help="start no run after this many seconds")
     p.add_argument("--report", action="store_true", help="aggregate the recorded runs")
+    p.add_argument("--step-tests", action="store_true",
+                   help="evaluate every kept step of finished --max-drop / --prune-steps runs "
+                        "on the test split, for the report (nothing is chosen from it)")
     p.add_argument("--size", action="store_true",
                    help="estimate the hours of the runs not yet recorded (at --jobs at a time)")
     p.add_argument("--import", dest="import_", type=Path, metavar="FILE",
@@ -748,6 +812,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.report:
         print(report(settings).read_text())
+        return 0
+    if args.step_tests:
+        step_tests(settings)
         return 0
     if args.size:
         sized = size(settings, args.jobs)

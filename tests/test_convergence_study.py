@@ -224,3 +224,33 @@ def test_recoveries_pair_with_the_plain_cosine_of_as_many_epochs_in_all():
     assert pairs == {"cosine-10": None, "cosine-40": None, "rewind-10": "cosine-10",
                      "same-40": "cosine-40", "steps4-10": "cosine-40", "maxdrop1-40": None,
                      "auto-cycles": None}
+
+
+def test_step_tests_score_every_kept_step_on_the_test_split(tmp_path, capsys):
+    """--step-tests: each step of a stepwise run is evaluated on test; the last step is the
+    run's own model, so its test top-1 is the run's."""
+    study = _load_script()
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({
+        "out": str(tmp_path / "runs"), "results": str(tmp_path / "results"),
+        "arch": "tiny_resnet", "datasets": {"digits": {"data": "digits", "image_size": 16}},
+        "seeds": [0], "common": {"batch_size": 64, "device": "cpu", "latency": False,
+                                 "amp": False},
+        "baselines": {"fixed": {"epochs": 1, "lr": 0.1}}, "prune_from": "fixed",
+        "flops_reduction": 0.5,
+        "recoveries": {"steps2-1": {"recipe": "cosine", "epochs": 1, "prune_steps": 2,
+                                    "partners": False}},
+        "reference": {"baseline": "fixed", "recovery": "steps2-1"},
+    }))
+    assert study.main(["--config", str(config), "--jobs", "2"]) == 0
+    assert study.main(["--config", str(config), "--step-tests"]) == 0
+    rec = json.loads((tmp_path / "results" / "records" / "digits-seed0-steps2-1.json").read_text())
+    steps = rec["step_tests"]
+    assert [st["step"] for st in steps] == [1, 2]
+    assert steps[0]["macs_reduction"] < steps[1]["macs_reduction"]
+    assert steps[-1]["test_top1"] == pytest.approx(rec["test_top1"])
+    capsys.readouterr()
+    assert study.main(["--config", str(config), "--step-tests"]) == 0  # done once
+    assert "evaluated" not in capsys.readouterr().out
+    assert study.main(["--config", str(config), "--report"]) == 0
+    assert "steps2-1, step by step" in (tmp_path / "results" / "summary.md").read_text()
