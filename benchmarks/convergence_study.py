@@ -399,7 +399,6 @@ def size(settings: dict[str, Any], jobs: int, steps: int = 3) -> dict[str, Any]:
     import bpl
     from bpl.models import build_model
 
-    logging.getLogger("bpl").setLevel(logging.ERROR)  # each cut's "closest reachable" note
     records = load_records(settings)
     done = {(r["dataset"], r["seed"], r["name"]) for r in records}
     for job in plan(settings):  # finished in a shared run folder: the runner records it as is
@@ -817,7 +816,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         step_tests(settings)
         return 0
     if args.size:
-        sized = size(settings, args.jobs)
+        quiet, level = logging.getLogger("bpl"), logging.getLogger("bpl").level
+        quiet.setLevel(logging.ERROR)  # not every cut's "closest reachable" note
+        try:
+            sized = size(settings, args.jobs)
+        finally:
+            quiet.setLevel(level)
         folder = _in_repo(settings["results"])
         atomic_write_text(folder / "size.json", json.dumps(sized, indent=1) + "\n")
         print(size_markdown(sized), end="")

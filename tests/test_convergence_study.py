@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,9 @@ def test_study_runs_baselines_then_recoveries_resumes_and_reports(tmp_path, caps
     # --size: nothing left to run; with a third seed, its runs are priced from timed steps
     # scaled by what the recorded runs really took, auto baselines at their recorded epochs
     capsys.readouterr()
+    level = logging.getLogger("bpl").level
     assert study.main(["--config", str(config), "--size"]) == 0
+    assert logging.getLogger("bpl").level == level  # quietened for --size only, then restored
     assert "all: 0.0 h of runs" in capsys.readouterr().out
     sized = json.loads((tmp_path / "results" / "size.json").read_text())
     assert sized["datasets"]["digits"]["runs"] == {}
