@@ -243,6 +243,12 @@ def _device_name(device: str) -> str:
     return machine()["cpu"]
 
 
+def _run_env(settings: dict[str, Any]) -> dict[str, str]:
+    """The environment of a bpl command the study runs: its threads, this checkout's bpl."""
+    return {**os.environ, "OMP_NUM_THREADS": str(settings["threads"]),
+            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+
+
 def _start(settings: dict[str, Any], job: Job, python: str) -> None:
     out = run_dir(settings, job)
     args = [python, "-m", "bpl", job.command, *flags(job.options), "--quiet", "--out", str(out)]
@@ -254,8 +260,7 @@ def _start(settings: dict[str, Any], job: Job, python: str) -> None:
     elif out.exists():  # cut off before its first epoch: nothing to keep
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"]),
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = _run_env(settings)
     log = open(out.parent / f"{job.name}.log", "a")  # noqa: SIM115 (closed with the process)
     job.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     job.proc.log = log  # type: ignore[attr-defined]
@@ -402,9 +407,9 @@ def size(settings: dict[str, Any], jobs: int, steps: int = 3) -> dict[str, Any]:
     records = load_records(settings)
     done = {(r["dataset"], r["seed"], r["name"]) for r in records}
     for job in plan(settings):  # finished in a shared run folder: the runner records it as is
-        if (job.dataset, job.seed, job.name) not in done and (
-                run_dir(settings, job) / "metrics.json").exists():
-            records.append(make_record(settings, job))
+        rec = None if (job.dataset, job.seed, job.name) in done else finished_record(settings, job)
+        if rec is not None:
+            records.append(rec)
             done.add((job.dataset, job.seed, job.name))
     batch = int(settings["common"].get("batch_size", 64))
     round_to = settings["common"].get("round_to", 8)
@@ -718,13 +723,11 @@ def step_tests(settings: dict[str, Any], python: str = sys.executable) -> int:
             ckpt = out / "steps" / str(st["step"]) / "deploy.pt"
             if not ckpt.exists():
                 continue
-            env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"]),
-                   "PYTHONPATH": os.pathsep.join([str(REPO / "src"),
-                                                  os.environ.get("PYTHONPATH", "")])}
             cache = settings["common"].get("cache_dir")
             args = [python, "-m", "bpl", "evaluate", str(ckpt), "--split", str(out / "split.json"),
                     "--json", "--quiet", *(["--cache-dir", str(cache)] if cache else [])]
-            result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO)
+            result = subprocess.run(args, capture_output=True, text=True, env=_run_env(settings),
+                                    cwd=REPO)
             if result.returncode:
                 raise SystemExit(f"bpl evaluate {ckpt} failed: {result.stderr.strip()[-300:]}")
             rows.append({"step": st["step"], "macs_reduction": st["macs_reduction"],
