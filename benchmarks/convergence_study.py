@@ -249,12 +249,17 @@ def _run_env(settings: dict[str, Any]) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
 
 
+def start_weights(settings: dict[str, Any], job: Job) -> Path:
+    """The checkpoint a recovery or control starts from: its baseline run's best.pt."""
+    return run_dir(settings, Job(job.dataset, job.seed, job.after, "train", {})) / "best.pt"
+
+
 def _start(settings: dict[str, Any], job: Job, python: str) -> None:
     out = run_dir(settings, job)
     args = [python, "-m", "bpl", job.command, *flags(job.options), "--quiet", "--out", str(out)]
     if job.after:
-        start = run_dir(settings, Job(job.dataset, job.seed, job.after, "train", {})) / "best.pt"
-        args += ["--weights" if job.command == "train" else "--baseline", str(start)]
+        args += ["--weights" if job.command == "train" else "--baseline",
+                 str(start_weights(settings, job))]
     if (out / "last.pt").exists() or any(out.glob("steps/*/last.pt")):  # --max-drop's steps
         args.append("--resume")
     elif out.exists():  # cut off before its first epoch: nothing to keep
@@ -289,6 +294,7 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
     todo = [j for j in plan(settings) if not record_path(settings, j).exists()]
     done = {j.key for j in plan(settings)} - {j.key for j in todo}
     failed: set[str] = set()
+    lost: set[str] = set()
     running: list[Job] = []
     t0 = time.time()
     print(f"{len(todo)} runs to do, {len(done)} recorded", flush=True)
@@ -333,6 +339,14 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
                 continue
             if len(running) >= jobs or late or (base and base not in done):
                 continue
+            if base and not start_weights(settings, job).exists():
+                todo.remove(job)  # recorded in an earlier checkout whose run folders are gone
+                lost.add(job.key)
+                print(f"{time.time() - t0:6.0f}s not started {job.key}: its baseline is recorded "
+                      f"but {start_weights(settings, job)} is gone; delete "
+                      f"{record_path(settings, Job(job.dataset, job.seed, job.after, 'train', {}))}"
+                      " to train it again", flush=True)
+                continue
             todo.remove(job)
             _start(settings, job, python)
             running.append(job)
@@ -340,7 +354,7 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
             break
         time.sleep(0.5)
     print(f"finished in {time.time() - t0:.0f}s: {len(done)} recorded, {len(failed)} failed, "
-          f"{len(todo)} not started", flush=True)
+          f"{len(todo) + len(lost)} not started", flush=True)
     return 1 if failed else 0
 
 

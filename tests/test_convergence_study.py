@@ -163,6 +163,27 @@ def test_a_finished_run_in_a_shared_folder_is_recorded_not_rerun(tmp_path, monke
         study.finished_record(settings, job)
 
 
+def test_a_recovery_whose_recorded_baseline_lost_its_checkpoint_is_skipped(tmp_path, monkeypatch,
+                                                                         capsys):
+    """A new checkout keeps the records but not runs/: a recovery of a recorded baseline whose
+    best.pt is gone is not started (it would fail), and the message says how to retrain it."""
+    study = _load_script()
+    started = []
+    monkeypatch.setattr(study, "_start", lambda settings, job, python: started.append(job.key))
+    settings = {**study.DEFAULTS, "out": str(tmp_path / "runs"), "results": str(tmp_path / "r"),
+                "arch": "tiny", "datasets": {"digits": {"data": "digits"}}, "seeds": [0],
+                "common": {}, "baselines": {"base": {"epochs": 1}}, "imported": {},
+                "controls": {}, "prune_from": "base", "flops_reduction": 0.5,
+                "recoveries": {"ft": {"epochs": 1}}}
+    base = study.Job("digits", 0, "base", "train", {})
+    study.record_path(settings, base).parent.mkdir(parents=True)
+    study.record_path(settings, base).write_text("{}")
+    assert study.execute(settings, jobs=1, records=None, deadline=None) == 0
+    out = capsys.readouterr().out
+    assert started == [] and "not started digits-seed0-ft" in out and "base.json" in out
+    assert "1 not started" in out
+
+
 def test_compute_counts_every_step_of_a_stepwise_run():
     study = _load_script()
     plain = {"history": [{"epoch_time_s": 2.0}, {"epoch_time_s": 3.0}]}
