@@ -788,6 +788,21 @@ def pack(settings: dict[str, Any]) -> None:
         print(f"{dataset}: {len(files)} images at {size} px in {_in_repo(data['data_root'])}")
 
 
+def only(settings: dict[str, Any], seeds: Sequence[int] | None,
+         datasets: Sequence[str] | None) -> dict[str, Any]:
+    """``settings`` restricted to some of its seeds and datasets (others are an error)."""
+    for asked, known, what in ((seeds, settings["seeds"], "seed"),
+                               (datasets, list(settings["datasets"]), "dataset")):
+        unknown = [a for a in asked or () if a not in known]
+        if unknown:
+            raise SystemExit(f"{what} {unknown[0]} is not in the config (it has "
+                             f"{', '.join(map(str, known))})")
+    return {**settings,
+            "seeds": [s for s in settings["seeds"] if not seeds or s in seeds],
+            "datasets": {k: v for k, v in settings["datasets"].items()
+                         if not datasets or k in datasets}}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True)
@@ -806,8 +821,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="re-read every recorded run's metrics.json into its record (new fields)")
     p.add_argument("--pack", action="store_true",
                    help="write each dataset's pack_from images as PNGs to its data_root")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="run (or size) only these of the config's seeds")
+    p.add_argument("--datasets", nargs="+", help="run (or size) only these of its datasets")
     args = p.parse_args(argv)
     settings = load_settings(args.config)
+    if args.seeds or args.datasets:  # a part of the study (one session's share, say)
+        settings = only(settings, args.seeds, args.datasets)
     if args.pack:
         pack(settings)
         return 0

@@ -170,6 +170,9 @@ def test_compress_max_drop_keeps_every_step_and_resumes(baseline, tmp_path, caps
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert metrics["macs_reduction"] == pytest.approx(steps[kept - 1]["macs_reduction"], abs=1e-3)
     assert metrics["epochs_trained"] == kept
+    # each step is judged, and kept, as the baseline is: on its best annealed epoch
+    assert all("among the annealed epochs" in s["selected"]["why"] for s in steps)
+    assert budget["reference_from"]["val_top1"] == budget["reference"]
     csv_rows = (out / "budget_steps.csv").read_text().splitlines()
     assert len(csv_rows) == len(steps) + 1 and (out / "budget_curve.png").stat().st_size > 0
     report = (out / "report.md").read_text()
@@ -229,3 +232,37 @@ def test_a_budget_inside_the_validation_noise_is_said(caplog):
     caplog.clear()
     _warn_if_budget_in_noise(30.0, 84.0, 168)
     assert caplog.text == ""
+
+
+def test_the_budget_is_measured_against_the_baselines_annealed_best(baseline, tmp_path):
+    """A baseline kept mid-schedule (--select best) scores the maximum over every epoch:
+    --max-drop measures against its best epoch at an annealed rate instead, read from the
+    checkpoint's curves or the metrics.json of the run that wrote it."""
+    from bpl.pipeline.compression import _budget_reference, baseline_history
+
+    _, meta = load_model(baseline)
+    curves = meta["curves"]  # bpl train records every epoch's rate and validation top-1
+    assert len(curves["lr"]) == len(curves["val_top1"]) == meta["epochs"] == 3
+    cfg = resolve_config(overrides={"baseline": str(baseline), "max_drop": 1.0})
+    assert [r["val_top1"] for r in baseline_history(cfg, meta)] == curves["val_top1"]
+    # without curves in the checkpoint: the metrics.json beside it, when it is that run's
+    bare = {k: v for k, v in meta.items() if k != "curves"}
+    history = baseline_history(cfg, bare)
+    assert [r["val_top1"] for r in history] == curves["val_top1"]
+    assert baseline_history(cfg, {**bare, "kept_epoch": 99}) is None  # another run's
+    # a checkpoint kept mid-cycle at 94: the reference is the annealed tail's best, 90
+    mid = {"kept_epoch": 2, "curves": {"lr": [0.1, 0.05, 0.005, 0.0],
+                                       "val_top1": [80.0, 94.0, 90.0, 89.0]}}
+    ref = _budget_reference(cfg, mid, measured=94.0)
+    assert ref["val_top1"] == 90.0 and ref["epoch"] == 3 and ref["checkpoint_val_top1"] == 94.0
+    # kept at its annealed best already, or no history: the checkpoint's own score
+    assert _budget_reference(cfg, {**mid, "kept_epoch": 3}, measured=90.0)["val_top1"] == 90.0
+    assert _budget_reference(cfg, {}, measured=91.5)["val_top1"] == 91.5
+    # the report says where the reference came from
+    from bpl.report import _budget_lines
+
+    budget = {"reference": 90.0, "max_drop": 1.0, "stopped": "x", "chosen_step": None,
+              "steps": [], "reference_from": ref}
+    text = "\n".join(_budget_lines(budget))
+    assert "90.00% (epoch 3: the baseline's best validation top-1 at an annealed" in text
+    assert "epoch 2, scores 94.00%" in text

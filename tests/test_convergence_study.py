@@ -278,3 +278,15 @@ def test_step_tests_score_every_kept_step_on_the_test_split(tmp_path, capsys):
     assert "evaluated" not in capsys.readouterr().out
     assert study.main(["--config", str(config), "--report"]) == 0
     assert "steps2-1, step by step" in (tmp_path / "results" / "summary.md").read_text()
+
+
+def test_a_session_can_run_part_of_the_study():
+    study = _load_script()
+    settings = {**study.DEFAULTS, "seeds": [0, 1, 2], "datasets": {"ucm": {}, "eurosat": {}}}
+    part = study.only(settings, [2], ["ucm"])
+    assert part["seeds"] == [2] and list(part["datasets"]) == ["ucm"]
+    assert study.only(settings, None, ["eurosat"])["seeds"] == [0, 1, 2]
+    with pytest.raises(SystemExit, match="seed 7 is not in the config"):
+        study.only(settings, [7], None)
+    with pytest.raises(SystemExit, match="dataset nwpu is not in the config"):
+        study.only(settings, None, ["nwpu"])

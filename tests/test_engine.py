@@ -8,7 +8,16 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from bpl.config import RECIPES, Config, resolve_config
-from bpl.engine import Step, TrainingDiverged, TrainSettings, _lr_lambda, evaluate, fit
+from bpl.engine import (
+    ANNEALED,
+    Step,
+    TrainingDiverged,
+    TrainSettings,
+    _lr_lambda,
+    annealed_best,
+    evaluate,
+    fit,
+)
 from bpl.errors import BPLError
 
 
@@ -160,6 +169,59 @@ def test_best_checkpoint_is_the_best_validation_epoch(tmp_path):
                payload=payload, progress=False)
     assert none.best_epoch == 6 and none.best_val_top1 is None
     assert "val_top1" not in none.history[-1]
+
+
+def _val_of(path, val) -> float:
+    model = tiny_net()
+    model.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
+    return evaluate(model, torch.utils.data.DataLoader(val, batch_size=64), 3)["top1"]
+
+
+def test_select_annealed_keeps_the_best_epoch_at_an_annealed_rate(tmp_path):
+    """--select annealed: best.pt is the best validation epoch among those whose rate has
+    fallen to ANNEALED of the peak (a cosine's tail); "last": best.pt is the last epoch."""
+    train = tiny_data(48)
+    x, y = tiny_data(30).tensors
+    val = TensorDataset(x, (y + 1) % 3)  # the best validation epoch comes early (above)
+    cfg = TrainSettings(epochs=10, batch_size=8, lr=0.2, device="cpu", select="annealed")
+    result = fit(tiny_net(), train, val, cfg, tmp_path / "a", num_classes=3, payload=payload,
+                 progress=False)
+    rates = [h["lr"] for h in result.history]
+    tops = [h["val_top1"] for h in result.history]
+    tail = [e for e, lr in enumerate(rates, 1) if lr <= ANNEALED * 0.2]
+    assert tail and tail == list(range(tail[0], 11)) and tail[0] > 5  # the cosine's tail
+    best = max(tail, key=lambda e: (tops[e - 1], -e))
+    assert result.best_epoch == best and result.best_val_top1 == tops[best - 1]
+    assert annealed_best(result.history, peak=0.2) == (best, tops[best - 1])
+    assert _val_of(tmp_path / "a" / "best.pt", val) == pytest.approx(tops[best - 1])
+    # the same run under "best" keeps an earlier, unannealed epoch (the point of the option)
+    plain = fit(tiny_net(), train, val, TrainSettings(**{**cfg.__dict__, "select": "best"}),
+                tmp_path / "b", num_classes=3, payload=payload, progress=False)
+    assert plain.best_epoch < tail[0]
+    # a constant rate never anneals: every epoch is a candidate, as under "best"
+    flat = fit(tiny_net(), train, val, TrainSettings(**{**cfg.__dict__, "schedule": "constant"}),
+               tmp_path / "c", num_classes=3, payload=payload, progress=False)
+    flat_tops = [h["val_top1"] for h in flat.history]
+    assert flat.best_val_top1 == max(flat_tops)
+    # "last": best.pt is the last epoch, the model the run keeps
+    last = fit(tiny_net(), train, val, TrainSettings(**{**cfg.__dict__, "select": "last"}),
+               tmp_path / "d", num_classes=3, payload=payload, progress=False)
+    assert last.best_epoch == 10
+    assert _val_of(tmp_path / "d" / "best.pt", val) == pytest.approx(last.history[-1]["val_top1"])
+
+
+def test_annealed_best_reads_cycles_and_warm_ups():
+    """Each cycle's tail counts; a mid-cycle maximum and a warm-up's low, rising first rates
+    do not (the first epoch, whose start rate a history lacks, is never counted)."""
+    lrs = [0.005, 0.05, 0.1, 0.05, 0.005, 0.1, 0.05, 0.008, 0.0]
+    tops = [99.0, 50, 60, 70, 85, 95, 90, 84, 83]
+    history = [{"lr": lr, "val_top1": t} for lr, t in zip(lrs, tops, strict=True)]
+    assert annealed_best(history) == (5, 85)
+    assert annealed_best(history, peak=0.04) == (9, 83)  # only rates <= 0.004 count
+    history[4]["val_top1"] = None  # an epoch without validation is no candidate
+    assert annealed_best(history) == (8, 84)
+    assert annealed_best([{"lr": 0.1, "val_top1": 50.0}, {"lr": 0.05, "val_top1": 60.0}]) is None
+    assert annealed_best([]) is None
 
 
 def test_the_global_batch_must_divide_among_the_processes(monkeypatch):

@@ -266,3 +266,50 @@ def test_int8_without_the_onnx_extra_is_a_clear_error(without_onnx, tmp_path):
         export(torch.nn.Conv2d(3, 3, 1), torch.randn(1, 3, 4, 4), tmp_path / "x.onnx",
                int8=True, calibration=torch.randn(60, 3, 4, 4))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_weights_take_a_7_bit_range_where_8_bit_products_can_saturate(
+        pruned_student, tmp_path, monkeypatch):
+    """``int8_range="auto"`` reduces the weights to 7 bits on x86 CPUs without VNNI (whose
+    u8 x s8 products can saturate), keeps 8 on others; "full" and "reduced" are asked."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+    from onnx import numpy_helper
+
+    from bpl import exporting
+
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(exporting, "cpu_has_vnni", lambda: False)
+    assert exporting.choose_int8_range("auto")[0] is True
+    assert "has no VNNI" in exporting.choose_int8_range("auto")[1]
+    monkeypatch.setattr(exporting, "cpu_has_vnni", lambda: None)  # flags unreadable: safe side
+    assert exporting.choose_int8_range("auto")[0] is True
+    monkeypatch.setattr(exporting, "cpu_has_vnni", lambda: True)
+    assert exporting.choose_int8_range("auto") == (
+        False, "auto: this x86 CPU has VNNI, where full-range products do not saturate")
+    assert exporting.choose_int8_range("reduced")[0] is True
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    assert exporting.choose_int8_range("auto")[0] is False
+    assert exporting.choose_int8_range("full")[0] is False
+    with pytest.raises(BPLError, match="int8_range must be one of auto, full, reduced"):
+        export(pruned_student, torch.randn(1, 3, 32, 32), tmp_path / "x.onnx", int8=True,
+               calibration=torch.randn(16, 3, 32, 32), min_calibration=16, int8_range="8bit")
+    assert not list(tmp_path.iterdir())
+
+    def widest_weight(int8_range: str) -> tuple[int, dict]:
+        path = tmp_path / f"{int8_range}.int8.onnx"
+        result = export(pruned_student, torch.randn(1, 3, 32, 32), path, int8=True,
+                        calibration=torch.randn(16, 3, 32, 32), min_calibration=16,
+                        int8_range=int8_range)
+        proto = onnx.load(str(path))
+        inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+        weights = [inits[n.input[0]] for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                   and n.input[0] in inits and inits[n.input[0]].ndim == 4]
+        assert _props(path)["quantization"] == result["quantization"]
+        return max(int(np.abs(w.astype(np.int32)).max()) for w in weights), result
+
+    full, result = widest_weight("full")
+    assert full == 127 and result["quantization"]["range"] == "full: 8-bit weights"
+    reduced, result = widest_weight("reduced")
+    assert reduced <= 64 and result["quantization"]["range"] == "reduced: 7-bit weights"
+    assert "int8_range='reduced'" in result["quantization"]["range_why"]

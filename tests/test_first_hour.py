@@ -491,3 +491,38 @@ def test_library_errors_carry_their_parameter_and_python_words():
     assert said == ["--accept-closest", "--round-to 4", "--data-root", "--no-skip-bad",
                     "--cache off", "--placement all", "--no-partners", "no_such_parameter=3"]
     assert arg("root") == "root"  # the command's wording ends with its block
+
+
+def test_compress_tests_on_the_baselines_own_split_whatever_its_seed(trained, tmp_path, capsys,
+                                                                      caplog):
+    """Another --seed seeds compress's training, not a new split: the baseline's split.json
+    is reused, so no image it trained on is scored as a test image. A baseline moved away
+    from its split is checked by the split it records, and refused when its test split
+    differs; a validation split that differs is said."""
+    import shutil
+
+    from bpl.config import resolve_command
+
+    args = ["--epochs", "1", "--quiet", "--no-latency", "--flops-reduction", "0.5"]
+    assert run_cli("compress", "--baseline", trained / "best.pt", *args, "--seed", "1",
+                   "--out", tmp_path / "s1") == 0
+    ours = json.loads((tmp_path / "s1" / "split.json").read_text())
+    theirs = json.loads((trained / "split.json").read_text())
+    assert ours == theirs and ours["seed"] == 0
+    assert json.loads((tmp_path / "s1" / "config.json").read_text())["seed"] == 1
+    # the baseline alone (no split.json beside it): its recorded split decides
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(trained / "best.pt", alone / "best.pt")
+    assert run_cli("compress", "--baseline", alone / "best.pt", *args, "--seed", "1",
+                   "--out", tmp_path / "r") == 1
+    err = one_line_error(capsys)
+    assert "trained on another split" in err and "--seed 0" in err
+    assert not (tmp_path / "r").exists()
+    caplog.clear()
+    assert run_cli("compress", "--baseline", alone / "best.pt", *args, "--val-ratio", "0.3",
+                   "--out", tmp_path / "v") == 0
+    assert "validation may score images it trained on" in caplog.text
+    # compress takes the baseline's split ratios as it takes its data and size
+    cfg = resolve_command("compress", {"baseline": str(trained / "best.pt")})
+    assert cfg.val_ratio == 0.1 and cfg.train_subset is None and cfg.image_size == 16

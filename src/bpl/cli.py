@@ -26,7 +26,7 @@ from .config import (
 )
 from .diversity import COMPARISONS, GRANULARITIES
 from .errors import NOTHING, BPLError, wording
-from .exporting import CALIBRATION_IMAGES, INT8_MAX_DROP, MIN_CALIBRATION_IMAGES
+from .exporting import CALIBRATION_IMAGES, INT8_MAX_DROP, INT8_RANGES, MIN_CALIBRATION_IMAGES
 from .partners import INITS, PARTNER_KINDS
 from .pruning import LEVELS, SOFT_PARTNERS, importance_names
 from .pruning.latency import RUNTIMES
@@ -140,7 +140,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
           help="torch.compile the model for training (off by default; on the CPU it needs a C++ "
                "compiler, on CUDA Triton)")
     _flag(g, "select", choices=SELECT,
-          help="which epoch to keep: the best on the validation split (default) or the last")
+          help="which epoch to keep: the best on the validation split (default), the best of "
+               "those at an annealed learning rate (at most 0.1 of the peak: a schedule's tail, "
+               "each cycle's end), or the last")
     _flag(g, "seed", type=int)
     _flag(g, "out", metavar="DIR", help="run directory")
     _flag(g, "resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -327,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images to calibrate on, drawn at random (seed 0); fewer than "
                         f"{MIN_CALIBRATION_IMAGES} only when asked (default: "
                         f"{CALIBRATION_IMAGES})")
+    g.add_argument("--int8-range", choices=INT8_RANGES,
+                   help="the int8 weights' range: full, reduced to 7 bits (for x86 CPUs "
+                        "without VNNI, where full-range products can saturate), or auto: "
+                        "reduced when this is such a CPU (default)")
     g.add_argument("--max-drop", type=float, metavar="POINTS",
                    help="largest loss of validation top-1 against fp32 accepted; beyond it "
                         f"nothing is written (default: {INT8_MAX_DROP:g})")
@@ -435,7 +441,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .pipeline import export_checkpoint
 
     int8_only = ("calibration_data", "calibration_images", "max_drop", "force", "split", "data",
-                 "data_root", "cache_dir")
+                 "data_root", "cache_dir", "int8_range")
     given = [k for k in int8_only if getattr(args, k) not in (None, False)]
     if given and not args.int8:
         raise BPLError(f"--{given[0].replace('_', '-')} is an option of INT8 export: add --int8")
@@ -448,12 +454,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
         calibration_images=(CALIBRATION_IMAGES if args.calibration_images is None
                             else args.calibration_images),
         max_drop=max_drop, force=args.force, split=args.split, overrides=overrides,
-        progress=not args.quiet)
+        progress=not args.quiet, int8_range=args.int8_range or "auto")
     print(f"wrote {result['path']} ({result['format']}, {result['precision']}); max relative "
           f"error of fp32 vs PyTorch {result['max_relative_error']:.2e} at batch sizes "
           f"{', '.join(map(str, result['errors_by_batch_size']))}")
     if args.int8:
-        print(f"calibrated on {result['calibration']['source']}")
+        quant = result["quantization"]
+        print(f"calibrated on {result['calibration']['source']}; weights at {quant['range']} "
+              f"({quant['range_why']})")
         check = result["int8_check"]
         print("not checked against fp32 (--force without a validation split)" if check is None
               else f"validation top-1 on {check['images']} images: fp32 "

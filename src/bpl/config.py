@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: Which epoch a training run keeps: the best on the validation split, or the last.
-SELECT: tuple[str, ...] = ("best", "last")
+SELECT: tuple[str, ...] = ("best", "annealed", "last")
 
 
 @dataclass
@@ -227,15 +227,20 @@ def resolve_command(command: str, overrides: dict[str, Any] | None = None,
 
 
 def baseline_defaults(given: dict[str, Any]) -> dict[str, Any]:
-    """The data and image size the baseline of ``given`` was trained on (from its
-    checkpoint's meta): compress's defaults for them. A folder of the user's own
+    """The data, split ratios and image size the baseline of ``given`` was trained on (from
+    its checkpoint's meta): compress's defaults for them. A folder of the user's own
     (``data_root``) replaces the baseline's data entirely."""
     from .models.checkpoints import read_meta  # models import nothing of the config
 
     path = given.get("baseline")
     meta = read_meta(path) if path else {}  # its weights are read once, by compress
-    keys = ("image_size",) if "data_root" in given else ("data", "data_root", "image_size")
-    return {k: meta[k] for k in keys if meta.get(k) is not None}
+    if "data_root" in given:
+        return {"image_size": meta["image_size"]} if meta.get("image_size") else {}
+    out = {k: meta[k] for k in ("data", "data_root", "image_size") if meta.get(k) is not None}
+    split = meta.get("split") or {}  # bpl 0.3 on: how the baseline's data was split
+    out.update({k: split[k] for k in ("train_ratio", "val_ratio", "train_subset")
+                if split.get(k) is not None})
+    return out
 
 
 def run_dir_of(cfg: Config, command: str) -> Path:

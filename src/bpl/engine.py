@@ -75,6 +75,11 @@ SCHEDULES: tuple[str, ...] = ("cosine", "step", "onecycle", "constant", "plateau
                               "cycles")
 #: The schedules that decide on the validation split (when to decay, when to stop).
 VALIDATED: tuple[str, ...] = ("plateau", "cycles")
+#: An epoch is trained at an annealed learning rate when its rate has come down to this
+#: fraction of the schedule's peak or less, and is not rising (a warm-up's first epochs
+#: are not annealed): the last ~20% of a cosine, each cycle's tail, the epochs after a
+#: 10x decay. ``select="annealed"`` keeps the best of these.
+ANNEALED = 0.1
 
 
 @dataclass
@@ -105,6 +110,7 @@ class TrainSettings:
     sync_bn: bool = False
     seed: int = 0
     compile: bool = False  # torch.compile the model for training (evaluation stays eager)
+    select: str = "best"  # which epoch best.pt holds: "best", "annealed" (best at <=ANNEALED of the peak rate) or "last"
 
     @classmethod
     def from_object(cls, obj: Any) -> TrainSettings:
@@ -612,6 +618,11 @@ def fit(
     if settings.compile:
         check_compile(device)
         net = torch.compile(net)  # training steps only; evaluation and checkpoints use `model`
+    if settings.select not in ("best", "annealed", "last"):
+        raise BPLError(f"select must be best, annealed or last, got {settings.select!r}")
+    peak, anneals = _peak_lr(settings)
+    before = (result.history[-1]["lr"] if result.history
+              else settings.lr * _lr_lambda(settings, len(train_loader), plateau)(0))
     trainer = _Trainer(net, optimizer, scheduler, scaler, settings, device, precision,
                        dict(loss_terms or {}), hooks, progress and ctx.is_main)
     logs = _Logs(run_dir) if ctx.is_main else None
@@ -622,6 +633,11 @@ def fit(
             row = trainer.train_epoch(train_loader, epoch)
             for hook in hooks:
                 hook.epoch_end(epoch)
+            lr = row["lr"]
+            annealed = lr <= ANNEALED * peak and lr <= before  # before: the epoch's start rate
+            before = lr
+            candidate = settings.select == "best" or (settings.select == "annealed" and (
+                annealed or not anneals))
             improved = True
             if val_loader is not None:
                 # the bare model: DDP's forward would broadcast buffers, and shards differ;
@@ -631,8 +647,12 @@ def fit(
                                    distributed_sum=ctx.enabled)
                 row.update(val_loss=metrics["loss"], val_top1=metrics["top1"],
                            val_top5=metrics["top5"], val_samples=metrics["samples"])
-                improved = result.best_val_top1 is None or metrics["top1"] > result.best_val_top1
-                if improved:
+                better = candidate and (result.best_val_top1 is None
+                                        or metrics["top1"] > result.best_val_top1)
+                # best.pt: the kept epoch, or the latest while none can be kept yet (select
+                # "last", or "annealed" before the rate has annealed)
+                improved = better or settings.select == "last" or result.best_val_top1 is None
+                if better:
                     result.best_val_top1 = metrics["top1"]
                 if plateau is not None:
                     change = plateau.update(metrics["top1"])
@@ -679,6 +699,36 @@ def fit(
     result.stopped = (plateau.describe() if plateau is not None and plateau.converged
                       else f"reached the last of {settings.epochs} epochs")
     return result
+
+
+def _peak_lr(settings: TrainSettings) -> tuple[float, bool]:
+    """The highest learning rate ``settings``' schedule reaches, and whether it anneals
+    (falls to :data:`ANNEALED` of that peak) at all: a constant rate never does."""
+    if settings.schedule == "replay" and settings.replay:
+        curve = [float(v) for v in settings.replay]
+        return max(curve), min(curve) <= ANNEALED * max(curve)
+    return settings.lr, settings.schedule != "constant"
+
+
+def annealed_best(history: Sequence[Mapping[str, Any]], peak: float | None = None
+                  ) -> tuple[int, float] | None:
+    """(epoch, validation top-1) of the best epoch of ``history`` trained at an annealed
+    learning rate (:data:`ANNEALED`; ``peak``: the schedule's peak, default the highest
+    rate in the history), the epoch ``select="annealed"`` keeps; None if no epoch was
+    annealed or validated. Ties go to the earlier epoch, as in training."""
+    rates = [float(row["lr"]) for row in history]
+    if not rates:
+        return None
+    peak = max(rates) if peak is None else peak
+    best: tuple[int, float] | None = None
+    before = 0.0  # the first epoch's start rate is not in the history: it is not counted
+    for epoch, (row, lr) in enumerate(zip(history, rates, strict=True), start=1):
+        top1 = row.get("val_top1")
+        if lr <= ANNEALED * peak and lr <= before and top1 is not None and (
+                best is None or top1 > best[1]):
+            best = (epoch, float(top1))
+        before = lr
+    return best
 
 
 def _log_change(rule: Plateau | Cycles, change: str, settings: TrainSettings) -> None:

@@ -175,10 +175,54 @@ def _calibration_arrays(calibration: Images | None, shape: torch.Size, fewest: i
     return arrays
 
 
-def _quantize(fp32: Path, out: Path, calibration: list) -> dict[str, Any]:
-    """Statically quantize ``fp32`` into ``out`` (QDQ, per-channel int8 weights, uint8
-    activations calibrated by min/max; scratch files beside ``fp32``); returns what the
-    metadata records of it."""
+#: ``int8_range``: "full" int8 weights, "reduced" to 7 bits, or "auto" (by this CPU).
+INT8_RANGES: tuple[str, ...] = ("auto", "full", "reduced")
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this CPU multiplies 8-bit integers with VNNI (AVX512-VNNI, AVX-VNNI or AMX):
+    read from /proc/cpuinfo; None where that cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def choose_int8_range(int8_range: str = "auto") -> tuple[bool, str]:
+    """(reduce_range, why) for onnxruntime's quantizer. On x86 CPUs without VNNI, products of
+    uint8 activations and full-range int8 weights can saturate their 16-bit intermediate
+    sums (onnxruntime's and OpenVINO's documentation), so ``"auto"`` reduces the weights to
+    7 bits there (PyTorch's x86 default, fbgemm, reduces its activations for the same
+    reason); elsewhere it keeps the full range."""
+    if int8_range not in INT8_RANGES:
+        raise InvalidArgumentError(f"{arg('int8_range')} must be one of "
+                                   f"{', '.join(INT8_RANGES)}, got {int8_range!r}",
+                                   param="int8_range")
+    if int8_range != "auto":
+        return int8_range == "reduced", f"asked for ({arg('int8_range', int8_range)})"
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False, f"auto: a {platform.machine()} CPU, where 8-bit products do not saturate"
+    vnni = cpu_has_vnni()
+    if vnni:
+        return False, "auto: this x86 CPU has VNNI, where full-range products do not saturate"
+    return True, ("auto: this x86 CPU " + ("has no VNNI" if vnni is False else
+                                           "may lack VNNI (its flags cannot be read)")
+                  + ", where full-range 8-bit products can saturate")
+
+
+def _quantize(fp32: Path, out: Path, calibration: list, int8_range: str = "auto"
+              ) -> dict[str, Any]:
+    """Statically quantize ``fp32`` into ``out`` (QDQ, per-channel int8 weights, full or
+    7-bit range (:func:`choose_int8_range`), uint8 activations calibrated by min/max;
+    scratch files beside ``fp32``); returns what the metadata records of it."""
+    reduce_range, why = choose_int8_range(int8_range)
     q = _require_quantization()
     from onnxruntime import __version__ as ort_version
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -200,11 +244,13 @@ def _quantize(fp32: Path, out: Path, calibration: list) -> dict[str, Any]:
         q.quantize_static(
             str(ready), str(out), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
             activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-            calibrate_method=q.CalibrationMethod.MinMax)
+            calibrate_method=q.CalibrationMethod.MinMax, reduce_range=reduce_range)
     finally:
         chatty.setLevel(level)
     return {"tool": f"onnxruntime {ort_version} quantize_static", "format": "QDQ",
             "weights": "int8, symmetric, per output channel",
+            "range": ("reduced: 7-bit weights" if reduce_range else "full: 8-bit weights"),
+            "range_why": why,
             "activations": "uint8, per tensor, min/max calibration"}
 
 
@@ -267,6 +313,7 @@ def export(
     validation: Images | None = None,
     max_drop: float | None = INT8_MAX_DROP,
     min_calibration: int = MIN_CALIBRATION_IMAGES,
+    int8_range: str = "auto",
 ) -> dict[str, Any]:
     """Fold BN (fusing partners first), export with a dynamic batch axis, check parity.
 
@@ -292,6 +339,8 @@ def export(
     :class:`~bpl.errors.VerificationError` and nothing is written. The metadata records
     the quantization, ``calibration`` (image count and ``calibration_source``, your words
     for what the images are) and ``int8_check`` (the comparison), as does the result.
+    ``int8_range``: the weights' range, ``"full"``, ``"reduced"`` (7 bits, for x86 CPUs
+    without VNNI) or ``"auto"``: reduced when this is such a CPU (:func:`choose_int8_range`).
     """
     if format not in FORMATS:
         raise BPLError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -299,6 +348,7 @@ def export(
         raise InvalidArgumentError(f"int8=True writes ONNX, not {format}: use format='onnx'")
     if int8:
         _require_quantization()  # fail before the work when the extra is missing
+        choose_int8_range(int8_range)  # and before it on a bad value
     elif format == "onnx":
         _require_onnx()
     reference = model.cpu().eval()
@@ -331,7 +381,7 @@ def export(
                 f"{verify_tol:g}; nothing was written"
             )
         if int8:
-            result["quantization"] = _quantize(fp32, tmp, arrays)
+            result["quantization"] = _quantize(fp32, tmp, arrays, int8_range)
             result["calibration"] = {"images": sum(len(a) for a in arrays),
                                      **({"source": calibration_source} if calibration_source
                                         else {})}

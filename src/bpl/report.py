@@ -258,9 +258,15 @@ def _budget_lines(budget: dict[str, Any]) -> list[str]:
     searched = budget.get("max_drop") is not None
     title = (f"## The search: the smallest model within {budget['max_drop']:g} points" if searched
              else f"## The steps: {len(budget['steps'])} cuts, each recovered")
+    ref = budget.get("reference_from") or {}
+    source = ""
+    if ref.get("checkpoint_val_top1") is not None:  # the annealed epoch, not the checkpoint's
+        source = (f" (epoch {ref['epoch']}: {ref['from']}; the checkpoint, epoch "
+                  f"{ref['checkpoint_epoch']}, scores {_pct(ref['checkpoint_val_top1'])}, the "
+                  "best of every epoch, a maximum the steps are not held to)")
     lines = [title, "",
-             f"Baseline validation top-1: {_pct(budget['reference'])}. Each step cut the "
-             "previous step's model further and recovered it; "
+             f"Baseline validation top-1: {_pct(budget['reference'])}{source}. Each step cut "
+             "the previous step's model further and recovered it; "
              f"{'the search ended: ' if searched else ''}{budget['stopped']}.", "",
              "| step | MACs removed (%) | validation top-1 (%) | below the baseline | epochs | "
              "model |", "|---:|---:|---:|---:|---:|---|"]

@@ -43,7 +43,7 @@ from .registry import (
     DatasetSpec,
     default_root,
 )
-from .splits import read_split, stratified_split
+from .splits import read_split, split_digests, stratified_split
 from .transforms import SceneDataset, eval_transform, train_transform
 
 __all__ = [
@@ -74,6 +74,7 @@ __all__ = [
     "read_image",
     "read_split",
     "resize_size",
+    "split_digests",
     "stratified_split",
     "train_transform",
     "verify_file",

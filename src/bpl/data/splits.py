@@ -309,6 +309,12 @@ def check_training_classes(split: dict[str, Any]) -> None:
                     n_train, n_train / len(counts), split.get("val_ratio"))
 
 
+def split_digests(split: dict[str, Any]) -> dict[str, str]:
+    """Fingerprints of the images of each part of a split (train, val, test): what tells
+    whether two runs split the data alike."""
+    return {part: _digest(str(r[0]) for r in split.get(part, [])) for part in PARTS}
+
+
 def all_rows(split: dict[str, Any]) -> list[Sequence[Any]]:
     """Every (path, label) row of a split: train, validation and test."""
     return [r for part in PARTS for r in split.get(part, [])]

@@ -209,6 +209,7 @@ def export_checkpoint(
     split: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    int8_range: str = "auto",
 ) -> dict[str, Any]:
     """`bpl export`: a checkpoint to ONNX/TorchScript (fused, BN folded), parity-checked.
 
@@ -218,6 +219,7 @@ def export_checkpoint(
     evaluation's preprocessing, and checked against fp32 on the run's validation split
     (refused beyond ``max_drop`` points unless ``force``). ``split`` and ``overrides``
     (data, data_root, cache_dir, skip_bad) find the run's data as `bpl evaluate` does.
+    ``int8_range``: the weights' range (:func:`~bpl.exporting.choose_int8_range`).
     """
     from ..exporting import export
     from ..predict import onnx_metadata
@@ -234,6 +236,7 @@ def export_checkpoint(
         extra = _int8_inputs(path, meta, size, calibration_data, calibration_images, split,
                              dict(overrides or {}, image_size=size), force, progress)
         extra["max_drop"] = None if force else max_drop
+        extra["int8_range"] = int8_range
     return export(model, torch.randn(1, 3, size, size), out, format=format,
                   verify_tol=verify_tol,
                   metadata=metadata, int8=int8, **extra)

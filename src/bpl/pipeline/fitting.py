@@ -12,8 +12,9 @@ from torch import nn
 
 from .. import distributed
 from ..config import Config
-from ..data import load_dataset
+from ..data import load_dataset, split_digests
 from ..engine import (
+    ANNEALED,
     FitResult,
     LossTerm,
     TrainSettings,
@@ -68,6 +69,10 @@ def run_meta(cfg: Config, data) -> dict[str, Any]:
         "epochs": cfg.epochs,
         "data": cfg.data,
         "data_root": str(Path(cfg.data_root).resolve()) if cfg.data_root else None,
+        # which images the run trained, chose and tested on: `bpl compress` refuses to test
+        # a baseline on images it trained on (another --seed, say)
+        "split": {"seed": cfg.seed, "train_ratio": cfg.train_ratio, "val_ratio": cfg.val_ratio,
+                  "train_subset": cfg.train_subset, **split_digests(data.split)},
     }
 
 
@@ -127,21 +132,26 @@ def select_epoch(cfg: Config, model: nn.Module, run_dir: Path, result: FitResult
             soft: bool = False) -> dict[str, Any]:
     """Load the epoch the run keeps into ``model``; returns what was kept and why.
 
-    ``select="best"``: the epoch of best validation top-1 (``best.pt``); ``"last"``, no
-    validation split, or the soft schedule (whose masks are final only at the end): the
-    last epoch.
+    ``select="best"``: the epoch of best validation top-1 (``best.pt``); ``"annealed"``:
+    the best of the epochs trained at an annealed learning rate (:data:`~bpl.engine.ANNEALED`);
+    ``"last"``, no validation split, no annealed epoch, or the soft schedule (whose masks
+    are final only at the end): the last epoch.
     """
     last = len(result.history)
     if cfg.select == "last" or soft or result.best_val_top1 is None:
         why = ("--select last" if cfg.select == "last" else
                "the soft schedule's pruning masks are final only after the last epoch" if soft
-               else "there is no validation split (--val-ratio 0)")
+               else "there is no validation split (--val-ratio 0)"
+               if not any("val_top1" in row for row in result.history)
+               else f"no epoch was trained at an annealed learning rate (at most "
+                    f"{ANNEALED:g} of the peak), so --select annealed had none to choose")
         return {"epoch": last, "of": last, "why": why}
     if result.best_epoch != last:
         state = load_checkpoint(run_dir / "best.pt", model_only=True)["state_dict"]
         model.load_state_dict(state)
+    among = " among the annealed epochs" if cfg.select == "annealed" else ""
     return {"epoch": result.best_epoch, "of": last,
-            "why": f"best validation top-1 ({result.best_val_top1:.2f}%)",
+            "why": f"best validation top-1{among} ({result.best_val_top1:.2f}%)",
             "val_top1": result.best_val_top1}
 
 

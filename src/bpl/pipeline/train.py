@@ -86,12 +86,15 @@ def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any
 
 
 def _record_schedule(best: Path, result: FitResult, selected: dict[str, Any]) -> None:
-    """Write into ``best.pt`` how long the baseline trained and the learning rate of each
-    epoch up to the one kept: what `bpl compress --recipe rewind` replays."""
+    """Write into ``best.pt`` how long the baseline trained, the learning rate of each
+    epoch up to the one kept (what `bpl compress --recipe rewind` replays) and the rate and
+    validation top-1 of every epoch (what `bpl compress --max-drop` measures against)."""
     if not best.exists():
         return
     payload = load_checkpoint(best, model_only=True)
     payload.setdefault("meta", {}).update(
         epochs=result.epochs, kept_epoch=selected["epoch"],
-        lr_curve=[row["lr"] for row in result.history[: selected["epoch"]]])
+        lr_curve=[row["lr"] for row in result.history[: selected["epoch"]]],
+        curves={"lr": [row["lr"] for row in result.history],
+                "val_top1": [row.get("val_top1") for row in result.history]})
     atomic_save(payload, best)
