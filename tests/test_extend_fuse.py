@@ -152,8 +152,13 @@ def test_split_init_is_exact_and_trains_both_kernels_from_the_first_step():
     x = torch.randn(4, 3, 32, 32)
     student = bpl.extend(model, init="split")
     blocks = bpl.partner_blocks(student)
-    # exact in eval mode and in training mode (same batch statistics in both branches)
-    assert bpl.relative_error(model.eval(), student.eval(), x) <= 1e-6
+    # exact in eval mode (split in float64: rounding only; in float32 the split scales and
+    # the kernels round, 1.4e-6 on an AVX2-only AMD EPYC, under 1e-6 on a Xeon) and in
+    # training mode (same batch statistics in both branches)
+    wide = copy.deepcopy(model).double().eval()
+    exact = bpl.relative_error(wide, bpl.extend(copy.deepcopy(wide), init="split"), x.double())
+    assert exact <= 1e-9
+    assert bpl.relative_error(model.eval(), student.eval(), x) <= 1e-5
     model.train(), student.train()
     assert torch.allclose(model(x), student(x), rtol=1e-4, atol=1e-5)
     b = blocks[0][1]
