@@ -634,7 +634,7 @@ def fit(
             for hook in hooks:
                 hook.epoch_end(epoch)
             lr = row["lr"]
-            annealed = lr <= ANNEALED * peak and lr <= before  # before: the epoch's start rate
+            annealed = is_annealed(lr, before, peak)  # before: the epoch's start rate
             before = lr
             candidate = settings.select == "best" or (settings.select == "annealed" and (
                 annealed or not anneals))
@@ -710,6 +710,12 @@ def _peak_lr(settings: TrainSettings) -> tuple[float, bool]:
     return settings.lr, settings.schedule != "constant"
 
 
+def is_annealed(lr: float, before: float, peak: float) -> bool:
+    """Whether an epoch that ended at rate ``lr`` (having begun at ``before``) was trained at
+    an annealed rate: at most :data:`ANNEALED` of ``peak``, and not rising."""
+    return lr <= ANNEALED * peak and lr <= before
+
+
 def annealed_best(history: Sequence[Mapping[str, Any]], peak: float | None = None
                   ) -> tuple[int, float] | None:
     """(epoch, validation top-1) of the best epoch of ``history`` trained at an annealed
@@ -724,7 +730,7 @@ def annealed_best(history: Sequence[Mapping[str, Any]], peak: float | None = Non
     before = 0.0  # the first epoch's start rate is not in the history: it is not counted
     for epoch, (row, lr) in enumerate(zip(history, rates, strict=True), start=1):
         top1 = row.get("val_top1")
-        if lr <= ANNEALED * peak and lr <= before and top1 is not None and (
+        if is_annealed(lr, before, peak) and top1 is not None and (
                 best is None or top1 > best[1]):
             best = (epoch, float(top1))
         before = lr
