@@ -212,16 +212,9 @@ def split_counts(dataset: str, data_root: str | Path | None, seed: int,
                  ) -> dict[str, int]:
     """Image counts of one seed's split of a registered dataset (scans the folder; decodes
     nothing). The bundled digits need no folder."""
-    from bpl.data import DATASETS
-    from bpl.data.download import resolve_root
-    from bpl.data.load import _digits_split
-    from bpl.data.splits import make_split
+    from bpl.data import draw_split
 
-    if dataset == "digits":
-        split = _digits_split(seed, train_ratio, val_ratio, train_subset)
-    else:
-        spec = DATASETS[dataset]
-        split = make_split(spec, resolve_root(spec, Path(data_root), False), seed, train_ratio,
-                           val_ratio, train_subset)
+    split = draw_split(dataset, data_root, seed=seed, train_ratio=train_ratio,
+                       val_ratio=val_ratio, train_subset=train_subset)
     return {"classes": len(split["classes"]), "train": len(split["train"]),
             "val": len(split["val"]), "test": len(split["test"])}

@@ -176,7 +176,7 @@ def make_record(settings: dict[str, Any], job: Job) -> dict[str, Any]:
     """The few numbers of a finished run that the report needs, from its metrics.json."""
     metrics = json.loads((run_dir(settings, job) / "metrics.json").read_text())
     return {**record_of(metrics, job.dataset, job.seed, job.name), "options": job.options,
-            "machine": machine(), "device": _device_name(job.options.get("device", "auto"))}
+            "threads": settings["threads"], "machine": machine(), "device": _device_name(job.options.get("device", "auto"))}
 
 
 def record_of(metrics: dict[str, Any], dataset: str, seed: int, name: str) -> dict[str, Any]:
@@ -218,7 +218,7 @@ def no_step_within(settings: dict[str, Any], job: Job) -> dict[str, Any] | None:
             "baseline_val_top1": None, "baseline_test_top1": None, "steps": steps,
             "epochs_all": sum(st.get("epochs_trained", 0) for st in steps),
             "train_time_s": sum(st.get("train_time_s", 0.0) for st in steps),
-            "options": job.options, "machine": machine(),
+            "options": job.options, "threads": settings["threads"], "machine": machine(),
             "device": _device_name(job.options.get("device", "auto"))}
 
 
@@ -824,8 +824,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+",
                    help="run (or size) only these of the config's seeds")
     p.add_argument("--datasets", nargs="+", help="run (or size) only these of its datasets")
+    p.add_argument("--threads", type=int,
+                   help="torch threads of each run, over the config's (a run's record keeps it)")
     args = p.parse_args(argv)
     settings = load_settings(args.config)
+    if args.threads is not None:  # one job on both cores: a seed's chain fits one session
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be at least 1, got {args.threads}")
+        settings = {**settings, "threads": args.threads}
     if args.seeds or args.datasets:  # a part of the study (one session's share, say)
         settings = only(settings, args.seeds, args.datasets)
     if args.pack:
@@ -843,6 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                         "metrics.json").exists():
                 old = json.loads(record_path(settings, job).read_text())
                 rec = {**old, **make_record(settings, job), "machine": old.get("machine"),
+                       "threads": old.get("threads"),
                        "device": old.get("device")}
                 atomic_write_text(record_path(settings, job), json.dumps(rec, indent=1) + "\n")
         return 0

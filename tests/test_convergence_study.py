@@ -49,6 +49,7 @@ def test_study_runs_baselines_then_recoveries_resumes_and_reports(tmp_path, caps
     assert study.main(["--config", str(config), "--jobs", "2", "--records", str(lines)]) == 0
     records = [json.loads(line) for line in lines.read_text().splitlines()]
     assert len(records) == 10 and len(list((tmp_path / "results" / "records").glob("*.json"))) == 10
+    assert {r["threads"] for r in records} == {1}  # each record says how many threads ran it
     by = {(r["seed"], r["name"], r["command"]): r for r in records}
     auto = by[(0, "auto", "train")]
     assert auto["epochs_trained"] <= 3 and auto["stopped"] and len(auto["lr"]) == auto["epochs_trained"]
@@ -290,3 +291,16 @@ def test_a_session_can_run_part_of_the_study():
         study.only(settings, [7], None)
     with pytest.raises(SystemExit, match="dataset nwpu is not in the config"):
         study.only(settings, None, ["nwpu"])
+
+
+def test_threads_override_the_configs_for_every_run_it_starts(tmp_path, monkeypatch):
+    study = _load_script()
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({"datasets": {"digits": {"data": "digits"}}, "threads": 1}))
+    seen = []
+    monkeypatch.setattr(study, "execute", lambda settings, **kw: seen.append(settings) or 0)
+    assert study.main(["--config", str(config), "--threads", "2"]) == 0
+    assert seen[-1]["threads"] == 2 and study._run_env(seen[-1])["OMP_NUM_THREADS"] == "2"
+    assert study.main(["--config", str(config)]) == 0 and seen[-1]["threads"] == 1
+    with pytest.raises(SystemExit, match="--threads must be at least 1"):
+        study.main(["--config", str(config), "--threads", "0"])

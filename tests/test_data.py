@@ -188,6 +188,23 @@ def test_load_dataset_split_seed_and_ratio(tmp_path):
     assert len(half["train"]) == len(half["test"]) == 10
 
 
+
+@pytest.mark.parametrize("name", ["imagefolder", "digits"])
+def test_draw_split_is_the_split_a_new_run_draws_and_decodes_nothing(tmp_path, monkeypatch,
+                                                                     name):
+    root = _tree(tmp_path / "ds", {"a": 10, "b": 12}, size=(4, 4)) if name != "digits" else None
+    kw = {"seed": 3, "val_ratio": 0.2, "train_subset": 0.8}
+    loaded = load_dataset(name, root, image_size=8, cache=False, **kw).split
+    reads = _count_reads(monkeypatch)
+    drawn = bd.draw_split(name, root, **kw)
+    assert reads == []  # it lists the files; it opens none
+    for part in ("classes", "train", "val", "test"):
+        assert [list(r) for r in drawn[part]] == [list(r) for r in loaded[part]], part
+    assert drawn["val"] and drawn["train"] != bd.draw_split(name, root, **{**kw, "seed": 4})["train"]
+    if name != "digits":
+        with pytest.raises(BPLError, match="nowhere"):
+            bd.draw_split(name, tmp_path / "nowhere", **kw)
+
 def test_presplit_train_val_tree(tmp_path):
     root = tmp_path / "ds"
     _tree(root / "train", {"x": 3, "y": 2}, size=(4, 4))

@@ -17,7 +17,7 @@ from typing import Any
 from .data.cache import CACHE_MODES, DEFAULT_BUDGET, check_cache
 from .data.splits import check_ratios
 from .diversity import COMPARISONS, GRANULARITIES
-from .engine import SCHEDULES, VALIDATED, TrainSettings
+from .engine import SCHEDULES, SELECT, VALIDATED, TrainSettings
 from .errors import NOTHING, BPLError, wording
 from .extension import PLACEMENTS  # where partners go: the paper's 3x3/5x5 convs, or all
 from .partners import INITS, PARTNER_KINDS, partner_kind
@@ -45,10 +45,6 @@ __all__ = [
     "resolve_config",
     "resume_config",
 ]
-
-#: Which epoch a training run keeps: the best on the validation split, or the last.
-SELECT: tuple[str, ...] = ("best", "annealed", "last")
-
 
 @dataclass
 class Config(TrainSettings):

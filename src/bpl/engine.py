@@ -44,6 +44,7 @@ from .precision import Precision, choose_precision
 
 __all__ = [
     "SCHEDULES",
+    "SELECT",
     "EpochHook",
     "FitResult",
     "Cycles",
@@ -80,6 +81,9 @@ VALIDATED: tuple[str, ...] = ("plateau", "cycles")
 #: are not annealed): the last ~20% of a cosine, each cycle's tail, the epochs after a
 #: 10x decay. ``select="annealed"`` keeps the best of these.
 ANNEALED = 0.1
+#: Which epoch a run keeps (``TrainSettings.select``): the best on the validation split,
+#: the best of the annealed epochs, or the last.
+SELECT: tuple[str, ...] = ("best", "annealed", "last")
 
 
 @dataclass
@@ -618,8 +622,8 @@ def fit(
     if settings.compile:
         check_compile(device)
         net = torch.compile(net)  # training steps only; evaluation and checkpoints use `model`
-    if settings.select not in ("best", "annealed", "last"):
-        raise BPLError(f"select must be best, annealed or last, got {settings.select!r}")
+    if settings.select not in SELECT:
+        raise BPLError(f"select must be one of {', '.join(SELECT)}, got {settings.select!r}")
     peak, anneals = _peak_lr(settings)
     before = (result.history[-1]["lr"] if result.history
               else settings.lr * _lr_lambda(settings, len(train_loader), plateau)(0))

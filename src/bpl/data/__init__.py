@@ -33,7 +33,7 @@ from .images import (
     read_image,
     resize_size,
 )
-from .load import SceneData, load_dataset
+from .load import SceneData, draw_split, load_dataset
 from .registry import (
     DATASETS,
     IMAGENET_MEAN,
@@ -68,6 +68,7 @@ __all__ = [
     "default_cache_dir",
     "default_root",
     "download_and_extract",
+    "draw_split",
     "eval_transform",
     "list_caches",
     "load_dataset",

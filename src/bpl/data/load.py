@@ -236,6 +236,25 @@ def load_dataset(
     return data
 
 
+def draw_split(
+    name: str = "digits",
+    root: str | Path | None = None,
+    *,
+    seed: int = 0,
+    train_ratio: float | None = None,
+    val_ratio: float = 0.1,
+    train_subset: float | None = None,
+) -> dict[str, Any]:
+    """The split :func:`load_dataset` draws for a new run with the same arguments: which
+    images are for training, validation and test. It lists the folder and decodes and
+    downloads nothing, so a study can count a split's images before it runs."""
+    spec = get_spec(name)
+    if spec.name == "digits":
+        return _digits_split(seed, train_ratio, val_ratio, train_subset)
+    return _locate(spec, root, None, None, seed, train_ratio, False, val_ratio, train_subset,
+                   False)[1]
+
+
 def _indices(rows: Sequence[Sequence[Any]], index: dict[str, int], where: Path | None) -> list[int]:
     """Positions in the image source of a split's rows (a foreign split file fails clearly)."""
     try:

@@ -17,7 +17,6 @@ from torch import nn
 
 from .. import distributed
 from ..config import Config, strategy_of
-from ..data import read_split, split_digests
 from ..distill import Distillation
 from ..diversity import Diversity
 from ..engine import (
@@ -29,7 +28,6 @@ from ..engine import (
 )
 from ..errors import BPLError, CheckpointError
 from ..extension import extend, partner_blocks
-from ..files import atomic_write_text
 from ..fusion import fuse
 from ..models import (
     baseline_from_weights,
@@ -52,7 +50,9 @@ from ..pruning import (
 from ..report import write_budget_curve, write_json, write_report
 from ..verification import verify
 from .fitting import (
+    adopt_baseline_split,
     check_processes,
+    check_same_split,
     evaluate_split,
     example_input,
     fit_run,
@@ -154,7 +154,7 @@ def _prepare(cfg: Config, run_dir: Path, baseline: nn.Module | None, base_meta: 
              progress: bool):
     """The data of a compress run and the baseline, checked against each other."""
     if distributed.current().is_main:
-        _adopt_baseline_split(cfg, run_dir, base_meta)
+        adopt_baseline_split(cfg, run_dir, base_meta)
     data = load_data(cfg, run_dir, progress)
     if baseline is None:  # a weights file: the stock --arch for this data, strictly loaded
         baseline = baseline_from_weights(cfg.arch, data.num_classes, cfg.baseline)
@@ -168,54 +168,6 @@ def _prepare(cfg: Config, run_dir: Path, baseline: nn.Module | None, base_meta: 
         )
     _check_baseline_fits(cfg, base_meta, data)
     return data, baseline, run_meta(cfg, data)
-
-
-def _same_data(cfg: Config, base_meta: dict[str, Any]) -> bool:
-    """Whether this run reads the data the baseline was trained on (same dataset, same root)."""
-    root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
-    return base_meta.get("data") == cfg.data and base_meta.get("data_root") == root
-
-
-def _adopt_baseline_split(cfg: Config, run_dir: Path, base_meta: dict[str, Any]) -> None:
-    """Start a new run from the baseline's own split (``split.json`` beside its checkpoint,
-    as `bpl evaluate` and `bpl export` read it) when this run reads the same data with the
-    same ratios: its test images are then exactly the baseline's, whatever ``--seed``
-    (which then only seeds the training)."""
-    target = run_dir / "split.json"
-    source = Path(cfg.baseline).parent / "split.json" if cfg.baseline else None
-    if target.exists() or source is None or not source.is_file() or not _same_data(cfg, base_meta):
-        return
-    split = read_split(source)
-    asked = {"val_ratio": cfg.val_ratio, "train_subset": cfg.train_subset}
-    if cfg.train_ratio is not None:
-        asked["train_ratio"] = cfg.train_ratio
-    if any(split.get(k) != v for k, v in asked.items()):
-        return  # another split asked for: made by --seed, and checked (_check_same_split)
-    atomic_write_text(target, source.read_text())
-    log.info("using the baseline's split (%s): the same training, validation and test images",
-             source)
-
-
-def _check_same_split(cfg: Config, base_meta: dict[str, Any], data) -> None:
-    """Refuse to test a baseline on another split than it was trained with (its training
-    images would be scored as test images); say so when only its validation part differs
-    (validation could then hold images it trained on). Baselines that do not record their
-    split (bpl 0.2 and earlier, other tools) are not checked."""
-    theirs = base_meta.get("split")
-    if not theirs or not _same_data(cfg, base_meta):
-        return
-    ours = split_digests(data.split)
-    how = ", ".join(f"--{k.replace('_', '-')} {theirs[k]}" for k in ("seed", "val_ratio",
-                                                                      "train_subset")
-                    if theirs.get(k) is not None)
-    if ours["test"] != theirs["test"]:
-        raise BPLError(f"{cfg.baseline} was trained on another split of the data ({how}) than "
-                       "this run's: images it trained on would be scored as test images; "
-                       f"pass the options it was split with ({how})")
-    if ours["val"] != theirs.get("val"):
-        log.warning("%s was validated on other images than this run's validation split (it "
-                    "was split with %s): validation may score images it trained on",
-                    cfg.baseline, how)
 
 
 def _loss_terms(cfg: Config, student: nn.Module, baseline: nn.Module) -> dict[str, LossTerm]:
@@ -556,7 +508,7 @@ def _check_baseline_fits(cfg: Config, base_meta: dict[str, Any], data) -> None:
             f"has [{show(list(data.classes))}]; pass the baseline trained on this data, or the "
             "--data-root it was trained on"
         )
-    _check_same_split(cfg, base_meta, data)
+    check_same_split(cfg, base_meta, data)
     size = base_meta.get("image_size")
     if size and size != cfg.image_size:
         log.warning("the baseline was trained at %d px but this run uses --image-size %d: "

@@ -1,5 +1,6 @@
-"""Training a model inside a run: its data, settings, resumable fit, epoch choice and test,
-shared by `bpl train` and `bpl compress`."""
+"""Training a model inside a run: its data (and a compress run's reuse of its baseline's
+split), settings, resumable fit, epoch choice and test, shared by `bpl train` and
+`bpl compress`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from .. import distributed
 from ..config import Config
-from ..data import load_dataset, split_digests
+from ..data import load_dataset, read_split, split_digests
 from ..engine import (
     ANNEALED,
     FitResult,
@@ -24,6 +25,7 @@ from ..engine import (
     select_device,
 )
 from ..errors import BPLError
+from ..files import atomic_write_text
 from ..models import (
     load_checkpoint,
     model_payload,
@@ -58,6 +60,54 @@ def load_data(cfg: Config, run_dir: Path, progress: bool = True):
             progress=progress,
         )
     return data
+
+
+def same_data(cfg: Config, base_meta: dict[str, Any]) -> bool:
+    """Whether this run reads the data the baseline was trained on (same dataset, same root)."""
+    root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
+    return base_meta.get("data") == cfg.data and base_meta.get("data_root") == root
+
+
+def adopt_baseline_split(cfg: Config, run_dir: Path, base_meta: dict[str, Any]) -> None:
+    """Start a new run from the baseline's own split (``split.json`` beside its checkpoint,
+    as `bpl evaluate` and `bpl export` read it) when this run reads the same data with the
+    same ratios: its test images are then exactly the baseline's, whatever ``--seed``
+    (which then only seeds the training)."""
+    target = run_dir / "split.json"
+    source = Path(cfg.baseline).parent / "split.json" if cfg.baseline else None
+    if target.exists() or source is None or not source.is_file() or not same_data(cfg, base_meta):
+        return
+    split = read_split(source)
+    asked = {"val_ratio": cfg.val_ratio, "train_subset": cfg.train_subset}
+    if cfg.train_ratio is not None:
+        asked["train_ratio"] = cfg.train_ratio
+    if any(split.get(k) != v for k, v in asked.items()):
+        return  # another split asked for: made by --seed, and checked (check_same_split)
+    atomic_write_text(target, source.read_text())
+    log.info("using the baseline's split (%s): the same training, validation and test images",
+             source)
+
+
+def check_same_split(cfg: Config, base_meta: dict[str, Any], data) -> None:
+    """Refuse to test a baseline on another split than it was trained with (its training
+    images would be scored as test images); say so when only its validation part differs
+    (validation could then hold images it trained on). Baselines that do not record their
+    split (bpl 0.2 and earlier, other tools) are not checked."""
+    theirs = base_meta.get("split")
+    if not theirs or not same_data(cfg, base_meta):
+        return
+    ours = split_digests(data.split)
+    how = ", ".join(f"--{k.replace('_', '-')} {theirs[k]}" for k in ("seed", "val_ratio",
+                                                                      "train_subset")
+                    if theirs.get(k) is not None)
+    if ours["test"] != theirs["test"]:
+        raise BPLError(f"{cfg.baseline} was trained on another split of the data ({how}) than "
+                       "this run's: images it trained on would be scored as test images; "
+                       f"pass the options it was split with ({how})")
+    if ours["val"] != theirs.get("val"):
+        log.warning("%s was validated on other images than this run's validation split (it "
+                    "was split with %s): validation may score images it trained on",
+                    cfg.baseline, how)
 
 
 def run_meta(cfg: Config, data) -> dict[str, Any]:
