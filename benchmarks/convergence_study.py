@@ -70,6 +70,11 @@ DEFAULTS: dict[str, Any] = {
     # protocol, seed and split), e.g. the recovery study's 40-epoch baselines:
     # benchmarks/results/recovery/records/{dataset}__seed{seed}__baseline.json
     "imported": {},
+    # the issue's goals for a recovery, checked in the report: test top-1 at most
+    # `mean_drop` points below its own baseline on average, the 95% interval's lower end
+    # above -`lower_end`, at no more than `compute` times the epochs of `compute_of`
+    # (None: no goals section)
+    "goals": None,
 }
 
 
@@ -713,7 +718,81 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
             lines += [f"| {n} | {e['equal']} | {_cell(e['val_vs_equal'])} | "
                       f"{_cell(e['test_vs_equal'])} |" for n, e in equal.items()]
             lines.append("")
+        if settings.get("goals"):
+            lines += goals_markdown(settings, records, dataset)
     return "\n".join(lines) + "\n"
+
+
+def mac_epochs(record: dict[str, Any]) -> float | None:
+    """A recovery's training compute in epochs of the unpruned model: each step's epochs
+    times the fraction of the MACs its model kept (training costs about 3x a forward pass
+    whatever the model, so ratios of this are ratios of training compute). One cut: its
+    epochs x (1 - MACs removed); 4 cuts of 10 epochs cost more than 40 epochs after one
+    cut, since the first steps train larger models."""
+    steps = record.get("steps") or []
+    if steps and all(st.get("epochs_trained") is not None for st in steps):
+        return sum(st["epochs_trained"] * (1 - st["macs_reduction"]) for st in steps)
+    options = record.get("options") or {}
+    stepped = record.get("step_tests") or []
+    if stepped and isinstance(options.get("epochs"), int):  # --prune-steps: epochs per step
+        return sum(options["epochs"] * (1 - st["macs_reduction"]) for st in stepped)
+    if int(options.get("prune_steps", 1)) > 1 or record.get("macs_reduction") is None:
+        return None  # a stepwise run without its steps' sizes (run --step-tests)
+    return record["epochs_all"] * (1 - record["macs_reduction"])
+
+
+def goal_rows(settings: dict[str, Any], records: list[dict[str, Any]], dataset: str
+              ) -> list[dict[str, Any]]:
+    """Each fixed-target recovery against the config's goals on one dataset: its test (and,
+    to choose by, validation) top-1 minus its own baseline, and its training compute
+    (:func:`mac_epochs`) over ``goals["compute_of"]``'s, paired by seed. Seconds are not
+    compared: the runs of one seed shared the cores with other jobs to different degrees."""
+    goals = settings["goals"]
+    rows = [r for r in records if r["dataset"] == dataset]
+    of = {r["seed"]: r for r in rows if r["name"] == goals["compute_of"]}
+    out = []
+    for name, options in settings["recoveries"].items():
+        mine = [r for r in rows if r["name"] == name and r.get("test_top1") is not None
+                and r.get("baseline_test_top1") is not None]
+        if not mine or options.get("max_drop") is not None:
+            continue
+        test = ci95([r["test_top1"] - r["baseline_test_top1"] for r in mine])
+        val = ci95([r["val_top1"] - r["baseline_val_top1"] for r in mine
+                    if r.get("val_top1") is not None and r.get("baseline_val_top1") is not None])
+        cost = [mac_epochs(r) / mac_epochs(of[r["seed"]]) for r in mine
+                if r["seed"] in of and mac_epochs(r) and mac_epochs(of[r["seed"]])]
+        lower = None if test["ci95"] is None else float(test["mean"] - test["ci95"])
+        accuracy = bool(test["mean"] >= -goals["mean_drop"] and lower is not None
+                        and lower > -goals["lower_end"])
+        ratio = statistics.fmean(cost) if cost else None
+        out.append({"name": name, "runs": len(mine), "test": test, "test_lower": lower,
+                    "val": val, "compute_ratio": ratio, "accuracy_goal": accuracy,
+                    "compute_goal": None if ratio is None else ratio <= goals["compute"]})
+    return out
+
+
+def goals_markdown(settings: dict[str, Any], records: list[dict[str, Any]], dataset: str
+                   ) -> list[str]:
+    goals = settings["goals"]
+    rows = goal_rows(settings, records, dataset)
+    if not rows:
+        return []
+    lines = [f"Against the goals: test top-1 at most {goals['mean_drop']:g} point(s) below "
+             f"the run's own baseline on average with the 95% interval's lower end above "
+             f"-{goals['lower_end']:g}, at no more than {goals['compute']:g}x the training "
+             f"compute of `{goals['compute_of']}` (more only where the extra epochs bought "
+             "accuracy). Compute is each step's epochs times the MACs its model kept. "
+             "Validation is the column to choose by; test checks the goal once.", "",
+             "| run | seeds | val minus baseline | test minus baseline | test lower end | "
+             "accuracy goal | compute / " + goals["compute_of"] + "'s |",
+             "|---|---:|---:|---:|---:|---|---:|"]
+    for row in rows:
+        met = ("too few seeds" if row["test_lower"] is None
+               else "met" if row["accuracy_goal"] else "missed")
+        lines.append(
+            f"| {row['name']} | {row['runs']} | {_cell(row['val'])} | {_cell(row['test'])} | "
+            f"{_num(row['test_lower'], '+.2f')} | {met} | {_num(row['compute_ratio'], '.1f')} |")
+    return [*lines, ""]
 
 
 def step_tests(settings: dict[str, Any], python: str = sys.executable) -> int:

@@ -304,3 +304,42 @@ def test_threads_override_the_configs_for_every_run_it_starts(tmp_path, monkeypa
     assert study.main(["--config", str(config)]) == 0 and seen[-1]["threads"] == 1
     with pytest.raises(SystemExit, match="--threads must be at least 1"):
         study.main(["--config", str(config), "--threads", "0"])
+
+
+def test_goals_pair_each_recovery_with_its_baseline_and_count_compute_in_mac_epochs():
+    study = _load_script()
+    settings = {**study.DEFAULTS, "datasets": {"d": {}},
+                "recoveries": {"c10": {"epochs": 10}, "c40": {"epochs": 40},
+                               "s4": {"epochs": 10, "prune_steps": 4},
+                               "md": {"epochs": 40, "max_drop": 1.0}},
+                "goals": {"mean_drop": 1.0, "lower_end": 2.0, "compute": 3.0,
+                          "compute_of": "c10"}}
+
+    def rec(name, seed, test, **extra):
+        return {"dataset": "d", "seed": seed, "name": name, "test_top1": test,
+                "val_top1": test, "baseline_test_top1": 90.0, "baseline_val_top1": 90.0,
+                "macs_reduction": 0.9, "options": settings["recoveries"][name],
+                "epochs_all": settings["recoveries"][name]["epochs"], **extra}
+
+    steps = [{"macs_reduction": m} for m in (0.5, 0.7, 0.8, 0.9)]
+    records = [*(rec("c10", s, 86.0 + s) for s in range(3)),
+               *(rec("c40", s, t) for s, t in enumerate((89.5, 90.0, 90.5))),
+               *(rec("s4", s, 89.0, step_tests=steps, epochs_all=40) for s in range(3)),
+               rec("md", 0, 89.0)]
+    assert study.mac_epochs(records[0]) == pytest.approx(1.0)  # 10 epochs at a tenth
+    # 4 cuts of 10 epochs: 10 x (0.5 + 0.3 + 0.2 + 0.1) = 11 unpruned epochs, 11x c10's
+    assert study.mac_epochs(records[6]) == pytest.approx(11.0)
+    assert study.mac_epochs({**records[6], "step_tests": None}) is None  # sizes unknown
+    rows = {r["name"]: r for r in study.goal_rows(settings, records, "d")}
+    assert set(rows) == {"c10", "c40", "s4"}  # a budgeted run has no fixed cut to judge
+    c40 = rows["c40"]
+    assert c40["test"]["mean"] == pytest.approx(0.0) and c40["accuracy_goal"]
+    assert c40["test_lower"] == pytest.approx(-c40["test"]["ci95"])
+    assert c40["compute_ratio"] == pytest.approx(4.0) and c40["compute_goal"] is False
+    assert not rows["c10"]["accuracy_goal"] and rows["c10"]["compute_goal"]  # -3 on average
+    assert rows["s4"]["compute_ratio"] == pytest.approx(11.0)
+    # a mean within a point but an interval reaching below -2 misses the goal
+    wide = [rec("c40", s, t) for s, t in enumerate((86.0, 90.0, 92.0))]
+    assert study.goal_rows(settings, [*records[:3], *wide], "d")[1]["accuracy_goal"] is False
+    md = "\n".join(study.goals_markdown(settings, records, "d"))
+    assert "| c40 | 3 |" in md and "| met | 4.0 |" in md
