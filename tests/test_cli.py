@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import bpl
 from bpl.cli import main
@@ -794,6 +795,41 @@ def _rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
         ya, yb = a(X16), b(X16)
     return float((ya - yb).abs().max() / ya.abs().max())
 
+
+
+def _own(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's own modules, its partners' left out."""
+    return {n: m for n, m in model.named_modules() if "partner" not in n and "branches" not in n}
+
+
+def _fresh(model: nn.Module) -> bool:
+    """Whether every BN of ``model`` (not of its partners) is as torchvision initialises it
+    (scale 1, shift 0, running mean 0 and variance 1): a trained baseline's never are."""
+    bns = [m for m in _own(model).values() if isinstance(m, nn.BatchNorm2d)]
+    return bool(bns) and all(
+        torch.all(m.weight == 1) and torch.all(m.bias == 0) and torch.all(m.running_mean == 0)
+        and torch.all(m.running_var == 1) for m in bns)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_from_scratch_trains_the_same_architecture_from_fresh_weights(baseline, tmp_path,
+                                                                      monkeypatch, soft):
+    flags = ["--soft"] if soft else ["--no-partners"]  # the soft recipe always has partners
+    kept = _start_of_training(monkeypatch, baseline, tmp_path, *flags)
+    fresh = _start_of_training(monkeypatch, baseline, tmp_path, *flags, "--from-scratch")
+    kept, fresh, pruned = kept["student"], fresh["student"], kept.get("pruned")
+    # the same architecture (the pruned one, or the full width the soft recipe masks) ...
+    assert {k: v.shape for k, v in kept.state_dict().items()} == {
+        k: v.shape for k, v in fresh.state_dict().items()}
+    # ... which without the flag starts from the trained weights ...
+    if not soft:
+        assert all(torch.equal(v, pruned.state_dict()[k]) for k, v in kept.state_dict().items())
+    assert not _fresh(kept)
+    # ... and with it from fresh ones: new conv kernels, BNs as initialised
+    assert _fresh(fresh)
+    convs = [n for n, m in _own(kept).items() if isinstance(m, nn.Conv2d)]
+    assert convs and all(not torch.equal(_own(kept)[n].weight, _own(fresh)[n].weight)
+                         for n in convs)
 
 @pytest.mark.parametrize("init, exact", [("preserve", True), ("split", True), ("paper", False)])
 def test_init_sets_where_the_partners_start(baseline, tmp_path, monkeypatch, init, exact):
