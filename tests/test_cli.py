@@ -421,8 +421,27 @@ def test_a_criterion_registered_in_one_place_serves_hard_and_soft_pruning(
         assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--epochs", "1",
                        "--flops-reduction", "0.5", "--importance", "reversed", *extra,
                        "--out", out) == 0
-        assert calls, extra  # the criterion ranked the channels
+        assert calls, extra  # the criterion was asked
         assert json.loads((out / "config.json").read_text())["importance"] == "reversed"
+    # and its ranking decided: the first channels go, the last stay
+    seen = _start_of_training(monkeypatch, baseline, tmp_path, "--importance", "reversed",
+                              "--no-partners", "--round-to", "1")
+    monkeypatch.setitem(imp._CRITERIA, "reversed", Reversed)
+    base = dict(load_model(baseline / "last.pt")[0].named_modules())
+    convs = [(base[n].weight, m.weight) for n, m in seen["pruned"].named_modules()
+             if isinstance(m, nn.Conv2d) and m.groups == 1]
+    assert convs and any(b.shape[0] > p.shape[0] for b, p in convs)
+    # every conv kept its last filters, over the last channels of its input
+    assert all(torch.equal(p, b[b.shape[0] - p.shape[0]:, b.shape[1] - p.shape[1]:])
+               for b, p in convs)
+    soft = _start_of_training(monkeypatch, baseline, tmp_path, "--importance", "reversed",
+                              "--soft")["hooks"][0]
+    soft.update()  # the first pick (at the end of the first epoch)
+    masks = soft.masks
+    assert any(not keep.all() for keep in masks.values())
+    for keep in masks.values():
+        dropped = int((~keep).sum())
+        assert not keep[:dropped].any() and keep[dropped:].all()
 
 
 def test_a_bad_granularity_in_a_config_file_is_refused_before_loading_data(
@@ -443,8 +462,11 @@ def test_importance_choices_are_the_library_criteria():
     from bpl.cli import build_parser
     from bpl.pruning import IMPORTANCES
 
-    args = build_parser().parse_args(["compress", "--importance", IMPORTANCES[-1]])
-    assert args.importance == IMPORTANCES[-1]
+    parser = build_parser()
+    for name in IMPORTANCES:  # every library criterion is a choice of the flag
+        assert parser.parse_args(["compress", "--importance", name]).importance == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compress", "--importance", "no-such-criterion"])
 
 
 def test_corrupt_and_mismatched_checkpoints(tmp_path, baseline, capsys):
@@ -852,6 +874,20 @@ def test_init_sets_where_the_partners_start(baseline, tmp_path, monkeypatch, ini
             assert torch.all(scale == 0.5)
             assert not torch.equal(b.partner_conv.weight, b.conv.weight)
 
+
+
+@pytest.mark.parametrize("compare", ["raw", "functional"])
+def test_diversity_compare_sets_what_the_term_compares(baseline, tmp_path, monkeypatch, compare):
+    import types
+
+    seen = _start_of_training(monkeypatch, baseline, tmp_path, "--partner", "diverse",
+                              "--init", "paper", "--diversity-compare", compare)
+    student = seen["student"]
+    term = float(seen["terms"]["diversity"](types.SimpleNamespace(model=student)))
+    want = {c: float(bpl.diversity_loss(student, diversity_compare=c))
+            for c in ("raw", "functional")}
+    assert term == pytest.approx(want[compare], rel=1e-5)
+    assert abs(want["raw"] - want["functional"]) > 1e-4  # so the flag, not the default, chose
 
 def test_granularity_and_weight_set_the_diversity_term(baseline, tmp_path, monkeypatch):
     import types

@@ -373,13 +373,27 @@ def test_cache_flags_resolve_and_are_checked():
         resolve_command("train", {"cache": "ram"})
 
 
-def test_bpl_train_reads_from_disk_with_cache_mmap(tmp_path, capsys):
+def test_bpl_train_reads_from_disk_with_cache_mmap(tmp_path, monkeypatch):
+    import bpl.pipeline.fitting
+
     root = _tree(tmp_path / "ds", n_per_class=8)
-    out = tmp_path / "run"
-    assert bpl_main(["train", "--data-root", str(root), "--arch", "tiny_resnet", "--image-size",
-                     "16", "--epochs", "1", "--batch-size", "8", "--cache", "mmap",
-                     "--cache-dir", str(tmp_path / "c"), "--quiet", "--no-latency",
-                     "--out", str(out)]) == 0
-    saved = json.loads((out / "config.json").read_text())
-    assert saved["cache"] == "mmap" and saved["cache_dir"] == str(tmp_path / "c")
+    loaded = []
+    real = bpl.pipeline.fitting.load_dataset
+
+    def spy(*args, **kwargs):  # the data the run trained on
+        loaded.append(real(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(bpl.pipeline.fitting, "load_dataset", spy)
+    for cache in ("mmap", "auto"):
+        out = tmp_path / cache
+        assert bpl_main(["train", "--data-root", str(root), "--arch", "tiny_resnet",
+                         "--image-size", "16", "--epochs", "1", "--batch-size", "8", "--cache",
+                         cache, "--cache-dir", str(tmp_path / "c"), "--quiet", "--no-latency",
+                         "--out", str(out)]) == 0
+        saved = json.loads((out / "config.json").read_text())
+        assert saved["cache"] == cache and saved["cache_dir"] == str(tmp_path / "c")
+    # mmap read the one cache file from disk; auto held the same 16 images in memory
+    assert [d.cache_mode for d in loaded] == ["mmap", "memory"]
+    assert loaded[0].cache_file == loaded[1].cache_file
     assert len(list((tmp_path / "c").glob("*.cache"))) == 1

@@ -180,6 +180,29 @@ def test_the_diversity_loss_reaches_every_branch(kind):
     assert stats["norm_ratio"] > 0
 
 
+
+def test_partner_statistics_read_what_the_partners_hold():
+    """A split start is a copy of the block at half its BN scale (1/3 against 2/3): raw and
+    functional kernels point the same way, the partner's folded kernel is half the block's.
+    Flipping the partner's kernel and its BN scale together changes the raw cosine to -1
+    and nothing the fused model computes."""
+    from conftest import randomize_bn
+
+    student = bpl.extend(randomize_bn(GroupedNet()), init="split").eval()
+    stats = partner_statistics(student)
+    assert stats["raw_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["functional_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["norm_ratio"] == pytest.approx(0.5, rel=1e-4)
+    with torch.no_grad():
+        for _, b in bpl.partner_blocks(student):
+            b.partner_conv.weight.neg_()
+            b.partner_bn.weight.neg_()
+    flipped = partner_statistics(student)
+    assert flipped["raw_cos"] == pytest.approx(-1.0, abs=1e-5)
+    assert flipped["functional_cos"] == pytest.approx(1.0, abs=1e-5)
+    assert flipped["norm_ratio"] == pytest.approx(0.5, rel=1e-4)
+    assert partner_statistics(GroupedNet()) == {}  # no partners, nothing to say
+
 def _train_steps(model, pruner, x, steps):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
