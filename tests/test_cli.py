@@ -883,7 +883,7 @@ def test_diversity_compare_sets_what_the_term_compares(baseline, tmp_path, monke
     seen = _start_of_training(monkeypatch, baseline, tmp_path, "--partner", "diverse",
                               "--init", "paper", "--diversity-compare", compare)
     student = seen["student"]
-    term = float(seen["terms"]["diversity"](types.SimpleNamespace(model=student)))
+    term = float(seen["terms"]["diversity"](types.SimpleNamespace(model=student)).detach())
     want = {c: float(bpl.diversity_loss(student, diversity_compare=c))
             for c in ("raw", "functional")}
     assert term == pytest.approx(want[compare], rel=1e-5)
