@@ -884,7 +884,7 @@ def test_diversity_compare_sets_what_the_term_compares(baseline, tmp_path, monke
                               "--init", "paper", "--diversity-compare", compare)
     student = seen["student"]
     term = float(seen["terms"]["diversity"](types.SimpleNamespace(model=student)).detach())
-    want = {c: float(bpl.diversity_loss(student, diversity_compare=c))
+    want = {c: float(bpl.diversity_loss(student, diversity_compare=c).detach())
             for c in ("raw", "functional")}
     assert term == pytest.approx(want[compare], rel=1e-5)
     assert abs(want["raw"] - want["functional"]) > 1e-4  # so the flag, not the default, chose
