@@ -759,8 +759,8 @@ def goal_rows(settings: dict[str, Any], records: list[dict[str, Any]], dataset: 
         test = ci95([r["test_top1"] - r["baseline_test_top1"] for r in mine])
         val = ci95([r["val_top1"] - r["baseline_val_top1"] for r in mine
                     if r.get("val_top1") is not None and r.get("baseline_val_top1") is not None])
-        cost = [mac_epochs(r) / mac_epochs(of[r["seed"]]) for r in mine
-                if r["seed"] in of and mac_epochs(r) and mac_epochs(of[r["seed"]])]
+        pairs = [(mac_epochs(r), mac_epochs(of[r["seed"]])) for r in mine if r["seed"] in of]
+        cost = [mine_ / theirs for mine_, theirs in pairs if mine_ and theirs]
         lower = None if test["ci95"] is None else float(test["mean"] - test["ci95"])
         accuracy = bool(test["mean"] >= -goals["mean_drop"] and lower is not None
                         and lower > -goals["lower_end"])
