@@ -156,6 +156,7 @@ def test_compress_max_drop_keeps_every_step_and_resumes(baseline, tmp_path, caps
     budget = metrics["budget"]
     steps = budget["steps"]
     kept = budget["chosen_step"]
+    assert metrics["images"]["mode"] == "bundled"
     assert kept >= 1 and all(s["within"] for s in steps[:kept])
     assert len(steps) == kept or not steps[kept]["within"]  # it stopped at the first miss
     assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))

@@ -46,6 +46,7 @@ def test_train_writes_a_run_directory(baseline):
         assert (baseline / name).exists(), name
     metrics = json.loads((baseline / "metrics.json").read_text())
     assert len(metrics["history"]) == 2
+    assert metrics["images"] == {"mode": "bundled", "why": "the digits ship decoded with bpl"}
     assert metrics["final"]["top1"] > 30  # digits learn fast; 10% is chance
     assert json.loads((baseline / "config.json").read_text())["epochs"] == 2
 
@@ -63,6 +64,7 @@ def test_compress_prunes_fuses_and_verifies(compressed, baseline, capsys):
     metrics = json.loads((compressed / "metrics.json").read_text())
     assert abs(metrics["macs_reduction"] - 0.6) <= 0.01
     assert metrics["fusion_error"] <= 1e-5
+    assert metrics["images"]["mode"] == "bundled"  # the digits ship decoded
     assert metrics["models"]["compressed"]["params"] < metrics["models"]["baseline"]["params"]
     # checked here too, not only by the tool: the kept student (partners) against the
     # deployed model (fused), and the MACs of both ends counted afresh

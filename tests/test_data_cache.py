@@ -396,4 +396,9 @@ def test_bpl_train_reads_from_disk_with_cache_mmap(tmp_path, monkeypatch):
     # mmap read the one cache file from disk; auto held the same 16 images in memory
     assert [d.cache_mode for d in loaded] == ["mmap", "memory"]
     assert loaded[0].cache_file == loaded[1].cache_file
+    # and the run's own record says so, with the reason
+    for cache, data in zip(("mmap", "auto"), loaded, strict=True):
+        images = json.loads((tmp_path / cache / "metrics.json").read_text())["images"]
+        assert images == {"mode": data.cache_mode, "why": data.cache_why} and images["why"]
+        assert f"- images read: {data.cache_mode} (" in (tmp_path / cache / "report.md").read_text()
     assert len(list((tmp_path / "c").glob("*.cache"))) == 1

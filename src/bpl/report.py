@@ -407,6 +407,10 @@ def write_report(run_dir: str | Path, metrics: dict[str, Any]) -> Path:
         segments = metrics.get("segments", 1)
         resumed = f" over {segments} segments (the run was resumed)" if segments > 1 else ""
         lines.append(f"- wall time: {metrics['wall_time_s']:.0f} s{resumed}")
+    images = metrics.get("images")
+    if images:
+        why = f" ({images['why']})" if images.get("why") else ""
+        lines.append(f"- images read: {images['mode']}{why}")
     lines += _precision_lines(metrics.get("precision") or [])
     lines.append("")
     lines += _per_class(metrics)

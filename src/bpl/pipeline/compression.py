@@ -56,6 +56,7 @@ from .fitting import (
     evaluate_split,
     example_input,
     fit_run,
+    images_read,
     load_data,
     measure,
     resume_state,
@@ -295,6 +296,7 @@ def _compress(
         wall_time_s=result.earlier_wall_time_s + time.perf_counter() - t0,
         segments=result.segments,
         precision=result.precision,
+        images=images_read(data),
     )
     write_report(run_dir, metrics)
     return metrics
@@ -410,6 +412,7 @@ def _compress_in_steps(
         "stopped": search.stopped, "history": kept["history"], "models": models,
         "macs_reduction": 1 - models["compressed"]["macs"] / models["baseline"]["macs"],
         "wall_time_s": time.perf_counter() - t0, "precision": kept["precision"],
+        "images": images_read(data),
     }
     write_report(run_dir, metrics)
     return metrics

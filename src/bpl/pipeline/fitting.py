@@ -126,6 +126,12 @@ def run_meta(cfg: Config, data) -> dict[str, Any]:
     }
 
 
+def images_read(data) -> dict[str, Any]:
+    """How the run read its images (``memory``, ``mmap``, ``off`` or ``bundled``) and why:
+    kept in ``metrics.json`` so a run's speed can be told apart from its cache's."""
+    return {"mode": data.cache_mode, "why": data.cache_why}
+
+
 def example_input(cfg: Config, batch: int = 1) -> torch.Tensor:
     return torch.randn(batch, 3, cfg.image_size, cfg.image_size)
 

@@ -26,6 +26,7 @@ from .fitting import (
     check_processes,
     evaluate_split,
     fit_run,
+    images_read,
     load_data,
     measure,
     resume_state,
@@ -80,6 +81,7 @@ def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any
         "wall_time_s": result.earlier_wall_time_s + time.perf_counter() - t0,
         "segments": result.segments,
         "precision": result.precision,
+        "images": images_read(data),
     }
     write_report(run_dir, metrics)
     return metrics
