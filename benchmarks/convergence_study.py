@@ -43,7 +43,7 @@ from typing import Any
 import yaml
 
 from bpl.files import atomic_write_text
-from common import ci95, machine, split_counts, time_sgd_step, write_csv
+from common import ci95, machine, saved_partner_stats, split_counts, time_sgd_step, write_csv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,6 +75,9 @@ DEFAULTS: dict[str, Any] = {
     # above -`lower_end`, at no more than `compute` times the epochs of `compute_of`
     # (None: no goals section)
     "goals": None,
+    # the report's heading, and what its recoveries are (the line under the heading)
+    "title": "Recovery that converges (issue 26)",
+    "about": "plain fine-tuning",
 }
 
 
@@ -178,10 +181,23 @@ def record_path(settings: dict[str, Any], job: Job) -> Path:
 
 
 def make_record(settings: dict[str, Any], job: Job) -> dict[str, Any]:
-    """The few numbers of a finished run that the report needs, from its metrics.json."""
-    metrics = json.loads((run_dir(settings, job) / "metrics.json").read_text())
-    return {**record_of(metrics, job.dataset, job.seed, job.name), "options": job.options,
-            "threads": settings["threads"], "machine": machine(), "device": _device_name(job.options.get("device", "auto"))}
+    """The few numbers of a finished run that the report needs, from its metrics.json, and
+    what its partners learned (a one-shot compress run with partners)."""
+    folder = run_dir(settings, job)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    rec = {**record_of(metrics, job.dataset, job.seed, job.name), "options": job.options,
+           "threads": settings["threads"], "machine": machine(),
+           "device": _device_name(job.options.get("device", "auto"))}
+    if with_partners(job):
+        rec.update(saved_partner_stats(folder))
+    return rec
+
+
+def with_partners(job: Job) -> bool:
+    """Whether ``job`` is a one-shot ``bpl compress`` run that trains with partners (its
+    default), so its ``last.pt`` holds them unfused. A stepwise run keeps one per step."""
+    return (job.command == "compress" and job.options.get("partners", True) is not False
+            and job.options.get("max_drop") is None and (job.options.get("prune_steps") or 1) == 1)
 
 
 def record_of(metrics: dict[str, Any], dataset: str, seed: int, name: str) -> dict[str, Any]:
@@ -577,6 +593,10 @@ def _cosine_at_equal_epochs(settings: dict[str, Any], name: str) -> str | None:
                  and int(o.get("prune_steps", 1)) == 1 and _total_epochs(o) == total), None)
 
 
+#: What a partner learned, as :func:`common.partner_stats` reads it from a run's last.pt.
+PARTNER_STATS = ("partner_norm_ratio", "partner_kernel_cos", "partner_functional_cos")
+
+
 def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for dataset in settings["datasets"]:
@@ -601,6 +621,7 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
                     "epochs_all": _mean([r.get("epochs_all") for r in mine]),
                     "train_time_s": _mean([r.get("train_time_s") for r in mine]),
                     "ref": ref,
+                    **{key: _mean([r.get(key) for r in mine]) for key in PARTNER_STATS},
                     "val_vs_ref": ci95(_paired(rows, name, ref, "val_top1")) if ref else None,
                     "test_vs_ref": ci95(_paired(rows, name, ref, "test_top1")) if ref else None,
                 }
@@ -637,10 +658,10 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
 
 def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
     devices = sorted({str(r.get("device", "?")) for r in records})
-    lines = ["# Recovery that converges (issue 26)", "",
+    lines = [f"# {settings['title']}", "",
              f"{settings['arch']}; seeds {settings['seeds']}; recoveries prune the "
              f"`{settings['prune_from']}` baseline to {100 * settings['flops_reduction']:.0f}% "
-             f"fewer MACs (plain fine-tuning). Paired differences (same seed, split and pruned "
+             f"fewer MACs ({settings['about']}). Paired differences (same seed, split and pruned "
              f"model) with 95% t-intervals; choices rest on the validation columns. "
              f"Ran on: {', '.join(devices)}.", ""]
     for dataset, table in summary.items():
@@ -710,6 +731,17 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
                       "|---|---|---:|---:|"]
             lines += [f"| {n} | {e['control']} | {_cell(e['val_vs_control'])} | "
                       f"{_cell(e['test_vs_control'])} |" for n, e in controlled.items()]
+            lines.append("")
+        learned = {n: e for n, e in table.items() if e.get("partner_norm_ratio") is not None}
+        if learned:
+            lines += ["What the partners learned (mean over seeds, read from each run's unfused "
+                      "last.pt): the BN-folded partner kernel's norm over the block's, and the "
+                      "cosine of raw and of BN-folded kernels (a partner that idles has a norm "
+                      "ratio near 0):", "",
+                      "| run | norm ratio | raw cosine | functional cosine |", "|---|---:|---:|---:|"]
+            lines += [f"| {n} | {e['partner_norm_ratio']:.3f} | "
+                      f"{_num(e['partner_kernel_cos'], '+.3f')} | "
+                      f"{_num(e['partner_functional_cos'], '+.3f')} |" for n, e in learned.items()]
             lines.append("")
         equal = {n: e for n, e in table.items() if e.get("equal")}
         if equal:

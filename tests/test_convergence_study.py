@@ -343,3 +343,51 @@ def test_goals_pair_each_recovery_with_its_baseline_and_count_compute_in_mac_epo
     assert study.goal_rows(settings, [*records[:3], *wide], "d")[1]["accuracy_goal"] is False
     md = "\n".join(study.goals_markdown(settings, records, "d"))
     assert "| c40 | 3 |" in md and "| met | 4.0 |" in md
+
+
+def test_a_partnered_recovery_records_what_its_partners_learned(tmp_path, capsys):
+    """Issue 27's study reads partner norm and cosines from each run's unfused last.pt; the
+    report carries the config's own title."""
+    from bpl.diversity import partner_statistics
+    from bpl.models import load_model
+
+    study = _load_script()
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({
+        "title": "Partners at convergence (issue 27)", "about": "plain and with partners",
+        "out": str(tmp_path / "runs"), "results": str(tmp_path / "results"),
+        "arch": "tiny_resnet", "datasets": {"digits": {"data": "digits", "image_size": 16}},
+        "seeds": [0], "common": {"batch_size": 64, "device": "cpu", "latency": False},
+        "baselines": {"base": {"epochs": 1, "lr": 0.1}}, "prune_from": "base",
+        "flops_reduction": 0.5,
+        "recoveries": {"plain-1": {"epochs": 1, "partners": False},
+                       "same-1": {"epochs": 1, "partner": "same", "init": "paper"}},
+        "reference": {"baseline": "base", "recovery": "plain-1"},
+    }))
+    assert study.main(["--config", str(config)]) == 0
+    records = {r["name"]: r for r in study.load_records(study.load_settings(config))}
+    run = tmp_path / "runs" / "digits" / "seed0" / "same-1"
+    stats = partner_statistics(load_model(run / "last.pt")[0])
+    assert records["same-1"]["partner_norm_ratio"] == stats["norm_ratio"] > 0
+    assert records["same-1"]["partner_functional_cos"] == stats["functional_cos"]
+    assert records["same-1"]["partner_kernel_cos"] == stats["raw_cos"]
+    assert "partner_norm_ratio" not in records["plain-1"]  # no partners, nothing to read
+    assert (run / "partner_stats.json").is_file()  # read once, kept beside the checkpoints
+    capsys.readouterr()
+    assert study.main(["--config", str(config), "--report"]) == 0
+    summary = (tmp_path / "results" / "summary.md").read_text()
+    assert summary.startswith("# Partners at convergence (issue 27)")
+    assert "fewer MACs (plain and with partners)" in summary
+    assert f"| same-1 | {stats['norm_ratio']:.3f} | {stats['raw_cos']:+.3f} |" in summary
+    assert "| plain-1 |" not in summary.split("What the partners learned")[1]
+
+
+def test_with_partners_is_one_shot_compress_with_partners_on():
+    study = _load_script()
+    job = lambda command, **o: study.Job("d", 0, "x", command, o)  # noqa: E731
+    assert study.with_partners(job("compress", epochs=40))  # bpl compress's default: partners
+    assert study.with_partners(job("compress", partner="diverse", prune_steps=1))
+    assert not study.with_partners(job("compress", partners=False))
+    assert not study.with_partners(job("compress", max_drop=1.0))
+    assert not study.with_partners(job("compress", prune_steps=4))
+    assert not study.with_partners(job("train", epochs=40))
