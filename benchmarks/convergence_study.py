@@ -583,14 +583,22 @@ def _total_epochs(options: dict[str, Any]) -> int | None:
 
 def _cosine_at_equal_epochs(settings: dict[str, Any], name: str) -> str | None:
     """The one-shot plain cosine recovery that trains as many epochs in all as ``name``
-    (so 4 cuts of 10 epochs pair with cosine for 40), or None."""
+    to the same cut (so 4 cuts of 10 epochs pair with cosine for 40), or None."""
     recoveries = settings["recoveries"]
     total = _total_epochs(recoveries.get(name, {}))
-    if total is None:
+    if total is None or other_cut(settings, recoveries[name]):
         return None
     return next((n for n, o in recoveries.items()
                  if n != name and o.get("recipe") == "cosine" and o.get("partners") is False
-                 and int(o.get("prune_steps", 1)) == 1 and _total_epochs(o) == total), None)
+                 and int(o.get("prune_steps", 1)) == 1 and _total_epochs(o) == total
+                 and not other_cut(settings, o)), None)
+
+
+def other_cut(settings: dict[str, Any], options: dict[str, Any]) -> bool:
+    """Whether a recovery prunes to its own ``flops_reduction``, not the study's: it is on
+    the accuracy-vs-MACs curve, not paired with the study's recoveries or its goals."""
+    return ("flops_reduction" in options and options["flops_reduction"] is not None
+            and options["flops_reduction"] != settings["flops_reduction"])
 
 
 #: What a partner learned, as :func:`common.partner_stats` reads it from a run's last.pt.
@@ -604,8 +612,10 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
         table = {}
         baselines = [*settings["imported"], *settings["baselines"], *settings["controls"]]
         for kind, names in (("train", baselines), ("compress", settings["recoveries"])):
-            ref = settings["reference"]["baseline" if kind == "train" else "recovery"]
             for name in names:
+                ref = settings["reference"]["baseline" if kind == "train" else "recovery"]
+                if kind == "compress" and other_cut(settings, settings["recoveries"][name]):
+                    ref = None  # another cut: its own baseline is its only reference
                 mine = [r for r in rows if r["name"] == name]
                 if not mine:
                     continue
@@ -786,7 +796,7 @@ def goal_rows(settings: dict[str, Any], records: list[dict[str, Any]], dataset: 
     for name, options in settings["recoveries"].items():
         mine = [r for r in rows if r["name"] == name and r.get("test_top1") is not None
                 and r.get("baseline_test_top1") is not None]
-        if not mine or options.get("max_drop") is not None:
+        if not mine or options.get("max_drop") is not None or other_cut(settings, options):
             continue
         test = ci95([r["test_top1"] - r["baseline_test_top1"] for r in mine])
         val = ci95([r["val_top1"] - r["baseline_val_top1"] for r in mine

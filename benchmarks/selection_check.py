@@ -6,18 +6,27 @@ bpl chooses on a validation split of a few hundred images: the epoch it keeps
 within P points of its baseline. This script measures how far those validation
 judgments are from the truth. On EuroSAT with the studies' 10% training subset, the
 training images the subset leaves out (19,440) are a held-out *pool* no run trains or
-chooses on. It trains the convergence study's baseline (``--epochs auto``, cycles) and
-recovers its copies pruned one-shot to each ``levels`` cut (cosine, 40 epochs), scoring
-every epoch on validation and on a sample of the pool. The report then replays each
-selection rule on the recorded curves: the pool top-1 of the epoch it keeps, how far its
-validation score is above that (its optimism), and, for each cut, the drop it would
-judge against the pool's. The test split is not used.
+chooses on.
 
-    python benchmarks/selection_check.py --data-root ../shared/data/eurosat --seed 0
-    python benchmarks/selection_check.py ... --report      # the rules, from what finished
+It trains nothing itself: it watches the convergence study's own runs of one seed (the
+converged baseline and its one-shot cuts, ``convergence_cpu.yaml``) while they train, and
+scores on a sample of the pool every epoch a rule could keep: each epoch trained at an
+annealed rate (at most a tenth of the peak: ``annealed``, ``last`` and the annealed tail's
+mean pick among them), read from the run's ``last.pt`` as it is written, and the run's
+``best.pt`` when it finishes (``best``). The report then replays each rule on the recorded
+validation curves: the pool top-1 of the epoch it keeps, how far its validation score is
+above that (its optimism), and, for each cut, the drop it would judge against the pool's.
+The test split is not used.
 
-Resumable: every run continues from its ``last.pt``, the pool's curve rides in its
-checkpoint, and a finished run is not trained again. One thread, as the studies.
+    # beside the study's chain of one seed (start it first; it waits for the runs)
+    python benchmarks/selection_check.py --watch runs/convergence_cycles/eurosat/seed3 \\
+        --runs cycles cut74-40 cosine-40 cut95-40
+    python benchmarks/selection_check.py --report   # the rules, from every watched seed
+
+A watched run's pool scores are kept in ``<seed>/pool_check/<run>.json`` as they come, so
+a watcher started again goes on; an epoch it missed (it was not running, or scoring took
+longer than the epoch) is listed there, and a rule whose pick was missed is left out of the
+report, which says how many. One thread: it shares the machine with the run it watches.
 """
 
 from __future__ import annotations
@@ -34,132 +43,176 @@ from typing import Any
 
 import torch
 
-import bpl
-from bpl.config import resolve_config
 from bpl.data import load_dataset
 from bpl.engine import ANNEALED, annealed_best, evaluate, make_loader
 from bpl.files import atomic_write_text
-from bpl.models import build_model, model_from_payload
-from bpl.pipeline.fitting import fit_run, resume_state, run_meta, select_epoch
+from bpl.models import load_checkpoint, load_model, model_from_payload
 from common import console_logging, machine
 
 log = logging.getLogger("selection_check")
 
-BASELINE = {"epochs": "auto", "schedule": "cycles", "cycle_epochs": 40, "lr": 0.1,
-            "warmup_epochs": 2}
-RECOVERY = {"recipe": "cosine", "epochs": 40}
-COMMON = {"arch": "resnet18", "data": "eurosat", "image_size": 64, "train_subset": 0.1,
-          "val_ratio": 0.1, "batch_size": 64, "momentum": 0.9, "nesterov": True,
-          "weight_decay": 5.0e-4, "device": "cpu", "workers": 0, "select": "best",
-          "round_to": 8, "latency": False}
 RULES = ("best", "annealed", "last", "tail mean")
+#: The watcher's folder inside a seed's run folder.
+FOLDER = "pool_check"
 
 
-class PoolMonitor:
-    """An epoch hook: the model's top-1 on the held-out pool after every epoch (kept in
-    the checkpoint, so a resumed run keeps its curve)."""
-
-    def __init__(self, model: torch.nn.Module, pool, num_classes: int) -> None:
-        self.model, self.num_classes, self.curve = model, num_classes, []
-        self.loader = make_loader(pool, batch_size=256, train=False, device=torch.device("cpu"))
-
-    def after_step(self) -> None:
-        pass
-
-    def epoch_end(self, epoch: int) -> None:
-        top1 = evaluate(self.model, self.loader, self.num_classes)["top1"]
-        self.model.train()
-        self.curve.append(top1)
-
-    def state_dict(self) -> dict:
-        return {"curve": list(self.curve)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.curve = list(state["curve"])
-
-
-def pool_rows(args: argparse.Namespace, split: dict[str, Any]) -> list[list[Any]]:
-    """``args.pool`` images (stratified, fixed by the seed) of the training split that the
-    subset left out: the full training split of the same seed, less the subset's train and
-    val."""
-    full = load_dataset(args.data, args.data_root, image_size=args.image_size, seed=args.seed,
-                        val_ratio=0.0, cache="off", progress=False)  # the rows, not pixels
+def pool_rows(split: dict[str, Any], data: str, data_root: str | None, image_size: int,
+              seed: int, size: int) -> list[list[Any]]:
+    """``size`` images (stratified, fixed by the seed) of the training split the subset left
+    out: the full training split of the same seed, less the subset's train and val."""
+    full = load_dataset(data, data_root, image_size=image_size, seed=seed, val_ratio=0.0,
+                        cache="off", progress=False)  # the rows, not pixels
     used = {row[0] for row in split["train"] + split["val"]}
     by_class: dict[int, list[list[Any]]] = {}
     for rel, label in full.split["train"]:
         if rel not in used:
             by_class.setdefault(int(label), []).append([rel, label])
-    rng = random.Random(f"{args.seed}:pool")
+    rng = random.Random(f"{seed}:pool")
     total = sum(len(v) for v in by_class.values())
     rows = []
     for _, items in sorted(by_class.items()):
         rows += rng.sample(sorted(items), min(len(items), max(1, round(
-            args.pool * len(items) / total))))
+            size * len(items) / total))))
     return rows
 
 
-def train_one(cfg, model, data, pool, run_dir: Path, command: str) -> dict[str, Any]:
-    """Train (or resume) one run with the pool monitored; its per-epoch curves."""
-    done = run_dir / "curves.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = resume_state(run_dir, cfg)
-    if state is not None:
-        model = model_from_payload(state["model"])[0]
-    monitor = PoolMonitor(model, pool, data.num_classes)
-    result = fit_run(cfg, model, data, run_dir, run_meta(cfg, data), command=command,
-                     state=state, progress=False, started=time.perf_counter(), hooks=[monitor])
-    selected = select_epoch(cfg, model, run_dir, result)
-    curves = {"lr": [row["lr"] for row in result.history],
-              "val_top1": [row["val_top1"] for row in result.history],
-              "pool_top1": monitor.curve, "kept_epoch": selected["epoch"],
-              "stopped": result.stopped}
-    atomic_write_text(done, json.dumps(curves) + "\n")
-    return curves
+def needed(history: list[dict[str, Any]], peak: float) -> set[int]:
+    """The epochs (1-based) a rule could keep but ``best``: those trained at an annealed
+    rate, at most :data:`~bpl.engine.ANNEALED` of ``peak`` (``best`` is read from best.pt)."""
+    return {i for i, row in enumerate(history, start=1) if float(row["lr"]) <= ANNEALED * peak}
 
 
-def run(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    common = {**COMMON, "arch": args.arch, "data": args.data, "data_root": args.data_root,
-              "image_size": args.image_size, "seed": args.seed}
-    base_cfg = resolve_config(overrides={**common, **BASELINE, "cycle_epochs": args.cycle_epochs,
-                                         "max_epochs": args.max_epochs})
-    data = load_dataset(args.data, args.data_root, image_size=args.image_size,
-                        seed=args.seed, val_ratio=COMMON["val_ratio"],
-                        train_subset=COMMON["train_subset"], split_file=out / "split.json",
-                        cache_dir=args.cache_dir, progress=False)
-    pool_file = out / "pool_split.json"
-    if not pool_file.exists():
-        atomic_write_text(pool_file, json.dumps({**data.split, "test": pool_rows(
-            args, data.split)}) + "\n")
-    pool = load_dataset(args.data, args.data_root, image_size=args.image_size,
-                        split_file=pool_file, cache_dir=args.cache_dir, progress=False).test
-    log.info("seed %d: %d training, %d validation, %d pool images", args.seed,
-             len(data.train), len(data.val), len(pool))
-    base = build_model(args.arch, data.num_classes)
-    curves = {"baseline": train_one(base_cfg, base, data, pool, out / "baseline", "train")}
-    kept = bpl.load_model(out / "baseline" / "best.pt")[0]  # --select best, as the study
-    example = torch.randn(1, 3, args.image_size, args.image_size)
-    for level in args.levels:
-        name = f"cut{round(100 * level)}"
-        torch.manual_seed(args.seed)
-        pruned = bpl.prune(kept, example, flops_reduction=level, round_to=COMMON["round_to"])
-        cfg = resolve_config(overrides={**common, **RECOVERY, "epochs": args.recovery_epochs,
-                                        "flops_reduction": level, "partners": False})
-        curves[name] = train_one(cfg, pruned, data, pool, out / name, "compress")
-        log.info("%s done", name)
-    atomic_write_text(out / "result.json", json.dumps(
-        {"seed": args.seed, "pool_images": len(pool), "val_images": len(data.val),
-         "machine": machine(), "curves": curves}, indent=1) + "\n")
+class Pool:
+    """The pool's images and a model's top-1 on them (in float32, one batch at a time)."""
+
+    def __init__(self, seed_dir: Path, baseline: str, size: int, cache_dir: str | None) -> None:
+        folder = seed_dir / FOLDER
+        pool_file = folder / "pool_split.json"
+        if not pool_file.exists():
+            config = json.loads((seed_dir / baseline / "config.json").read_text())
+            split = json.loads((seed_dir / baseline / "split.json").read_text())
+            rows = pool_rows(split, config["data"], config.get("data_root"),
+                             config["image_size"], config["seed"], size)
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(pool_file, json.dumps({**split, "test": rows}) + "\n")
+        config = json.loads((seed_dir / baseline / "config.json").read_text())
+        data = load_dataset(config["data"], config.get("data_root"),
+                            image_size=config["image_size"], split_file=pool_file,
+                            cache_dir=cache_dir, progress=False)
+        self.images, self.num_classes = data.test, data.num_classes
+        self.loader = make_loader(data.test, batch_size=256, train=False,
+                                  device=torch.device("cpu"))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def top1(self, model: torch.nn.Module) -> float:
+        return evaluate(model.eval(), self.loader, self.num_classes)["top1"]
+
+
+class Watch:
+    """The pool scores of one run: every annealed epoch as its ``last.pt`` appears, and
+    ``best.pt`` once the run has finished (its ``metrics.json``)."""
+
+    def __init__(self, seed_dir: Path, name: str) -> None:
+        self.run = seed_dir / name
+        self.file = seed_dir / FOLDER / f"{name}.json"
+        saved = json.loads(self.file.read_text()) if self.file.exists() else {}
+        self.pool = {int(k): v for k, v in saved.get("pool", {}).items()}
+        self.missed = set(saved.get("missed", []))
+        self.best = saved.get("best")  # {"epoch": k, "pool_top1": x}
+        self.seen = saved.get("seen", 0)  # the last epoch whose last.pt was read
+        self.stamp = None
+
+    @property
+    def done(self) -> bool:
+        return self.best is not None
+
+    def _save(self) -> None:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.file, json.dumps({
+            "run": self.run.name, "pool": self.pool, "missed": sorted(self.missed),
+            "best": self.best, "seen": self.seen}) + "\n")
+
+    def poll(self, pool: Pool) -> bool:
+        """Score what is new in the run folder; True if anything was."""
+        if self.done:
+            return False
+        last = self.run / "last.pt"
+        finished = (self.run / "metrics.json").exists()
+        changed = False
+        try:
+            stamp = last.stat().st_mtime_ns
+        except FileNotFoundError:
+            stamp = None
+        if stamp is not None and stamp != self.stamp:
+            self.stamp = stamp
+            state = load_checkpoint(last)
+            epoch, history = int(state["epoch"]), state["history"]
+            peak = max([float(state.get("config", {}).get("lr") or 0.0)]
+                       + [float(row["lr"]) for row in history])
+            wanted = needed(history, peak)
+            if epoch in wanted and epoch not in self.pool:
+                self.pool[epoch] = pool.top1(model_from_payload(state["model"])[0])
+                log.info("%s epoch %d: pool top-1 %.2f", self.run.name, epoch, self.pool[epoch])
+            self.missed |= {e for e in wanted if e < epoch and e > self.seen and e not in self.pool}
+            self.seen = max(self.seen, epoch)
+            changed = True
+        if finished:
+            metrics = json.loads((self.run / "metrics.json").read_text())
+            kept = int(metrics["selected"]["epoch"])
+            self.best = {"epoch": kept, "pool_top1": pool.top1(load_model(self.run / "best.pt")[0])}
+            log.info("%s finished: kept epoch %d, pool top-1 %.2f", self.run.name, kept,
+                     self.best["pool_top1"])
+            changed = True
+        if changed:
+            self._save()
+        return changed
+
+
+def watch(seed_dir: Path, names: list[str], *, size: int, cache_dir: str | None,
+          interval: float = 2.0, timeout: float | None = None) -> int:
+    """Watch ``names`` (the baseline first) in ``seed_dir`` until each has finished."""
+    (seed_dir / FOLDER).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(seed_dir / FOLDER / "watch.json", json.dumps(
+        {"runs": names, "baseline": names[0], "machine": machine()}) + "\n")
+    watches = [Watch(seed_dir, n) for n in names]
+    pool = None
+    t0 = time.time()
+    while not all(w.done for w in watches):
+        if pool is None and (seed_dir / names[0] / "split.json").exists():
+            pool = Pool(seed_dir, names[0], size, cache_dir)
+            log.info("%s: %d pool images", seed_dir, len(pool))
+        if pool is not None:
+            for w in watches:
+                w.poll(pool)
+        if timeout is not None and time.time() - t0 > timeout:
+            return 1
+        time.sleep(interval)
+    return 0
+
+
+def curves_of(seed_dir: Path, name: str) -> dict[str, Any] | None:
+    """A finished watched run's validation curve, rates and pool scores; None if unfinished."""
+    metrics_file, scores = seed_dir / name / "metrics.json", seed_dir / FOLDER / f"{name}.json"
+    if not metrics_file.exists() or not scores.exists():
+        return None
+    saved = json.loads(scores.read_text())
+    if saved.get("best") is None:
+        return None
+    history = json.loads(metrics_file.read_text())["history"]
+    pool = {int(k): v for k, v in saved["pool"].items()}
+    pool[saved["best"]["epoch"]] = saved["best"]["pool_top1"]
+    return {"lr": [row["lr"] for row in history], "val_top1": [row["val_top1"] for row in history],
+            "pool": pool}
 
 
 def choose(curves: dict[str, Any], rule: str) -> tuple[int | None, float | None, float | None]:
-    """(epoch, validation score, pool top-1) of what ``rule`` keeps of one run. ``tail
-    mean``: the last epoch, scored by the mean validation top-1 of the annealed epochs of
-    its last annealed stretch (its pool top-1: the same epochs' mean)."""
-    val, pool, lrs = curves["val_top1"], curves["pool_top1"], curves["lr"]
+    """(epoch, validation score, pool top-1) of what ``rule`` keeps of one run; the pool
+    top-1 is None where that epoch was not scored. ``tail mean``: the last epoch, scored by
+    the mean validation top-1 of its last annealed stretch (its pool top-1: the same
+    epochs' mean)."""
+    val, pool, lrs = curves["val_top1"], curves["pool"], curves["lr"]
     history = [{"lr": lr, "val_top1": v} for lr, v in zip(lrs, val, strict=True)]
     if rule == "best":
         epoch = max(range(len(val)), key=lambda i: (val[i], -i)) + 1
@@ -174,64 +227,75 @@ def choose(curves: dict[str, Any], rule: str) -> tuple[int | None, float | None,
         for i in range(len(lrs) - 1, -1, -1):
             if lrs[i] > ANNEALED * peak:
                 break
-            tail.append(i)
+            tail.append(i + 1)
         if not tail:
             return None, None, None
-        return (len(val), statistics.fmean(val[i] for i in tail),
-                statistics.fmean(pool[i] for i in tail))
-    return epoch, val[epoch - 1], pool[epoch - 1]
+        scored = None if any(e not in pool for e in tail) else statistics.fmean(
+            pool[e] for e in tail)
+        return len(val), statistics.fmean(val[e - 1] for e in tail), scored
+    return epoch, val[epoch - 1], pool.get(epoch)
 
 
 def report(out_root: Path) -> str:
-    """The rules replayed on every finished seed: optimism and budget judgments."""
-    results = [json.loads(p.read_text()) for p in sorted(out_root.glob("seed*/result.json"))]
-    if not results:
-        raise SystemExit(f"no finished seed under {out_root}")
+    """The rules replayed on every watched seed: optimism and budget judgments."""
+    seeds = []
+    for spec in sorted(out_root.glob(f"*/seed*/{FOLDER}/watch.json")):
+        seed_dir = spec.parent.parent
+        names = json.loads(spec.read_text())["runs"]
+        curves = {n: c for n in names if (c := curves_of(seed_dir, n)) is not None}
+        if names[0] in curves:
+            seeds.append((seed_dir, names, curves))
+    if not seeds:
+        raise SystemExit(f"no watched seed under {out_root} has a finished baseline")
+    sizes = sorted({len(json.loads((d / FOLDER / "pool_split.json").read_text())["test"])
+                    for d, *_ in seeds})
     lines = ["# Selection rules checked on held-out images", "",
-             f"Seeds: {[r['seed'] for r in results]}; validation {results[0]['val_images']} "
-             f"images, pool {results[0]['pool_images']} (EuroSAT training images outside the "
-             "10% subset). Optimism: validation score minus pool top-1 of what the rule keeps.",
-             "", "| run | rule | pool top-1 (mean) | optimism (mean) | optimism (max) |",
-             "|---|---|---:|---:|---:|"]
-    names = list(results[0]["curves"])
+             f"Seeds: {', '.join(f'{d.parent.name} {d.name}' for d, *_ in seeds)}; pool "
+             f"{'/'.join(map(str, sizes))} images (training images outside the 10% subset). "
+             "Optimism: validation score minus pool top-1 of what the rule keeps.", "",
+             "| run | rule | seeds | pool top-1 (mean) | optimism (mean) | optimism (max) | "
+             "unscored |", "|---|---|---:|---:|---:|---:|---:|"]
+    names = list(dict.fromkeys(n for _, ns, _ in seeds for n in ns))
     for name in names:
         for rule in RULES:
-            picks = [choose(r["curves"][name], rule) for r in results]
-            picks = [p for p in picks if p[0] is not None]
+            picks = [choose(c[name], rule) for _, _, c in seeds if name in c]
+            unscored = sum(p[0] is not None and p[2] is None for p in picks)
+            picks = [p for p in picks if p[0] is not None and p[2] is not None]
             if not picks:
                 continue
             opt = [v - q for _, v, q in picks]
-            lines.append(f"| {name} | {rule} | {statistics.fmean(q for *_, q in picks):.2f} | "
-                         f"{statistics.fmean(opt):+.2f} | {max(opt):+.2f} |")
+            lines.append(f"| {name} | {rule} | {len(picks)} | "
+                         f"{statistics.fmean(q for *_, q in picks):.2f} | "
+                         f"{statistics.fmean(opt):+.2f} | {max(opt):+.2f} | {unscored} |")
     lines += ["", "Drops against the baseline (points): judged on validation by each rule "
               "(baseline and cut scored alike), and true on the pool for the models it keeps.",
-              "", "| seed | cut | rule | judged drop | pool drop |", "|---:|---|---|---:|---:|"]
-    for r in results:
-        for name in names[1:]:
+              "", "| seed | cut | rule | judged drop | pool drop |", "|---|---|---|---:|---:|"]
+    for seed_dir, seed_names, curves in seeds:
+        base_name = seed_names[0]
+        for name in seed_names[1:]:
+            if name not in curves:
+                continue
             for rule in RULES:
-                b, c = choose(r["curves"]["baseline"], rule), choose(r["curves"][name], rule)
-                if b[0] is None or c[0] is None:
+                b, c = choose(curves[base_name], rule), choose(curves[name], rule)
+                if None in (b[0], c[0], b[2], c[2]):
                     continue
-                lines.append(f"| {r['seed']} | {name} | {rule} | {b[1] - c[1]:+.2f} | "
-                             f"{b[2] - c[2]:+.2f} |")
+                lines.append(f"| {seed_dir.parent.name} {seed_dir.name} | {name} | {rule} | "
+                             f"{b[1] - c[1]:+.2f} | {b[2] - c[2]:+.2f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="eurosat")
-    p.add_argument("--data-root", default="../shared/data/eurosat")
-    p.add_argument("--arch", default="resnet18")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--cycle-epochs", type=int, default=40, help="the baseline's cycles")
-    p.add_argument("--max-epochs", type=int, default=300, help="the baseline's cap")
-    p.add_argument("--recovery-epochs", type=int, default=RECOVERY["epochs"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-root", default="runs/selection_check")
+    p.add_argument("--watch", type=Path, metavar="SEED_DIR",
+                   help="a seed's folder of the convergence study (runs/.../eurosat/seed3)")
+    p.add_argument("--runs", nargs="+", default=["cycles", "cut74-40", "cosine-40", "cut95-40"],
+                   help="the runs to watch in it, the baseline first")
+    p.add_argument("--pool", type=int, default=2000, help="pool images scored per epoch")
     p.add_argument("--cache-dir", default="runs/convergence/cache")
-    p.add_argument("--pool", type=int, default=2000, help="pool images scored every epoch")
-    p.add_argument("--levels", type=float, nargs="+", default=[0.74, 0.9, 0.95])
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between looks")
     p.add_argument("--report", action="store_true", help="write the report of what finished")
+    p.add_argument("--out-root", default="runs/convergence_cycles",
+                   help="where --report looks for watched seeds")
     p.add_argument("--results", default="benchmarks/results/selection_check")
     args = p.parse_args(argv)
     if args.report:
@@ -240,11 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(Path(args.results) / "summary.md", text)
         print(text)
         return 0
+    if args.watch is None:
+        p.error("give --watch SEED_DIR, or --report")
     torch.set_num_threads(1)
-    args.out = str(Path(args.out_root) / f"seed{args.seed}")
     with console_logging():
-        run(args)
-    return 0
+        return watch(args.watch, args.runs, size=args.pool, cache_dir=args.cache_dir,
+                     interval=args.interval)
 
 
 if __name__ == "__main__":

@@ -244,11 +244,17 @@ def test_recoveries_pair_with_the_plain_cosine_of_as_many_epochs_in_all():
         "same-40": {"recipe": "cosine", "epochs": 40, "partner": "same"},
         "steps4-10": {"recipe": "cosine", "epochs": 10, "prune_steps": 4, "partners": False},
         "maxdrop1-40": {"max_drop": 1, "recipe": "cosine", "epochs": 40, "partners": False},
-        "auto-cycles": {"epochs": "auto", "schedule": "cycles", "partners": False}}}
+        "auto-cycles": {"epochs": "auto", "schedule": "cycles", "partners": False},
+        # another cut: on the accuracy-vs-MACs curve, paired with nothing at 90%
+        "cut74-40": {"recipe": "cosine", "epochs": 40, "partners": False, "flops_reduction": 0.74},
+        "rewind-74": {"recipe": "rewind", "epochs": 40, "partners": False, "flops_reduction": 0.74}},
+        "flops_reduction": 0.9}
     pairs = {n: study._cosine_at_equal_epochs(settings, n) for n in settings["recoveries"]}
     assert pairs == {"cosine-10": None, "cosine-40": None, "rewind-10": "cosine-10",
                      "same-40": "cosine-40", "steps4-10": "cosine-40", "maxdrop1-40": None,
-                     "auto-cycles": None}
+                     "auto-cycles": None, "cut74-40": None, "rewind-74": None}
+    assert study.other_cut(settings, settings["recoveries"]["cut74-40"])
+    assert not study.other_cut(settings, {"epochs": 40, "flops_reduction": 0.9})  # the study's
 
 
 def test_step_tests_score_every_kept_step_on_the_test_split(tmp_path, capsys):
@@ -311,7 +317,8 @@ def test_goals_pair_each_recovery_with_its_baseline_and_count_compute_in_mac_epo
     settings = {**study.DEFAULTS, "datasets": {"d": {}},
                 "recoveries": {"c10": {"epochs": 10}, "c40": {"epochs": 40},
                                "s4": {"epochs": 10, "prune_steps": 4},
-                               "md": {"epochs": 40, "max_drop": 1.0}},
+                               "md": {"epochs": 40, "max_drop": 1.0},
+                               "cut74": {"epochs": 40, "flops_reduction": 0.74}},
                 "goals": {"mean_drop": 1.0, "lower_end": 2.0, "compute": 3.0,
                           "compute_of": "c10"}}
 
@@ -325,13 +332,14 @@ def test_goals_pair_each_recovery_with_its_baseline_and_count_compute_in_mac_epo
     records = [*(rec("c10", s, 86.0 + s) for s in range(3)),
                *(rec("c40", s, t) for s, t in enumerate((89.5, 90.0, 90.5))),
                *(rec("s4", s, 89.0, step_tests=steps, epochs_all=40) for s in range(3)),
-               rec("md", 0, 89.0)]
+               rec("md", 0, 89.0), rec("cut74", 0, 90.0)]
     assert study.mac_epochs(records[0]) == pytest.approx(1.0)  # 10 epochs at a tenth
     # 4 cuts of 10 epochs: 10 x (0.5 + 0.3 + 0.2 + 0.1) = 11 unpruned epochs, 11x c10's
     assert study.mac_epochs(records[6]) == pytest.approx(11.0)
     assert study.mac_epochs({**records[6], "step_tests": None}) is None  # sizes unknown
     rows = {r["name"]: r for r in study.goal_rows(settings, records, "d")}
-    assert set(rows) == {"c10", "c40", "s4"}  # a budgeted run has no fixed cut to judge
+    # a budgeted run has no fixed cut to judge, and another cut is not the goals' 90%
+    assert set(rows) == {"c10", "c40", "s4"}
     c40 = rows["c40"]
     assert c40["test"]["mean"] == pytest.approx(0.0) and c40["accuracy_goal"]
     assert c40["test_lower"] == pytest.approx(-c40["test"]["ci95"])

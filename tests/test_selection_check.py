@@ -1,48 +1,144 @@
-"""benchmarks/selection_check.py end to end on the bundled digits: curves, resume, report."""
+"""benchmarks/selection_check.py on the bundled digits: it watches real bpl runs as they
+train, scores the pool, resumes, and replays the rules."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+
+import pytest
 
 from benchmark_scripts import load_benchmark
 
+FAST = ["--data", "digits", "--arch", "tiny_resnet", "--image-size", "16", "--batch-size", "64",
+        "--device", "cpu", "--no-latency", "--train-subset", "0.5", "--seed", "0", "--quiet"]
 
-def test_selection_check_records_pool_curves_resumes_and_replays_the_rules(tmp_path):
+
+def _start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "bpl", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_the_watcher_scores_the_runs_as_they_train_and_the_report_replays_the_rules(tmp_path):
     check = load_benchmark("selection_check")
-    root = tmp_path / "runs"
-    args = ["--data", "digits", "--arch", "tiny_resnet", "--image-size", "16", "--seed", "0",
-            "--out-root", str(root), "--cache-dir", str(tmp_path / "cache"), "--pool", "200",
-            "--cycle-epochs", "2", "--max-epochs", "4", "--recovery-epochs", "2",
-            "--levels", "0.5"]
-    assert check.main(args) == 0
-    seed = root / "seed0"
-    result = json.loads((seed / "result.json").read_text())
-    assert result["pool_images"] >= 150 and result["val_images"] > 0
-    pool = {r[0] for r in json.loads((seed / "pool_split.json").read_text())["test"]}
-    split = json.loads((seed / "split.json").read_text())
+    seed = tmp_path / "runs" / "digits" / "seed0"
+    cache = str(tmp_path / "cache")
+    base = _start("train", *FAST, "--epochs", "8", "--lr", "0.1", "--out", seed / "base")
+    assert check.watch(seed, ["base"], size=150, cache_dir=cache, interval=0.02,
+                       timeout=300) == 0
+    assert base.wait(60) == 0, base.stderr.read()
+    cut = _start("compress", *FAST, "--baseline", seed / "base" / "best.pt", "--epochs", "6",
+                 "--flops-reduction", "0.5", "--no-partners", "--out", seed / "cut50")
+    assert check.watch(seed, ["base", "cut50"], size=150, cache_dir=cache, interval=0.02,
+                       timeout=300) == 0
+    assert cut.wait(60) == 0, cut.stderr.read()
+
+    # the pool: training images the subset left out, none of the run's train, val or test
+    pool_split = json.loads((seed / "pool_check" / "pool_split.json").read_text())
+    split = json.loads((seed / "base" / "split.json").read_text())
+    pool = {r[0] for r in pool_split["test"]}
+    assert 100 <= len(pool) <= 160
     assert not pool & {r[0] for r in split["train"] + split["val"] + split["test"]}
-    for name in ("baseline", "cut50"):
-        curves = result["curves"][name]
-        assert len(curves["pool_top1"]) == len(curves["val_top1"]) == len(curves["lr"]) > 0
-    assert len(result["curves"]["cut50"]["lr"]) == 2
-    # cut off after its last epoch, before its curves were written: resumed, not retrained
-    (seed / "cut50" / "curves.json").unlink()
-    assert check.main(args) == 0
-    again = json.loads((seed / "result.json").read_text())
-    assert again["curves"]["cut50"] == result["curves"]["cut50"]
+    # every annealed epoch was scored or is listed as missed; the last one always is, and
+    # best.pt's score is that model's pool top-1
+    scorer = check.Pool(seed, "base", 150, cache)
+    from bpl import load_model
+
+    for name in ("base", "cut50"):
+        saved = json.loads((seed / "pool_check" / f"{name}.json").read_text())
+        history = json.loads((seed / name / "metrics.json").read_text())["history"]
+        peak = max(row["lr"] for row in history)
+        wanted = check.needed(history, peak)
+        assert len(wanted) == 2 and len(history) in wanted  # the last two epochs
+        assert {int(e) for e in saved["pool"]} | set(saved["missed"]) == wanted
+        assert str(len(history)) in saved["pool"]
+        kept = json.loads((seed / name / "metrics.json").read_text())["selected"]["epoch"]
+        assert saved["best"]["epoch"] == kept
+        assert saved["best"]["pool_top1"] == scorer.top1(load_model(seed / name / "best.pt")[0])
+
+    # a watcher started after the fact scores what is still on disk and lists the rest
+    (seed / "pool_check" / "base.json").unlink()
+    assert check.watch(seed, ["base", "cut50"], size=150, cache_dir=cache, interval=0.0,
+                       timeout=60) == 0
+    again = json.loads((seed / "pool_check" / "base.json").read_text())
+    assert set(again["pool"]) == {"8"} and set(again["missed"]) == wanted_base(check, seed) - {8}
+
     out = tmp_path / "results"
-    assert check.main(["--report", "--out-root", str(root), "--results", str(out)]) == 0
+    assert check.main(["--report", "--out-root", str(tmp_path / "runs"), "--results",
+                       str(out)]) == 0
     text = (out / "summary.md").read_text()
-    for rule in check.RULES:
-        assert f"| baseline | {rule} |" in text or rule == "tail mean"
-    assert "| 0 | cut50 | annealed |" in text
+    assert f"Seeds: digits seed0; pool {len(pool)} images" in text
+    for rule in ("best", "last"):
+        assert f"| base | {rule} | 1 |" in text and f"| cut50 | {rule} | 1 |" in text
+    assert "| digits seed0 | cut50 | last |" in text
 
 
-def test_the_rules_replay_what_they_keep():
+def wanted_base(check, seed) -> set[int]:
+    history = json.loads((seed / "base" / "metrics.json").read_text())["history"]
+    return check.needed(history, max(row["lr"] for row in history))
+
+
+def test_the_rules_replay_what_they_keep_and_say_what_was_not_scored():
     check = load_benchmark("selection_check")
     curves = {"lr": [0.1, 0.05, 0.005, 0.001], "val_top1": [70.0, 95.0, 88.0, 90.0],
-              "pool_top1": [60.0, 80.0, 86.0, 87.0]}
+              "pool": {2: 80.0, 3: 86.0, 4: 87.0}}
     assert check.choose(curves, "best") == (2, 95.0, 80.0)
     assert check.choose(curves, "annealed") == (4, 90.0, 87.0)
     assert check.choose(curves, "last") == (4, 90.0, 87.0)
     assert check.choose(curves, "tail mean") == (4, 89.0, 86.5)
+    del curves["pool"][3]  # a missed epoch: the rules that need it have no pool score
+    assert check.choose(curves, "tail mean") == (4, 89.0, None)
+    assert check.choose(curves, "annealed") == (4, 90.0, 87.0)
+    assert check.needed([{"lr": lr} for lr in curves["lr"]], 0.1) == {3, 4}
+
+
+def test_a_watch_scores_each_annealed_epoch_it_sees_and_lists_those_it_missed(tmp_path):
+    """Watch.poll on checkpoints written by hand, one epoch at a time (no timing involved)."""
+    import torch
+
+    from bpl import save_model
+    from bpl.data import load_dataset
+    from bpl.files import atomic_save
+    from bpl.models import build_model, model_payload
+
+    check = load_benchmark("selection_check")
+    seed, run = tmp_path / "seed0", tmp_path / "seed0" / "r"
+    run.mkdir(parents=True)
+    data = load_dataset("digits", None, image_size=16, seed=0, train_subset=0.5)
+    (run / "config.json").write_text(json.dumps(
+        {"data": "digits", "data_root": None, "image_size": 16, "seed": 0, "lr": 0.1}))
+    (run / "split.json").write_text(json.dumps(data.split))
+    pool = check.Pool(seed, "r", 100, str(tmp_path / "cache"))
+    lrs = [0.1] * 6 + [0.005] * 4  # epochs 7-10 annealed
+    models = {}
+
+    def write(epoch: int) -> None:
+        torch.manual_seed(epoch)
+        models[epoch] = build_model("tiny_resnet", 10).eval()
+        atomic_save({"model": model_payload(models[epoch], "tiny_resnet", 10, {}), "epoch": epoch,
+                     "history": [{"lr": lr} for lr in lrs[:epoch]], "config": {"lr": 0.1}},
+                    run / "last.pt")
+
+    watch = check.Watch(seed, "r")
+    for epoch, scored in ((6, set()), (7, {7}), (8, {7, 8}), (10, {7, 8, 10})):
+        write(epoch)
+        assert watch.poll(pool)
+        assert set(watch.pool) == scored and not watch.done
+    assert watch.missed == {9} and watch.seen == 10  # last.pt went from epoch 8 to 10
+    assert watch.pool[8] == pool.top1(models[8])
+    assert not watch.poll(pool)  # nothing new
+    again = check.Watch(seed, "r")  # a watcher started again goes on from its file
+    assert (again.pool, again.missed, again.seen) == (watch.pool, {9}, 10)
+    save_model(models[8], run / "best.pt", arch="tiny_resnet", num_classes=10)
+    (run / "metrics.json").write_text(json.dumps({"selected": {"epoch": 8}}))
+    assert again.poll(pool) and again.done
+    assert again.best == {"epoch": 8, "pool_top1": watch.pool[8]}
+    assert not again.poll(pool)
+
+
+def test_the_watcher_needs_a_seed_folder_or_report(capsys):
+    check = load_benchmark("selection_check")
+    with pytest.raises(SystemExit):
+        check.main([])
+    assert "--watch SEED_DIR" in capsys.readouterr().err
