@@ -77,9 +77,14 @@ def pool_rows(split: dict[str, Any], data: str, data_root: str | None, image_siz
 
 
 def needed(history: list[dict[str, Any]], peak: float) -> set[int]:
-    """The epochs (1-based) a rule could keep but ``best``: those trained at an annealed
-    rate, at most :data:`~bpl.engine.ANNEALED` of ``peak`` (``best`` is read from best.pt)."""
-    return {i for i, row in enumerate(history, start=1) if float(row["lr"]) <= ANNEALED * peak}
+    """The epochs (1-based) a rule could keep but ``best`` (read from best.pt): those that
+    began or ended at an annealed rate, at most :data:`~bpl.engine.ANNEALED` of ``peak``.
+    An epoch's recorded ``lr`` is the rate after its last step, so the last epoch of a
+    cosine cycle records the next cycle's peak although it trained at the lowest rates:
+    it is scored too (the engine's annealed rule does not count it; the run's last epoch,
+    which ``last`` keeps, is one)."""
+    low = [float(row["lr"]) <= ANNEALED * peak for row in history]
+    return {i for i in range(1, len(low) + 1) if low[i - 1] or (i > 1 and low[i - 2])}
 
 
 class Pool:
@@ -210,8 +215,8 @@ def curves_of(seed_dir: Path, name: str) -> dict[str, Any] | None:
 def choose(curves: dict[str, Any], rule: str) -> tuple[int | None, float | None, float | None]:
     """(epoch, validation score, pool top-1) of what ``rule`` keeps of one run; the pool
     top-1 is None where that epoch was not scored. ``tail mean``: the last epoch, scored by
-    the mean validation top-1 of its last annealed stretch (its pool top-1: the same
-    epochs' mean)."""
+    the mean validation top-1 of its last annealed stretch, the run's last epoch included
+    when it ends a cycle (its pool top-1: the same epochs' mean)."""
     val, pool, lrs = curves["val_top1"], curves["pool"], curves["lr"]
     history = [{"lr": lr, "val_top1": v} for lr, v in zip(lrs, val, strict=True)]
     if rule == "best":
@@ -222,12 +227,13 @@ def choose(curves: dict[str, Any], rule: str) -> tuple[int | None, float | None,
     elif rule == "last":
         epoch = len(val)
     else:
-        peak = max(lrs)
-        tail = []
-        for i in range(len(lrs) - 1, -1, -1):
-            if lrs[i] > ANNEALED * peak:
-                break
-            tail.append(i + 1)
+        low = ANNEALED * max(lrs)
+        tail, epoch = [], len(lrs)
+        if epoch > 1 and lrs[-1] > low >= lrs[-2]:  # a cycle's end: the restart's rate recorded
+            tail, epoch = [epoch], epoch - 1
+        while epoch >= 1 and lrs[epoch - 1] <= low:
+            tail.append(epoch)
+            epoch -= 1
         if not tail:
             return None, None, None
         scored = None if any(e not in pool for e in tail) else statistics.fmean(
@@ -262,6 +268,8 @@ def report(out_root: Path) -> str:
             unscored = sum(p[0] is not None and p[2] is None for p in picks)
             picks = [p for p in picks if p[0] is not None and p[2] is not None]
             if not picks:
+                if unscored:  # the rule kept epochs the watcher did not see
+                    lines.append(f"| {name} | {rule} | 0 | - | - | - | {unscored} |")
                 continue
             opt = [v - q for _, v, q in picks]
             lines.append(f"| {name} | {rule} | {len(picks)} | "

@@ -91,6 +91,14 @@ def test_the_rules_replay_what_they_keep_and_say_what_was_not_scored():
     assert check.choose(curves, "tail mean") == (4, 89.0, None)
     assert check.choose(curves, "annealed") == (4, 90.0, 87.0)
     assert check.needed([{"lr": lr} for lr in curves["lr"]], 0.1) == {3, 4}
+    # a cycle's last epoch records the next cycle's peak (the rate after its last step),
+    # though it trained at the lowest rates: it is scored as well
+    restart = [0.1, 0.05, 0.004, 0.0005, 0.1, 0.09]
+    assert check.needed([{"lr": lr} for lr in restart], 0.1) == {3, 4, 5}
+    cycle = {"lr": restart[:5], "val_top1": [50.0, 60.0, 70.0, 80.0, 90.0],
+             "pool": {3: 66.0, 4: 76.0, 5: 86.0}}
+    assert check.choose(cycle, "tail mean") == (5, 80.0, 76.0)  # epochs 3-5, the cycle's end
+    assert check.choose(cycle, "last") == (5, 90.0, 86.0)
 
 
 def test_a_watch_scores_each_annealed_epoch_it_sees_and_lists_those_it_missed(tmp_path):
