@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from bpl.data import load_dataset
-from bpl.engine import ANNEALED, annealed_best, evaluate, make_loader
+from bpl.engine import ANNEALED, annealed_best, annealed_epochs, evaluate, make_loader
 from bpl.files import atomic_write_text
 from bpl.models import load_checkpoint, load_model, model_from_payload
 from common import console_logging, machine
@@ -81,10 +81,13 @@ def needed(history: list[dict[str, Any]], peak: float) -> set[int]:
     began or ended at an annealed rate, at most :data:`~bpl.engine.ANNEALED` of ``peak``.
     An epoch's recorded ``lr`` is the rate after its last step, so the last epoch of a
     cosine cycle records the next cycle's peak although it trained at the lowest rates:
-    it is scored too (the engine's annealed rule does not count it; the run's last epoch,
-    which ``last`` keeps, is one)."""
-    low = [float(row["lr"]) <= ANNEALED * peak for row in history]
-    return {i for i in range(1, len(low) + 1) if low[i - 1] or (i > 1 and low[i - 2])}
+    it is scored too (the run's last epoch, which ``last`` keeps, is one). This covers the
+    annealed epochs of :func:`bpl.engine.annealed_epochs` with or without ``lr_last``."""
+    limit = ANNEALED * peak
+    low = [float(row["lr"]) <= limit for row in history]
+    ended_low = [float(row.get("lr_last", limit + 1)) <= limit for row in history]
+    return {i for i in range(1, len(low) + 1)
+            if low[i - 1] or ended_low[i - 1] or (i > 1 and low[i - 2])}
 
 
 class Pool:
@@ -208,8 +211,11 @@ def curves_of(seed_dir: Path, name: str) -> dict[str, Any] | None:
     history = json.loads(metrics_file.read_text())["history"]
     pool = {int(k): v for k, v in saved["pool"].items()}
     pool[saved["best"]["epoch"]] = saved["best"]["pool_top1"]
-    return {"lr": [row["lr"] for row in history], "val_top1": [row["val_top1"] for row in history],
-            "pool": pool}
+    curves = {"lr": [row["lr"] for row in history],
+              "val_top1": [row["val_top1"] for row in history], "pool": pool}
+    if all("lr_last" in row for row in history):  # bpl 0.3 on: each epoch's last step's rate
+        curves["lr_last"] = [row["lr_last"] for row in history]
+    return curves
 
 
 def choose(curves: dict[str, Any], rule: str) -> tuple[int | None, float | None, float | None]:
@@ -219,6 +225,8 @@ def choose(curves: dict[str, Any], rule: str) -> tuple[int | None, float | None,
     when it ends a cycle (its pool top-1: the same epochs' mean)."""
     val, pool, lrs = curves["val_top1"], curves["pool"], curves["lr"]
     history = [{"lr": lr, "val_top1": v} for lr, v in zip(lrs, val, strict=True)]
+    for row, end in zip(history, curves.get("lr_last") or [], strict=False):
+        row["lr_last"] = end
     if rule == "best":
         epoch = max(range(len(val)), key=lambda i: (val[i], -i)) + 1
     elif rule == "annealed":
@@ -227,11 +235,12 @@ def choose(curves: dict[str, Any], rule: str) -> tuple[int | None, float | None,
     elif rule == "last":
         epoch = len(val)
     else:
+        flags = annealed_epochs(history)
         low = ANNEALED * max(lrs)
+        if "lr_last" not in curves and len(lrs) > 1 and lrs[-1] > low >= lrs[-2]:
+            flags[-1] = True  # a cycle's end, recorded at the restart's rate (bpl before 0.3)
         tail, epoch = [], len(lrs)
-        if epoch > 1 and lrs[-1] > low >= lrs[-2]:  # a cycle's end: the restart's rate recorded
-            tail, epoch = [epoch], epoch - 1
-        while epoch >= 1 and lrs[epoch - 1] <= low:
+        while epoch >= 1 and flags[epoch - 1]:
             tail.append(epoch)
             epoch -= 1
         if not tail:

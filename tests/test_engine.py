@@ -15,6 +15,7 @@ from bpl.engine import (
     TrainSettings,
     _lr_lambda,
     annealed_best,
+    annealed_epochs,
     evaluate,
     fit,
 )
@@ -188,7 +189,12 @@ def test_select_annealed_keeps_the_best_epoch_at_an_annealed_rate(tmp_path):
                  progress=False)
     rates = [h["lr"] for h in result.history]
     tops = [h["val_top1"] for h in result.history]
-    tail = [e for e, lr in enumerate(rates, 1) if lr <= ANNEALED * 0.2]
+    # each epoch records the rate its last step used: on a falling cosine, between the
+    # rate it began at (the epoch before's lr) and the rate after it (its lr)
+    ends = [h["lr_last"] for h in result.history]
+    assert all(a <= b <= c for a, b, c in zip(rates, ends, [0.2, *rates[:-1]], strict=True))
+    assert ends[-1] > rates[-1]  # the schedule's last step still trained, at its lowest rate
+    tail = [e for e, end in enumerate(ends, 1) if end <= ANNEALED * 0.2]
     assert tail and tail == list(range(tail[0], 11)) and tail[0] > 5  # the cosine's tail
     best = max(tail, key=lambda e: (tops[e - 1], -e))
     assert result.best_epoch == best and result.best_val_top1 == tops[best - 1]
@@ -222,6 +228,27 @@ def test_annealed_best_reads_cycles_and_warm_ups():
     assert annealed_best(history) == (8, 84)
     assert annealed_best([{"lr": 0.1, "val_top1": 50.0}, {"lr": 0.05, "val_top1": 60.0}]) is None
     assert annealed_best([]) is None
+
+
+def test_annealed_epochs_judge_the_rate_an_epoch_ended_at():
+    """With ``lr_last`` (the rate an epoch's last step used) a cycle's last epoch, which
+    records the next cycle's peak as its ``lr``, counts; a 1-cycle's low, rising first
+    rates do not; a history without it is judged by ``lr``, as before (cycle ends missed)."""
+    lrs = [0.09, 0.05, 0.006, 0.1, 0.09, 0.05, 0.006, 0.1]  # two cycles, each restarting
+    ends = [0.1, 0.06, 0.008, 0.0004, 0.1, 0.06, 0.008, 0.0004]
+    tops = [50.0, 60, 70, 99, 80, 85, 88, 87]
+    old = [{"lr": lr, "val_top1": t} for lr, t in zip(lrs, tops, strict=True)]
+    assert annealed_epochs(old) == [False, False, True, False, False, False, True, False]
+    assert annealed_best(old) == (7, 88.0)  # the best, 99 at a cycle's end, was missed
+    new = [{**row, "lr_last": end} for row, end in zip(old, ends, strict=True)]
+    assert annealed_epochs(new) == [False, False, True, True, False, False, True, True]
+    assert annealed_best(new) == (4, 99.0)
+    assert annealed_epochs(new, start=0.1)[0] is False  # epoch 1 ended at the peak
+    # a 1-cycle starts low and rises: its first epochs end below the threshold, but rising
+    rising = [{"lr": lr, "lr_last": end} for lr, end in
+              ((0.005, 0.0049), (0.01, 0.0099), (0.1, 0.099), (0.04, 0.041), (0.0005, 0.0006))]
+    assert annealed_epochs(rising, start=0.004) == [False, False, False, False, True]
+    assert annealed_epochs([]) == []
 
 
 def test_the_global_batch_must_divide_among_the_processes(monkeypatch):

@@ -95,10 +95,19 @@ def test_the_rules_replay_what_they_keep_and_say_what_was_not_scored():
     # though it trained at the lowest rates: it is scored as well
     restart = [0.1, 0.05, 0.004, 0.0005, 0.1, 0.09]
     assert check.needed([{"lr": lr} for lr in restart], 0.1) == {3, 4, 5}
+    # a short cycle whose last epoch began above the threshold: its last step's rate says
+    short = [{"lr": 0.05, "lr_last": 0.06}, {"lr": 0.1, "lr_last": 0.002}]
+    assert check.needed(short, 0.1) == {2}
     cycle = {"lr": restart[:5], "val_top1": [50.0, 60.0, 70.0, 80.0, 90.0],
              "pool": {3: 66.0, 4: 76.0, 5: 86.0}}
     assert check.choose(cycle, "tail mean") == (5, 80.0, 76.0)  # epochs 3-5, the cycle's end
     assert check.choose(cycle, "last") == (5, 90.0, 86.0)
+    # with the rate each epoch's last step used (bpl 0.3 on) the engine's rule decides
+    cycle["lr_last"] = [0.1, 0.06, 0.008, 0.0006, 0.0001]
+    assert check.choose(cycle, "tail mean") == (5, 80.0, 76.0)  # epochs 3-5 again
+    assert check.choose(cycle, "annealed") == (5, 90.0, 86.0)
+    cycle["lr_last"][2] = 0.02  # epoch 3 ended above the threshold: the tail is 4-5
+    assert check.choose(cycle, "tail mean") == (5, 85.0, 81.0)
 
 
 def test_a_watch_scores_each_annealed_epoch_it_sees_and_lists_those_it_missed(tmp_path):

@@ -43,6 +43,7 @@ from .modules import eval_mode
 from .precision import Precision, choose_precision
 
 __all__ = [
+    "ANNEALED",
     "SCHEDULES",
     "SELECT",
     "EpochHook",
@@ -53,6 +54,8 @@ __all__ = [
     "Step",
     "TrainSettings",
     "TrainingDiverged",
+    "annealed_best",
+    "annealed_epochs",
     "check_compile",
     "replayed_curve",
     "evaluate",
@@ -625,8 +628,7 @@ def fit(
     if settings.select not in SELECT:
         raise BPLError(f"select must be one of {', '.join(SELECT)}, got {settings.select!r}")
     peak, anneals = _peak_lr(settings)
-    before = (result.history[-1]["lr"] if result.history
-              else settings.lr * _lr_lambda(settings, len(train_loader), plateau)(0))
+    first_rate = settings.lr * _lr_lambda(settings, len(train_loader), plateau)(0)  # epoch 1's
     trainer = _Trainer(net, optimizer, scheduler, scaler, settings, device, precision,
                        dict(loss_terms or {}), hooks, progress and ctx.is_main)
     logs = _Logs(run_dir) if ctx.is_main else None
@@ -637,9 +639,7 @@ def fit(
             row = trainer.train_epoch(train_loader, epoch)
             for hook in hooks:
                 hook.epoch_end(epoch)
-            lr = row["lr"]
-            annealed = is_annealed(lr, before, peak)  # before: the epoch's start rate
-            before = lr
+            annealed = annealed_epochs([*result.history, row], peak, first_rate)[-1]
             candidate = settings.select == "best" or (settings.select == "annealed" and (
                 annealed or not anneals))
             improved = True
@@ -714,30 +714,42 @@ def _peak_lr(settings: TrainSettings) -> tuple[float, bool]:
     return settings.lr, settings.schedule != "constant"
 
 
-def is_annealed(lr: float, before: float, peak: float) -> bool:
-    """Whether an epoch that ended at rate ``lr`` (having begun at ``before``) was trained at
-    an annealed rate: at most :data:`ANNEALED` of ``peak``, and not rising."""
-    return lr <= ANNEALED * peak and lr <= before
+def annealed_epochs(history: Sequence[Mapping[str, Any]], peak: float | None = None,
+                    start: float | None = None) -> list[bool]:
+    """Which epochs of ``history`` were trained at an annealed learning rate: ending at most
+    :data:`ANNEALED` of ``peak`` (default: the highest rate in the history), and not rising
+    (a warm-up's or a 1-cycle's low first rates do not count).
+
+    An epoch's end is the rate its last step used, ``lr_last`` (recorded since bpl 0.3); a
+    row's ``lr`` is the rate after that step, so the last epoch of a cosine cycle records
+    the next cycle's peak although it ended at the cycle's lowest rate. A row without
+    ``lr_last`` (older runs) is judged by its ``lr``, which misses those epochs, as those
+    runs did. ``start``: the first epoch's starting rate, which a history lacks (without
+    it the first epoch is not counted)."""
+    if not history:
+        return []
+    rates = [float(row["lr"]) for row in history]
+    limit = ANNEALED * (max(rates) if peak is None else peak)
+    out, before = [], start
+    for row, lr in zip(history, rates, strict=True):
+        end = float(row.get("lr_last", lr))
+        out.append(before is not None and end <= limit and end <= before)
+        before = lr  # the next epoch starts at the rate this one left
+    return out
 
 
 def annealed_best(history: Sequence[Mapping[str, Any]], peak: float | None = None
                   ) -> tuple[int, float] | None:
     """(epoch, validation top-1) of the best epoch of ``history`` trained at an annealed
-    learning rate (:data:`ANNEALED`; ``peak``: the schedule's peak, default the highest
-    rate in the history), the epoch ``select="annealed"`` keeps; None if no epoch was
-    annealed or validated. Ties go to the earlier epoch, as in training."""
-    rates = [float(row["lr"]) for row in history]
-    if not rates:
-        return None
-    peak = max(rates) if peak is None else peak
+    learning rate (:func:`annealed_epochs`; ``peak``: the schedule's peak, default the
+    highest rate in the history), the epoch ``select="annealed"`` keeps; None if no epoch
+    was annealed or validated. Ties go to the earlier epoch, as in training."""
     best: tuple[int, float] | None = None
-    before = 0.0  # the first epoch's start rate is not in the history: it is not counted
-    for epoch, (row, lr) in enumerate(zip(history, rates, strict=True), start=1):
+    for epoch, (row, annealed) in enumerate(zip(history, annealed_epochs(history, peak),
+                                                strict=True), start=1):
         top1 = row.get("val_top1")
-        if is_annealed(lr, before, peak) and top1 is not None and (
-                best is None or top1 > best[1]):
+        if annealed and top1 is not None and (best is None or top1 > best[1]):
             best = (epoch, float(top1))
-        before = lr
     return best
 
 
@@ -797,7 +809,7 @@ class _Trainer:
         self.net.train()
         keys = ["loss", "ce", *self.terms, *(f"{n}_s" for n in self.terms), "correct", "seen"]
         sums = dict.fromkeys(keys, 0.0)
-        steps = 0
+        steps, lr_last = 0, 0.0
         t0 = time.perf_counter()
         # disable=None: bars on a terminal only, not in logs redirected to files
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
@@ -822,6 +834,7 @@ class _Trainer:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            lr_last = self.optimizer.param_groups[0]["lr"]
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
@@ -848,7 +861,8 @@ class _Trainer:
         seen = max(sums["seen"], 1)
         row = {
             "epoch": epoch + 1,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": self.optimizer.param_groups[0]["lr"],  # the rate after the epoch's last step
+            "lr_last": lr_last,  # the rate its last step used (annealed_epochs)
             "train_loss": sums["loss"] / seen,
             "train_ce": sums["ce"] / seen,
         }

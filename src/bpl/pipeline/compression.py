@@ -424,8 +424,12 @@ def baseline_history(cfg: Config, base_meta: dict[str, Any]) -> list[dict[str, A
     beside it, when that run is the one that wrote the checkpoint; None otherwise."""
     curves = base_meta.get("curves")
     if curves:
-        return [{"lr": lr, "val_top1": v} for lr, v in zip(curves["lr"], curves["val_top1"],
+        rows = [{"lr": lr, "val_top1": v} for lr, v in zip(curves["lr"], curves["val_top1"],
                                                           strict=True)]
+        for row, top in zip(rows, curves.get("lr_last") or [], strict=False):
+            if top is not None:  # bpl 0.3 on: the rate of each epoch's last step (annealed_epochs)
+                row["lr_last"] = top
+        return rows
     if not cfg.baseline or base_meta.get("kept_epoch") is None:
         return None
     beside = Path(cfg.baseline).parent / "metrics.json"

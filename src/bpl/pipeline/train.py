@@ -89,7 +89,7 @@ def _train_baseline(cfg: Config, run_dir: Path, progress: bool) -> dict[str, Any
 
 def _record_schedule(best: Path, result: FitResult, selected: dict[str, Any]) -> None:
     """Write into ``best.pt`` how long the baseline trained, the learning rate of each
-    epoch up to the one kept (what `bpl compress --recipe rewind` replays) and the rate and
+    epoch up to the one kept (what `bpl compress --recipe rewind` replays) and the rates and
     validation top-1 of every epoch (what `bpl compress --max-drop` measures against)."""
     if not best.exists():
         return
@@ -98,5 +98,6 @@ def _record_schedule(best: Path, result: FitResult, selected: dict[str, Any]) ->
         epochs=result.epochs, kept_epoch=selected["epoch"],
         lr_curve=[row["lr"] for row in result.history[: selected["epoch"]]],
         curves={"lr": [row["lr"] for row in result.history],
+                "lr_last": [row.get("lr_last") for row in result.history],
                 "val_top1": [row.get("val_top1") for row in result.history]})
     atomic_save(payload, best)
