@@ -100,8 +100,10 @@ class _GroupCosines(torch.autograd.Function):
     @once_differentiable  # no double backward: a clear error instead of a wrong one
     def backward(ctx, grad: torch.Tensor):
         index, cos, root, sq_a, sq_b, clamped, *kernels = ctx.saved_tensors
-        cross = grad / root  # the coefficient of the other kernel
-        # the coefficient of the kernel itself; none where the clamp held the denominator
+        # the coefficient of the other kernel, and of the kernel itself; none where the clamp
+        # held the denominator: a zero kernel (a functional partner behind a zero BN scale,
+        # `preserve`'s start) has no direction, and grad / eps would blow its scale up
+        cross = torch.where(clamped, 0.0, grad / root)
         own_a = torch.where(clamped, 0.0, -grad * cos / sq_a.where(~clamped, 1.0))
         own_b = torch.where(clamped, 0.0, -grad * cos / sq_b.where(~clamped, 1.0))
         coef = torch.stack([cross, own_a, own_b], 1)[index].unbind(0)  # per block
