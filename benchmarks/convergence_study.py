@@ -585,7 +585,9 @@ def _cosine_at_equal_epochs(settings: dict[str, Any], name: str) -> str | None:
     """The one-shot plain cosine recovery that trains as many epochs in all as ``name``
     to the same cut (so 4 cuts of 10 epochs pair with cosine for 40), or None."""
     recoveries = settings["recoveries"]
-    total = _total_epochs(recoveries.get(name, {}))
+    if name not in recoveries:  # a baseline
+        return None
+    total = _total_epochs(recoveries[name])
     if total is None or other_cut(settings, recoveries[name]):
         return None
     return next((n for n, o in recoveries.items()
