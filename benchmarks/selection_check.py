@@ -96,14 +96,13 @@ class Pool:
     def __init__(self, seed_dir: Path, baseline: str, size: int, cache_dir: str | None) -> None:
         folder = seed_dir / FOLDER
         pool_file = folder / "pool_split.json"
+        config = json.loads((seed_dir / baseline / "config.json").read_text())
         if not pool_file.exists():
-            config = json.loads((seed_dir / baseline / "config.json").read_text())
             split = json.loads((seed_dir / baseline / "split.json").read_text())
             rows = pool_rows(split, config["data"], config.get("data_root"),
                              config["image_size"], config["seed"], size)
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(pool_file, json.dumps({**split, "test": rows}) + "\n")
-        config = json.loads((seed_dir / baseline / "config.json").read_text())
         data = load_dataset(config["data"], config.get("data_root"),
                             image_size=config["image_size"], split_file=pool_file,
                             cache_dir=cache_dir, progress=False)
@@ -169,7 +168,10 @@ class Watch:
         if finished:
             metrics = json.loads((self.run / "metrics.json").read_text())
             kept = int(metrics["selected"]["epoch"])
-            self.best = {"epoch": kept, "pool_top1": pool.top1(load_model(self.run / "best.pt")[0])}
+            score = self.pool.get(kept)  # best.pt holds that epoch's weights: scored already
+            if score is None:
+                score = pool.top1(load_model(self.run / "best.pt")[0])
+            self.best = {"epoch": kept, "pool_top1": score}
             log.info("%s finished: kept epoch %d, pool top-1 %.2f", self.run.name, kept,
                      self.best["pool_top1"])
             changed = True
