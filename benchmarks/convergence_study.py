@@ -75,6 +75,16 @@ DEFAULTS: dict[str, Any] = {
     # above -`lower_end`, at no more than `compute` times the epochs of `compute_of`
     # (None: no goals section)
     "goals": None,
+    # the rule that picks bpl compress's defaults, fixed before the last seeds ran
+    # (docs/results.md), applied to the validation columns by the report (None: no section):
+    #   recipe: {cosine arm: [rival arms at its epochs]}: a rival replaces cosine if it beats
+    #     it beyond the 95% interval on every dataset;
+    #   length: {shorter, default, longer}: longer if it beats default beyond the interval on a
+    #     dataset; shorter only if neither default nor longer beats it on any;
+    #   iterative: {one_shot, stepped}: stepped if it beats one_shot on every dataset;
+    #   min_seeds: paired seeds for a final verdict (min_seeds_of: {arm: n} lowers it for an
+    #     arm that runs on fewer seeds); below it the section says "provisional".
+    "decision": None,
     # the report's heading, and what its recoveries are (the line under the heading)
     "title": "Recovery that converges (issue 26)",
     "about": "plain fine-tuning",
@@ -764,6 +774,8 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
             lines.append("")
         if settings.get("goals"):
             lines += goals_markdown(settings, records, dataset)
+    if settings.get("decision"):
+        lines += decision_markdown(settings, records)
     return "\n".join(lines) + "\n"
 
 
@@ -839,6 +851,78 @@ def goals_markdown(settings: dict[str, Any], records: list[dict[str, Any]], data
     return [*lines, ""]
 
 
+def _beyond(st: dict[str, Any]) -> bool:
+    """Whether a paired difference is positive beyond its 95% interval."""
+    return st["ci95"] is not None and st["mean"] - st["ci95"] > 0
+
+
+def decide(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The config's ``decision`` rule applied to the validation top-1 of ``records``: each
+    comparison it names as a paired difference per dataset, and the defaults it picks.
+    ``final`` is False while any comparison has fewer paired seeds than the rule needs."""
+    rule = settings["decision"]
+    datasets = list(settings["datasets"])
+    need = dict(rule.get("min_seeds_of") or {})
+    comparisons: list[dict[str, Any]] = []
+
+    def compare(clause: str, name: str, ref: str) -> dict[str, Any]:
+        per = {d: ci95(_paired([r for r in records if r["dataset"] == d], name, ref, "val_top1"))
+               for d in datasets}
+        wanted = min(need.get(name, rule["min_seeds"]), need.get(ref, rule["min_seeds"]))
+        row = {"clause": clause, "name": name, "ref": ref, "per_dataset": per,
+               "beats_on": [d for d in datasets if _beyond(per[d])],
+               "enough_seeds": all(per[d]["n"] >= wanted for d in datasets), "min_seeds": wanted}
+        comparisons.append(row)
+        return row
+
+    recipe_of = {n: o.get("recipe", "cosine") for n, o in settings["recoveries"].items()}
+    winners = [row for ref, rivals in rule["recipe"].items() for rival in rivals
+               if len((row := compare("recipe", rival, ref))["beats_on"]) == len(datasets)]
+    best = max(winners, key=lambda row: min(st["mean"] for st in row["per_dataset"].values()),
+               default=None)
+    recipe = recipe_of[best["name"]] if best else recipe_of[next(iter(rule["recipe"]))]
+
+    length = rule["length"]
+    longer = compare("length", length["longer"], length["default"])
+    over_short = [compare("length", length[arm], length["shorter"]) for arm in ("default", "longer")]
+    epochs_of = {arm: _total_epochs(settings["recoveries"][length[arm]])
+                 for arm in ("shorter", "default", "longer")}
+    if longer["beats_on"]:
+        epochs = epochs_of["longer"]
+    elif any(row["beats_on"] for row in over_short):
+        epochs = epochs_of["default"]
+    else:
+        epochs = epochs_of["shorter"]
+
+    it = rule["iterative"]
+    stepped = compare("iterative", it["stepped"], it["one_shot"])
+    one_shot = len(stepped["beats_on"]) < len(datasets)
+    return {"recipe": recipe, "epochs": epochs, "one_shot": one_shot,
+            "final": all(row["enough_seeds"] for row in comparisons), "comparisons": comparisons}
+
+
+def decision_markdown(settings: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    verdict = decide(settings, records)
+    datasets = list(settings["datasets"])
+    state = ("final: every comparison has its seeds" if verdict["final"] else
+             "provisional: some comparisons have fewer paired seeds than the rule needs")
+    lines = ["## Decision", "",
+             "The rule fixed before the last seeds ran (docs/results.md), applied to the "
+             f"validation columns ({state}). A difference counts where its 95% interval "
+             "excludes zero.", "",
+             f"| clause | run | against | {' | '.join(datasets)} | beats it on | seeds needed |",
+             f"|---|---|---|{'---:|' * len(datasets)}---|---:|"]
+    for row in verdict["comparisons"]:
+        cells = " | ".join(_cell(row["per_dataset"][d]) for d in datasets)
+        lines.append(f"| {row['clause']} | {row['name']} | {row['ref']} | {cells} | "
+                     f"{', '.join(row['beats_on']) or 'none'} | {row['min_seeds']} |")
+    lines += ["", f"So `bpl compress` recovers with `--recipe {verdict['recipe']}` for "
+              f"{verdict['epochs']} epochs, "
+              f"{'one-shot' if verdict['one_shot'] else 'in steps (--prune-steps)'}"
+              f"{'' if verdict['final'] else ' (provisional)'}.", ""]
+    return lines
+
+
 def step_tests(settings: dict[str, Any], python: str = sys.executable) -> int:
     """Test top-1 of every step a finished ``--max-drop`` or ``--prune-steps`` run kept
     (``bpl evaluate`` of ``steps/K/deploy.pt`` on the run's split), written into its record
@@ -882,8 +966,9 @@ def report(settings: dict[str, Any]) -> Path:
     records = load_records(settings)
     summary = summarize(settings, records)
     folder = _in_repo(settings["results"])
-    atomic_write_text(folder / "results.json",
-                      json.dumps({"summary": summary, "settings": settings}, indent=1) + "\n")
+    verdict = decide(settings, records) if settings.get("decision") else None
+    atomic_write_text(folder / "results.json", json.dumps(
+        {"summary": summary, "decision": verdict, "settings": settings}, indent=1) + "\n")
     keys = ["dataset", "seed", "name", "command", "epochs_trained", "kept_epoch", "val_top1",
             "test_top1", "baseline_val_top1", "baseline_test_top1", "macs_reduction",
             "wall_time_s", "stopped"]

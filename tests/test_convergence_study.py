@@ -353,6 +353,53 @@ def test_goals_pair_each_recovery_with_its_baseline_and_count_compute_in_mac_epo
     assert "| c40 | 3 |" in md and "| met | 4.0 |" in md
 
 
+def test_the_decision_rule_picks_defaults_from_validation_only():
+    study = _load_script()
+    recoveries = {n: {"recipe": r, "epochs": e} for n, r, e in (
+        ("c10", "cosine", 10), ("c30", "cosine", 30), ("c40", "cosine", 40),
+        ("r10", "rewind", 10), ("o40", "onecycle", 40))}
+    recoveries["s4"] = {"recipe": "cosine", "epochs": 10, "prune_steps": 4}
+    settings = {**study.DEFAULTS, "datasets": {"a": {}, "b": {}}, "recoveries": recoveries,
+                "decision": {"recipe": {"c10": ["r10"], "c40": ["o40"]},
+                             "length": {"shorter": "c10", "default": "c30", "longer": "c40"},
+                             "iterative": {"one_shot": "c40", "stepped": "s4"},
+                             "min_seeds": 3, "min_seeds_of": {"c30": 2}}}
+
+    def runs(name, vals, test=50.0, datasets=("a", "b")):
+        return [{"dataset": d, "seed": s, "name": name, "val_top1": v, "test_top1": test}
+                for d in datasets for s, v in enumerate(vals)]
+
+    base = [*runs("c10", (80, 81, 82)), *runs("c40", (85, 85, 86)),
+            *runs("r10", (80, 82, 81)), *runs("s4", (84, 86, 85))]
+    # c30 ties c40 and beats c10: 30 epochs; one-shot; cosine; final at 3 (c30: 2) seeds
+    tied = [*base, *runs("c30", (85, 86, 85)), *runs("o40", (85, 86, 86))]
+    verdict = study.decide(settings, tied)
+    assert (verdict["recipe"], verdict["epochs"], verdict["one_shot"], verdict["final"]) == (
+        "cosine", 30, True, True)
+    # a test split that says otherwise changes nothing: the rule reads validation only
+    assert study.decide(settings, [{**r, "test_top1": 99.0 if r["name"] == "o40" else 1.0}
+                                   for r in tied]) == verdict
+    # c40 beyond c30 on one dataset: 40 epochs; a rival beyond cosine on both: its recipe
+    longer = [*base, *runs("c30", (83, 83, 84), datasets=("a",)), *runs("c30", (85, 86, 85),
+              datasets=("b",)), *runs("o40", (88, 88, 90))]
+    verdict = study.decide(settings, longer)
+    assert verdict["epochs"] == 40 and verdict["recipe"] == "onecycle"
+    # ahead on one dataset only: cosine stays, and the steps must win on both datasets
+    one = [*base, *runs("c30", (85, 86, 85)), *runs("o40", (88, 88, 90), datasets=("a",)),
+           *runs("o40", (85, 85, 86), datasets=("b",))]
+    one = [r for r in one if r["name"] != "s4"] + runs("s4", (90, 90, 91), datasets=("a",)) + (
+        runs("s4", (84, 86, 85), datasets=("b",)))
+    verdict = study.decide(settings, one)
+    assert verdict["recipe"] == "cosine" and verdict["one_shot"]
+    # neither longer arm beats 10 epochs: 10 stays; two seeds are not final
+    flat = [r for r in tied if r["seed"] < 2 and r["name"] not in ("c30", "c40")]
+    flat += runs("c30", (80, 81)) + runs("c40", (80, 81))
+    verdict = study.decide(settings, flat)
+    assert verdict["epochs"] == 10 and not verdict["final"]
+    md = "\n".join(study.decision_markdown(settings, flat))
+    assert "(provisional)" in md and "| length | c40 | c30 |" in md
+
+
 def test_a_partnered_recovery_records_what_its_partners_learned(tmp_path, capsys):
     """Issue 27's study reads partner norm and cosines from each run's unfused last.pt; the
     report carries the config's own title."""
