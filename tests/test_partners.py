@@ -14,6 +14,7 @@ from bpl.conformance import CHECKS, check_model, randomize_partners
 from bpl.diversity import partner_statistics
 from bpl.models import load_model, reinitialize, save_model
 from bpl.partners import PARTNER_KINDS, BranchPartner, PadBatchNorm2d, partner_kind
+from bpl.partners.branches import ConvAvgPool2d
 from nets import ConvZoo, GroupedNet, NormActStack, PreActNet
 
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
@@ -76,6 +77,19 @@ def test_branches_have_their_own_shapes_and_bns_and_fold_exactly(kind):
         assert "body.6" not in fallback  # ACNet's branches take the dilation
     assert {bpl.reports(student)["extend"].partners[name] for name in fallback} == {"same"}
     assert "same partner for body.15" in str(bpl.reports(student)["extend"])
+
+
+@pytest.mark.parametrize("kernel, stride, padding", [(3, 1, 1), (3, 2, 1), (3, 2, 0), ((3, 5), 1, (1, 2)),
+                                                     (5, (2, 1), 0)])
+def test_the_average_pool_branch_is_a_depthwise_conv_with_the_pools_values(kernel, stride, padding):
+    x = torch.randn(2, 5, 11, 12, dtype=torch.float64, requires_grad=True)
+    pool, conv = nn.AvgPool2d(kernel, stride=stride, padding=padding), ConvAvgPool2d(kernel, stride, padding)
+    y, z = pool(x), conv(x)
+    assert y.shape == z.shape and torch.allclose(y, z, rtol=0, atol=1e-12)
+    g = torch.randn_like(y)
+    (gy,), (gz,) = torch.autograd.grad(y, x, g), torch.autograd.grad(z, x, g)
+    assert torch.allclose(gy, gz, rtol=0, atol=1e-12)
+    assert isinstance(conv, nn.AvgPool2d) and not list(conv.parameters()) and not conv.state_dict()
 
 
 @pytest.mark.parametrize("kind", STRUCTURAL)
