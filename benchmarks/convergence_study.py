@@ -65,7 +65,9 @@ DEFAULTS: dict[str, Any] = {
     # (--weights its best.pt) with a recovery's recipe, so a recovery's gain can be split
     # into pruning and more training; "unpruned-<recovery>" pairs with that recovery
     "controls": {},
-    "reference": {"baseline": None, "recovery": None},  # what the paired differences are against
+    # what the paired differences are against; "of" (optional) pairs a recovery with its
+    # own plain arm instead of "recovery" (a regime's partnered arms with its plain one)
+    "reference": {"baseline": None, "recovery": None},
     # name -> a record of another study that is this study's run by another name (same
     # protocol, seed and split), e.g. the recovery study's 40-epoch baselines:
     # benchmarks/results/recovery/records/{dataset}__seed{seed}__baseline.json
@@ -592,8 +594,9 @@ def _total_epochs(options: dict[str, Any]) -> int | None:
 
 
 def _cosine_at_equal_epochs(settings: dict[str, Any], name: str) -> str | None:
-    """The one-shot plain cosine recovery that trains as many epochs in all as ``name``
-    to the same cut (so 4 cuts of 10 epochs pair with cosine for 40), or None."""
+    """The one-shot plain cosine recovery (pruned first, from the baseline's weights) that
+    trains as many epochs in all as ``name`` to the same cut (so 4 cuts of 10 epochs pair
+    with cosine for 40), or None."""
     recoveries = settings["recoveries"]
     if name not in recoveries:  # a baseline
         return None
@@ -602,6 +605,7 @@ def _cosine_at_equal_epochs(settings: dict[str, Any], name: str) -> str | None:
         return None
     return next((n for n, o in recoveries.items()
                  if n != name and o.get("recipe") == "cosine" and o.get("partners") is False
+                 and not o.get("soft") and not o.get("from_scratch")
                  and int(o.get("prune_steps", 1)) == 1 and _total_epochs(o) == total
                  and not other_cut(settings, o)), None)
 
@@ -626,6 +630,7 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
         for kind, names in (("train", baselines), ("compress", settings["recoveries"])):
             for name in names:
                 ref = settings["reference"]["baseline" if kind == "train" else "recovery"]
+                ref = (settings["reference"].get("of") or {}).get(name, ref)
                 if kind == "compress" and other_cut(settings, settings["recoveries"][name]):
                     ref = None  # another cut: its own baseline is its only reference
                 mine = [r for r in rows if r["name"] == name]

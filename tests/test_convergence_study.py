@@ -247,12 +247,16 @@ def test_recoveries_pair_with_the_plain_cosine_of_as_many_epochs_in_all():
         "auto-cycles": {"epochs": "auto", "schedule": "cycles", "partners": False},
         # another cut: on the accuracy-vs-MACs curve, paired with nothing at 90%
         "cut74-40": {"recipe": "cosine", "epochs": 40, "partners": False, "flops_reduction": 0.74},
-        "rewind-74": {"recipe": "rewind", "epochs": 40, "partners": False, "flops_reduction": 0.74}},
+        "rewind-74": {"recipe": "rewind", "epochs": 40, "partners": False, "flops_reduction": 0.74},
+        # other regimes' plain arms are not the one-shot cosine anything pairs with
+        "soft-plain": {"soft": True, "recipe": "cosine", "epochs": 40, "partners": False},
+        "scratch-40": {"from_scratch": True, "recipe": "cosine", "epochs": 40, "partners": False}},
         "flops_reduction": 0.9}
     pairs = {n: study._cosine_at_equal_epochs(settings, n) for n in settings["recoveries"]}
     assert pairs == {"cosine-10": None, "cosine-40": None, "rewind-10": "cosine-10",
                      "same-40": "cosine-40", "steps4-10": "cosine-40", "maxdrop1-40": None,
-                     "auto-cycles": None, "cut74-40": None, "rewind-74": None}
+                     "auto-cycles": None, "cut74-40": None, "rewind-74": None,
+                     "soft-plain": "cosine-40", "scratch-40": "cosine-40"}
     assert study.other_cut(settings, settings["recoveries"]["cut74-40"])
     assert not study.other_cut(settings, {"epochs": 40, "flops_reduction": 0.9})  # the study's
 
@@ -351,6 +355,24 @@ def test_goals_pair_each_recovery_with_its_baseline_and_count_compute_in_mac_epo
     assert study.goal_rows(settings, [*records[:3], *wide], "d")[1]["accuracy_goal"] is False
     md = "\n".join(study.goals_markdown(settings, records, "d"))
     assert "| c40 | 3 |" in md and "| met | 4.0 |" in md
+
+
+def test_a_regimes_arms_pair_with_its_own_plain_arm():
+    study = _load_script()
+    settings = {**study.DEFAULTS, "datasets": {"d": {}}, "baselines": {"base": {}},
+                "recoveries": {n: {"epochs": 40} for n in ("plain", "same", "scratch-plain",
+                                                            "scratch-same")},
+                "reference": {"baseline": "base", "recovery": "plain",
+                              "of": {"scratch-same": "scratch-plain"}}}
+    records = [{"dataset": "d", "seed": s, "name": n, "val_top1": v + s, "test_top1": v + s,
+                "epochs_trained": 40}
+               for s in range(2) for n, v in (("base", 90), ("plain", 88), ("same", 89),
+                                              ("scratch-plain", 85), ("scratch-same", 87))]
+    table = study.summarize(settings, records)["d"]
+    assert table["same"]["ref"] == "plain" and table["same"]["val_vs_ref"]["mean"] == 1.0
+    assert table["scratch-same"]["ref"] == "scratch-plain"
+    assert table["scratch-same"]["val_vs_ref"]["mean"] == 2.0
+    assert table["scratch-plain"]["ref"] == "plain"
 
 
 def test_the_decision_rule_picks_defaults_from_validation_only():
