@@ -4,6 +4,7 @@ checkpoints, and the reference's soft recipe with partners that regrow."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +24,13 @@ STRUCTURAL = ("diverse", "asymmetric")
 
 def test_the_registry_names_its_kinds_and_refuses_others():
     assert PARTNER_KINDS == bpl.PARTNER_KINDS == ("same", "diverse", "asymmetric")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for name in PARTNER_KINDS:
-        assert partner_kind(name).name == name and partner_kind(name).summary
+        kind = partner_kind(name)
+        assert kind.name == name and kind.summary and kind.step_cost
+        # the README's table of kinds gives the cost the registry logs, from one source
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}`"))
+        assert row.rstrip().endswith(f"| {kind.step_cost} |")
     with pytest.raises(bpl.InvalidArgumentError, match="unknown partner kind 'dbb'; choose one of same, diverse"):
         bpl.extend(GroupedNet(), partner="dbb")
     with pytest.raises(bpl.InvalidArgumentError, match="init must be one of preserve, paper for 'diverse'"):

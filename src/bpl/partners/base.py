@@ -105,6 +105,10 @@ class PartnerKind:
     inits: tuple[str, ...]
     build: Builder
     problem: Callable[[nn.Conv2d], str | None] = lambda conv: None
+    #: A training step's cost over a plain one as measured on CPUs (resnet18 at 64 px,
+    #: pruned and not: ``benchmarks/results/train_step_kinds.md``; ``same`` also resnet50 at
+    #: 224 px: ``train_step.md``), for logs and docs.
+    step_cost: str = ""
 
 
 _REGISTRY: dict[str, PartnerKind] = {}

@@ -298,6 +298,7 @@ register_kind(PartnerKind(
     inits=BRANCH_INITS,
     build=_builder("diverse", diverse_branches),
     problem=_diverse_problem,
+    step_cost="3.4-5.0x",
 ))
 register_kind(PartnerKind(
     name="asymmetric",
@@ -305,4 +306,5 @@ register_kind(PartnerKind(
     inits=BRANCH_INITS,
     build=_builder("asymmetric", asymmetric_branches),
     problem=_shape_problem,
+    step_cost="2.0-4.1x",
 ))

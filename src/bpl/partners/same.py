@@ -227,4 +227,5 @@ register_kind(PartnerKind(
     summary="the paper's: a parallel conv of the block's shape, with its own BN",
     inits=INITS,
     build=_build,
+    step_cost="1.1-1.9x",
 ))

@@ -38,6 +38,7 @@ from ..models import (
     save_model,
 )
 from ..modules import reports
+from ..partners import partner_kind
 from ..pruning import (
     LEVELS,
     BudgetStep,
@@ -247,9 +248,11 @@ def _compress(
                                 soft_every=cfg.soft_every, importance=cfg.importance,
                                 round_to=cfg.round_to, soft_partners=cfg.soft_partners))
     if partner_blocks(student) and state is None and main:
-        log.info("partners: each training step costs 1.1-1.8x a --no-partners step; in bpl's "
-                 "recovery study (docs/results.md) they were no more accurate than plain "
-                 "fine-tuning (--no-partners); more --epochs was what won accuracy back")
+        log.info("%s partners: each training step costs about %s a --no-partners step "
+                 "(resnet18, benchmarks/results/train_step_kinds.md); in bpl's recovery study "
+                 "(docs/results.md) partners were no more accurate than plain fine-tuning "
+                 "(--no-partners); more --epochs was what won accuracy back",
+                 cfg.partner, partner_kind(cfg.partner).step_cost)
     terms = _loss_terms(cfg, student, baseline)
     result = fit_run(cfg, student, data, run_dir, meta, command="compress", state=state,
                   progress=progress, started=t0, loss_terms=terms, hooks=hooks,
