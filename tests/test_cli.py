@@ -148,6 +148,21 @@ def test_soft_from_scratch_with_regrowing_asymmetric_partners(baseline, tmp_path
     assert state["hooks"][0]["updates"] == 2 and metrics["soft_updates"] == 3
 
 
+def test_soft_filter_pruning_without_partners(baseline, tmp_path):
+    """--soft --no-partners: the reference's soft schedule on the plain model (Soft Filter
+    Pruning alone), ending in a physically smaller model with nothing fused."""
+    out = tmp_path / "sfp"
+    assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--epochs", "2",
+                   "--flops-reduction", "0.5", "--soft", "--no-partners", "--out", out) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["partners"] is False and metrics["fusion_error"] is None
+    assert 0.45 <= metrics["macs_reduction"] <= 0.55 and metrics["removal_error"] <= 1e-5
+    assert metrics["soft_updates"] == 3
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert not any("partner" in key for key in state["model"]["state_dict"])
+    assert "fusion check" not in (out / "report.md").read_text()
+
+
 def test_deploy_loads_in_a_fresh_process_and_reproduces_accuracy(compressed):
     metrics = json.loads((compressed / "metrics.json").read_text())
     proc = bpl_subprocess("evaluate", compressed / "deploy.pt", "--json")
@@ -379,7 +394,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(args, message, tmp_path, caps
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--no-partners"], ["--no-partners"]),  # trained partners anyway, silently
+    (["--no-partners", "--soft-partners", "masked"], ["--soft-partners", "--no-partners"]),
     (["--global-pruning"], ["--global-pruning"]),  # was ignored
     (["--accept-closest"], ["--accept-closest"]),  # was ignored
 ])

@@ -45,7 +45,12 @@ def test_a_strategy_takes_what_it_honours_and_refuses_the_rest(name):
 
 
 def test_the_soft_refusals_name_the_reference_recipe():
-    with pytest.raises(BPLError, match="--soft zeroes the filters of each block and its partner"):
-        resolve_config(overrides={"soft": True, "flops_reduction": 0.5, "partners": False})
+    # Soft Filter Pruning alone is a soft run without partners; what partners do between
+    # re-masks has no meaning then
+    assert not resolve_config(overrides={"soft": True, "flops_reduction": 0.5,
+                                         "partners": False}).partners
+    with pytest.raises(BPLError, match="--no-partners trains none: leave out one of the two"):
+        resolve_config(overrides={"soft": True, "flops_reduction": 0.5, "partners": False,
+                                  "soft_partners": "masked"})
     with pytest.raises(BPLError, match="give one target"):
         resolve_config(overrides={"max_drop": 1.0, "flops_reduction": 0.5})

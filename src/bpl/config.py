@@ -354,11 +354,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
                        "global_pruning": _SPEED_ONCE.format("--global-pruning")}),
     Strategy("soft", "--soft", "zero the weakest filters while training, remove them at the end",
              frozenset({"flops_reduction", "soft", "soft_every", "soft_partners",
-                        "from_scratch"}),
+                        "from_scratch", "partners"}),
              refusals={
-                 "partners": "--soft zeroes the filters of each block and its partner (the "
-                             "reference recipe), so it always trains partners: leave out "
-                             "--no-partners, or --soft",
                  "global_pruning": "--soft picks filters layer by layer, as the reference code "
                                    "does; --global-pruning is for hard pruning: leave out one "
                                    "of the two",
@@ -562,6 +559,9 @@ def _check(cfg: Config) -> None:
     if cfg.soft_partners not in SOFT_PARTNERS:
         raise BPLError(f"--soft-partners must be one of {', '.join(SOFT_PARTNERS)}, got "
                        f"{cfg.soft_partners!r}")
+    if not cfg.partners and cfg.soft_partners != _FIELDS["soft_partners"].default:
+        raise BPLError("--soft-partners says what partners' zeroed filters do, and "
+                       "--no-partners trains none: leave out one of the two")
     if cfg.distill_temperature <= 0 or cfg.distill_weight < 0:
         raise BPLError(
             "--distill-temperature must be positive and --distill-weight 0 or more, got "

@@ -221,7 +221,7 @@ def _compress(
             after_pruning = _after_pruning(student, data, cfg, run_dir, device)
     elif cfg.soft:
         start = reinitialize(copy.deepcopy(baseline).cpu()) if cfg.from_scratch else baseline.cpu()
-        student = extend(start, **partner_args)
+        student = extend(start, **partner_args) if cfg.partners else start  # else SFP alone
     else:
         speed = ({} if cfg.speedup is None else
                  dict(speedup=cfg.speedup, runtime=cfg.runtime, batch_size=cfg.latency_batch,

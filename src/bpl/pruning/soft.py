@@ -55,11 +55,11 @@ class SoftReport:
     reduction: float
     target: float | None
     channel_ratio: float
-    fusion_error: float
+    fusion_error: float | None  # None: a model without partners (nothing was fused)
     removal_error: float
     relative_error: float
     updates: int = 0  # re-masks done, the final one included
-    soft_partners: str = "regrow"  # what the partners did between re-masks
+    soft_partners: str | None = "regrow"  # what the partners did between re-masks (None: no partners)
 
     @property
     def keep_ratio(self) -> float:
@@ -104,12 +104,15 @@ def _check_options(
 
 
 class SoftPruner:
-    """Soft filter pruning of an extended model, usable from any training loop.
+    """Soft filter pruning of an extended model (or of a plain one), usable from any
+    training loop.
 
     Each *group* is a set of output channels that Torch-Pruning removes together and
     that contains a partner block: the block's conv and partner conv, plus, when the
     block's output meets others in a residual addition, every conv and BN feeding that
-    addition (so what is zeroed is exactly what :meth:`finalize` removes). Groups with
+    addition (so what is zeroed is exactly what :meth:`finalize` removes). A model without
+    partners (Soft Filter Pruning alone, He et al. 2018) gets the groups of the convs
+    :func:`bpl.extend` would give partners, and :meth:`finalize` only removes. Groups with
     grouped (non-depthwise) convs or with layers that cannot be zeroed exactly
     (anything but Conv/Linear/BatchNorm) are left alone and logged.
 
@@ -163,11 +166,6 @@ class SoftPruner:
         keep_ratio: float | None = None,
     ) -> None:
         model = unwrap_parallel(model)
-        if not partner_blocks(model):
-            raise PruningError(
-                f"{type(model).__name__} has no partner blocks; SoftPruner works on an extended "
-                "model: call bpl.extend(model) first (or use bpl.prune for a plain model)"
-            )
         keep = None
         if keep_ratio is not None:  # the fraction kept (0.1): warn, and keep it exactly
             warn_deprecated("SoftPruner(keep_ratio=k)", "SoftPruner(channel_ratio=1 - k)",
@@ -196,9 +194,11 @@ class SoftPruner:
         self.groups, self._graph = build_soft_groups(model, self.args, ignored)
         self._criterion = make_importance(importance)
         if not self.groups:
+            what = "contains a partner block" if partner_blocks(model) else (
+                "holds a 3x3 or 5x5 conv (what bpl.extend gives partners)")
             raise PruningError(
-                f"no prunable channel group of {type(model).__name__} contains a partner block; "
-                "extend convs whose output channels can be removed, or ignore fewer layers"
+                f"no prunable channel group of {type(model).__name__} {what}; soft-prune convs "
+                "whose output channels can be removed, or ignore fewer layers"
             )
         self._scratch = Scratch(model, self.args)
         self.macs_before = deploy_macs(self._scratch.copy(model), self._scratch.args)
@@ -360,7 +360,7 @@ class SoftPruner:
         *,
         verify_tol: float = 1e-5,
     ) -> nn.Module:
-        """Fuse the partners, then physically remove exactly the zeroed channels.
+        """Fuse the partners (if any), then physically remove exactly the zeroed channels.
 
         Makes a last :meth:`update` first. Returns a new, smaller model with the
         architecture of the un-extended model (``model``, if given, must be the model
@@ -382,8 +382,11 @@ class SoftPruner:
         self.update(final=True)
         was_training = model.training
         deploy = copy.deepcopy(model).eval()
-        fuse(deploy, inplace=True)
-        fusion_error = verify(model, deploy, *check, verify_tol=verify_tol)
+        partnered = bool(partner_blocks(deploy))
+        fusion_error = None
+        if partnered:
+            fuse(deploy, inplace=True)
+            fusion_error = verify(model, deploy, *check, verify_tol=verify_tol)
         with torch.no_grad():
             fused_out = deploy(*check)
         dg = dependency_graph(deploy, check)
@@ -408,7 +411,7 @@ class SoftPruner:
             removal_error=removal_error,
             relative_error=err,
             updates=self.updates,
-            soft_partners=self.soft_partners,
+            soft_partners=self.soft_partners if partnered else None,
         )
         record_report(deploy, "soft", self._report)
         log.info("soft pruning finalized: MACs %d -> %d (%.2f%% fewer), relative error %.2g",

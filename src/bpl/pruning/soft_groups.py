@@ -2,7 +2,8 @@
 
 A group lists, for every conv/Linear and BatchNorm whose output channels Torch-Pruning
 removes together with a partner block's conv, which of its channels those are and where
-they sit in the block's conv (the group's root).
+they sit in the block's conv (the group's root). In a model without partners (Soft Filter
+Pruning alone) the roots are the convs :func:`bpl.extend` would give partners.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..extension import partner_blocks
+from ..extension import find_conv_bn_pairs, partner_blocks
 from .graph import make_pruner, rounded_keep
 from .importance import FilterNormImportance
 
@@ -57,9 +58,16 @@ def build_soft_groups(
     model: nn.Module, args: tuple[torch.Tensor, ...], ignored: list[str]
 ) -> tuple[list[SoftGroup], tp.DependencyGraph]:
     """Every prunable group of ``model`` that contains a partner block and can be zeroed
-    exactly, and the dependency graph they come from (to score them with any criterion)."""
+    exactly, and the dependency graph they come from (to score them with any criterion).
+    A model without partner blocks gets the groups of the convs :func:`bpl.extend` would
+    extend (its default placement), so soft pruning with and without partners zeroes the
+    same channels of the same network."""
     blocks = partner_blocks(model)
-    block_of_conv = {id(b.conv): name for name, b in blocks}
+    if blocks:
+        block_of_conv = {id(b.conv): name for name, b in blocks}
+    else:
+        block_of_conv = {id(model.get_submodule(name)): name
+                         for name, _ in find_conv_bn_pairs(model).extended}
     partner_ids = {id(m) for _, b in blocks for m in b.partner_modules()}
     names = {m: n for n, m in model.named_modules()}
     pruner = make_pruner(model, args, FilterNormImportance(2), 0.0, ignored=ignored)
