@@ -84,8 +84,12 @@ DEFAULTS: dict[str, Any] = {
     #   length: {shorter, default, longer}: longer if it beats default beyond the interval on a
     #     dataset; shorter only if neither default nor longer beats it on any;
     #   iterative: {one_shot, stepped}: stepped if it beats one_shot on every dataset;
+    #   partners: {primary, secondary, arms: {arm: its plain arm}}: a partner arm becomes
+    #     the default if it beats its plain arm beyond the interval on primary and is not
+    #     below it beyond the interval on secondary (issue 27's rule);
     #   min_seeds: paired seeds for a final verdict (min_seeds_of: {arm: n} lowers it for an
-    #     arm that runs on fewer seeds); below it the section says "provisional".
+    #     arm that runs on fewer seeds); below it the section says "provisional". Every
+    #     clause is optional.
     "decision": None,
     # the report's heading, and what its recoveries are (the line under the heading)
     "title": "Recovery that converges (issue 26)",
@@ -880,30 +884,47 @@ def decide(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[str,
         comparisons.append(row)
         return row
 
-    recipe_of = {n: o.get("recipe", "cosine") for n, o in settings["recoveries"].items()}
-    winners = [row for ref, rivals in rule["recipe"].items() for rival in rivals
-               if len((row := compare("recipe", rival, ref))["beats_on"]) == len(datasets)]
-    best = max(winners, key=lambda row: min(st["mean"] for st in row["per_dataset"].values()),
-               default=None)
-    recipe = recipe_of[best["name"]] if best else recipe_of[next(iter(rule["recipe"]))]
-
-    length = rule["length"]
-    longer = compare("length", length["longer"], length["default"])
-    over_short = [compare("length", length[arm], length["shorter"]) for arm in ("default", "longer")]
-    epochs_of = {arm: _total_epochs(settings["recoveries"][length[arm]])
-                 for arm in ("shorter", "default", "longer")}
-    if longer["beats_on"]:
-        epochs = epochs_of["longer"]
-    elif any(row["beats_on"] for row in over_short):
-        epochs = epochs_of["default"]
-    else:
-        epochs = epochs_of["shorter"]
-
-    it = rule["iterative"]
-    stepped = compare("iterative", it["stepped"], it["one_shot"])
-    one_shot = len(stepped["beats_on"]) < len(datasets)
-    return {"recipe": recipe, "epochs": epochs, "one_shot": one_shot,
-            "final": all(row["enough_seeds"] for row in comparisons), "comparisons": comparisons}
+    verdict: dict[str, Any] = {"comparisons": comparisons}
+    if "recipe" in rule:
+        recipe_of = {n: o.get("recipe", "cosine") for n, o in settings["recoveries"].items()}
+        winners = [row for ref, rivals in rule["recipe"].items() for rival in rivals
+                   if len((row := compare("recipe", rival, ref))["beats_on"]) == len(datasets)]
+        best = max(winners, key=lambda row: min(st["mean"] for st in row["per_dataset"].values()),
+                   default=None)
+        verdict["recipe"] = (recipe_of[best["name"]] if best
+                             else recipe_of[next(iter(rule["recipe"]))])
+    if "length" in rule:
+        length = rule["length"]
+        longer = compare("length", length["longer"], length["default"])
+        over_short = [compare("length", length[arm], length["shorter"])
+                      for arm in ("default", "longer")]
+        epochs_of = {arm: _total_epochs(settings["recoveries"][length[arm]])
+                     for arm in ("shorter", "default", "longer")}
+        verdict["epochs"] = (epochs_of["longer"] if longer["beats_on"] else epochs_of["default"]
+                             if any(row["beats_on"] for row in over_short)
+                             else epochs_of["shorter"])
+    if "iterative" in rule:
+        it = rule["iterative"]
+        stepped = compare("iterative", it["stepped"], it["one_shot"])
+        verdict["one_shot"] = len(stepped["beats_on"]) < len(datasets)
+    if "partners" in rule:
+        spec = rule["partners"]
+        primary, secondary = spec["primary"], spec.get("secondary")
+        winners, pending = [], []
+        for arm, ref in spec["arms"].items():
+            row = compare("partners", arm, ref)
+            if primary not in row["beats_on"]:
+                continue
+            other = row["per_dataset"].get(secondary) if secondary else None
+            if secondary and (other is None or other["ci95"] is None):
+                pending.append(arm)  # ahead on the primary, not yet measured on the other
+            elif other is None or other["mean"] + other["ci95"] >= 0:  # not below there
+                winners.append(row)
+        best = max(winners, key=lambda row: row["per_dataset"][primary]["mean"], default=None)
+        verdict["partner"] = best["name"] if best else None
+        verdict["partner_pending"] = pending
+    verdict["final"] = all(row["enough_seeds"] for row in comparisons)
+    return verdict
 
 
 def decision_markdown(settings: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
@@ -912,7 +933,7 @@ def decision_markdown(settings: dict[str, Any], records: list[dict[str, Any]]) -
     state = ("final: every comparison has its seeds" if verdict["final"] else
              "provisional: some comparisons have fewer paired seeds than the rule needs")
     lines = ["## Decision", "",
-             "The rule fixed before the last seeds ran (docs/results.md), applied to the "
+             "The rule the config states (fixed before the deciding seeds ran; docs/results.md), applied to the "
              f"validation columns ({state}). A difference counts where its 95% interval "
              "excludes zero.", "",
              f"| clause | run | against | {' | '.join(datasets)} | beats it on | seeds needed |",
@@ -921,10 +942,24 @@ def decision_markdown(settings: dict[str, Any], records: list[dict[str, Any]]) -
         cells = " | ".join(_cell(row["per_dataset"][d]) for d in datasets)
         lines.append(f"| {row['clause']} | {row['name']} | {row['ref']} | {cells} | "
                      f"{', '.join(row['beats_on']) or 'none'} | {row['min_seeds']} |")
-    lines += ["", f"So `bpl compress` recovers with `--recipe {verdict['recipe']}` for "
-              f"{verdict['epochs']} epochs, "
-              f"{'one-shot' if verdict['one_shot'] else 'in steps (--prune-steps)'}"
-              f"{'' if verdict['final'] else ' (provisional)'}.", ""]
+    said = []
+    if "recipe" in verdict:
+        said.append(f"`bpl compress` recovers with `--recipe {verdict['recipe']}`")
+    if "epochs" in verdict:
+        said.append(f"for {verdict['epochs']} epochs")
+    if "one_shot" in verdict:
+        said.append("one-shot" if verdict["one_shot"] else "in steps (--prune-steps)")
+    if "partner" in verdict:
+        spec = settings["decision"]["partners"]
+        said.append(f"partner default: `{verdict['partner']}`" if verdict["partner"] else
+                    "no partner arm beats its plain arm on "
+                    f"{spec['primary']} without falling below it on "
+                    f"{spec.get('secondary') or 'the other datasets'}: plain (`--no-partners`), "
+                    "the cheapest no worse, is the default")
+        if verdict["partner_pending"]:
+            said.append(f"ahead on {spec['primary']}, not yet measured on "
+                        f"{spec['secondary']}: {', '.join(verdict['partner_pending'])}")
+    lines += ["", f"So {', '.join(said)}{'' if verdict['final'] else ' (provisional)'}.", ""]
     return lines
 
 

@@ -422,6 +422,37 @@ def test_the_decision_rule_picks_defaults_from_validation_only():
     assert "(provisional)" in md and "| length | c40 | c30 |" in md
 
 
+def test_a_partner_becomes_the_default_only_ahead_on_one_dataset_and_not_behind_on_the_other():
+    study = _load_script()
+    recoveries = {n: {"epochs": 40} for n in ("plain", "same", "asym")}
+    settings = {**study.DEFAULTS, "datasets": {"eurosat": {}, "ucm": {}}, "recoveries": recoveries,
+                "decision": {"partners": {"primary": "eurosat", "secondary": "ucm",
+                                          "arms": {"same": "plain", "asym": "plain"}},
+                             "min_seeds": 3}}
+
+    def runs(name, vals, dataset):
+        return [{"dataset": dataset, "seed": s, "name": name, "val_top1": v, "test_top1": 0.0}
+                for s, v in enumerate(vals)]
+
+    plain = runs("plain", (80, 81, 82), "eurosat") + runs("plain", (80, 81, 82), "ucm")
+    ahead = runs("same", (82, 83, 85), "eurosat")  # +2, +2, +3: beyond the interval
+    # ahead on EuroSAT, level on UC Merced: the default; asym level everywhere: not
+    level = runs("same", (80, 82, 81), "ucm") + runs("asym", (80, 81, 82), "eurosat") + runs(
+        "asym", (80, 81, 82), "ucm")
+    verdict = study.decide(settings, plain + ahead + level)
+    assert verdict["partner"] == "same" and verdict["final"] and "recipe" not in verdict
+    # ahead on EuroSAT but below beyond the interval on UC Merced: plain stays
+    behind = runs("same", (77, 78, 80), "ucm") + runs("asym", (80, 81, 82), "eurosat")
+    verdict = study.decide(settings, plain + ahead + behind)
+    assert verdict["partner"] is None and verdict["partner_pending"] == []
+    md = "\n".join(study.decision_markdown(settings, plain + ahead + behind))
+    assert "plain (`--no-partners`), the cheapest no worse, is the default" in md
+    # not yet run on UC Merced: pending, not a default
+    verdict = study.decide(settings, plain + ahead)
+    assert verdict["partner"] is None and verdict["partner_pending"] == ["same"]
+    assert not verdict["final"]
+
+
 def test_a_partnered_recovery_records_what_its_partners_learned(tmp_path, capsys):
     """Issue 27's study reads partner norm and cosines from each run's unfused last.pt; the
     report carries the config's own title."""
