@@ -357,13 +357,12 @@ def test_soft_pruning_a_plain_model_zeroes_what_it_would_with_partners_and_remov
     torch.manual_seed(0)
     model = _seeded("tiny_resnet")
     randomize_bn(model)
-    pruner = SoftPruner(model, X32, flops_reduction=0.5)
-    with_partners = SoftPruner(bpl.extend(copy.deepcopy(model)), X32, flops_reduction=0.5)
+    pruner = SoftPruner(model, X32, channel_ratio=0.5)
+    with_partners = SoftPruner(bpl.extend(copy.deepcopy(model)), X32, channel_ratio=0.5)
     # the same coupled channel groups (a group's root may be another of its convs)
     assert len(pruner.groups) == len(with_partners.groups) >= 4
     assert sorted(g.size for g in pruner.groups) == sorted(g.size for g in with_partners.groups)
     assert all(g.name == g.deploy_name for g in pruner.groups)  # no partner block in between
-    assert pruner.channel_ratio == pytest.approx(with_partners.channel_ratio)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     pruner.update()
@@ -381,9 +380,10 @@ def test_soft_pruning_a_plain_model_zeroes_what_it_would_with_partners_and_remov
     deploy = pruner.finalize(model)
     report = bpl.reports(deploy)["soft"]
     assert report.fusion_error is None and report.soft_partners is None
-    assert report.removal_error <= 1e-5 and abs(report.reduction - 0.5) <= 0.01
+    assert report.removal_error <= 1e-5 and report.reduction > 0.3
     assert bpl.relative_error(model, deploy, X32) <= 1e-5
-    assert bpl.count_macs(deploy, X32) < bpl.count_macs(model, X32)
+    assert bpl.count_macs(deploy, X32) == report.macs_after < report.macs_before == (
+        bpl.count_macs(model, X32))
     with pytest.raises(BPLError, match="no prunable channel group of Sequential holds a 3x3"):
         SoftPruner(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), X32, channel_ratio=0.5)
 
