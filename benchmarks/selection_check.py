@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from bpl.data import load_dataset
+from bpl.data.splits import _digest as digest  # the fingerprint split files record
 from bpl.engine import ANNEALED, annealed_best, annealed_epochs, evaluate, make_loader
 from bpl.files import atomic_write_text
 from bpl.models import load_checkpoint, load_model, model_from_payload
@@ -56,15 +57,26 @@ RULES = ("best", "annealed", "last", "tail mean")
 FOLDER = "pool_check"
 
 
-def pool_rows(split: dict[str, Any], data: str, data_root: str | None, image_size: int,
-              seed: int, size: int) -> list[list[Any]]:
-    """``size`` images (stratified, fixed by the seed) of the training split the subset left
-    out: the full training split of the same seed, less the subset's train and val."""
+def pool_split(split: dict[str, Any], data: str, data_root: str | None, image_size: int,
+               seed: int, size: int) -> dict[str, Any]:
+    """The run's split with the pool (:func:`pool_rows`) as its test rows, and a record of
+    the images it leaves out (the subset's other images and the real test split), so that
+    loading it does not report those images as added to the folder since."""
     full = load_dataset(data, data_root, image_size=image_size, seed=seed, val_ratio=0.0,
                         cache="off", progress=False)  # the rows, not pixels
+    rows = pool_rows(split, full.split, seed, size)
+    listed = {row[0] for row in split["train"] + split["val"] + rows}
+    out = [rel for rel, _ in full.split["train"] + full.split["test"] if rel not in listed]
+    return {**split, "test": rows, "left_out": {"count": len(out), "sha1": digest(out)}}
+
+
+def pool_rows(split: dict[str, Any], full: dict[str, Any], seed: int, size: int
+              ) -> list[list[Any]]:
+    """``size`` images (stratified, fixed by the seed) of the training split the subset left
+    out: ``full``, the full training split of the same seed, less the subset's train and val."""
     used = {row[0] for row in split["train"] + split["val"]}
     by_class: dict[int, list[list[Any]]] = {}
-    for rel, label in full.split["train"]:
+    for rel, label in full["train"]:
         if rel not in used:
             by_class.setdefault(int(label), []).append([rel, label])
     rng = random.Random(f"{seed}:pool")
@@ -97,12 +109,17 @@ class Pool:
         folder = seed_dir / FOLDER
         pool_file = folder / "pool_split.json"
         config = json.loads((seed_dir / baseline / "config.json").read_text())
-        if not pool_file.exists():
-            split = json.loads((seed_dir / baseline / "split.json").read_text())
-            rows = pool_rows(split, config["data"], config.get("data_root"),
-                             config["image_size"], config["seed"], size)
+        split = json.loads((seed_dir / baseline / "split.json").read_text())
+        made = pool_split(split, config["data"], config.get("data_root"),
+                          config["image_size"], config["seed"], size)
+        saved = json.loads(pool_file.read_text()) if pool_file.exists() else None
+        if saved is not None and saved["test"] != made["test"]:
+            raise SystemExit(f"{pool_file}: its pool differs from the one seed "
+                             f"{config['seed']} draws; delete it to draw it again")
+        if saved is None or saved.get("left_out") != made["left_out"]:
+            # new, or written before the pool recorded what it leaves out: same rows
             folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(pool_file, json.dumps({**split, "test": rows}) + "\n")
+            atomic_write_text(pool_file, json.dumps(made) + "\n")
         data = load_dataset(config["data"], config.get("data_root"),
                             image_size=config["image_size"], split_file=pool_file,
                             cache_dir=cache_dir, progress=False)

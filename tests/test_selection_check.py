@@ -159,3 +159,45 @@ def test_the_watcher_needs_a_seed_folder_or_report(capsys):
     with pytest.raises(SystemExit):
         check.main([])
     assert "--watch SEED_DIR" in capsys.readouterr().err
+
+
+def test_the_pool_split_records_what_it_leaves_out_so_loading_it_reports_nothing_added(
+        tmp_path, caplog):
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from bpl.data import draw_split, load_dataset
+
+    check = load_benchmark("selection_check")
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        (root / f"c{k}").mkdir(parents=True)
+        for i in range(30):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3)).astype(np.uint8)).save(
+                root / f"c{k}" / f"{i}.png")
+    split = draw_split("imagefolder", root, seed=0, val_ratio=0.1, train_subset=0.3)
+    made = check.pool_split(split, "imagefolder", str(root), 16, 0, 12)
+    assert made["train"] == split["train"] and made["val"] == split["val"]
+    pool = {rel for rel, _ in made["test"]}
+    assert 9 <= len(pool) <= 15 and not pool & {rel for rel, _ in split["train"] + split["val"]}
+    assert not pool & {rel for rel, _ in split["test"]}  # training images, not the test split
+    listed = len(made["train"]) + len(made["val"]) + len(made["test"])
+    assert made["left_out"]["count"] == 90 - listed
+
+    def added_said(split_file_content) -> list[str]:
+        path = tmp_path / "pool.json"
+        path.write_text(json.dumps(split_file_content))
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="bpl"):
+            data = load_dataset("imagefolder", root, image_size=16, split_file=path,
+                                cache="off", progress=False)
+        assert {rel for rel, _ in data.split["test"]} == pool
+        return [r.getMessage() for r in caplog.records if "split file" in r.getMessage()]
+
+    assert added_said(made) == []
+    # the pool file as it was written before: the run's record of what its subset left out,
+    # which no longer matches, so loading it said images had been added to the folder
+    assert any("were added after" in m for m in added_said({**split, "test": made["test"]}))
