@@ -134,6 +134,34 @@ def test_plateau_fit_stops_when_converged_and_resumes_exactly(tmp_path):
     assert again.epochs == straight.epochs and again.stopped == straight.stopped
 
 
+def test_a_number_of_epochs_trains_them_all_under_the_validated_schedules(tmp_path):
+    """--epochs N is N epochs under cycles and plateau too: the rule steers the rate but
+    only --epochs auto (until_converged) ends training early."""
+    from bpl.config import resolve_config
+    from bpl.pipeline.fitting import train_settings
+
+    for schedule, extra in (("cycles", {"cycle_epochs": 2, "min_gain": 100.0}),
+                            ("plateau", {"patience": 1, "decays": 0})):
+        cfg = TrainSettings(epochs=6, batch_size=8, lr=0.2, device="cpu", schedule=schedule,
+                            amp=False, until_converged=False, **extra)
+        torch.manual_seed(0)
+        run = fit(tiny_net(), tiny_data(48), tiny_data(24), cfg, tmp_path / schedule,
+                  num_classes=3, payload=payload, progress=False)
+        assert run.epochs == 6 and run.stopped == "reached the last of 6 epochs"
+        lrs = [row["lr"] for row in run.history]
+        if schedule == "cycles":  # every cycle restarted although none gained 100 points
+            assert lrs[0::2] == pytest.approx([lrs[0]] * 3)
+        stopped = fit(tiny_net(), tiny_data(48), tiny_data(24),
+                      TrainSettings(**{**cfg.__dict__, "until_converged": True}),
+                      tmp_path / f"{schedule}-auto", num_classes=3, payload=payload,
+                      progress=False)
+        assert stopped.epochs < 6 and "converged" in stopped.stopped
+    fixed = resolve_config(overrides={"epochs": 240, "schedule": "cycles"})
+    assert not train_settings(fixed).until_converged and train_settings(fixed).epochs == 240
+    auto = resolve_config(overrides={"epochs": "auto", "max_epochs": 90})
+    assert train_settings(auto).until_converged and train_settings(auto).epochs == 90
+
+
 def test_cycles_fit_stops_when_a_cycle_does_not_pay_and_resumes_exactly(tmp_path):
     """Cut off mid-cycle, after a restart, and resumed: the same learning rates, decisions
     and weights as one straight run."""

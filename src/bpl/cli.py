@@ -99,9 +99,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
           help="named settings: the paper's 'reference'; recoveries after pruning: cosine, rewind "
                "(the baseline's learning rates replayed), onecycle, constant")
     _flag(g, "epochs", type=_epochs, metavar="N|auto",
-          help="epochs to train, or auto: until validation top-1 stops improving (cosine "
-               "cycles of --cycle-epochs; --schedule plateau for the other rule; at most "
-               "--max-epochs)")
+          help="epochs to train (all of them, whatever the --schedule), or auto: until "
+               "validation top-1 stops improving (cosine cycles of --cycle-epochs; --schedule "
+               "plateau for the other rule; at most --max-epochs)")
     _flag(g, "max-epochs", type=int, metavar="N", help="the cap of --epochs auto")
     _flag(g, "batch-size", type=int)
     _flag(g, "lr", type=float, help="peak learning rate")
@@ -122,7 +122,8 @@ def _train_options(p: argparse.ArgumentParser) -> None:
           help="plateau schedule: learning-rate decays before the next plateau ends training")
     _flag(g, "cycle-epochs", type=int, metavar="N",
           help="cycles schedule (--epochs auto's default): the length of each cosine "
-               "cycle; training ends after a cycle that adds no more than --min-gain")
+               "cycle; under --epochs auto training ends after a cycle that adds no more "
+               "than --min-gain (with a number of --epochs the cycles run them all)")
     _flag(g, "label-smoothing", type=float)
     g = p.add_argument_group("execution")
     _flag(g, "device", help="auto, cpu, cuda, cuda:1 ...")

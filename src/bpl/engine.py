@@ -107,6 +107,9 @@ class TrainSettings:
     min_gain: float = 0.0  # plateau: validation top-1 points that count as a gain
     decays: int = 2  # plateau: decays of the lr; the plateau after the last ends the run
     cycle_epochs: int = 40  # cycles: the length of each cosine cycle (40: the recovery study's baselines)
+    # cycles and plateau: end training when the rule says it has converged (--epochs auto,
+    # epochs the cap); False trains all the epochs, the rule only steering the rate
+    until_converged: bool = True
     replay: Sequence[float] = ()  # replay: the learning rate of each epoch of the run replayed
     label_smoothing: float = 0.0
     device: str = "auto"
@@ -634,7 +637,7 @@ def fit(
     logs = _Logs(run_dir) if ctx.is_main else None
     try:
         for epoch in range(start, settings.epochs):
-            if plateau is not None and plateau.converged:
+            if plateau is not None and plateau.converged and settings.until_converged:
                 break
             row = trainer.train_epoch(train_loader, epoch)
             for hook in hooks:
@@ -662,7 +665,7 @@ def fit(
                     change = plateau.update(metrics["top1"])
                     if change == "decay":
                         _refresh_lr(scheduler)  # x gamma from the next step on
-                    if change and ctx.is_main:
+                    if change and ctx.is_main and (change != "stop" or settings.until_converged):
                         _log_change(plateau, change, settings)
             if improved:
                 result.best_epoch = epoch + 1
@@ -701,6 +704,7 @@ def fit(
             logs.close()
         distributed.unwrap(net)
     result.stopped = (plateau.describe() if plateau is not None and plateau.converged
+                      and settings.until_converged
                       else f"reached the last of {settings.epochs} epochs")
     return result
 

@@ -144,8 +144,11 @@ def measure(model: nn.Module, cfg: Config, top1: float | None) -> dict[str, Any]
 
 
 def train_settings(cfg: Config, replay: list[float] | None = None) -> TrainSettings:
-    """The engine's settings for ``cfg``: ``--epochs auto`` trains at most ``--max-epochs``."""
+    """The engine's settings for ``cfg``: ``--epochs auto`` trains at most ``--max-epochs``
+    and stops when its rule says so; a number of ``--epochs`` trains that many, under any
+    schedule (the cycles restart, the plateau rule only decays the rate)."""
     settings = TrainSettings.from_object(cfg)
+    settings.until_converged = cfg.epochs == "auto"
     if cfg.epochs == "auto":
         settings.epochs = cfg.max_epochs
     if replay is not None:
