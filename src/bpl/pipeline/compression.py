@@ -277,6 +277,9 @@ def _compress(
     else:
         deploy = student
     deploy_eval = evaluate_split(deploy, data, cfg, device)
+    if cfg.soft and data.val is not None and len(data.val):
+        # the soft schedule's last re-pick comes after the last validation: score what ships
+        selected["val_top1"] = evaluate_split(deploy, data, cfg, device, "val")["top1"]
     save_model(deploy.cpu(), run_dir / "deploy.pt", arch=cfg.arch, num_classes=data.num_classes,
                meta={**meta, "epochs": result.epochs, "baseline_epochs": base_meta.get("epochs")})
     models = {
