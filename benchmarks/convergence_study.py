@@ -687,7 +687,8 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
     return out
 
 
-def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[dict[str, Any]]) -> str:
+def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[dict[str, Any]],
+             verdict: dict[str, Any] | None = None) -> str:
     devices = sorted({str(r.get("device", "?")) for r in records})
     lines = [f"# {settings['title']}", "",
              f"{settings['arch']}; seeds {settings['seeds']}; recoveries prune the "
@@ -784,7 +785,7 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
         if settings.get("goals"):
             lines += goals_markdown(settings, records, dataset)
     if settings.get("decision"):
-        lines += decision_markdown(settings, records)
+        lines += decision_markdown(settings, verdict or decide(settings, records))
     return "\n".join(lines) + "\n"
 
 
@@ -927,8 +928,8 @@ def decide(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[str,
     return verdict
 
 
-def decision_markdown(settings: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
-    verdict = decide(settings, records)
+def decision_markdown(settings: dict[str, Any], verdict: dict[str, Any]) -> list[str]:
+    """The report's Decision section for :func:`decide`'s ``verdict``."""
     datasets = list(settings["datasets"])
     state = ("final: every comparison has its seeds" if verdict["final"] else
              "provisional: some comparisons have fewer paired seeds than the rule needs")
@@ -1013,7 +1014,7 @@ def report(settings: dict[str, Any]) -> Path:
             "test_top1", "baseline_val_top1", "baseline_test_top1", "macs_reduction",
             "wall_time_s", "stopped"]
     write_csv(folder / "results.csv", records, keys, extrasaction="ignore")
-    return atomic_write_text(folder / "summary.md", markdown(settings, summary, records))
+    return atomic_write_text(folder / "summary.md", markdown(settings, summary, records, verdict))
 
 
 def pack(settings: dict[str, Any]) -> None:

@@ -418,7 +418,7 @@ def test_the_decision_rule_picks_defaults_from_validation_only():
     flat += runs("c30", (80, 81)) + runs("c40", (80, 81))
     verdict = study.decide(settings, flat)
     assert verdict["epochs"] == 10 and not verdict["final"]
-    md = "\n".join(study.decision_markdown(settings, flat))
+    md = "\n".join(study.decision_markdown(settings, study.decide(settings, flat)))
     assert "(provisional)" in md and "| length | c40 | c30 |" in md
 
 
@@ -445,7 +445,7 @@ def test_a_partner_becomes_the_default_only_ahead_on_one_dataset_and_not_behind_
     behind = runs("same", (77, 78, 80), "ucm") + runs("asym", (80, 81, 82), "eurosat")
     verdict = study.decide(settings, plain + ahead + behind)
     assert verdict["partner"] is None and verdict["partner_pending"] == []
-    md = "\n".join(study.decision_markdown(settings, plain + ahead + behind))
+    md = "\n".join(study.decision_markdown(settings, study.decide(settings, plain + ahead + behind)))
     assert "plain (`--no-partners`), the cheapest no worse, is the default" in md
     # not yet run on UC Merced: pending, not a default
     verdict = study.decide(settings, plain + ahead)
