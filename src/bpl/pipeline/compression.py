@@ -220,8 +220,11 @@ def _compress(
         if (run_dir / "after_pruning.json").exists():
             after_pruning = _after_pruning(student, data, cfg, run_dir, device)
     elif cfg.soft:
-        start = reinitialize(copy.deepcopy(baseline).cpu()) if cfg.from_scratch else baseline.cpu()
-        student = extend(start, **partner_args) if cfg.partners else start  # else SFP alone
+        # a copy: the baseline is scored (and distilled from) after training
+        start = copy.deepcopy(baseline).cpu()
+        if cfg.from_scratch:
+            reinitialize(start)
+        student = extend(start, inplace=True, **partner_args) if cfg.partners else start
     else:
         speed = ({} if cfg.speedup is None else
                  dict(speedup=cfg.speedup, runtime=cfg.runtime, batch_size=cfg.latency_batch,
