@@ -206,7 +206,34 @@ def make_record(settings: dict[str, Any], job: Job) -> dict[str, Any]:
            "device": _device_name(job.options.get("device", "auto"))}
     if with_partners(job):
         rec.update(saved_partner_stats(folder))
+    problem = baseline_mismatch(settings, job, rec)
+    if problem:
+        raise MixedUp(problem)
     return rec
+
+
+class MixedUp(SystemExit):
+    """A finished run that did not score the baseline its study gave it: not recorded."""
+
+
+def baseline_mismatch(settings: dict[str, Any], job: Job, rec: dict[str, Any]) -> str | None:
+    """Why a recovery's record cannot be of its study's baseline, or None: the run scored
+    its baseline on test differently from the baseline's own run (a mixed-up checkpoint, or
+    a trained model reported as the baseline, as ``--soft --no-partners`` did until
+    2026-12-07). Checked where ``best.pt``, which recoveries start from, is the kept model."""
+    if job.command != "compress" or not job.after or rec.get("baseline_test_top1") is None:
+        return None
+    base = run_dir(settings, Job(job.dataset, job.seed, job.after, "train", {}))
+    if not (base / "metrics.json").exists():
+        return None
+    metrics = json.loads((base / "metrics.json").read_text())
+    if "val_top1" not in (metrics.get("selected") or {}):  # it kept the last epoch, not best.pt
+        return None
+    if abs(metrics["final"]["top1"] - rec["baseline_test_top1"]) <= 1e-6:
+        return None
+    return (f"{run_dir(settings, job)} scored its baseline {rec['baseline_test_top1']:.2f} on "
+            f"test, but the baseline's run {base} scored {metrics['final']['top1']:.2f}: it did "
+            "not start from (or did not score) that baseline; delete the run to rerun it")
 
 
 def with_partners(job: Job) -> bool:
@@ -344,7 +371,10 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
             took = time.time() - job.started
             rec = None
             if job.proc.returncode == 0:
-                rec = make_record(settings, job)
+                try:
+                    rec = make_record(settings, job)
+                except MixedUp as problem:
+                    print(f"{time.time() - t0:6.0f}s NOT RECORDED: {problem}", flush=True)
             elif job.options.get("max_drop") is not None:
                 rec = no_step_within(settings, job)  # an outcome of the search, not a failure
             if rec is not None:

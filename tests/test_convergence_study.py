@@ -499,3 +499,35 @@ def test_with_partners_is_one_shot_compress_with_partners_on():
     assert not study.with_partners(job("compress", max_drop=1.0))
     assert not study.with_partners(job("compress", prune_steps=4))
     assert not study.with_partners(job("train", epochs=40))
+
+
+def test_a_run_that_scored_another_baseline_is_refused_not_recorded(tmp_path):
+    """A recovery must score, as its baseline, what the baseline's own run scored on test:
+    ``--soft --no-partners`` once reported its trained model as the baseline, and such a
+    record would have read as no drop at all."""
+    study = _load_script()
+    settings = {**study.DEFAULTS, "out": str(tmp_path / "runs"), "results": str(tmp_path / "r")}
+    base = study.run_dir(settings, study.Job("digits", 0, "base", "train", {}))
+    base.mkdir(parents=True)
+    base_metrics = {"selected": {"epoch": 3, "of": 5, "val_top1": 90.0}, "final": {"top1": 80.0}}
+    (base / "metrics.json").write_text(json.dumps(base_metrics))
+    job = study.Job("digits", 0, "soft-plain", "compress", {"soft": True, "partners": False},
+                    after="base")
+    out = study.run_dir(settings, job)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(job.options))
+    history = [{"lr": 0.01, "val_top1": 85.0, "epoch_time_s": 1.0}]
+    metrics = {"command": "compress", "history": history, "final": {"top1": 78.0},
+               "selected": {"epoch": 1, "of": 1, "val_top1": 85.0}, "macs_reduction": 0.9,
+               "baseline": {"top1": 78.0, "val_top1": 85.0}}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(SystemExit, match="scored its baseline 78.00 on test.*scored 80.00"):
+        study.finished_record(settings, job)
+    metrics["baseline"] = {"top1": 80.0, "val_top1": 90.0}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    rec = study.finished_record(settings, job)
+    assert rec["baseline_test_top1"] == 80.0 and rec["test_top1"] == 78.0
+    # a baseline that kept its last epoch: best.pt is not what it scored, nothing to compare
+    base_metrics["selected"] = {"epoch": 5, "of": 5, "why": "--select last"}
+    (base / "metrics.json").write_text(json.dumps(base_metrics))
+    assert study.baseline_mismatch(settings, job, {"baseline_test_top1": 1.0}) is None
