@@ -61,6 +61,9 @@ DEFAULTS: dict[str, Any] = {
     "prune_from": None,  # the baseline every recovery starts from
     "flops_reduction": 0.9,
     "recoveries": {},  # name -> bpl compress flags
+    # name -> {"options": bpl compress flags, "why": ...}: an arm the study stopped running
+    # (a pilot ruled it out); not run any more, but its records stay in the report, marked
+    "dropped": {},
     # name -> bpl train flags of a control: the unpruned prune_from baseline trained on
     # (--weights its best.pt) with a recovery's recipe, so a recovery's gain can be split
     # into pruning and more training; "unpruned-<recovery>" pairs with that recovery
@@ -102,6 +105,10 @@ def load_settings(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(DEFAULTS))
     if unknown:
         raise SystemExit(f"unknown keys in {path}: {', '.join(unknown)}")
+    for name, arm in (raw.get("dropped") or {}).items():
+        if not isinstance(arm, dict) or set(arm) != {"options", "why"}:
+            raise SystemExit(f"{path}: dropped arm {name} needs exactly `options` (its bpl "
+                             "compress flags, as it ran) and `why` (the reason it stopped)")
     return {**DEFAULTS, **raw}
 
 
@@ -158,11 +165,11 @@ def _train_flags(options: dict[str, Any]) -> dict[str, Any]:
 def plan(settings: dict[str, Any]) -> list[Job]:
     """Every run of the study, baselines first, seed by seed."""
     names = [*settings["recoveries"], *settings["baselines"], *settings["imported"],
-             *settings["controls"]]
+             *settings["controls"], *settings["dropped"]]
     same = sorted({n for n in names if names.count(n) > 1})
     if same:  # one run directory and one record per name: a recovery would meet a baseline's
-        raise SystemExit(f"a recovery and a baseline share the name {', '.join(same)}: "
-                         "rename one of them in the config")
+        raise SystemExit(f"two runs of the config (baselines, recoveries, controls, imported "
+                         f"or dropped) share the name {', '.join(same)}: rename one of them")
     jobs = []
     for seed in settings["seeds"]:
         for dataset, data in settings["datasets"].items():
@@ -661,11 +668,13 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
         rows = [r for r in records if r["dataset"] == dataset]
         table = {}
         baselines = [*settings["imported"], *settings["baselines"], *settings["controls"]]
-        for kind, names in (("train", baselines), ("compress", settings["recoveries"])):
+        arms = {**settings["recoveries"],
+                **{n: d["options"] for n, d in settings["dropped"].items()}}
+        for kind, names in (("train", baselines), ("compress", arms)):
             for name in names:
                 ref = settings["reference"]["baseline" if kind == "train" else "recovery"]
                 ref = (settings["reference"].get("of") or {}).get(name, ref)
-                if kind == "compress" and other_cut(settings, settings["recoveries"][name]):
+                if kind == "compress" and other_cut(settings, arms[name]):
                     ref = None  # another cut: its own baseline is its only reference
                 mine = [r for r in rows if r["name"] == name]
                 if not mine:
@@ -682,6 +691,7 @@ def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[s
                     "epochs_all": _mean([r.get("epochs_all") for r in mine]),
                     "train_time_s": _mean([r.get("train_time_s") for r in mine]),
                     "ref": ref,
+                    "dropped": (settings["dropped"].get(name) or {}).get("why"),
                     **{key: _mean([r.get(key) for r in mine]) for key in PARTNER_STATS},
                     "val_vs_ref": ci95(_paired(rows, name, ref, "val_top1")) if ref else None,
                     "test_vs_ref": ci95(_paired(rows, name, ref, "test_top1")) if ref else None,
@@ -734,17 +744,25 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, e in table.items():
             ref = f" vs {e['ref']}" if e["ref"] and e["ref"] != name else ""
+            shown = f"{name} (dropped)" if e.get("dropped") else name
             drop = _cell(e["test_drop"]) if e.get("test_drop") else "-"
             vs_base = (f"{_cell(e['test_vs_ref_baseline'])} vs {e['ref_baseline']}"
                        if e.get("test_vs_ref_baseline") else "-")
             macs = f"{100 * e['macs_reduction']:.1f}" if e.get("macs_reduction") else "-"
             lines.append(
-                f"| {name} | {e['kind']} | {e['runs']} | {e['epochs_mean']:.1f} "
+                f"| {shown} | {e['kind']} | {e['runs']} | {e['epochs_mean']:.1f} "
                 f"({e['epochs_min']}-{e['epochs_max']}) | {macs} | {_num(e['val_top1'], '.2f')} | "
                 f"{_num(e['test_top1'], '.2f')} | {_cell(e['val_vs_ref']) if ref else '-'}{ref} | "
                 f"{_cell(e['test_vs_ref']) if ref else '-'} | {drop} | {vs_base} | "
                 f"{_num(e['epochs_all'], '.1f')} | {_num(e['train_time_s'], '.0f')} |")
         lines.append("")
+        if settings["dropped"]:
+            lines += ["Dropped arms (no longer run; their records stay above):", ""]
+            for n, d in settings["dropped"].items():
+                runs = table[n]["runs"] if n in table else 0
+                lines.append(f"- `{n}` ({runs} run{'' if runs == 1 else 's'} recorded): "
+                             f"{d['why']}")
+            lines.append("")
         budgeted = [n for n, o in settings["recoveries"].items() if o.get("max_drop") is not None]
         ref_base = settings["reference"]["baseline"]
         base = {r["seed"]: r for r in records if r["dataset"] == dataset and r["name"] == ref_base}

@@ -375,6 +375,34 @@ def test_a_regimes_arms_pair_with_its_own_plain_arm():
     assert table["scratch-plain"]["ref"] == "plain"
 
 
+def test_a_dropped_arm_is_not_run_but_its_records_stay_in_the_report(tmp_path):
+    """A pilot may rule an arm out (the issue: "drop the arms ... saying so"): it leaves the
+    plan, and the report still shows what it scored, marked, with the reason."""
+    study = _load_script()
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({
+        "datasets": {"d": {}}, "seeds": [0, 1], "baselines": {"base": {}},
+        "prune_from": "base", "recoveries": {"plain": {"epochs": 40}},
+        "dropped": {"costly": {"options": {"epochs": 40, "partner": "diverse"},
+                               "why": "5x plain's step, no validation lead"}},
+        "reference": {"baseline": "base", "recovery": "plain"}}))
+    settings = study.load_settings(config)
+    assert {j.name for j in study.plan(settings)} == {"base", "plain"}
+    records = [{"dataset": "d", "seed": s, "name": n, "val_top1": v + s, "test_top1": v,
+                "epochs_trained": 40}
+               for s in range(2) for n, v in (("base", 90), ("plain", 88), ("costly", 87))]
+    summary = study.summarize(settings, records)
+    entry = summary["d"]["costly"]
+    assert entry["dropped"] == "5x plain's step, no validation lead"
+    assert entry["runs"] == 2 and entry["val_vs_ref"]["mean"] == -1.0
+    text = study.markdown({**settings, "title": "t", "about": "a"}, summary, records)
+    assert "| costly (dropped) |" in text
+    assert "- `costly` (2 runs recorded): 5x plain's step, no validation lead" in text
+    config.write_text(yaml.safe_dump({"dropped": {"costly": {"epochs": 40}}}))
+    with pytest.raises(SystemExit, match="dropped arm costly needs exactly `options`"):
+        study.load_settings(config)
+
+
 def test_the_decision_rule_picks_defaults_from_validation_only():
     study = _load_script()
     recoveries = {n: {"recipe": r, "epochs": e} for n, r, e in (
