@@ -170,6 +170,25 @@ def test_soft_filter_pruning_without_partners(baseline, compressed, tmp_path):
     assert metrics["baseline"]["val_top1"] == pytest.approx(hard["baseline"]["val_top1"], abs=1e-9)
 
 
+def test_soft_filter_pruning_takes_the_placement(baseline, tmp_path, monkeypatch):
+    """--placement reaches the soft schedule of a run without partners (which convs' groups
+    it prunes), as it reaches bpl.extend in a run with them."""
+    from bpl.pipeline import compression
+
+    seen = []
+
+    class Recording(compression.SoftPruner):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs["placement"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(compression, "SoftPruner", Recording)
+    assert run_cli("compress", *FAST, "--baseline", baseline / "last.pt", "--epochs", "1",
+                   "--flops-reduction", "0.5", "--soft", "--no-partners", "--placement", "all",
+                   "--out", tmp_path / "all") == 0
+    assert seen == ["all"]
+
+
 def test_deploy_loads_in_a_fresh_process_and_reproduces_accuracy(compressed):
     metrics = json.loads((compressed / "metrics.json").read_text())
     proc = bpl_subprocess("evaluate", compressed / "deploy.pt", "--json")

@@ -384,8 +384,18 @@ def test_soft_pruning_a_plain_model_zeroes_what_it_would_with_partners_and_remov
     assert bpl.relative_error(model, deploy, X32) <= 1e-5
     assert bpl.count_macs(deploy, X32) == report.macs_after < report.macs_before == (
         bpl.count_macs(model, X32))
-    with pytest.raises(BPLError, match="no prunable channel group of Sequential holds a 3x3"):
-        SoftPruner(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), X32, channel_ratio=0.5)
+    # 1x1 convs only: no group at the paper's placement; the message names placement='all'
+    pointwise = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                              nn.Conv2d(16, 4, 1), nn.BatchNorm2d(4))
+    with pytest.raises(BPLError, match="no prunable channel group of Sequential holds a conv "
+                                       "that bpl.extend would give partners at placement "
+                                       "'paper'; pass placement='all'"):
+        SoftPruner(pointwise, X32, channel_ratio=0.5)
+    pruner = SoftPruner(pointwise, X32, channel_ratio=0.5, placement="all")
+    assert [g.name for g in pruner.groups] == ["0"]  # the last conv is the output: kept
+    pruner.update()
+    deploy = pruner.finalize(pointwise.eval())
+    assert deploy[0].out_channels == 8 and bpl.relative_error(pointwise, deploy, X32) <= 1e-5
 
 
 # --------------------------------------------------------------------------- soft pruning

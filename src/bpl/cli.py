@@ -213,7 +213,8 @@ def _compress_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "partner-share", type=float, metavar="S",
           help="--init split: the partner's share of the block (default 1/3)")
     _flag(g, "placement", choices=sorted(PLACEMENTS),
-          help="which convs get partners: paper (3x3 and 5x5) or all (1x1 and 7x7 too)")
+          help="which convs get partners: paper (3x3 and 5x5) or all (1x1 and 7x7 too); with "
+               "--soft --no-partners, which convs' channels the soft schedule prunes")
     _flag(g, "diversity-weight", type=float, metavar="W",
           help="weight of the diversity loss, cos(block, partner) + 1, per group (0.01, the "
                "paper's; 0 turns it off)")

@@ -249,7 +249,8 @@ def _compress(
     if cfg.soft:
         hooks.append(SoftPruner(student, example, flops_reduction=cfg.flops_reduction,
                                 soft_every=cfg.soft_every, importance=cfg.importance,
-                                round_to=cfg.round_to, soft_partners=cfg.soft_partners))
+                                round_to=cfg.round_to, soft_partners=cfg.soft_partners,
+                                placement=cfg.placement))
     if partner_blocks(student) and state is None and main:
         log.info("%s partners: each training step costs about %s a --no-partners step "
                  "(resnet18, benchmarks/results/train_step_kinds.md); in bpl's recovery study "

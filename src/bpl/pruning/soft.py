@@ -14,7 +14,7 @@ from torch import nn
 
 from ..deprecation import renamed_attribute, renamed_keywords, warn_deprecated
 from ..errors import PruningError
-from ..extension import partner_blocks
+from ..extension import Placement, partner_blocks
 from ..fusion import fuse
 from ..modules import Inputs, Scratch, as_args, find_output_layers, record_report, unwrap_parallel
 from ..verification import max_relative_error, verify
@@ -146,7 +146,8 @@ class SoftPruner:
     ``round_to`` (8 by default; 1 or None: no rounding) keeps each group's kept count a
     multiple of it, as in :func:`~bpl.pruning.prune`, with the same fallback to half the
     ``round_to`` when the target cannot be reached with it (``self.round_to`` is the one
-    used).
+    used). ``placement`` (as in :func:`bpl.extend`) picks, in a model without partners,
+    the convs whose groups are pruned; a model with partners has them at its blocks.
     """
 
     @renamed_keywords(every="soft_every", partners="soft_partners")
@@ -163,6 +164,7 @@ class SoftPruner:
         ignored_layers: Iterable[LayerRef] | LayerRef | None = None,
         tolerance: float = 0.01,
         soft_partners: str = "regrow",
+        placement: Placement = "paper",
         keep_ratio: float | None = None,
     ) -> None:
         model = unwrap_parallel(model)
@@ -191,15 +193,21 @@ class SoftPruner:
         ignored = list(dict.fromkeys(
             resolve_layers(model, ignored_layers) + find_output_layers(model, self.args)
         ))
-        self.groups, self._graph = build_soft_groups(model, self.args, ignored)
+        self.groups, self._graph = build_soft_groups(model, self.args, ignored, placement)
         self._criterion = make_importance(importance)
         if not self.groups:
-            what = "contains a partner block" if partner_blocks(model) else (
-                "holds a 3x3 or 5x5 conv (what bpl.extend gives partners)")
-            raise PruningError(
-                f"no prunable channel group of {type(model).__name__} {what}; soft-prune convs "
-                "whose output channels can be removed, or ignore fewer layers"
-            )
+            if partner_blocks(model):
+                what = ("contains a partner block; soft-prune convs whose output channels can "
+                        "be removed, or ignore fewer layers")
+            elif placement not in ("all", None):
+                what = (f"holds a conv that bpl.extend would give partners at placement "
+                        f"{placement!r}; pass placement='all' (--placement all) to root the "
+                        "groups at every conv, or ignore fewer layers")
+            else:
+                what = ("can be zeroed exactly (the log says why each was skipped: grouped "
+                        "convs, normalizations other than BatchNorm); prune it hard instead "
+                        "(bpl.prune, or bpl compress without --soft)")
+            raise PruningError(f"no prunable channel group of {type(model).__name__} {what}")
         self._scratch = Scratch(model, self.args)
         self.macs_before = deploy_macs(self._scratch.copy(model), self._scratch.args)
         if flops_reduction is not None:

@@ -17,7 +17,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..extension import find_conv_bn_pairs, partner_blocks
+from ..extension import Placement, find_conv_bn_pairs, partner_blocks
 from .graph import make_pruner, rounded_keep
 from .importance import FilterNormImportance
 
@@ -55,19 +55,20 @@ def keep_count(n: int, keep_ratio: float, round_to: int | None) -> int:
 
 
 def build_soft_groups(
-    model: nn.Module, args: tuple[torch.Tensor, ...], ignored: list[str]
+    model: nn.Module, args: tuple[torch.Tensor, ...], ignored: list[str],
+    placement: Placement = "paper",
 ) -> tuple[list[SoftGroup], tp.DependencyGraph]:
     """Every prunable group of ``model`` that contains a partner block and can be zeroed
     exactly, and the dependency graph they come from (to score them with any criterion).
     A model without partner blocks gets the groups of the convs :func:`bpl.extend` would
-    extend (its default placement), so soft pruning with and without partners zeroes the
-    same channels of the same network."""
+    extend at ``placement``, so soft pruning with and without partners zeroes the same
+    channels of the same network (a model with partners has its placement already)."""
     blocks = partner_blocks(model)
     if blocks:
         block_of_conv = {id(b.conv): name for name, b in blocks}
     else:
         block_of_conv = {id(model.get_submodule(name)): name
-                         for name, _ in find_conv_bn_pairs(model).extended}
+                         for name, _ in find_conv_bn_pairs(model, placement).extended}
     partner_ids = {id(m) for _, b in blocks for m in b.partner_modules()}
     names = {m: n for n, m in model.named_modules()}
     pruner = make_pruner(model, args, FilterNormImportance(2), 0.0, ignored=ignored)
