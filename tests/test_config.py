@@ -54,3 +54,19 @@ def test_the_soft_refusals_name_the_reference_recipe():
                                   "soft_partners": "masked"})
     with pytest.raises(BPLError, match="give one target"):
         resolve_config(overrides={"max_drop": 1.0, "flops_reduction": 0.5})
+
+
+@pytest.mark.parametrize("option, value", [
+    ("partner", "diverse"), ("init", "paper"), ("partner_share", 0.5), ("placement", "all"),
+    ("diversity_weight", 0.1), ("granularity", "block"), ("diversity_compare", "functional")])
+def test_no_partners_refuses_what_only_shapes_partners(option, value):
+    """--partner diverse --no-partners trained no partner and said nothing; set at its
+    default, an option is no contradiction (a shared config file may spell it out)."""
+    flag = "--" + option.replace("_", "-")
+    base = {"flops_reduction": 0.5, "partners": False}
+    with pytest.raises(BPLError, match=f"^{flag} says how partners are made or trained, and "
+                                       "--no-partners trains none: leave out one of the two$"):
+        resolve_config(overrides={**base, option: value})
+    assert not resolve_config(overrides={**base, "partner": "same", "init": "preserve"}).partners
+    if option == "placement":  # soft without partners: which convs' groups are pruned
+        assert resolve_config(overrides={**base, "soft": True, option: value}).placement == value

@@ -166,6 +166,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 #: The options of one --epochs auto rule that the other ignores.
 _PLATEAU_ONLY = ("patience", "decays", "gamma")
 _CYCLES_ONLY = ("cycle_epochs",)
+#: The options that only shape partners (``--no-partners`` refuses them when set).
+_PARTNER_ONLY = ("partner", "init", "partner_share", "placement", "diversity_weight",
+                 "granularity", "diversity_compare")
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name not in NOT_SET_BY_USER}
 
@@ -289,6 +292,14 @@ def _resolve(base: dict[str, Any], from_file: dict[str, Any],
             raise BPLError(f"{flag} belongs to the {other} schedule, and --epochs auto trains "
                            f"under {values['schedule']}: add --schedule {other}, or leave "
                            f"{flag} out")
+    if values.get("partners") is False:
+        said = {**from_file, **overrides}
+        unused = [k for k in _PARTNER_ONLY if k in said and said[k] != _FIELDS[k].default
+                  and not (k == "placement" and values.get("soft"))]  # soft: which groups
+        if unused:  # a partner's option, set, would be ignored without a word
+            flag = "--" + unused[0].replace("_", "-")
+            raise BPLError(f"{flag} says how partners are made or trained, and --no-partners "
+                           "trains none: leave out one of the two")
     if values.get("data_root") and "data" not in values:
         # a folder without a dataset name is the user's own data, never the bundled digits
         from .data.registry import guess_dataset
