@@ -110,6 +110,9 @@ def test_compress_with_distillation_split_partners_everywhere(baseline, tmp_path
                    "--out", tmp_path / "kd-only") == 0
     row = json.loads((tmp_path / "kd-only" / "metrics.json").read_text())["history"][-1]
     assert "train_diversity" not in row and row["train_distill"] > 0
+    report = (tmp_path / "kd-only" / "report.md").read_text()
+    assert "| after fine-tuning (plain fine-tuning + distillation) |" in report
+    assert "isolate distillation's effect" in report and "without `--distill`" in report
 
 
 def test_compress_with_structural_partners_and_the_functional_loss(baseline, tmp_path):
@@ -162,7 +165,11 @@ def test_soft_filter_pruning_without_partners(baseline, compressed, tmp_path):
     assert metrics["soft_updates"] == 3
     state = torch.load(out / "last.pt", weights_only=False)
     assert not any("partner" in key for key in state["model"]["state_dict"])
-    assert "fusion check" not in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "fusion check" not in report
+    # it says what trained, and offers no "--no-partners" control to a run without partners
+    assert "| after training (soft pruning while training) | +2 |" in report
+    assert "isolate" not in report and "--no-partners" not in report
     # the baseline is scored as given, as the hard run scores it: until 2026-12-07 a soft run
     # without partners trained the baseline module itself and then reported it as the baseline
     hard = json.loads((compressed / "metrics.json").read_text())

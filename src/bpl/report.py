@@ -291,7 +291,13 @@ def _phases(metrics: dict[str, Any]) -> list[str]:
     def cell(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    method = ("partners + diversity loss" if cfg.get("partners", True) else "plain fine-tuning")
+    partners = cfg.get("partners", True)
+    trained = "training" if cfg.get("soft") or cfg.get("from_scratch") else "fine-tuning"
+    method = ("soft pruning while training" if cfg.get("soft") else
+              "from fresh weights" if cfg.get("from_scratch") else
+              "plain fine-tuning" if not partners else "")
+    if partners:
+        method += (", " if method else "") + "partners + diversity loss"
     if cfg.get("distill"):
         method += " + distillation"
     base_epochs = metrics.get("baseline_epochs")
@@ -306,17 +312,23 @@ def _phases(metrics: dict[str, Any]) -> list[str]:
     if metrics.get("budget"):  # every step's recovery trained the kept model
         more = metrics.get("epochs_trained", "?")
         method += f", {metrics['budget'].get('chosen_step')} steps"
-    lines.append(f"| after fine-tuning ({method}) | +{more} | "
+    lines.append(f"| after {trained} ({method}) | +{more} | "
                  f"{cell(kept.get('val_top1'))} | {cell(final.get('top1'))} |")
-    lines += ["", f"The compressed model trained {more} more "
-              "epochs than the baseline: part of any gain over the baseline can come from that "
-              "training alone, not from the partners. To isolate the partners' effect, run the "
-              "control with the same settings and `--no-partners` (plain fine-tuning of the "
-              "same pruned model) and compare the two, over several `--seed`s. In bpl's own "
-              "study (docs/results.md: resnet18 on UC Merced and EuroSAT, 50-95% fewer MACs, "
-              "5 seeds) neither partners nor distillation beat plain fine-tuning beyond the "
-              "95% interval; what changed accuracy measurably was the size of the cut and the "
-              "length of the fine-tuning."]
+    # what the run adds to plain training (its name, possessive, and the control without it)
+    helper = (("the partners", "the partners'", "`--no-partners`") if partners else
+              ("distillation", "distillation's", "without `--distill`") if cfg.get("distill")
+              else None)
+    if helper:
+        name, owner, control = helper
+        lines += ["", f"The compressed model trained {more} more "
+                  "epochs than the baseline: part of any gain over the baseline can come from "
+                  f"that training alone, not from {name}. To isolate {owner} effect, run "
+                  f"the control with the same settings and {control} and compare the two, over "
+                  "several `--seed`s. In bpl's own study (docs/results.md: resnet18 on UC "
+                  "Merced and EuroSAT, 50-95% fewer MACs, 5 seeds) neither partners nor "
+                  "distillation beat plain fine-tuning beyond the 95% interval; what changed "
+                  "accuracy measurably was the size of the cut and the length of the "
+                  "fine-tuning."]
     gap = (base.get("val_top1") or math.nan) - (kept.get("val_top1") or math.nan)
     if gap > 1.0:  # NaN (a number missing) compares False
         epochs = cfg.get("epochs")
