@@ -13,6 +13,7 @@ import bpl
 from bpl.errors import BPLError
 from bpl.pruning import IMPORTANCES, SoftPruner, deploy_macs, find_output_layers
 from bpl.pruning.graph import rounded_keep
+from bpl.pruning.soft import _soft_remedies
 from bpl.pruning.soft_groups import keep_count
 from conftest import randomize_bn
 
@@ -466,3 +467,24 @@ def test_soft_schedule_masks_training_removal_and_state():
     assert abs(reduction - 0.5) <= 0.01
     assert deploy.layer1[0].conv1.out_channels == int(group.keep.sum())
     assert deploy.fc.out_features == 10
+
+
+def test_an_unreachable_soft_target_names_what_soft_pruning_can_change():
+    """Soft pruning takes neither accept_closest nor global pruning, so its refusal must not
+    advise them; what reaches further is pruning every conv's channels (placement='all')."""
+    # the 1x1 conv holds most of the channels; the paper's placement (3x3) leaves it whole
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 64, 1), nn.BatchNorm2d(64), nn.ReLU(),
+                          nn.Conv2d(64, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    for extended in (False, True):
+        net = bpl.extend(copy.deepcopy(model)) if extended else model
+        with pytest.raises(BPLError) as err:
+            SoftPruner(net, X32, flops_reduction=0.97, round_to=1)
+        message = str(err.value)
+        assert "cannot be reached" in message and "placement='all'" in message, message
+        assert "accept_closest" not in message and "global_pruning" not in message
+    # every conv's channels: the target is within reach
+    pruner = SoftPruner(model, X32, flops_reduction=0.97, round_to=1, placement="all")
+    assert len(pruner.groups) == 3
+    assert _soft_remedies(model, "all")[0] == ""  # nothing left to widen: ask for less

@@ -55,6 +55,7 @@ def search_ratio(
     knob: str,
     max_trials: int = 16,
     accept_closest: bool = False,
+    remedies: tuple[str, str] | None = None,
 ) -> tuple[float, float, int]:
     """Find ``p`` in ``(0, p_max]`` with ``evaluate(p)`` (a MAC reduction) near ``flops_reduction``.
 
@@ -63,8 +64,14 @@ def search_ratio(
     when that falls outside). Returns ``(p, reduction, trials)`` of the closest trial.
     A ``flops_reduction`` beyond the largest reduction (``evaluate(p_max)``), or one missed by more
     than ``tolerance``, raises :class:`PruningError` naming the closest reachable
-    reduction, unless ``accept_closest``.
+    reduction, unless ``accept_closest``. ``remedies`` replaces what the two errors advise
+    beyond another target (hard pruning's options by default): for an unreachable target,
+    and for reductions that jump past it.
     """
+    unreachable, coarse = remedies or (
+        f", or pass {arg('accept_closest', True)} to take the closest",
+        f"use global pruning ({arg('global_pruning', True)}), a smaller {arg('round_to')}, "
+        f"another target, or pass {arg('accept_closest', True)} to take the closest")
     stop = tolerance / 4
     lo, hi = (0.0, 0.0), None
     tried: list[tuple[float, float]] = []
@@ -89,8 +96,8 @@ def search_ratio(
                         f"a {100 * flops_reduction:.2f}% MAC reduction cannot be reached: the "
                         f"most this model allows is {100 * f:.2f}% (the maximum {knob}, "
                         f"{p_max:.4f}); ask for "
-                        f"{arg('flops_reduction', math.floor(f * 1e4) / 1e4)} or less, or pass "
-                        f"{arg('accept_closest', True)} to take the closest",
+                        f"{arg('flops_reduction', math.floor(f * 1e4) / 1e4)} or less"
+                        f"{unreachable}",
                         param="flops_reduction",
                     )
                 break
@@ -117,9 +124,7 @@ def search_ratio(
         raise PruningError(
             f"no {knob} gives a MAC reduction within {100 * tolerance:.1f} points of "
             f"{100 * flops_reduction:.2f}% (closest: {100 * f:.2f}% at {p:.4f}); the reachable "
-            f"reductions jump in coarse steps here: use global pruning "
-            f"({arg('global_pruning', True)}), a smaller {arg('round_to')}, another target, or "
-            f"pass {arg('accept_closest', True)} to take the closest", param="flops_reduction"
+            f"reductions jump in coarse steps here: {coarse}", param="flops_reduction"
         )
     if abs(f - flops_reduction) > tolerance / 4:
         log.warning("MAC reduction %.2f%% instead of the %.2f%% asked (the closest reachable)",

@@ -13,7 +13,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..deprecation import renamed_attribute, renamed_keywords, warn_deprecated
-from ..errors import PruningError
+from ..errors import PruningError, arg
 from ..extension import Placement, partner_blocks
 from ..fusion import fuse
 from ..modules import Inputs, Scratch, as_args, find_output_layers, record_report, unwrap_parallel
@@ -101,6 +101,25 @@ def _check_options(
         raise PruningError(f"soft_partners must be one of {', '.join(SOFT_PARTNERS)}, got "
                            f"{soft_partners!r}")
     return flops_reduction
+
+
+def _soft_remedies(model: nn.Module, placement: Placement) -> tuple[str, str]:
+    """What a soft target out of reach can change (search_ratio's ``remedies``): only the
+    convs with partners (or, without partners, at ``placement``) are pruned, so giving
+    every conv its groups reaches further; the hard-pruning options do not apply."""
+    blocks = partner_blocks(model)
+    if blocks:
+        covered = {id(b.conv) for _, b in blocks} | {
+            id(m) for _, b in blocks for m in b.partner_modules()}
+        more = any(isinstance(m, nn.Conv2d) and id(m) not in covered for m in model.modules())
+        how = (f"extend with {arg('placement', 'all')} (partners, and so soft pruning, at "
+               "every conv)")
+    else:
+        more = placement not in ("all", None)
+        how = f"pass {arg('placement', 'all')} (soft pruning at every conv)"
+    unreachable = (f", or {how}; soft pruning reaches only the channels of the convs "
+                   "it prunes") if more else ""
+    return unreachable, f"a smaller {arg('round_to')} or another target"
 
 
 class SoftPruner:
@@ -211,9 +230,12 @@ class SoftPruner:
         self._scratch = Scratch(model, self.args)
         self.macs_before = deploy_macs(self._scratch.copy(model), self._scratch.args)
         if flops_reduction is not None:
+            remedies = _soft_remedies(model, placement)
+
             def attempt(current: int | None, last: bool) -> float:
                 self.round_to = current
                 return search_ratio(self._reduction_at, flops_reduction, 0.999, tolerance,
+                                    remedies=remedies,
                                     knob="drop ratio")[0]
 
             drop = over_round_to(round_to, attempt, flops_reduction, tolerance,
