@@ -10,12 +10,16 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 # under pytest-xdist (`make test`) the workers share the cores: torch's own default (every
-# core in each worker) would oversubscribe them, which slows CPU training many times over
+# core in each worker) would oversubscribe them, which slows CPU training many times over.
+# The bpl processes a test starts get the same count (OMP_NUM_THREADS), so a run made in
+# a subprocess sums in the same order as one made in the test, and matches it bitwise.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     _CORES = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
               else os.cpu_count() or 1)
-    torch.set_num_threads(max(1, _CORES // _WORKERS))
+    _THREADS = max(1, _CORES // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
