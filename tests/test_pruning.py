@@ -389,8 +389,8 @@ def test_soft_pruning_a_plain_model_zeroes_what_it_would_with_partners_and_remov
     pointwise = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
                               nn.Conv2d(16, 4, 1), nn.BatchNorm2d(4))
     with pytest.raises(BPLError, match="no prunable channel group of Sequential holds a conv "
-                                       "that bpl.extend would give partners at placement "
-                                       "'paper'; pass placement='all'"):
+                                       "that bpl.extend would give partners at "
+                                       "placement='paper'; pass placement='all'"):
         SoftPruner(pointwise, X32, channel_ratio=0.5)
     pruner = SoftPruner(pointwise, X32, channel_ratio=0.5, placement="all")
     assert [g.name for g in pruner.groups] == ["0"]  # the last conv is the output: kept

@@ -219,9 +219,9 @@ class SoftPruner:
                 what = ("contains a partner block; soft-prune convs whose output channels can "
                         "be removed, or ignore fewer layers")
             elif placement not in ("all", None):
-                what = (f"holds a conv that bpl.extend would give partners at placement "
-                        f"{placement!r}; pass placement='all' (--placement all) to root the "
-                        "groups at every conv, or ignore fewer layers")
+                what = (f"holds a conv that bpl.extend would give partners at "
+                        f"{arg('placement', placement)}; pass {arg('placement', 'all')} to "
+                        "root the groups at every conv, or ignore fewer layers")
             else:
                 what = ("can be zeroed exactly (the log says why each was skipped: grouped "
                         "convs, normalizations other than BatchNorm); prune it hard instead "
