@@ -230,7 +230,7 @@ def baseline_mismatch(settings: dict[str, Any], job: Job, rec: dict[str, Any]) -
     2026-12-07). Checked where ``best.pt``, which recoveries start from, is the kept model."""
     if job.command != "compress" or not job.after or rec.get("baseline_test_top1") is None:
         return None
-    base = run_dir(settings, Job(job.dataset, job.seed, job.after, "train", {}))
+    base = start_weights(settings, job).parent  # the baseline's run folder
     if not (base / "metrics.json").exists():
         return None
     metrics = json.loads((base / "metrics.json").read_text())
