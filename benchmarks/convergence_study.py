@@ -10,6 +10,8 @@ run, at its end, and reported beside it.
 
     python benchmarks/convergence_study.py --config benchmarks/configs/convergence_cpu.yaml
     python benchmarks/convergence_study.py --config ... --jobs 12    # runs at a time (a GPU host)
+    python benchmarks/convergence_study.py --config ... --jobs 2 --threads fill  # 2 cores: a lone
+                                             # baseline gets both, its recoveries one each
     python benchmarks/convergence_study.py --config ... --report     # aggregate what finished
     python benchmarks/convergence_study.py --config ... --size       # hours left, before starting
     python benchmarks/convergence_study.py --config ... --step-tests # each kept step's test top-1
@@ -55,7 +57,9 @@ DEFAULTS: dict[str, Any] = {
     # pack_from: where --pack reads the images it writes to data_root
     "datasets": {},
     "seeds": [0, 1, 2, 3, 4],
-    "threads": 1,  # torch threads of each run
+    # torch threads of each run, or "fill": the --jobs cores go to the runs that can start,
+    # so a run that starts alone (a seed's baseline, which its recoveries wait for) gets all
+    "threads": 1,
     "common": {},  # bpl flags of every run
     "baselines": {},  # name -> bpl train flags
     "prune_from": None,  # the baseline every recovery starts from
@@ -109,6 +113,10 @@ def load_settings(path: str | Path) -> dict[str, Any]:
         if not isinstance(arm, dict) or set(arm) != {"options", "why"}:
             raise SystemExit(f"{path}: dropped arm {name} needs exactly `options` (its bpl "
                              "compress flags, as it ran) and `why` (the reason it stopped)")
+    threads = raw.get("threads", DEFAULTS["threads"])
+    if threads != "fill" and not (isinstance(threads, int) and threads >= 1):
+        raise SystemExit(f"{path}: threads must be a number of at least 1 or 'fill', got "
+                         f"{threads!r}")
     return {**DEFAULTS, **raw}
 
 
@@ -145,6 +153,7 @@ class Job:
     after: str | None = None  # the baseline job this one starts from
     proc: subprocess.Popen | None = field(default=None, repr=False)
     started: float = 0.0
+    threads: int = 0  # the torch threads it was started with (0: not started here)
 
     @property
     def key(self) -> str:
@@ -209,7 +218,7 @@ def make_record(settings: dict[str, Any], job: Job) -> dict[str, Any]:
     folder = run_dir(settings, job)
     metrics = json.loads((folder / "metrics.json").read_text())
     rec = {**record_of(metrics, job.dataset, job.seed, job.name), "options": job.options,
-           "threads": settings["threads"], "machine": machine(),
+           "threads": _threads_of(settings, job), "machine": machine(),
            "device": _device_name(job.options.get("device", "auto"))}
     if with_partners(job):
         rec.update(saved_partner_stats(folder))
@@ -289,7 +298,7 @@ def no_step_within(settings: dict[str, Any], job: Job) -> dict[str, Any] | None:
             "baseline_val_top1": None, "baseline_test_top1": None, "steps": steps,
             "epochs_all": sum(st.get("epochs_trained", 0) for st in steps),
             "train_time_s": sum(st.get("train_time_s", 0.0) for st in steps),
-            "options": job.options, "threads": settings["threads"], "machine": machine(),
+            "options": job.options, "threads": _threads_of(settings, job), "machine": machine(),
             "device": _device_name(job.options.get("device", "auto"))}
 
 
@@ -314,9 +323,22 @@ def _device_name(device: str) -> str:
     return machine()["cpu"]
 
 
-def _run_env(settings: dict[str, Any]) -> dict[str, str]:
+def _threads_of(settings: dict[str, Any], job: Job) -> int | None:
+    """The torch threads ``job`` ran with: as started here, else the config's (None under
+    "fill" for a run this process did not start)."""
+    return job.threads or (settings["threads"] if settings["threads"] != "fill" else None)
+
+
+def fill_threads(cores: int, running: Sequence[Job], ready: int) -> int:
+    """Threads for the next of ``ready`` runs that can start now under ``--threads fill``:
+    the cores the running ones leave, shared among the ready ones (0: wait)."""
+    free = cores - sum(j.threads for j in running)
+    return 0 if free < 1 else max(1, free // max(1, ready))
+
+
+def _run_env(settings: dict[str, Any], threads: int | None = None) -> dict[str, str]:
     """The environment of a bpl command the study runs: its threads, this checkout's bpl."""
-    return {**os.environ, "OMP_NUM_THREADS": str(settings["threads"]),
+    return {**os.environ, "OMP_NUM_THREADS": str(threads or settings["threads"]),
             "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
 
 
@@ -325,7 +347,7 @@ def start_weights(settings: dict[str, Any], job: Job) -> Path:
     return run_dir(settings, Job(job.dataset, job.seed, job.after, "train", {})) / "best.pt"
 
 
-def _start(settings: dict[str, Any], job: Job, python: str) -> None:
+def _start(settings: dict[str, Any], job: Job, python: str, threads: int | None = None) -> None:
     out = run_dir(settings, job)
     args = [python, "-m", "bpl", job.command, *flags(job.options), "--quiet", "--out", str(out)]
     if job.after:
@@ -336,7 +358,8 @@ def _start(settings: dict[str, Any], job: Job, python: str) -> None:
     elif out.exists():  # cut off before its first epoch: nothing to keep
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    env = _run_env(settings)
+    job.threads = threads or int(settings["threads"])
+    env = _run_env(settings, job.threads)
     log = open(out.parent / f"{job.name}.log", "a")  # noqa: SIM115 (closed with the process)
     job.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     job.proc.log = log  # type: ignore[attr-defined]
@@ -359,9 +382,14 @@ def finished_record(settings: dict[str, Any], job: Job) -> dict[str, Any] | None
     return make_record(settings, job)
 
 
+def _base_key(job: Job) -> str:
+    return f"{job.dataset}-seed{job.seed}-{job.after}"
+
+
 def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
             deadline: float | None, python: str = sys.executable) -> int:
-    """Run every unrecorded job, ``jobs`` at a time, each recovery after its baseline."""
+    """Run every unrecorded job, ``jobs`` at a time (under ``threads: fill``, on ``jobs``
+    cores shared among the runs that can start), each recovery after its baseline."""
     todo = [j for j in plan(settings) if not record_path(settings, j).exists()]
     done = {j.key for j in plan(settings)} - {j.key for j in todo}
     failed: set[str] = set()
@@ -398,8 +426,10 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
                 print(f"{time.time() - t0:6.0f}s FAILED {job.key} (rc {job.proc.returncode}); "
                       f"see {run_dir(settings, job).parent / (job.name + '.log')}", flush=True)
         late = deadline is not None and time.time() - t0 > deadline
+        fill = settings["threads"] == "fill"
+        ready = sum(1 for j in todo if not j.after or _base_key(j) in done)
         for job in todo[:]:
-            base = f"{job.dataset}-seed{job.seed}-{job.after}" if job.after else None
+            base = _base_key(job) if job.after else None
             if base in failed:
                 todo.remove(job)
                 failed.add(job.key)
@@ -411,7 +441,9 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
                 done.add(job.key)
                 print(f"{time.time() - t0:6.0f}s recorded {job.key}, finished earlier", flush=True)
                 continue
-            if len(running) >= jobs or late or (base and base not in done):
+            threads = fill_threads(jobs, running, ready) if fill else None
+            if (fill and not threads) or (not fill and len(running) >= jobs) or late or (
+                    base and base not in done):
                 continue
             if base and not start_weights(settings, job).exists():
                 todo.remove(job)  # recorded in an earlier checkout whose run folders are gone
@@ -422,8 +454,9 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
                       " to train it again", flush=True)
                 continue
             todo.remove(job)
-            _start(settings, job, python)
+            _start(settings, job, python, threads)
             running.append(job)
+            ready -= 1
         if late and not running:
             break
         time.sleep(0.5)
@@ -1121,14 +1154,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+",
                    help="run (or size) only these of the config's seeds")
     p.add_argument("--datasets", nargs="+", help="run (or size) only these of its datasets")
-    p.add_argument("--threads", type=int,
-                   help="torch threads of each run, over the config's (a run's record keeps it)")
+    p.add_argument("--threads",
+                   help="torch threads of each run, over the config's (a run's record keeps "
+                        "it), or 'fill': --jobs is then a number of cores, shared among the "
+                        "runs that can start (a seed's baseline, which its recoveries wait "
+                        "for, gets them all; then one run per core)")
     args = p.parse_args(argv)
     settings = load_settings(args.config)
     if args.threads is not None:  # one job on both cores: a seed's chain fits one session
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be at least 1, got {args.threads}")
-        settings = {**settings, "threads": args.threads}
+        if args.threads != "fill":
+            try:
+                threads = int(args.threads)
+            except ValueError:
+                threads = 0
+            if threads < 1:
+                raise SystemExit(f"--threads must be a number of at least 1 or 'fill', got "
+                                 f"{args.threads}")
+        settings = {**settings, "threads": "fill" if args.threads == "fill" else threads}
     if args.seeds or args.datasets:  # a part of the study (one session's share, say)
         settings = only(settings, args.seeds, args.datasets)
     if args.pack:

@@ -312,8 +312,66 @@ def test_threads_override_the_configs_for_every_run_it_starts(tmp_path, monkeypa
     assert study.main(["--config", str(config), "--threads", "2"]) == 0
     assert seen[-1]["threads"] == 2 and study._run_env(seen[-1])["OMP_NUM_THREADS"] == "2"
     assert study.main(["--config", str(config)]) == 0 and seen[-1]["threads"] == 1
-    with pytest.raises(SystemExit, match="--threads must be at least 1"):
+    with pytest.raises(SystemExit, match="--threads must be a number of at least 1 or 'fill'"):
         study.main(["--config", str(config), "--threads", "0"])
+    with pytest.raises(SystemExit, match="got two"):
+        study.main(["--config", str(config), "--threads", "two"])
+    assert study.main(["--config", str(config), "--threads", "fill"]) == 0
+    assert seen[-1]["threads"] == "fill"
+
+
+def test_fill_gives_a_lone_baseline_every_core_then_one_per_recovery(tmp_path, monkeypatch):
+    """``--threads fill``: the baseline, which every recovery waits for, starts alone on all
+    the cores; its recoveries then share them one thread each, never more threads than
+    cores; each record keeps the threads its run had."""
+    study = _load_script()
+    started: list[tuple[str, int]] = []
+    live: list[tuple[int, list[int]]] = []  # (threads, [polls left]) of the running fakes
+
+    class Proc:  # a bpl command that finishes after two polls
+        returncode = 0
+
+        def __init__(self, threads):
+            self.polls = [2]
+            live.append((threads, self.polls))
+
+        def poll(self):
+            self.polls[0] -= 1
+            return 0 if self.polls[0] < 0 else None
+
+    class Log:
+        def close(self):
+            pass
+
+    def start(settings, job, python, threads=None):
+        job.threads = threads
+        assert sum(t for t, left in live if left[0] >= 0) + threads <= 2  # within the cores
+        job.proc = Proc(threads)
+        job.proc.log = Log()
+        job.started = study.time.time()
+        started.append((job.name, threads))
+        if job.command == "train":  # the checkpoint its recoveries start from
+            study.run_dir(settings, job).mkdir(parents=True)
+            (study.run_dir(settings, job) / "best.pt").write_bytes(b"")
+
+    monkeypatch.setattr(study, "_start", start)
+    monkeypatch.setattr(study.time, "sleep", lambda s: None)
+    monkeypatch.setattr(study, "make_record", lambda settings, job: {
+        "test_top1": 1.0, "epochs_trained": 1, "val_top1": 1.0,
+        "threads": study._threads_of(settings, job)})
+    settings = {**study.DEFAULTS, "out": str(tmp_path / "runs"), "results": str(tmp_path / "r"),
+                "arch": "tiny", "datasets": {"digits": {"data": "digits"}}, "seeds": [0],
+                "threads": "fill", "baselines": {"base": {"epochs": 1}}, "prune_from": "base",
+                "recoveries": {f"ft{i}": {"epochs": 1} for i in range(3)}}
+    assert study.execute(settings, jobs=2, records=None, deadline=None) == 0
+    assert started[0] == ("base", 2) and sorted(started[1:]) == [("ft0", 1), ("ft1", 1),
+                                                                 ("ft2", 2)]
+    recorded = {p.stem: json.loads(p.read_text())["threads"]
+                for p in (tmp_path / "r" / "records").glob("*.json")}
+    assert recorded == {"digits-seed0-base": 2, "digits-seed0-ft0": 1, "digits-seed0-ft1": 1,
+                        "digits-seed0-ft2": 2}
+    assert study.fill_threads(4, [], 3) == 1 and study.fill_threads(4, [], 1) == 4
+    assert study.fill_threads(2, [study.Job("d", 0, "a", "train", {}, threads=2)], 5) == 0
 
 
 def test_goals_pair_each_recovery_with_its_baseline_and_count_compute_in_mac_epochs():
