@@ -270,29 +270,52 @@ def choose(curves: dict[str, Any], rule: str) -> tuple[int | None, float | None,
     return epoch, val[epoch - 1], pool.get(epoch)
 
 
-def report(out_root: Path) -> str:
-    """The rules replayed on every watched seed: optimism and budget judgments."""
-    seeds = []
+def seed_record(seed_dir: Path, names: list[str], curves: dict[str, Any]) -> dict[str, Any]:
+    """What the report needs of one watched seed, kept in the results so that it outlives
+    the run folders (a new checkout starts without ``runs/``): each run's curves and what
+    each rule keeps of it, as (epoch, validation score, pool top-1)."""
+    split = json.loads((seed_dir / FOLDER / "pool_split.json").read_text())
+    return {"seed": f"{seed_dir.parent.name} {seed_dir.name}", "runs": names,
+            "pool_images": len(split["test"]), "curves": curves,
+            "picks": {n: {rule: list(choose(c, rule)) for rule in RULES}
+                      for n, c in curves.items()}}
+
+
+def report(out_root: Path, results: Path | None = None) -> str:
+    """The rules replayed on every watched seed: optimism and budget judgments. Each seed
+    still on disk under ``out_root`` (re)writes its record in ``results/records``; the
+    report covers every record there, so seeds whose runs are gone stay in it."""
+    records: dict[str, dict[str, Any]] = {}
+    folder = None if results is None else results / "records"
+    if folder is not None and folder.exists():
+        records = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
     for spec in sorted(out_root.glob(f"*/seed*/{FOLDER}/watch.json")):
         seed_dir = spec.parent.parent
         names = json.loads(spec.read_text())["runs"]
         curves = {n: c for n in names if (c := curves_of(seed_dir, n)) is not None}
-        if names[0] in curves:
-            seeds.append((seed_dir, names, curves))
+        if names[0] not in curves:
+            continue
+        rec = seed_record(seed_dir, names, curves)
+        key = f"{seed_dir.parent.name}-{seed_dir.name}"
+        records[key] = rec
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(folder / f"{key}.json", json.dumps(rec, indent=1) + "\n")
+    seeds = [records[k] for k in sorted(records)]
     if not seeds:
-        raise SystemExit(f"no watched seed under {out_root} has a finished baseline")
-    sizes = sorted({len(json.loads((d / FOLDER / "pool_split.json").read_text())["test"])
-                    for d, *_ in seeds})
+        raise SystemExit(f"no watched seed under {out_root} has a finished baseline, and "
+                         f"{folder} holds no record")
+    sizes = sorted({r["pool_images"] for r in seeds})
     lines = ["# Selection rules checked on held-out images", "",
-             f"Seeds: {', '.join(f'{d.parent.name} {d.name}' for d, *_ in seeds)}; pool "
+             f"Seeds: {', '.join(r['seed'] for r in seeds)}; pool "
              f"{'/'.join(map(str, sizes))} images (training images outside the 10% subset). "
              "Optimism: validation score minus pool top-1 of what the rule keeps.", "",
              "| run | rule | seeds | pool top-1 (mean) | optimism (mean) | optimism (max) | "
              "unscored |", "|---|---|---:|---:|---:|---:|---:|"]
-    names = list(dict.fromkeys(n for _, ns, _ in seeds for n in ns))
+    names = list(dict.fromkeys(n for r in seeds for n in r["runs"]))
     for name in names:
         for rule in RULES:
-            picks = [choose(c[name], rule) for _, _, c in seeds if name in c]
+            picks = [r["picks"][name][rule] for r in seeds if name in r["picks"]]
             unscored = sum(p[0] is not None and p[2] is None for p in picks)
             picks = [p for p in picks if p[0] is not None and p[2] is not None]
             if not picks:
@@ -306,17 +329,21 @@ def report(out_root: Path) -> str:
     lines += ["", "Drops against the baseline (points): judged on validation by each rule "
               "(baseline and cut scored alike), and true on the pool for the models it keeps.",
               "", "| seed | cut | rule | judged drop | pool drop |", "|---|---|---|---:|---:|"]
-    for seed_dir, seed_names, curves in seeds:
-        base_name = seed_names[0]
-        for name in seed_names[1:]:
-            if name not in curves:
+    for r in seeds:
+        base_name = r["runs"][0]
+        for name in r["runs"][1:]:
+            if name not in r["picks"]:
                 continue
             for rule in RULES:
-                b, c = choose(curves[base_name], rule), choose(curves[name], rule)
+                b, c = r["picks"][base_name][rule], r["picks"][name][rule]
                 if None in (b[0], c[0], b[2], c[2]):
                     continue
-                lines.append(f"| {seed_dir.parent.name} {seed_dir.name} | {name} | {rule} | "
+                lines.append(f"| {r['seed']} | {name} | {rule} | "
                              f"{b[1] - c[1]:+.2f} | {b[2] - c[2]:+.2f} |")
+    notes = [f"- {r['seed']}: {r['source']}" for r in seeds if r.get("source")]
+    if notes:
+        lines += ["", "Records rebuilt from an earlier report (their run folders are gone):",
+                  "", *notes]
     return "\n".join(lines) + "\n"
 
 
@@ -329,13 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool", type=int, default=2000, help="pool images scored per epoch")
     p.add_argument("--cache-dir", default="runs/convergence/cache")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between looks")
-    p.add_argument("--report", action="store_true", help="write the report of what finished")
+    p.add_argument("--report", action="store_true",
+                   help="write the report of what finished (every seed recorded in --results, "
+                        "and those still on disk)")
     p.add_argument("--out-root", default="runs/convergence_cycles",
                    help="where --report looks for watched seeds")
     p.add_argument("--results", default="benchmarks/results/selection_check")
     args = p.parse_args(argv)
     if args.report:
-        text = report(Path(args.out_root))
+        text = report(Path(args.out_root), Path(args.results))
         Path(args.results).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(args.results) / "summary.md", text)
         print(text)

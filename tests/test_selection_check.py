@@ -4,6 +4,7 @@ train, scores the pool, resumes, and replays the rules."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -72,6 +73,15 @@ def test_the_watcher_scores_the_runs_as_they_train_and_the_report_replays_the_ru
     for rule in ("best", "last"):
         assert f"| base | {rule} | 1 |" in text and f"| cut50 | {rule} | 1 |" in text
     assert "| digits seed0 | cut50 | last |" in text
+    # the seed's record is kept with the results: a new checkout without runs/ reports it still
+    assert json.loads((out / "records" / "digits-seed0.json").read_text())["seed"] == "digits seed0"
+    shutil.rmtree(tmp_path / "runs")
+    (tmp_path / "runs").mkdir()
+    assert check.main(["--report", "--out-root", str(tmp_path / "runs"), "--results",
+                       str(out)]) == 0
+    assert (out / "summary.md").read_text() == text
+    with pytest.raises(SystemExit, match="holds no record"):
+        check.report(tmp_path / "runs", tmp_path / "nothing")
 
 
 def wanted_base(check, seed) -> set[int]:
