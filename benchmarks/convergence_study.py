@@ -113,11 +113,21 @@ def load_settings(path: str | Path) -> dict[str, Any]:
         if not isinstance(arm, dict) or set(arm) != {"options", "why"}:
             raise SystemExit(f"{path}: dropped arm {name} needs exactly `options` (its bpl "
                              "compress flags, as it ran) and `why` (the reason it stopped)")
-    threads = raw.get("threads", DEFAULTS["threads"])
-    if threads != "fill" and not (isinstance(threads, int) and threads >= 1):
-        raise SystemExit(f"{path}: threads must be a number of at least 1 or 'fill', got "
-                         f"{threads!r}")
-    return {**DEFAULTS, **raw}
+    return {**DEFAULTS, **raw, "threads": threads_setting(raw.get("threads", DEFAULTS["threads"]),
+                                                         f"{path}: threads")}
+
+
+def threads_setting(value: Any, name: str) -> int | str:
+    """``value`` as the study's threads setting: a number of at least 1, or "fill"."""
+    if value == "fill":
+        return value
+    try:
+        threads = int(value)
+    except (TypeError, ValueError):
+        threads = 0
+    if threads < 1 or isinstance(value, float | bool):
+        raise SystemExit(f"{name} must be a number of at least 1 or 'fill', got {value}")
+    return threads
 
 
 def _in_repo(path: str) -> Path:
@@ -396,6 +406,7 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
     lost: set[str] = set()
     running: list[Job] = []
     t0 = time.time()
+    fill = settings["threads"] == "fill"
     print(f"{len(todo)} runs to do, {len(done)} recorded", flush=True)
     while todo or running:
         for job in running[:]:
@@ -426,7 +437,6 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
                 print(f"{time.time() - t0:6.0f}s FAILED {job.key} (rc {job.proc.returncode}); "
                       f"see {run_dir(settings, job).parent / (job.name + '.log')}", flush=True)
         late = deadline is not None and time.time() - t0 > deadline
-        fill = settings["threads"] == "fill"
         ready = sum(1 for j in todo if not j.after or _base_key(j) in done)
         for job in todo[:]:
             base = _base_key(job) if job.after else None
@@ -1162,15 +1172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     settings = load_settings(args.config)
     if args.threads is not None:  # one job on both cores: a seed's chain fits one session
-        if args.threads != "fill":
-            try:
-                threads = int(args.threads)
-            except ValueError:
-                threads = 0
-            if threads < 1:
-                raise SystemExit(f"--threads must be a number of at least 1 or 'fill', got "
-                                 f"{args.threads}")
-        settings = {**settings, "threads": "fill" if args.threads == "fill" else threads}
+        settings = {**settings, "threads": threads_setting(args.threads, "--threads")}
     if args.seeds or args.datasets:  # a part of the study (one session's share, say)
         settings = only(settings, args.seeds, args.datasets)
     if args.pack:

@@ -281,14 +281,12 @@ def seed_record(seed_dir: Path, names: list[str], curves: dict[str, Any]) -> dic
                       for n, c in curves.items()}}
 
 
-def report(out_root: Path, results: Path | None = None) -> str:
+def report(out_root: Path, results: Path) -> str:
     """The rules replayed on every watched seed: optimism and budget judgments. Each seed
     still on disk under ``out_root`` (re)writes its record in ``results/records``; the
     report covers every record there, so seeds whose runs are gone stay in it."""
-    records: dict[str, dict[str, Any]] = {}
-    folder = None if results is None else results / "records"
-    if folder is not None and folder.exists():
-        records = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    folder = results / "records"
+    records = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
     for spec in sorted(out_root.glob(f"*/seed*/{FOLDER}/watch.json")):
         seed_dir = spec.parent.parent
         names = json.loads(spec.read_text())["runs"]
@@ -298,9 +296,8 @@ def report(out_root: Path, results: Path | None = None) -> str:
         rec = seed_record(seed_dir, names, curves)
         key = f"{seed_dir.parent.name}-{seed_dir.name}"
         records[key] = rec
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(folder / f"{key}.json", json.dumps(rec, indent=1) + "\n")
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / f"{key}.json", json.dumps(rec, indent=1) + "\n")
     seeds = [records[k] for k in sorted(records)]
     if not seeds:
         raise SystemExit(f"no watched seed under {out_root} has a finished baseline, and "
