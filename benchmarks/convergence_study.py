@@ -54,7 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "results": "benchmarks/results/convergence",
     "arch": "resnet18",
     # name -> bpl flags of that data (data, data_root, image_size, train_subset), and
-    # pack_from: where --pack reads the images it writes to data_root
+    # pack_from: where --pack reads the images it writes to data_root; seeds: the study's
+    # seeds that this dataset runs (default all)
     "datasets": {},
     "seeds": [0, 1, 2, 3, 4],
     # torch threads of each run, or "fill": the --jobs cores go to the runs that can start,
@@ -84,6 +85,11 @@ DEFAULTS: dict[str, Any] = {
     # above -`lower_end`, at no more than `compute` times the epochs of `compute_of`
     # (None: no goals section)
     "goals": None,
+    # issue 26's goal for a --max-drop arm, checked in the report under its seed-by-seed
+    # table: {arm, test_drop, seeds, of, beyond: {dataset: MACs reduction to beat on
+    # average}, pooled: [records folders of studies that ran the same arm from a baseline
+    # trained again]} (None: no such line)
+    "max_drop_goal": None,
     # the rule that picks bpl compress's defaults, fixed before the last seeds ran
     # (docs/results.md), applied to the validation columns by the report (None: no section):
     #   recipe: {cosine arm: [rival arms at its epochs]}: a rival replaces cosine if it beats
@@ -171,7 +177,12 @@ class Job:
 
 
 def _data_flags(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if k != "pack_from"}
+    return {k: v for k, v in data.items() if k not in ("pack_from", "seeds")}
+
+
+def _runs_seed(settings: dict[str, Any], data: dict[str, Any], seed: int) -> bool:
+    """Whether a dataset runs ``seed``: a dataset's own ``seeds`` narrows the study's."""
+    return seed in settings["seeds"] and seed in data.get("seeds", settings["seeds"])
 
 
 def _train_flags(options: dict[str, Any]) -> dict[str, Any]:
@@ -192,12 +203,16 @@ def plan(settings: dict[str, Any]) -> list[Job]:
     jobs = []
     for seed in settings["seeds"]:
         for dataset, data in settings["datasets"].items():
+            if not _runs_seed(settings, data, seed):
+                continue
             base = {"arch": settings["arch"], **_data_flags(data), **settings["common"],
                     "seed": seed}
             for name, opts in settings["baselines"].items():
                 jobs.append(Job(dataset, seed, name, "train", _train_flags({**base, **opts})))
     for seed in settings["seeds"]:
         for dataset, data in settings["datasets"].items():
+            if not _runs_seed(settings, data, seed):
+                continue
             base = {**_data_flags(data), **settings["common"], "seed": seed,
                     "flops_reduction": settings["flops_reduction"]}
             for name, opts in settings["recoveries"].items():
@@ -244,11 +259,21 @@ class MixedUp(SystemExit):
 
 def baseline_mismatch(settings: dict[str, Any], job: Job, rec: dict[str, Any]) -> str | None:
     """Why a recovery's record cannot be of its study's baseline, or None: the run scored
-    its baseline on test differently from the baseline's own run (a mixed-up checkpoint, or
-    a trained model reported as the baseline, as ``--soft --no-partners`` did until
-    2026-12-07). Checked where ``best.pt``, which recoveries start from, is the kept model."""
+    its baseline on test differently from the study's record of that baseline (a baseline
+    trained again after its folder was lost, on this or another machine), or from the
+    baseline's own run (a mixed-up checkpoint, or a trained model reported as the baseline,
+    as ``--soft --no-partners`` did until 2026-12-07). The second is checked where
+    ``best.pt``, which recoveries start from, is the kept model."""
     if job.command != "compress" or not job.after or rec.get("baseline_test_top1") is None:
         return None
+    recorded = record_path(settings, Job(job.dataset, job.seed, job.after, "train", {}))
+    if recorded.exists():  # the study's record of the baseline, which the report pairs it with
+        test = json.loads(recorded.read_text())["test_top1"]
+        if test is not None and abs(test - rec["baseline_test_top1"]) > 1e-6:
+            return (f"{run_dir(settings, job)} scored its baseline {rec['baseline_test_top1']:.2f}"
+                    f" on test, but the study's record of that baseline ({recorded}) says "
+                    f"{test:.2f}: its run folder holds another training of it (retrained, or "
+                    "another machine's); delete the run to rerun it from the recorded baseline")
     base = start_weights(settings, job).parent  # the baseline's run folder
     if not (base / "metrics.json").exists():
         return None
@@ -310,6 +335,64 @@ def no_step_within(settings: dict[str, Any], job: Job) -> dict[str, Any] | None:
             "train_time_s": sum(st.get("train_time_s", 0.0) for st in steps),
             "options": job.options, "threads": _threads_of(settings, job), "machine": machine(),
             "device": _device_name(job.options.get("device", "auto"))}
+
+
+def surely_annealed_best(lr: Sequence[float], val: Sequence[float | None]) -> float | None:
+    """The best validation top-1 among the epochs of a recorded curve that bpl's
+    ``--max-drop`` surely counts as annealed (:func:`bpl.engine.annealed_epochs`): those
+    that started at most ``ANNEALED`` of the peak (the rate the epoch before ended on),
+    so their last step, which bpl judges by, was no higher. A record keeps each epoch's
+    rate after its last step only, so the epochs bpl counts may be more, never fewer: this
+    is a lower bound on its reference. For schedules whose rate does not rise within an
+    epoch past the warm-up (cosine cycles). None if no epoch qualifies."""
+    from bpl.engine import ANNEALED
+
+    limit = ANNEALED * max(lr)
+    tops = [v for before, v in zip(lr, val[1:], strict=False) if before <= limit and v is not None]
+    return max(tops) if tops else None
+
+
+def replay_no_step(settings: dict[str, Any], source: str, target: str) -> list[Path]:
+    """Records of the ``--max-drop`` arm ``target`` that follow from the dropped arm
+    ``source`` without a run: the same flags (so the same first cut and recovery from the
+    same baseline) judged under an earlier rule, whose run kept no step. Where that first
+    step's best validation top-1 of every epoch is more than the budget below the least
+    reference bpl's rule can take (:func:`surely_annealed_best` of the baseline's record),
+    no choice of epoch puts it within, so ``target`` keeps no step either. Other seeds need
+    the run (a later step, not recorded, would decide). Returns the records written."""
+    options = (settings["dropped"].get(source) or {}).get("options")
+    if options is None or settings["recoveries"].get(target) != options:
+        raise SystemExit(f"--replay {source}:{target}: {source} must be a dropped arm with "
+                         f"exactly {target}'s options (the same runs, judged differently)")
+    written = []
+    for job in plan(settings):
+        if job.name != target or record_path(settings, job).exists():
+            continue
+        old_path = record_path(settings, Job(job.dataset, job.seed, source, job.command, {}))
+        base_path = record_path(settings, Job(job.dataset, job.seed, job.after, "train", {}))
+        if not (old_path.exists() and base_path.exists()):
+            continue
+        old, base = json.loads(old_path.read_text()), json.loads(base_path.read_text())
+        first = (old.get("steps") or [None])[0]
+        if not old.get("no_step_within") or not first or not first.get("history"):
+            print(f"{job.key}: not replayed: {source} kept a step, so a later step decides")
+            continue
+        least = surely_annealed_best(base["lr"], base["val_curve"])
+        best = max(row["val_top1"] for row in first["history"] if row.get("val_top1") is not None)
+        if least is None or best >= least - options["max_drop"]:
+            print(f"{job.key}: not replayed: step 1's best epoch ({best:.2f}) might be within "
+                  f"{options['max_drop']:g} of the reference; run it")
+            continue
+        why = (f"replayed from {old_path.relative_to(REPO) if old_path.is_relative_to(REPO) else old_path}: "
+               f"step 1 ({100 * first['macs_reduction']:.1f}% fewer MACs) scored at most "
+               f"{best:.2f} on validation in any epoch, and the baseline's reference is at least "
+               f"{least:.2f} (its best surely-annealed epoch): beyond --max-drop "
+               f"{options['max_drop']:g} whichever epoch either keeps")
+        rec = {**old, "name": target, "options": options, "replayed_from": why}
+        atomic_write_text(record_path(settings, job), json.dumps(rec, indent=1) + "\n")
+        written.append(record_path(settings, job))
+        print(f"{job.key}: {why}")
+    return written
 
 
 def compute(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -810,24 +893,37 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
         ref_base = settings["reference"]["baseline"]
         base = {r["seed"]: r for r in records if r["dataset"] == dataset and r["name"] == ref_base}
         for name in budgeted:
-            mine = sorted((r for r in records if r["dataset"] == dataset and r["name"] == name),
-                          key=lambda r: r["seed"])
+            mine = budget_records(settings, records, dataset, name)
             if not mine:
                 continue
             lines += [f"{name}, seed by seed:", "",
                       f"| seed | MACs removed (%) | epochs | test top-1 | minus its baseline | "
                       f"minus {ref_base} |", "|---:|---:|---:|---:|---:|---:|"]
+            notes = []
             for r in mine:
-                other = base.get(r["seed"])
+                other = None if r.get("pooled_from") else base.get(r["seed"])
+                seed = f"{r['seed']}{'*' if r.get('pooled_from') else ''}"
+                if r.get("replayed_from"):
+                    seed += "†"
+                    notes.append(f"† seed {r['seed']}: {r['replayed_from']}.")
                 if r.get("no_step_within"):
-                    lines.append(f"| {r['seed']} | 0 (no step within the budget: the baseline "
+                    lines.append(f"| {seed} | 0 (no step within the budget: the baseline "
                                  f"stays) | {r['epochs_all']} | - | - | - |")
                     continue
                 lines.append(
-                    f"| {r['seed']} | {100 * r['macs_reduction']:.1f} | {r['epochs_trained']} | "
+                    f"| {seed} | {100 * r['macs_reduction']:.1f} | {r['epochs_trained']} | "
                     f"{r['test_top1']:.2f} | {r['test_top1'] - r['baseline_test_top1']:+.2f} | "
                     f"{'-' if other is None else format(r['test_top1'] - other['test_top1'], '+.2f')} |")
+            pooled = sorted({r["pooled_from"] for r in mine if r.get("pooled_from")})
+            if pooled:
+                notes.append(f"\\* from {', '.join(pooled)}: the same arm from a baseline of the "
+                             "same flags and split trained again (its run folder was gone), so "
+                             f"paired with that baseline only, not with {ref_base}'s record.")
+            lines += ["", *notes] if notes else []
             lines.append("")
+            goal = settings.get("max_drop_goal")
+            if goal and goal["arm"] == name:
+                lines += max_drop_goal_lines(goal, dataset, mine)
         for name in settings["recoveries"]:
             stepped = sorted((r for r in records if r["dataset"] == dataset
                               and r["name"] == name and r.get("step_tests")),
@@ -878,6 +974,51 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
     if settings.get("decision"):
         lines += decision_markdown(settings, verdict or decide(settings, records))
     return "\n".join(lines) + "\n"
+
+
+def budget_records(settings: dict[str, Any], records: list[dict[str, Any]], dataset: str,
+                   name: str) -> list[dict[str, Any]]:
+    """The records of the ``--max-drop`` arm ``name`` on ``dataset``, seed by seed: this
+    study's, and those ``max_drop_goal.pooled`` adds from studies that trained its
+    baseline again (each paired with its own baseline only; marked ``pooled_from``)."""
+    mine = [r for r in records if r["dataset"] == dataset and r["name"] == name]
+    goal = settings.get("max_drop_goal") or {}
+    if goal.get("arm") == name:
+        for folder in goal.get("pooled") or []:
+            for path in sorted((_in_repo(folder)).glob(f"{dataset}-seed*-{name}.json")):
+                rec = json.loads(path.read_text())
+                if rec["name"] != name or rec["dataset"] != dataset:
+                    continue
+                if any(r["seed"] == rec["seed"] for r in mine):
+                    raise SystemExit(f"{path}: seed {rec['seed']} of {name} on {dataset} is "
+                                     "recorded twice (this study and a pooled one); keep one")
+                mine.append({**rec, "pooled_from": folder})
+    return sorted(mine, key=lambda r: r["seed"])
+
+
+def max_drop_goal_lines(goal: dict[str, Any], dataset: str, mine: list[dict[str, Any]]
+                        ) -> list[str]:
+    """Issue 26's goal for ``--max-drop``, on ``mine`` (one record per seed): a test drop of
+    at most ``test_drop`` points against the run's own baseline in at least ``seeds`` of
+    ``of`` seeds, and a larger MACs reduction on average than ``beyond[dataset]``. A seed
+    that kept no step keeps its baseline: no drop, no reduction."""
+    diffs = {r["seed"]: (0.0 if r.get("no_step_within")
+                         else r["test_top1"] - r["baseline_test_top1"]) for r in mine}
+    cuts = {r["seed"]: float(r.get("macs_reduction") or 0.0) for r in mine}
+    ok = [s for s, d in diffs.items() if d >= -goal["test_drop"]]
+    beyond = (goal.get("beyond") or {}).get(dataset)
+    mean_cut = statistics.fmean(cuts.values())
+    verdict = ("not yet: " + f"{len(mine)} of {goal['of']} seeds" if len(mine) < goal["of"] else
+               "met" if len(ok) >= goal["seeds"] and (beyond is None or mean_cut > beyond)
+               else "missed")
+    line = (f"Against the goal (a test drop of at most {goal['test_drop']:g} points in at least "
+            f"{goal['seeds']} of {goal['of']} seeds"
+            + (f", and more than {100 * beyond:.0f}% fewer MACs on average" if beyond else "")
+            + f"): {len(ok)} of {len(mine)} seeds within {goal['test_drop']:g} "
+            f"(test minus baseline: {', '.join(f'{d:+.2f}' for d in diffs.values())}); "
+            f"{100 * mean_cut:.1f}% fewer MACs on average "
+            f"({', '.join(f'{100 * c:.1f}' for c in cuts.values())}). **{verdict}**.")
+    return [line, ""]
 
 
 def mac_epochs(record: dict[str, Any]) -> float | None:
@@ -1159,6 +1300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="record the runs of a --records file written elsewhere (a GPU host)")
     p.add_argument("--refresh", action="store_true",
                    help="re-read every recorded run's metrics.json into its record (new fields)")
+    p.add_argument("--replay", metavar="SOURCE:TARGET",
+                   help="record the --max-drop arm TARGET where the dropped arm SOURCE (the "
+                        "same flags, an earlier rule) kept no step and its first step is "
+                        "beyond the budget under any rule (no run needed)")
     p.add_argument("--pack", action="store_true",
                    help="write each dataset's pack_from images as PNGs to its data_root")
     p.add_argument("--seeds", type=int, nargs="+",
@@ -1193,6 +1338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "threads": old.get("threads"),
                        "device": old.get("device")}
                 atomic_write_text(record_path(settings, job), json.dumps(rec, indent=1) + "\n")
+        return 0
+    if args.replay:
+        source, _, target = args.replay.partition(":")
+        replay_no_step(settings, source, target)
         return 0
     if args.report:
         print(report(settings).read_text())

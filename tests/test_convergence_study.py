@@ -214,7 +214,7 @@ def test_a_search_with_no_step_within_its_budget_is_recorded_as_such(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["convergence_cpu", "convergence_gpu",
-                                  "convergence_cpu_pilot_p5", "partners_cpu"])
+                                  "convergence_cpu_pilot_p5", "partners_cpu", "maxdrop_cpu"])
 def test_every_run_of_the_shipped_configs_is_a_valid_bpl_command(name):
     """A typo or an impossible combination in a study config fails here, not hours into it."""
     from bpl.config import resolve_config
@@ -301,6 +301,13 @@ def test_a_session_can_run_part_of_the_study():
         study.only(settings, [7], None)
     with pytest.raises(SystemExit, match="dataset nwpu is not in the config"):
         study.only(settings, None, ["nwpu"])
+    # a dataset's own seeds narrow the study's (seeds another study runs are left out)
+    settings = {**settings, "baselines": {"base": {}}, "prune_from": "base",
+                "datasets": {"ucm": {"seeds": [0, 2]}, "eurosat": {}}}
+    runs = {(j.dataset, j.seed) for j in study.plan(settings)}
+    assert runs == {("ucm", 0), ("ucm", 2), ("eurosat", 0), ("eurosat", 1), ("eurosat", 2)}
+    assert all("seeds" not in j.options for j in study.plan(settings))
+    assert {j.seed for j in study.plan(study.only(settings, [1], None))} == {1}
 
 
 def test_threads_override_the_configs_for_every_run_it_starts(tmp_path, monkeypatch):
@@ -617,3 +624,108 @@ def test_a_run_that_scored_another_baseline_is_refused_not_recorded(tmp_path):
     base_metrics["selected"] = {"epoch": 5, "of": 5, "why": "--select last"}
     (base / "metrics.json").write_text(json.dumps(base_metrics))
     assert study.baseline_mismatch(settings, job, {"baseline_test_top1": 1.0}) is None
+
+
+def test_a_run_from_a_retrained_baseline_is_refused_against_the_baselines_record(tmp_path):
+    """A baseline whose run folder was lost and trained again (here, or on another machine)
+    scores differently; recoveries from it must not be paired with the study's record of
+    the first training, which the report pairs them with."""
+    study = _load_script()
+    settings = {**study.DEFAULTS, "out": str(tmp_path / "runs"), "results": str(tmp_path / "r")}
+    base_job = study.Job("digits", 0, "base", "train", {})
+    base = study.run_dir(settings, base_job)
+    base.mkdir(parents=True)
+    (base / "metrics.json").write_text(json.dumps(
+        {"selected": {"epoch": 3, "of": 5, "val_top1": 90.0}, "final": {"top1": 81.0}}))
+    job = study.Job("digits", 0, "cosine-40", "compress", {}, after="base")
+    assert study.baseline_mismatch(settings, job, {"baseline_test_top1": 81.0}) is None
+    study.record_path(settings, base_job).parent.mkdir(parents=True)
+    study.record_path(settings, base_job).write_text(json.dumps({"test_top1": 80.0}))
+    problem = study.baseline_mismatch(settings, job, {"baseline_test_top1": 81.0})
+    assert "scored its baseline 81.00" in problem and "record of that baseline" in problem
+    assert "80.00" in problem
+    study.record_path(settings, base_job).write_text(json.dumps({"test_top1": 81.0}))
+    assert study.baseline_mismatch(settings, job, {"baseline_test_top1": 81.0}) is None
+
+
+def _budget_settings(tmp_path, **extra):
+    study = _load_script()
+    arm = {"max_drop": 1, "recipe": "cosine", "epochs": 40}
+    return study, {**study.DEFAULTS, "out": str(tmp_path / "runs"),
+                   "results": str(tmp_path / "results"), "datasets": {"d": {}}, "seeds": [0, 1],
+                   "baselines": {"base": {}}, "prune_from": "base",
+                   "recoveries": {"new": dict(arm)},
+                   "dropped": {"old": {"options": dict(arm), "why": "an earlier rule"}},
+                   "reference": {"baseline": "base", "recovery": None}, **extra}
+
+
+def test_replay_records_a_search_only_where_no_rule_could_keep_its_first_step(tmp_path, capsys):
+    """An arm judged under an earlier rule that kept no step decides the new arm's outcome
+    without a run only when its first step is beyond the budget whichever epoch either
+    rule keeps: its best epoch of all against the least reference the new rule can take."""
+    study, settings = _budget_settings(tmp_path)
+    lr = [0.1, 0.05, 0.009, 0.001, 0.1]  # epochs 3-5 started at <= 0.01 of the peak
+    # the least annealed reference: epoch 4 (93.0); epoch 2's 95.0 was not annealed
+    base_val = [80.0, 95.0, 92.0, 93.0, 91.0]
+    folder = tmp_path / "results" / "records"
+    folder.mkdir(parents=True)
+
+    def write(name, seed, rec):
+        (folder / f"d-seed{seed}-{name}.json").write_text(json.dumps(
+            {"dataset": "d", "seed": seed, "name": name, **rec}))
+
+    for seed, step_best in ((0, 91.9), (1, 92.1)):
+        write("base", seed, {"lr": lr, "val_curve": base_val, "test_top1": 88.0})
+        history = [{"lr": 0.01, "val_top1": 85.0}, {"lr": 0.0, "val_top1": step_best}]
+        write("old", seed, {"no_step_within": True, "macs_reduction": 0.0, "test_top1": None,
+                            "steps": [{"step": 1, "macs_reduction": 0.5, "within": False,
+                                       "history": history}]})
+    assert study.surely_annealed_best(lr, base_val) == 93.0
+    written = study.replay_no_step(settings, "old", "new")
+    assert [p.name for p in written] == ["d-seed0-new.json"]  # 91.9 < 93 - 1; 92.1 is not
+    rec = json.loads(written[0].read_text())
+    assert rec["name"] == "new" and rec["no_step_within"] and rec["options"]["max_drop"] == 1
+    assert "at most 91.90" in rec["replayed_from"] and "at least 93.00" in rec["replayed_from"]
+    assert "might be within" in capsys.readouterr().out
+    assert study.replay_no_step(settings, "old", "new") == []  # recorded: not written again
+    settings["recoveries"]["new"]["epochs"] = 30  # not the same runs: refused
+    with pytest.raises(SystemExit, match="exactly new's options"):
+        study.replay_no_step(settings, "old", "new")
+
+
+def test_the_max_drop_goal_pools_seeds_whose_baselines_were_trained_again(tmp_path):
+    """Issue 26's goal for --max-drop counts seeds within the test drop and the mean MACs
+    reduction, over this study's records and those of a study that trained the baselines
+    again; a pooled seed pairs with its own baseline only, and a seed twice is an error."""
+    pooled = tmp_path / "other" / "records"
+    goal = {"arm": "new", "test_drop": 1.5, "seeds": 2, "of": 3, "beyond": {"d": 0.6},
+            "pooled": [str(pooled)]}
+    study, settings = _budget_settings(tmp_path, max_drop_goal=goal)
+    settings["seeds"] = [0, 1, 2]
+    base = {"dataset": "d", "name": "base", "epochs_trained": 40}
+    records = [{**base, "seed": 0, "test_top1": 88.0, "val_top1": 90.0},
+               {"dataset": "d", "seed": 0, "name": "new", "epochs_trained": 80,
+                "test_top1": 87.0, "val_top1": 89.0, "baseline_test_top1": 88.0,
+                "baseline_val_top1": 90.0, "macs_reduction": 0.74, "epochs_all": 120},
+               {"dataset": "d", "seed": 1, "name": "new", "no_step_within": True,
+                "epochs_trained": 0, "test_top1": None, "val_top1": None,
+                "macs_reduction": 0.0, "epochs_all": 40}]
+    pooled.mkdir(parents=True)
+    (pooled / "d-seed2-new.json").write_text(json.dumps(
+        {"dataset": "d", "seed": 2, "name": "new", "epochs_trained": 120, "test_top1": 85.0,
+         "val_top1": 88.0, "baseline_test_top1": 87.0, "baseline_val_top1": 89.0,
+         "macs_reduction": 0.9, "epochs_all": 160}))
+    text = study.markdown({**settings, "title": "t", "about": "a"},
+                          study.summarize(settings, records), records)
+    assert "| 2* | 90.0 | 120 | 85.00 | -2.00 | - |" in text  # not paired with base's record
+    assert "| 0 | 74.0 | 80 | 87.00 | -1.00 | -1.00 |" in text
+    assert "2 of 3 seeds within 1.5 (test minus baseline: -1.00, +0.00, -2.00)" in text
+    assert "54.7% fewer MACs on average (74.0, 0.0, 90.0). **missed**" in text  # 54.7 < 60
+    goal["beyond"] = {"d": 0.5}
+    text = study.markdown({**settings, "title": "t", "about": "a"},
+                          study.summarize(settings, records), records)
+    assert "**met**" in text
+    (pooled / "d-seed1-new.json").write_text((pooled / "d-seed2-new.json").read_text()
+                                             .replace('"seed": 2', '"seed": 1'))
+    with pytest.raises(SystemExit, match="seed 1 of new on d is recorded twice"):
+        study.markdown(settings, study.summarize(settings, records), records)
