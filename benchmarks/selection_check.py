@@ -326,6 +326,7 @@ def report(out_root: Path, results: Path) -> str:
     lines += ["", "Drops against the baseline (points): judged on validation by each rule "
               "(baseline and cut scored alike), and true on the pool for the models it keeps.",
               "", "| seed | cut | rule | judged drop | pool drop |", "|---|---|---|---:|---:|"]
+    errors: dict[str, list[float]] = {rule: [] for rule in RULES}
     for r in seeds:
         base_name = r["runs"][0]
         for name in r["runs"][1:]:
@@ -335,8 +336,18 @@ def report(out_root: Path, results: Path) -> str:
                 b, c = r["picks"][base_name][rule], r["picks"][name][rule]
                 if None in (b[0], c[0], b[2], c[2]):
                     continue
+                errors[rule].append((b[1] - c[1]) - (b[2] - c[2]))
                 lines.append(f"| {r['seed']} | {name} | {rule} | "
                              f"{b[1] - c[1]:+.2f} | {b[2] - c[2]:+.2f} |")
+    lines += ["", "Each rule's judgment error over the cuts above (judged drop minus pool drop; "
+              "above 0: the rule judges a cut worse than it is, and a budget stops early; "
+              "below 0: it lets through a cut the pool finds worse):", "",
+              "| rule | cuts | mean | min | max | mean absolute |", "|---|---:|---:|---:|---:|---:|"]
+    for rule, errs in errors.items():
+        if errs:
+            lines.append(f"| {rule} | {len(errs)} | {statistics.fmean(errs):+.2f} | "
+                         f"{min(errs):+.2f} | {max(errs):+.2f} | "
+                         f"{statistics.fmean(abs(e) for e in errs):.2f} |")
     notes = [f"- {r['seed']}: {r['source']}" for r in seeds if r.get("source")]
     if notes:
         lines += ["", "Records rebuilt from an earlier report (their run folders are gone):",

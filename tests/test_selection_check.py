@@ -211,3 +211,27 @@ def test_the_pool_split_records_what_it_leaves_out_so_loading_it_reports_nothing
     # the pool file as it was written before: the run's record of what its subset left out,
     # which no longer matches, so loading it said images had been added to the folder
     assert any("were added after" in m for m in added_said({**split, "test": made["test"]}))
+
+
+def test_the_report_sums_up_each_rules_judgment_error_over_the_cuts(tmp_path):
+    """judged drop minus pool drop, per rule: the number that decides a --max-drop reference."""
+    check = load_benchmark("selection_check")
+    folder = tmp_path / "results" / "records"
+    folder.mkdir(parents=True)
+    none = [None, None, None]
+    for seed, (cut_a, cut_b) in enumerate((((90.0, 88.0), (91.0, 88.5)),
+                                          ((89.0, 87.0), (90.0, 88.0)))):
+        picks = {"base": {"best": [5, 93.0, 89.0], "annealed": [5, 92.0, 89.0],
+                          "last": [8, 91.0, 89.5], "tail mean": none},
+                 "cut": {"best": [3, cut_a[0], cut_a[1]], "annealed": [3, cut_b[0], cut_b[1]],
+                         "last": [6, 90.0, 88.0], "tail mean": none}}
+        (folder / f"d-seed{seed}.json").write_text(json.dumps(
+            {"seed": f"d seed{seed}", "runs": ["base", "cut"], "picks": picks,
+             "pool_images": 100}))
+    text = check.report(tmp_path / "runs", tmp_path / "results")
+    # best: judged 3.0 / 4.0 against pool 1.0 / 2.0 -> +2.00 both; annealed: 1.0 / 2.0
+    # against 0.5 / 1.0 -> +0.50, +1.00; last: 1.0 / 1.0 against 1.5 / 1.5 -> -0.50 both
+    assert "| best | 2 | +2.00 | +2.00 | +2.00 | 2.00 |" in text
+    assert "| annealed | 2 | +0.75 | +0.50 | +1.00 | 0.75 |" in text
+    assert "| last | 2 | -0.50 | -0.50 | -0.50 | 0.50 |" in text
+    assert "| tail mean |" not in text.split("judgment error")[1]
