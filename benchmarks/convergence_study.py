@@ -337,64 +337,6 @@ def no_step_within(settings: dict[str, Any], job: Job) -> dict[str, Any] | None:
             "device": _device_name(job.options.get("device", "auto"))}
 
 
-def surely_annealed_best(lr: Sequence[float], val: Sequence[float | None]) -> float | None:
-    """The best validation top-1 among the epochs of a recorded curve that bpl's
-    ``--max-drop`` surely counts as annealed (:func:`bpl.engine.annealed_epochs`): those
-    that started at most ``ANNEALED`` of the peak (the rate the epoch before ended on),
-    so their last step, which bpl judges by, was no higher. A record keeps each epoch's
-    rate after its last step only, so the epochs bpl counts may be more, never fewer: this
-    is a lower bound on its reference. For schedules whose rate does not rise within an
-    epoch past the warm-up (cosine cycles). None if no epoch qualifies."""
-    from bpl.engine import ANNEALED
-
-    limit = ANNEALED * max(lr)
-    tops = [v for before, v in zip(lr, val[1:], strict=False) if before <= limit and v is not None]
-    return max(tops) if tops else None
-
-
-def replay_no_step(settings: dict[str, Any], source: str, target: str) -> list[Path]:
-    """Records of the ``--max-drop`` arm ``target`` that follow from the dropped arm
-    ``source`` without a run: the same flags (so the same first cut and recovery from the
-    same baseline) judged under an earlier rule, whose run kept no step. Where that first
-    step's best validation top-1 of every epoch is more than the budget below the least
-    reference bpl's rule can take (:func:`surely_annealed_best` of the baseline's record),
-    no choice of epoch puts it within, so ``target`` keeps no step either. Other seeds need
-    the run (a later step, not recorded, would decide). Returns the records written."""
-    options = (settings["dropped"].get(source) or {}).get("options")
-    if options is None or settings["recoveries"].get(target) != options:
-        raise SystemExit(f"--replay {source}:{target}: {source} must be a dropped arm with "
-                         f"exactly {target}'s options (the same runs, judged differently)")
-    written = []
-    for job in plan(settings):
-        if job.name != target or record_path(settings, job).exists():
-            continue
-        old_path = record_path(settings, Job(job.dataset, job.seed, source, job.command, {}))
-        base_path = record_path(settings, Job(job.dataset, job.seed, job.after, "train", {}))
-        if not (old_path.exists() and base_path.exists()):
-            continue
-        old, base = json.loads(old_path.read_text()), json.loads(base_path.read_text())
-        first = (old.get("steps") or [None])[0]
-        if not old.get("no_step_within") or not first or not first.get("history"):
-            print(f"{job.key}: not replayed: {source} kept a step, so a later step decides")
-            continue
-        least = surely_annealed_best(base["lr"], base["val_curve"])
-        best = max(row["val_top1"] for row in first["history"] if row.get("val_top1") is not None)
-        if least is None or best >= least - options["max_drop"]:
-            print(f"{job.key}: not replayed: step 1's best epoch ({best:.2f}) might be within "
-                  f"{options['max_drop']:g} of the reference; run it")
-            continue
-        why = (f"replayed from {old_path.relative_to(REPO) if old_path.is_relative_to(REPO) else old_path}: "
-               f"step 1 ({100 * first['macs_reduction']:.1f}% fewer MACs) scored at most "
-               f"{best:.2f} on validation in any epoch, and the baseline's reference is at least "
-               f"{least:.2f} (its best surely-annealed epoch): beyond --max-drop "
-               f"{options['max_drop']:g} whichever epoch either keeps")
-        rec = {**old, "name": target, "options": options, "replayed_from": why}
-        atomic_write_text(record_path(settings, job), json.dumps(rec, indent=1) + "\n")
-        written.append(record_path(settings, job))
-        print(f"{job.key}: {why}")
-    return written
-
-
 def compute(metrics: dict[str, Any]) -> dict[str, Any]:
     """What a run cost: epochs and seconds of training over every step it took (a stepwise
     run's steps beyond the kept one included), whatever sessions it was resumed across."""
@@ -889,23 +831,23 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
                 lines.append(f"- `{n}` ({runs} run{'' if runs == 1 else 's'} recorded): "
                              f"{d['why']}")
             lines.append("")
-        budgeted = [n for n, o in settings["recoveries"].items() if o.get("max_drop") is not None]
+        every = {**settings["recoveries"],
+                 **{n: d["options"] for n, d in settings["dropped"].items()}}
+        budgeted = [n for n, o in every.items() if o.get("max_drop") is not None]
         ref_base = settings["reference"]["baseline"]
         base = {r["seed"]: r for r in records if r["dataset"] == dataset and r["name"] == ref_base}
         for name in budgeted:
             mine = budget_records(settings, records, dataset, name)
             if not mine:
                 continue
-            lines += [f"{name}, seed by seed:", "",
+            shown = f"{name} (dropped)" if name in settings["dropped"] else name
+            lines += [f"{shown}, seed by seed:", "",
                       f"| seed | MACs removed (%) | epochs | test top-1 | minus its baseline | "
                       f"minus {ref_base} |", "|---:|---:|---:|---:|---:|---:|"]
             notes = []
             for r in mine:
                 other = None if r.get("pooled_from") else base.get(r["seed"])
                 seed = f"{r['seed']}{'*' if r.get('pooled_from') else ''}"
-                if r.get("replayed_from"):
-                    seed += "†"
-                    notes.append(f"† seed {r['seed']}: {r['replayed_from']}.")
                 if r.get("no_step_within"):
                     lines.append(f"| {seed} | 0 (no step within the budget: the baseline "
                                  f"stays) | {r['epochs_all']} | - | - | - |")
@@ -924,7 +866,7 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
             goal = settings.get("max_drop_goal")
             if goal and goal["arm"] == name:
                 lines += max_drop_goal_lines(goal, dataset, mine)
-        for name in settings["recoveries"]:
+        for name in every:
             stepped = sorted((r for r in records if r["dataset"] == dataset
                               and r["name"] == name and r.get("step_tests")),
                              key=lambda r: r["seed"])
@@ -1300,10 +1242,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="record the runs of a --records file written elsewhere (a GPU host)")
     p.add_argument("--refresh", action="store_true",
                    help="re-read every recorded run's metrics.json into its record (new fields)")
-    p.add_argument("--replay", metavar="SOURCE:TARGET",
-                   help="record the --max-drop arm TARGET where the dropped arm SOURCE (the "
-                        "same flags, an earlier rule) kept no step and its first step is "
-                        "beyond the budget under any rule (no run needed)")
     p.add_argument("--pack", action="store_true",
                    help="write each dataset's pack_from images as PNGs to its data_root")
     p.add_argument("--seeds", type=int, nargs="+",
@@ -1338,10 +1276,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "threads": old.get("threads"),
                        "device": old.get("device")}
                 atomic_write_text(record_path(settings, job), json.dumps(rec, indent=1) + "\n")
-        return 0
-    if args.replay:
-        source, _, target = args.replay.partition(":")
-        replay_no_step(settings, source, target)
         return 0
     if args.report:
         print(report(settings).read_text())

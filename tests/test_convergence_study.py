@@ -659,40 +659,6 @@ def _budget_settings(tmp_path, **extra):
                    "reference": {"baseline": "base", "recovery": None}, **extra}
 
 
-def test_replay_records_a_search_only_where_no_rule_could_keep_its_first_step(tmp_path, capsys):
-    """An arm judged under an earlier rule that kept no step decides the new arm's outcome
-    without a run only when its first step is beyond the budget whichever epoch either
-    rule keeps: its best epoch of all against the least reference the new rule can take."""
-    study, settings = _budget_settings(tmp_path)
-    lr = [0.1, 0.05, 0.009, 0.001, 0.1]  # epochs 3-5 started at <= 0.01 of the peak
-    # the least annealed reference: epoch 4 (93.0); epoch 2's 95.0 was not annealed
-    base_val = [80.0, 95.0, 92.0, 93.0, 91.0]
-    folder = tmp_path / "results" / "records"
-    folder.mkdir(parents=True)
-
-    def write(name, seed, rec):
-        (folder / f"d-seed{seed}-{name}.json").write_text(json.dumps(
-            {"dataset": "d", "seed": seed, "name": name, **rec}))
-
-    for seed, step_best in ((0, 91.9), (1, 92.1)):
-        write("base", seed, {"lr": lr, "val_curve": base_val, "test_top1": 88.0})
-        history = [{"lr": 0.01, "val_top1": 85.0}, {"lr": 0.0, "val_top1": step_best}]
-        write("old", seed, {"no_step_within": True, "macs_reduction": 0.0, "test_top1": None,
-                            "steps": [{"step": 1, "macs_reduction": 0.5, "within": False,
-                                       "history": history}]})
-    assert study.surely_annealed_best(lr, base_val) == 93.0
-    written = study.replay_no_step(settings, "old", "new")
-    assert [p.name for p in written] == ["d-seed0-new.json"]  # 91.9 < 93 - 1; 92.1 is not
-    rec = json.loads(written[0].read_text())
-    assert rec["name"] == "new" and rec["no_step_within"] and rec["options"]["max_drop"] == 1
-    assert "at most 91.90" in rec["replayed_from"] and "at least 93.00" in rec["replayed_from"]
-    assert "might be within" in capsys.readouterr().out
-    assert study.replay_no_step(settings, "old", "new") == []  # recorded: not written again
-    settings["recoveries"]["new"]["epochs"] = 30  # not the same runs: refused
-    with pytest.raises(SystemExit, match="exactly new's options"):
-        study.replay_no_step(settings, "old", "new")
-
-
 def test_the_max_drop_goal_pools_seeds_whose_baselines_were_trained_again(tmp_path):
     """Issue 26's goal for --max-drop counts seeds within the test drop and the mean MACs
     reduction, over this study's records and those of a study that trained the baselines

@@ -16,6 +16,7 @@ from bpl.engine import (
     _lr_lambda,
     annealed_best,
     annealed_epochs,
+    annealed_tail,
     evaluate,
     fit,
 )
@@ -283,3 +284,22 @@ def test_compile_without_a_cpu_compiler_is_a_one_line_error(monkeypatch):
     assert "\n" not in str(info.value)
     monkeypatch.setattr(engine.shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
     engine.check_compile(torch.device("cpu"))  # a compiler on the PATH: no error
+
+
+def test_annealed_tail_is_the_mean_of_the_annealed_epochs_that_end_a_run():
+    """The level a run settled at: the stretch of annealed epochs ending its history (the
+    last cycle's tail, not an earlier cycle's), averaged; None where the run did not end
+    annealed or its last epoch was not validated."""
+    lrs = [0.09, 0.05, 0.006, 0.1, 0.09, 0.05, 0.006, 0.1]  # two cycles, each restarting
+    ends = [0.1, 0.06, 0.008, 0.0004, 0.1, 0.06, 0.008, 0.0004]
+    tops = [50.0, 60, 70, 99, 80, 85, 88, 87]
+    history = [{"lr": lr, "lr_last": e, "val_top1": t}
+               for lr, e, t in zip(lrs, ends, tops, strict=True)]
+    assert annealed_tail(history) == (7, 8, 87.5)  # 99 in the first cycle's tail is not it
+    assert annealed_tail(history[:4]) == (3, 4, 84.5)
+    assert annealed_tail(history[:6]) is None  # mid-cycle: not annealed
+    history[6]["val_top1"] = None  # the tail stops at an epoch without validation
+    assert annealed_tail(history) == (8, 8, 87.0)
+    history[7]["val_top1"] = None
+    assert annealed_tail(history) is None
+    assert annealed_tail([]) is None

@@ -56,6 +56,7 @@ __all__ = [
     "TrainingDiverged",
     "annealed_best",
     "annealed_epochs",
+    "annealed_tail",
     "check_compile",
     "replayed_curve",
     "evaluate",
@@ -755,6 +756,24 @@ def annealed_best(history: Sequence[Mapping[str, Any]], peak: float | None = Non
         if annealed and top1 is not None and (best is None or top1 > best[1]):
             best = (epoch, float(top1))
     return best
+
+
+def annealed_tail(history: Sequence[Mapping[str, Any]], peak: float | None = None
+                  ) -> tuple[int, int, float] | None:
+    """(first epoch, last epoch, mean validation top-1) of the annealed stretch that ends
+    ``history`` (:func:`annealed_epochs`): the level a run settled at, read from several
+    evaluations rather than the luckiest one. ``--max-drop`` judges steps and baseline by
+    it: the best of many noisy evaluations is biased upwards, and more so the more epochs
+    there are to pick from (a baseline's cycles against a step's one anneal). None if the
+    last epoch was not annealed or not validated."""
+    flags = annealed_epochs(history, peak)
+    first = len(history)
+    while first >= 1 and flags[first - 1] and history[first - 1].get("val_top1") is not None:
+        first -= 1
+    if first == len(history):
+        return None
+    tops = [float(row["val_top1"]) for row in history[first:]]
+    return first + 1, len(history), sum(tops) / len(tops)
 
 
 def _log_change(rule: Plateau | Cycles, change: str, settings: TrainSettings) -> None:

@@ -259,14 +259,25 @@ def _budget_lines(budget: dict[str, Any]) -> list[str]:
     title = (f"## The search: the smallest model within {budget['max_drop']:g} points" if searched
              else f"## The steps: {len(budget['steps'])} cuts, each recovered")
     ref = budget.get("reference_from") or {}
-    source = ""
-    if ref.get("checkpoint_val_top1") is not None:  # the annealed epoch, not the checkpoint's
+    source, judged = "", ""
+    if ref.get("first_epoch") is not None:  # the annealed tail's mean (bpl 0.3 on)
+        source = (f" (epochs {ref['first_epoch']}-{ref['last_epoch']}: {ref['from']}; the "
+                  f"checkpoint, epoch {ref['checkpoint_epoch']}, scores "
+                  f"{_pct(ref['checkpoint_val_top1'])})")
+    elif ref.get("checkpoint_val_top1") is not None:  # the annealed epoch (earlier runs)
         source = (f" (epoch {ref['epoch']}: {ref['from']}; the checkpoint, epoch "
                   f"{ref['checkpoint_epoch']}, scores {_pct(ref['checkpoint_val_top1'])}, the "
                   "best of every epoch, a maximum the steps are not held to)")
+    if any(st.get("judged_on") for st in budget["steps"]):
+        judged = (" Each step is scored by the mean validation top-1 of its last annealed "
+                  "epochs" + (", as the baseline is: the best of many noisy evaluations would "
+                              "flatter whichever model had more of them."
+                              if ref.get("first_epoch") is not None else
+                              "; the baseline, without its training curves, by its "
+                              "checkpoint's score."))
     lines = [title, "",
-             f"Baseline validation top-1: {_pct(budget['reference'])}{source}. Each step cut "
-             "the previous step's model further and recovered it; "
+             f"Baseline validation top-1: {_pct(budget['reference'])}{source}.{judged} Each "
+             "step cut the previous step's model further and recovered it; "
              f"{'the search ended: ' if searched else ''}{budget['stopped']}.", "",
              "| step | MACs removed (%) | validation top-1 (%) | below the baseline | epochs | "
              "model |", "|---:|---:|---:|---:|---:|---|"]
