@@ -1212,10 +1212,12 @@ def pack(settings: dict[str, Any]) -> None:
 
 
 def only(settings: dict[str, Any], seeds: Sequence[int] | None,
-         datasets: Sequence[str] | None) -> dict[str, Any]:
-    """``settings`` restricted to some of its seeds and datasets (others are an error)."""
+         datasets: Sequence[str] | None, arms: Sequence[str] | None = None) -> dict[str, Any]:
+    """``settings`` restricted to some of its seeds, datasets and recoveries (others are an
+    error); the baselines stay, so a recovery still waits for (or finds) its own."""
     for asked, known, what in ((seeds, settings["seeds"], "seed"),
-                               (datasets, list(settings["datasets"]), "dataset")):
+                               (datasets, list(settings["datasets"]), "dataset"),
+                               (arms, list(settings["recoveries"]), "recovery")):
         unknown = [a for a in asked or () if a not in known]
         if unknown:
             raise SystemExit(f"{what} {unknown[0]} is not in the config (it has "
@@ -1223,7 +1225,9 @@ def only(settings: dict[str, Any], seeds: Sequence[int] | None,
     return {**settings,
             "seeds": [s for s in settings["seeds"] if not seeds or s in seeds],
             "datasets": {k: v for k, v in settings["datasets"].items()
-                         if not datasets or k in datasets}}
+                         if not datasets or k in datasets},
+            "recoveries": {k: v for k, v in settings["recoveries"].items()
+                           if not arms or k in arms}}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1247,6 +1251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+",
                    help="run (or size) only these of the config's seeds")
     p.add_argument("--datasets", nargs="+", help="run (or size) only these of its datasets")
+    p.add_argument("--arms", nargs="+",
+                   help="run (or size) only these of its recoveries (their baselines too)")
     p.add_argument("--threads",
                    help="torch threads of each run, over the config's (a run's record keeps "
                         "it), or 'fill': --jobs is then a number of cores, shared among the "
@@ -1256,8 +1262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(args.config)
     if args.threads is not None:  # one job on both cores: a seed's chain fits one session
         settings = {**settings, "threads": threads_setting(args.threads, "--threads")}
-    if args.seeds or args.datasets:  # a part of the study (one session's share, say)
-        settings = only(settings, args.seeds, args.datasets)
+    if args.seeds or args.datasets or args.arms:  # a part of the study (a session's share)
+        settings = only(settings, args.seeds, args.datasets, args.arms)
     if args.pack:
         pack(settings)
         return 0

@@ -172,7 +172,7 @@ def test_compress_max_drop_keeps_every_step_and_resumes(baseline, tmp_path, caps
     assert metrics["macs_reduction"] == pytest.approx(steps[kept - 1]["macs_reduction"], abs=1e-3)
     assert metrics["epochs_trained"] == 2 * kept
     # each step keeps its best annealed epoch, and is judged as the baseline is: by the mean
-    # validation top-1 of the annealed epochs that end its training (here, its last)
+    # validation top-1 of the annealed epochs around the kept one (here, its last)
     assert all("among the annealed epochs" in s["selected"]["why"] for s in steps)
     for s in steps:
         assert s["judged_on"]["first_epoch"] == s["judged_on"]["last_epoch"] == 2
@@ -246,9 +246,9 @@ def test_a_budget_inside_the_validation_noise_is_said(caplog):
     assert caplog.text == ""
 
 
-def test_the_budget_is_measured_against_the_baselines_annealed_tail(baseline, tmp_path):
+def test_the_budget_is_measured_against_the_baselines_annealed_stretch(baseline, tmp_path):
     """A baseline kept mid-schedule (--select best) scores the maximum over every epoch:
-    --max-drop measures against the mean of the annealed epochs that end its training,
+    --max-drop measures against the mean of the annealed epochs around the kept one,
     read from the checkpoint's curves or the metrics.json of the run that wrote it."""
     from bpl.pipeline.compression import _budget_reference, baseline_history
 
@@ -262,13 +262,20 @@ def test_the_budget_is_measured_against_the_baselines_annealed_tail(baseline, tm
     history = baseline_history(cfg, bare)
     assert [r["val_top1"] for r in history] == curves["val_top1"]
     assert baseline_history(cfg, {**bare, "kept_epoch": 99}) is None  # another run's
-    # a checkpoint kept mid-cycle at 94: the reference is its annealed tail's mean, 89.5
+    # a checkpoint kept mid-cycle at 94: the reference is the nearest annealed stretch, 89.5
     mid = {"kept_epoch": 2, "curves": {"lr": [0.1, 0.05, 0.005, 0.0],
                                        "val_top1": [80.0, 94.0, 90.0, 89.0]}}
     ref = _budget_reference(cfg, mid, measured=94.0)
     assert ref["val_top1"] == 89.5 and (ref["first_epoch"], ref["last_epoch"]) == (3, 4)
     assert ref["checkpoint_val_top1"] == 94.0 and ref["checkpoint_epoch"] == 2
-    # no annealed tail (a constant rate) or no history: the checkpoint's own score
+    # kept in an earlier cycle's tail: that stretch, not the run's last (another model)
+    cycles = {"kept_epoch": 3, "curves": {"lr": [0.1, 0.05, 0.005, 0.1, 0.05, 0.005],
+                                          "lr_last": [0.1, 0.06, 0.008, 0.0004, 0.06, 0.008],
+                                          "val_top1": [80.0, 85.0, 93.0, 91.0, 86.0, 87.0]}}
+    ref = _budget_reference(cfg, cycles, measured=93.0)
+    assert (ref["first_epoch"], ref["last_epoch"], ref["val_top1"]) == (3, 4, 92.0)
+    ref = _budget_reference(cfg, mid, measured=94.0)
+    # no annealed epoch (a constant rate) or no history: the checkpoint's own score
     flat = {"kept_epoch": 2, "curves": {"lr": [0.1, 0.1], "val_top1": [80.0, 94.0]}}
     assert _budget_reference(cfg, flat, measured=94.0)["val_top1"] == 94.0
     assert _budget_reference(cfg, {}, measured=91.5)["val_top1"] == 91.5
@@ -280,10 +287,11 @@ def test_the_budget_is_measured_against_the_baselines_annealed_tail(baseline, tm
     budget = {"reference": 89.5, "max_drop": 1.0, "stopped": "x", "chosen_step": 1,
               "steps": [step], "reference_from": ref}
     text = "\n".join(_budget_lines(budget))
-    assert "89.50% (epochs 3-4: the mean validation top-1 of the baseline's last annealed" in text
+    assert "89.50% (epochs 3-4: the mean validation top-1 of the baseline's annealed epochs " \
+           "around its checkpoint's" in text
     assert "epoch 2, scores 94.00%" in text
-    assert "Each step is scored by the mean validation top-1 of its last annealed epochs, as " \
-           "the baseline is" in text
+    assert "Each step is scored by the mean validation top-1 of the annealed epochs around the " \
+           "one it keeps, as the baseline is" in text
     # a run of an earlier bpl (judged on the best annealed epoch) still reads as it ran
     old = {"val_top1": 90.0, "epoch": 3, "checkpoint_val_top1": 94.0, "checkpoint_epoch": 2,
            "from": "the baseline's best validation top-1 at an annealed learning rate"}

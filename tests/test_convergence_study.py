@@ -301,6 +301,10 @@ def test_a_session_can_run_part_of_the_study():
         study.only(settings, [7], None)
     with pytest.raises(SystemExit, match="dataset nwpu is not in the config"):
         study.only(settings, None, ["nwpu"])
+    arms = {**settings, "recoveries": {"a": {}, "b": {}}}
+    assert list(study.only(arms, None, None, ["b"])["recoveries"]) == ["b"]
+    with pytest.raises(SystemExit, match="recovery c is not in the config"):
+        study.only(arms, None, None, ["c"])
     # a dataset's own seeds narrow the study's (seeds another study runs are left out)
     settings = {**settings, "baselines": {"base": {}}, "prune_from": "base",
                 "datasets": {"ucm": {"seeds": [0, 2]}, "eurosat": {}}}

@@ -16,7 +16,7 @@ from bpl.engine import (
     _lr_lambda,
     annealed_best,
     annealed_epochs,
-    annealed_tail,
+    annealed_stretch,
     evaluate,
     fit,
 )
@@ -286,20 +286,22 @@ def test_compile_without_a_cpu_compiler_is_a_one_line_error(monkeypatch):
     engine.check_compile(torch.device("cpu"))  # a compiler on the PATH: no error
 
 
-def test_annealed_tail_is_the_mean_of_the_annealed_epochs_that_end_a_run():
-    """The level a run settled at: the stretch of annealed epochs ending its history (the
-    last cycle's tail, not an earlier cycle's), averaged; None where the run did not end
-    annealed or its last epoch was not validated."""
+def test_annealed_stretch_is_the_mean_of_the_annealed_epochs_around_one():
+    """The level a model settled at: the stretch of consecutive annealed, validated epochs
+    that holds an epoch (default the last), averaged; for an epoch in none (kept mid-cycle),
+    the nearest stretch, the later on a tie; None where the run never annealed."""
     lrs = [0.09, 0.05, 0.006, 0.1, 0.09, 0.05, 0.006, 0.1]  # two cycles, each restarting
     ends = [0.1, 0.06, 0.008, 0.0004, 0.1, 0.06, 0.008, 0.0004]
     tops = [50.0, 60, 70, 99, 80, 85, 88, 87]
     history = [{"lr": lr, "lr_last": e, "val_top1": t}
                for lr, e, t in zip(lrs, ends, tops, strict=True)]
-    assert annealed_tail(history) == (7, 8, 87.5)  # 99 in the first cycle's tail is not it
-    assert annealed_tail(history[:4]) == (3, 4, 84.5)
-    assert annealed_tail(history[:6]) is None  # mid-cycle: not annealed
-    history[6]["val_top1"] = None  # the tail stops at an epoch without validation
-    assert annealed_tail(history) == (8, 8, 87.0)
-    history[7]["val_top1"] = None
-    assert annealed_tail(history) is None
-    assert annealed_tail([]) is None
+    assert annealed_stretch(history) == (7, 8, 87.5)  # the last stretch
+    assert annealed_stretch(history, 4) == (3, 4, 84.5)  # the first cycle's, holding epoch 4
+    assert annealed_stretch(history, 5) == (3, 4, 84.5)  # mid-cycle: the nearest (1 epoch off)
+    assert annealed_stretch(history, 6) == (7, 8, 87.5)
+    assert annealed_stretch(history[:6], 6) == (3, 4, 84.5)  # the only one
+    history[6]["val_top1"] = None  # a stretch stops at an epoch without validation
+    assert annealed_stretch(history) == (8, 8, 87.0)
+    assert annealed_stretch(history, 6) == (8, 8, 87.0)  # 5-6 from 4 and from 8: the later
+    assert annealed_stretch(history[:2]) is None
+    assert annealed_stretch([]) is None

@@ -56,7 +56,7 @@ __all__ = [
     "TrainingDiverged",
     "annealed_best",
     "annealed_epochs",
-    "annealed_tail",
+    "annealed_stretch",
     "check_compile",
     "replayed_curve",
     "evaluate",
@@ -758,22 +758,31 @@ def annealed_best(history: Sequence[Mapping[str, Any]], peak: float | None = Non
     return best
 
 
-def annealed_tail(history: Sequence[Mapping[str, Any]], peak: float | None = None
-                  ) -> tuple[int, int, float] | None:
-    """(first epoch, last epoch, mean validation top-1) of the annealed stretch that ends
-    ``history`` (:func:`annealed_epochs`): the level a run settled at, read from several
-    evaluations rather than the luckiest one. ``--max-drop`` judges steps and baseline by
-    it: the best of many noisy evaluations is biased upwards, and more so the more epochs
-    there are to pick from (a baseline's cycles against a step's one anneal). None if the
-    last epoch was not annealed or not validated."""
+def annealed_stretch(history: Sequence[Mapping[str, Any]], epoch: int | None = None,
+                     peak: float | None = None) -> tuple[int, int, float] | None:
+    """(first epoch, last epoch, mean validation top-1) of the stretch of consecutive
+    annealed, validated epochs (:func:`annealed_epochs`) that holds ``epoch`` (default:
+    the last), or, if ``epoch`` is in none, of the stretch nearest to it (the later on a
+    tie); None if the run has none. The level a model settled at, read from several
+    evaluations rather than the luckiest one: ``--max-drop`` judges a step and the
+    baseline by the stretch of the epoch each keeps. The best of many noisy evaluations is
+    biased upwards, and more so the more epochs there are to pick from (a baseline's cycles
+    against a step's one anneal)."""
     flags = annealed_epochs(history, peak)
-    first = len(history)
-    while first >= 1 and flags[first - 1] and history[first - 1].get("val_top1") is not None:
-        first -= 1
-    if first == len(history):
+    stretches: list[tuple[int, int]] = []
+    for i, (row, annealed) in enumerate(zip(history, flags, strict=True), start=1):
+        if not annealed or row.get("val_top1") is None:
+            continue
+        if stretches and stretches[-1][1] == i - 1:
+            stretches[-1] = (stretches[-1][0], i)
+        else:
+            stretches.append((i, i))
+    if not stretches:
         return None
-    tops = [float(row["val_top1"]) for row in history[first:]]
-    return first + 1, len(history), sum(tops) / len(tops)
+    at = len(history) if epoch is None else epoch
+    first, last = min(stretches, key=lambda s: (max(s[0] - at, at - s[1], 0), -s[0]))
+    tops = [float(row["val_top1"]) for row in history[first - 1:last]]
+    return first, last, sum(tops) / len(tops)
 
 
 def _log_change(rule: Plateau | Cycles, change: str, settings: TrainSettings) -> None:

@@ -269,8 +269,8 @@ def _budget_lines(budget: dict[str, Any]) -> list[str]:
                   f"{ref['checkpoint_epoch']}, scores {_pct(ref['checkpoint_val_top1'])}, the "
                   "best of every epoch, a maximum the steps are not held to)")
     if any(st.get("judged_on") for st in budget["steps"]):
-        judged = (" Each step is scored by the mean validation top-1 of its last annealed "
-                  "epochs" + (", as the baseline is: the best of many noisy evaluations would "
+        judged = (" Each step is scored by the mean validation top-1 of the annealed epochs "
+                  "around the one it keeps" + (", as the baseline is: the best of many noisy evaluations would "
                               "flatter whichever model had more of them."
                               if ref.get("first_epoch") is not None else
                               "; the baseline, without its training curves, by its "

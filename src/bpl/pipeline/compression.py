@@ -21,7 +21,7 @@ from ..distill import Distillation
 from ..diversity import Diversity
 from ..engine import (
     LossTerm,
-    annealed_tail,
+    annealed_stretch,
     replayed_curve,
     seed_everything,
     select_device,
@@ -350,9 +350,10 @@ def _compress_in_steps(
     judged: list[float] = []  # the level of the step recover() just trained, for judge()
 
     def judge(model: nn.Module) -> float:
-        """A recovered step's validation top-1 as the budget reads it: the mean of its
-        annealed tail (engine.annealed_tail), as the baseline's is read; the kept model's
-        own score where the recovery never annealed (--recipe constant)."""
+        """A recovered step's validation top-1 as the budget reads it: the mean of the
+        annealed stretch of the epoch it kept (engine.annealed_stretch), as the baseline's
+        is read; the kept model's own score where the recovery never annealed (--recipe
+        constant)."""
         return judged.pop() if judged else score(model)
 
     def recover(pruned: nn.Module, step: int) -> nn.Module:
@@ -372,13 +373,14 @@ def _compress_in_steps(
                       "selected": selected, "fusion_error": fusion_error,
                       "history": result.history, "precision": result.precision,
                       "train_time_s": sum(row["epoch_time_s"] for row in result.history)}
-        tail = annealed_tail(result.history) if cfg.max_drop is not None and has_val else None
+        stretch = (annealed_stretch(result.history, selected["epoch"])
+                   if cfg.max_drop is not None and has_val else None)
         judged.clear()
-        if tail is not None:
-            fits[step]["judged_on"] = {"first_epoch": tail[0], "last_epoch": tail[1],
-                                       "val_top1": tail[2],
-                                       "from": "the mean validation top-1 of its annealed tail"}
-            judged.append(tail[2])
+        if stretch is not None:
+            fits[step]["judged_on"] = {
+                "first_epoch": stretch[0], "last_epoch": stretch[1], "val_top1": stretch[2],
+                "from": "the mean validation top-1 of the annealed epochs around the kept one"}
+            judged.append(stretch[2])
         return deploy
 
     def on_step(step: BudgetStep, model: nn.Module) -> None:
@@ -472,26 +474,29 @@ def baseline_history(cfg: Config, base_meta: dict[str, Any]) -> list[dict[str, A
 def _budget_reference(cfg: Config, base_meta: dict[str, Any], measured: float
                       ) -> dict[str, Any]:
     """What ``--max-drop`` measures each step against: the mean validation top-1 of the
-    epochs that end the baseline's training at an annealed learning rate
-    (:func:`~bpl.engine.annealed_tail`), as each step is judged. A single epoch's score is
+    stretch of annealed epochs that holds the checkpoint's epoch, or the stretch nearest
+    to it if it was kept mid-schedule (:func:`~bpl.engine.annealed_stretch`), as each step
+    is judged. The run's last stretch may be another model: a cycles baseline ends with
+    the cycle that did not beat the kept one. A single epoch's score is
     the maximum of many noisy evaluations: ``--select best`` kept baselines up to 1.8
     points above their best annealed epoch, and even the best annealed epoch of a
     baseline's cycles judged cuts 0.8-2.7 points worse than held-out images found them
     (docs/results.md), more than a 1-point budget. Without the baseline's curves: the
     checkpoint's own score."""
     history = baseline_history(cfg, base_meta)
-    tail = annealed_tail(history) if history else None
     kept = base_meta.get("kept_epoch")
-    if tail is None:
+    stretch = annealed_stretch(history, kept) if history else None
+    if stretch is None:
         return {"val_top1": measured, "epoch": kept,
                 "from": "the baseline checkpoint's validation top-1"}
-    first, last, top1 = tail
+    first, last, top1 = stretch
     log.info("--max-drop measures against %.2f%%, the baseline's mean validation top-1 over "
-             "its last annealed epochs (%d-%d), as each step is judged; the checkpoint (epoch "
-             "%s) scores %.2f%%", top1, first, last, kept, measured)
+             "the annealed epochs %d-%d around its checkpoint's (epoch %s: %.2f%%), as each "
+             "step is judged", top1, first, last, kept, measured)
     return {"val_top1": top1, "first_epoch": first, "last_epoch": last,
             "checkpoint_val_top1": measured, "checkpoint_epoch": kept,
-            "from": "the mean validation top-1 of the baseline's last annealed epochs"}
+            "from": "the mean validation top-1 of the baseline's annealed epochs around its "
+                    "checkpoint's"}
 
 
 def budget_noise(top1: float, n: int) -> float:
