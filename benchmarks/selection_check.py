@@ -45,14 +45,21 @@ import torch
 
 from bpl.data import load_dataset
 from bpl.data.splits import _digest as digest  # the fingerprint split files record
-from bpl.engine import ANNEALED, annealed_best, annealed_epochs, evaluate, make_loader
+from bpl.engine import (
+    ANNEALED,
+    annealed_best,
+    annealed_epochs,
+    annealed_stretch,
+    evaluate,
+    make_loader,
+)
 from bpl.files import atomic_write_text
 from bpl.models import load_checkpoint, load_model, model_from_payload
 from common import console_logging, machine
 
 log = logging.getLogger("selection_check")
 
-RULES = ("best", "annealed", "last", "tail mean")
+RULES = ("best", "annealed", "last", "tail mean", "stretch")
 #: The watcher's folder inside a seed's run folder.
 FOLDER = "pool_check"
 
@@ -239,13 +246,26 @@ def curves_of(seed_dir: Path, name: str) -> dict[str, Any] | None:
 
 def choose(curves: dict[str, Any], rule: str) -> tuple[int | None, float | None, float | None]:
     """(epoch, validation score, pool top-1) of what ``rule`` keeps of one run; the pool
-    top-1 is None where that epoch was not scored. ``tail mean``: the last epoch, scored by
+    top-1 is None where that epoch was not scored. ``stretch`` (``bpl compress --max-drop``'s
+    rule): the best epoch (the kept one), scored by the mean of the annealed stretch around
+    it (:func:`bpl.engine.annealed_stretch`; its pool top-1: the same epochs' mean, None if
+    one was not scored). ``tail mean``: the last epoch, scored by
     the mean validation top-1 of its last annealed stretch, the run's last epoch included
     when it ends a cycle (its pool top-1: the same epochs' mean)."""
     val, pool, lrs = curves["val_top1"], curves["pool"], curves["lr"]
     history = [{"lr": lr, "val_top1": v} for lr, v in zip(lrs, val, strict=True)]
     for row, end in zip(history, curves.get("lr_last") or [], strict=False):
         row["lr_last"] = end
+    if rule == "stretch":  # bpl's --max-drop: the annealed stretch around the kept (best) epoch
+        best = max(range(len(val)), key=lambda i: (val[i], -i)) + 1
+        found = annealed_stretch(history, best)
+        if found is None:
+            return None, None, None
+        first, last, mean = found
+        epochs = range(first, last + 1)
+        scored = None if any(e not in pool for e in epochs) else statistics.fmean(
+            pool[e] for e in epochs)
+        return best, mean, scored
     if rule == "best":
         epoch = max(range(len(val)), key=lambda i: (val[i], -i)) + 1
     elif rule == "annealed":
@@ -312,7 +332,7 @@ def report(out_root: Path, results: Path) -> str:
     names = list(dict.fromkeys(n for r in seeds for n in r["runs"]))
     for name in names:
         for rule in RULES:
-            picks = [r["picks"][name][rule] for r in seeds if name in r["picks"]]
+            picks = [r["picks"][name].get(rule, [None] * 3) for r in seeds if name in r["picks"]]
             unscored = sum(p[0] is not None and p[2] is None for p in picks)
             picks = [p for p in picks if p[0] is not None and p[2] is not None]
             if not picks:
@@ -333,7 +353,8 @@ def report(out_root: Path, results: Path) -> str:
             if name not in r["picks"]:
                 continue
             for rule in RULES:
-                b, c = r["picks"][base_name][rule], r["picks"][name][rule]
+                b = r["picks"][base_name].get(rule, [None] * 3)
+                c = r["picks"][name].get(rule, [None] * 3)
                 if None in (b[0], c[0], b[2], c[2]):
                     continue
                 errors[rule].append((b[1] - c[1]) - (b[2] - c[2]))

@@ -118,6 +118,14 @@ def test_the_rules_replay_what_they_keep_and_say_what_was_not_scored():
     assert check.choose(cycle, "annealed") == (5, 90.0, 86.0)
     cycle["lr_last"][2] = 0.02  # epoch 3 ended above the threshold: the tail is 4-5
     assert check.choose(cycle, "tail mean") == (5, 85.0, 81.0)
+    # bpl's --max-drop rule: the annealed stretch around the best (kept) epoch; two cycles,
+    # the best epoch in the first one's tail: that stretch, not the run's last
+    two = {"lr": [0.1, 0.005, 0.1, 0.05, 0.005], "lr_last": [0.1, 0.008, 0.0004, 0.06, 0.008],
+           "val_top1": [50.0, 93.0, 91.0, 80.0, 85.0], "pool": {2: 88.0, 3: 90.0, 5: 89.0}}
+    assert check.choose(two, "stretch") == (2, 92.0, 89.0)  # epochs 2-3
+    assert check.choose(two, "tail mean") == (5, 85.0, 89.0)  # the run's last stretch
+    del two["pool"][3]
+    assert check.choose(two, "stretch") == (2, 92.0, None)
 
 
 def test_a_watch_scores_each_annealed_epoch_it_sees_and_lists_those_it_missed(tmp_path):
