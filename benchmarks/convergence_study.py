@@ -730,14 +730,19 @@ def other_cut(settings: dict[str, Any], options: dict[str, Any]) -> bool:
 PARTNER_STATS = ("partner_norm_ratio", "partner_kernel_cos", "partner_functional_cos")
 
 
+def every_arm(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Name -> options of every recovery the report shows: those run and those dropped."""
+    return {**settings["recoveries"],
+            **{n: d["options"] for n, d in settings["dropped"].items()}}
+
+
 def summarize(settings: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for dataset in settings["datasets"]:
         rows = [r for r in records if r["dataset"] == dataset]
         table = {}
         baselines = [*settings["imported"], *settings["baselines"], *settings["controls"]]
-        arms = {**settings["recoveries"],
-                **{n: d["options"] for n, d in settings["dropped"].items()}}
+        arms = every_arm(settings)
         for kind, names in (("train", baselines), ("compress", arms)):
             for name in names:
                 ref = settings["reference"]["baseline" if kind == "train" else "recovery"]
@@ -831,8 +836,7 @@ def markdown(settings: dict[str, Any], summary: dict[str, Any], records: list[di
                 lines.append(f"- `{n}` ({runs} run{'' if runs == 1 else 's'} recorded): "
                              f"{d['why']}")
             lines.append("")
-        every = {**settings["recoveries"],
-                 **{n: d["options"] for n, d in settings["dropped"].items()}}
+        every = every_arm(settings)
         budgeted = [n for n, o in every.items() if o.get("max_drop") is not None]
         ref_base = settings["reference"]["baseline"]
         base = {r["seed"]: r for r in records if r["dataset"] == dataset and r["name"] == ref_base}
@@ -950,7 +954,7 @@ def max_drop_goal_lines(goal: dict[str, Any], dataset: str, mine: list[dict[str,
     ok = [s for s, d in diffs.items() if d >= -goal["test_drop"]]
     beyond = (goal.get("beyond") or {}).get(dataset)
     mean_cut = statistics.fmean(cuts.values())
-    verdict = ("not yet: " + f"{len(mine)} of {goal['of']} seeds" if len(mine) < goal["of"] else
+    verdict = (f"not yet: {len(mine)} of {goal['of']} seeds" if len(mine) < goal["of"] else
                "met" if len(ok) >= goal["seeds"] and (beyond is None or mean_cut > beyond)
                else "missed")
     line = (f"Against the goal (a test drop of at most {goal['test_drop']:g} points in at least "

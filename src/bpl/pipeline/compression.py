@@ -347,14 +347,13 @@ def _compress_in_steps(
         model.cpu()
         return top1
 
-    judged: list[float] = []  # the level of the step recover() just trained, for judge()
-
     def judge(model: nn.Module) -> float:
         """A recovered step's validation top-1 as the budget reads it: the mean of the
-        annealed stretch of the epoch it kept (engine.annealed_stretch), as the baseline's
-        is read; the kept model's own score where the recovery never annealed (--recipe
-        constant)."""
-        return judged.pop() if judged else score(model)
+        annealed stretch of the epoch it kept (engine.annealed_stretch; recover() just
+        recorded it for the latest step), as the baseline's is read; the kept model's own
+        score where the recovery never annealed (--recipe constant)."""
+        judged = fits[max(fits)].get("judged_on") if fits else None
+        return judged["val_top1"] if judged else score(model)
 
     def recover(pruned: nn.Module, step: int) -> nn.Module:
         step_dir = steps_dir / str(step)
@@ -375,12 +374,10 @@ def _compress_in_steps(
                       "train_time_s": sum(row["epoch_time_s"] for row in result.history)}
         stretch = (annealed_stretch(result.history, selected["epoch"])
                    if cfg.max_drop is not None and has_val else None)
-        judged.clear()
         if stretch is not None:
             fits[step]["judged_on"] = {
                 "first_epoch": stretch[0], "last_epoch": stretch[1], "val_top1": stretch[2],
                 "from": "the mean validation top-1 of the annealed epochs around the kept one"}
-            judged.append(stretch[2])
         return deploy
 
     def on_step(step: BudgetStep, model: nn.Module) -> None:
