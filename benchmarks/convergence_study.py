@@ -66,6 +66,9 @@ DEFAULTS: dict[str, Any] = {
     "prune_from": None,  # the baseline every recovery starts from
     "flops_reduction": 0.9,
     "recoveries": {},  # name -> bpl compress flags
+    # name -> the seeds a recovery runs on, where not every seed (an arm added late, or one
+    # that a pooled study records on the other seeds)
+    "seeds_of": {},
     # name -> {"options": bpl compress flags, "why": ...}: an arm the study stopped running
     # (a pilot ruled it out); not run any more, but its records stay in the report, marked
     "dropped": {},
@@ -82,8 +85,9 @@ DEFAULTS: dict[str, Any] = {
     "imported": {},
     # the issue's goals for a recovery, checked in the report: test top-1 at most
     # `mean_drop` points below its own baseline on average, the 95% interval's lower end
-    # above -`lower_end`, at no more than `compute` times the epochs of `compute_of`
-    # (None: no goals section)
+    # above -`lower_end`, at no more than `compute` times the epochs of `compute_of`;
+    # `pooled`: records folders of studies that ran the same arms from baselines trained
+    # again, each record against its own baseline (None: no goals section)
     "goals": None,
     # issue 26's goal for a --max-drop arm, checked in the report under its seed-by-seed
     # table: {arm, test_drop, seeds, of, beyond: {dataset: MACs reduction to beat on
@@ -115,6 +119,9 @@ def load_settings(path: str | Path) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(DEFAULTS))
     if unknown:
         raise SystemExit(f"unknown keys in {path}: {', '.join(unknown)}")
+    strays = sorted(set(raw.get("seeds_of") or {}) - set(raw.get("recoveries") or {}))
+    if strays:
+        raise SystemExit(f"{path}: seeds_of names {strays[0]}, which is not a recovery")
     for name, arm in (raw.get("dropped") or {}).items():
         if not isinstance(arm, dict) or set(arm) != {"options", "why"}:
             raise SystemExit(f"{path}: dropped arm {name} needs exactly `options` (its bpl "
@@ -216,6 +223,8 @@ def plan(settings: dict[str, Any]) -> list[Job]:
             base = {**_data_flags(data), **settings["common"], "seed": seed,
                     "flops_reduction": settings["flops_reduction"]}
             for name, opts in settings["recoveries"].items():
+                if seed not in settings["seeds_of"].get(name, [seed]):
+                    continue
                 jobs.append(Job(dataset, seed, name, "compress", {**base, **opts},
                                 after=settings["prune_from"]))
             for name, opts in settings["controls"].items():
@@ -929,16 +938,25 @@ def budget_records(settings: dict[str, Any], records: list[dict[str, Any]], data
     baseline again (each paired with its own baseline only; marked ``pooled_from``)."""
     mine = [r for r in records if r["dataset"] == dataset and r["name"] == name]
     goal = settings.get("max_drop_goal") or {}
-    if goal.get("arm") == name:
-        for folder in goal.get("pooled") or []:
-            for path in sorted((_in_repo(folder)).glob(f"{dataset}-seed*-{name}.json")):
-                rec = json.loads(path.read_text())
-                if rec["name"] != name or rec["dataset"] != dataset:
-                    continue
-                if any(r["seed"] == rec["seed"] for r in mine):
-                    raise SystemExit(f"{path}: seed {rec['seed']} of {name} on {dataset} is "
-                                     "recorded twice (this study and a pooled one); keep one")
-                mine.append({**rec, "pooled_from": folder})
+    return with_pooled(mine, goal.get("pooled") if goal.get("arm") == name else None,
+                       dataset, name)
+
+
+def with_pooled(mine: list[dict[str, Any]], folders: list[str] | None, dataset: str,
+                name: str) -> list[dict[str, Any]]:
+    """``mine`` (this study's records of arm ``name`` on ``dataset``) and the same arm's
+    records in ``folders``, from studies that trained its baseline again: each pairs with
+    its own baseline only (marked ``pooled_from``); a seed recorded twice is an error."""
+    mine = list(mine)
+    for folder in folders or []:
+        for path in sorted((_in_repo(folder)).glob(f"{dataset}-seed*-{name}.json")):
+            rec = json.loads(path.read_text())
+            if rec["name"] != name or rec["dataset"] != dataset:
+                continue
+            if any(r["seed"] == rec["seed"] for r in mine):
+                raise SystemExit(f"{path}: seed {rec['seed']} of {name} on {dataset} is "
+                                 "recorded twice (this study and a pooled one); keep one")
+            mine.append({**rec, "pooled_from": folder})
     return sorted(mine, key=lambda r: r["seed"])
 
 
@@ -996,8 +1014,9 @@ def goal_rows(settings: dict[str, Any], records: list[dict[str, Any]], dataset: 
     of = {r["seed"]: r for r in rows if r["name"] == goals["compute_of"]}
     out = []
     for name, options in settings["recoveries"].items():
-        mine = [r for r in rows if r["name"] == name and r.get("test_top1") is not None
-                and r.get("baseline_test_top1") is not None]
+        mine = [r for r in with_pooled([r for r in rows if r["name"] == name],
+                                       goals.get("pooled"), dataset, name)
+                if r.get("test_top1") is not None and r.get("baseline_test_top1") is not None]
         if not mine or options.get("max_drop") is not None or other_cut(settings, options):
             continue
         test = ci95([r["test_top1"] - r["baseline_test_top1"] for r in mine])

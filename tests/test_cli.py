@@ -859,6 +859,15 @@ def _start_of_training(monkeypatch, baseline: Path, tmp_path: Path, *flags) -> d
     return seen
 
 
+def test_compress_trains_30_epochs_by_default_and_says_so(baseline, tmp_path, monkeypatch, capsys):
+    assert _start_of_training(monkeypatch, baseline, tmp_path)["cfg"].epochs == 30
+    for command, epochs in (("compress", 30), ("train", 10)):
+        with pytest.raises(SystemExit):
+            run_cli(command, "--help")
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert f"at most --max-epochs) (default: {epochs})" in help_text, command
+
+
 X16 = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
 
 

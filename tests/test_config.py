@@ -70,3 +70,24 @@ def test_no_partners_refuses_what_only_shapes_partners(option, value):
     assert not resolve_config(overrides={**base, "partner": "same", "init": "preserve"}).partners
     if option == "placement":  # soft without partners: which convs' groups are pruned
         assert resolve_config(overrides={**base, "soft": True, option: value}).placement == value
+
+
+def test_compress_recovers_for_the_studys_30_epochs_unless_told(tmp_path):
+    """`bpl compress`'s default length is its own (the convergence study's decision); a
+    flag, a --config file and --epochs auto still win, and train keeps Config's."""
+    from bpl.config import COMMAND_DEFAULTS, Config, resolve_command
+
+    assert COMMAND_DEFAULTS["compress"] == {"epochs": 30}
+    assert resolve_command("compress", {"flops_reduction": 0.5}).epochs == 30
+    assert resolve_command("train").epochs == Config().epochs == 10
+    assert resolve_command("compress", {"flops_reduction": 0.5, "epochs": 5}).epochs == 5
+    assert resolve_command("compress", {"flops_reduction": 0.5, "epochs": "auto"}).epochs == "auto"
+    file = tmp_path / "c.yaml"
+    file.write_text("epochs: 7\nflops_reduction: 0.5\n")
+    assert resolve_command("compress", None, file).epochs == 7
+    # a run made with the old default resumes at the length it was started with
+    run = tmp_path / "old"
+    run.mkdir()
+    saved = {"command": "compress", **Config(epochs=10, flops_reduction=0.5).to_dict("compress")}
+    (run / "config.json").write_text(__import__("json").dumps(saved))
+    assert resolve_command("compress", {"out": str(run), "resume": True}).epochs == 10

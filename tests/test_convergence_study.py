@@ -291,7 +291,7 @@ def test_step_tests_score_every_kept_step_on_the_test_split(tmp_path, capsys):
     assert "steps2-1, step by step" in (tmp_path / "results" / "summary.md").read_text()
 
 
-def test_a_session_can_run_part_of_the_study():
+def test_a_session_can_run_part_of_the_study(tmp_path):
     study = _load_script()
     settings = {**study.DEFAULTS, "seeds": [0, 1, 2], "datasets": {"ucm": {}, "eurosat": {}}}
     part = study.only(settings, [2], ["ucm"])
@@ -312,6 +312,16 @@ def test_a_session_can_run_part_of_the_study():
     assert runs == {("ucm", 0), ("ucm", 2), ("eurosat", 0), ("eurosat", 1), ("eurosat", 2)}
     assert all("seeds" not in j.options for j in study.plan(settings))
     assert {j.seed for j in study.plan(study.only(settings, [1], None))} == {1}
+    # and a recovery's own seeds narrow them again (the baselines still run on every seed)
+    arms = {**settings, "recoveries": {"all": {}, "late": {}}, "seeds_of": {"late": [1, 2]}}
+    late = {(j.dataset, j.seed) for j in study.plan(arms) if j.name == "late"}
+    assert late == {("ucm", 2), ("eurosat", 1), ("eurosat", 2)}
+    assert len([j for j in study.plan(arms) if j.name == "all"]) == 5
+    assert len([j for j in study.plan(arms) if j.command == "train"]) == 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recoveries: {a: {epochs: 1}}\nseeds_of: {b: [0]}\n")
+    with pytest.raises(SystemExit, match="seeds_of names b, which is not a recovery"):
+        study.load_settings(bad)
 
 
 def test_threads_override_the_configs_for_every_run_it_starts(tmp_path, monkeypatch):
@@ -424,6 +434,34 @@ def test_goals_pair_each_recovery_with_its_baseline_and_count_compute_in_mac_epo
     assert study.goal_rows(settings, [*records[:3], *wide], "d")[1]["accuracy_goal"] is False
     md = "\n".join(study.goals_markdown(settings, records, "d"))
     assert "| c40 | 3 |" in md and "| met | 4.0 |" in md
+
+
+def test_the_goals_pool_seeds_whose_baselines_were_trained_again(tmp_path):
+    """The default's goal counts a pooled study's seeds of the same arm, each against its
+    own baseline; compute pairs only seeds that have both arms; a seed twice is an error."""
+    study = _load_script()
+    pooled = tmp_path / "records"
+    pooled.mkdir()
+    settings = {**study.DEFAULTS, "datasets": {"d": {}},
+                "recoveries": {"c10": {"epochs": 10}, "c30": {"epochs": 30}},
+                "goals": {"mean_drop": 1.0, "lower_end": 2.0, "compute": 3.0,
+                          "compute_of": "c10", "pooled": [str(pooled)]}}
+
+    def rec(name, seed, test, baseline=90.0):
+        return {"dataset": "d", "seed": seed, "name": name, "test_top1": test,
+                "val_top1": test, "baseline_test_top1": baseline, "baseline_val_top1": baseline,
+                "macs_reduction": 0.9, "options": settings["recoveries"][name],
+                "epochs_all": settings["recoveries"][name]["epochs"]}
+
+    records = [rec("c10", s, 87.0) for s in (2, 3, 4)] + [rec("c30", s, 89.0) for s in (2, 3, 4)]
+    for seed, test, baseline in ((0, 85.0, 86.0), (1, 91.0, 92.0)):  # its own baseline
+        (pooled / f"d-seed{seed}-c30.json").write_text(json.dumps(rec("c30", seed, test, baseline)))
+    rows = {r["name"]: r for r in study.goal_rows(settings, records, "d")}
+    assert rows["c30"]["runs"] == 5 and rows["c30"]["test"]["mean"] == pytest.approx(-1.0)
+    assert rows["c30"]["compute_ratio"] == pytest.approx(3.0) and rows["c10"]["runs"] == 3
+    (pooled / "d-seed3-c30.json").write_text(json.dumps(rec("c30", 3, 80.0)))
+    with pytest.raises(SystemExit, match="seed 3 of c30 on d is recorded twice"):
+        study.goal_rows(settings, records, "d")
 
 
 def test_a_regimes_arms_pair_with_its_own_plain_arm():

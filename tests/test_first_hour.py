@@ -457,9 +457,9 @@ def test_a_figure_that_fails_costs_the_figure_not_the_run(tmp_path, monkeypatch,
 def test_a_compress_report_below_the_baseline_says_what_measurably_helped(tmp_path):
     from bpl.report import write_report
 
-    def report(base_val: float, kept_val: float) -> str:
+    def report(base_val: float, kept_val: float, epochs: int | str = 10) -> str:
         write_report(tmp_path, {
-            "command": "compress", "config": {"arch": "resnet18", "epochs": 10},
+            "command": "compress", "config": {"arch": "resnet18", "epochs": epochs},
             "baseline": {"val_top1": base_val, "top1": 80.0}, "baseline_epochs": 40,
             "final": {"top1": 75.0},
             "selected": {"epoch": 8, "of": 10, "why": "best validation", "val_top1": kept_val}})
@@ -467,7 +467,11 @@ def test_a_compress_report_below_the_baseline_says_what_measurably_helped(tmp_pa
 
     low = report(84.0, 79.5)
     assert "4.5 points below the baseline on validation" in low
-    assert "`--epochs 40`" in low and "smaller `--flops-reduction`" in low
+    assert "`--epochs 30`, the default" in low and "smaller `--flops-reduction`" in low
+    for enough in (30, 40, "auto"):  # past the study's length, only a smaller cut helped
+        text = report(84.0, 79.5, enough)
+        assert "`--epochs 30`" not in text and "past 30 epochs" in text
+        assert "smaller `--flops-reduction`" in text and "`--max-drop P`" in text
     assert "below the baseline on validation" not in report(84.0, 83.5)  # within a point
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from .config import (
     CACHE_MODES,
+    COMMAND_DEFAULTS,
     PLACEMENTS,
     RECIPES,
     SCHEDULES,
@@ -38,7 +39,7 @@ EXAMPLES = {
     "train": "bpl train --data ucm --data-root ../shared/data/ucmerced --arch resnet18 "
              "--image-size 112 --epochs 30 --out runs/ucm-r18",
     "compress": "bpl compress --baseline runs/ucm-r18/best.pt --data ucm --data-root "
-                "../shared/data/ucmerced --image-size 112 --flops-reduction 0.74 --epochs 15 "
+                "../shared/data/ucmerced --image-size 112 --flops-reduction 0.74 "
                 "--out runs/ucm-r18-bpl",
     "evaluate": "bpl evaluate runs/ucm-r18-bpl/deploy.pt --data-root ../shared/data/ucmerced",
     "profile": "bpl profile runs/ucm-r18/best.pt runs/ucm-r18-bpl/deploy.pt --batch-size 1 16",
@@ -54,11 +55,12 @@ EXAMPLES = {
 _DEFAULTS = Config()
 
 
-def _flag(group, name: str, **kw: Any) -> None:
+def _flag(group, name: str, command: str | None = None, **kw: Any) -> None:
     """A config flag: unset unless given (so a --config file can fill it); --help shows
-    the default. A yes/no flag gets its --no-... switch too."""
+    the default (``command``'s own where it has one). A yes/no flag gets its --no-... switch
+    too."""
     dest = name.replace("-", "_")
-    default = getattr(_DEFAULTS, dest, None)
+    default = COMMAND_DEFAULTS.get(command or "", {}).get(dest, getattr(_DEFAULTS, dest, None))
     if kw.get("action") == "store_true":
         kw["action"] = argparse.BooleanOptionalAction
     elif default is not None and default != []:
@@ -93,12 +95,12 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     _flag(g, "download", action="store_true", help="download the dataset if it is missing (ucm)")
 
 
-def _train_options(p: argparse.ArgumentParser) -> None:
+def _train_options(p: argparse.ArgumentParser, command: str) -> None:
     g = p.add_argument_group("training")
     _flag(g, "recipe", choices=sorted(RECIPES),
           help="named settings: the paper's 'reference'; recoveries after pruning: cosine, rewind "
                "(the baseline's learning rates replayed), onecycle, constant")
-    _flag(g, "epochs", type=_epochs, metavar="N|auto",
+    _flag(g, "epochs", command, type=_epochs, metavar="N|auto",
           help="epochs to train (all of them, whatever the --schedule), or auto: until "
                "validation top-1 stops improving (cosine cycles of --cycle-epochs; --schedule "
                "plateau for the other rule; at most --max-epochs)")
@@ -273,14 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "arch", help="torchvision architecture name (resnet18, resnet50, vgg16_bn, ...)")
     _flag(g, "weights", metavar="PATH", help="start from these weights (a state_dict or bpl file)")
     _flag(g, "pretrained", action="store_true", help="start from torchvision's ImageNet weights")
-    _train_options(p)
+    _train_options(p, "train")
     _common(p)
 
     p = command("compress", "prune a baseline, fine-tune it (with partners unless "
                             "--no-partners), fuse and verify")
     _data_options(p)
     _compress_options(p)
-    _train_options(p)
+    _train_options(p, "compress")
     _common(p)
 
     p = command("evaluate", "top-1/top-5 and per-class accuracy of a checkpoint")
