@@ -28,16 +28,19 @@ resumes cut-off ones (``--resume``) and starts over a run cut off before its fir
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -442,71 +445,99 @@ def execute(settings: dict[str, Any], *, jobs: int, records: Path | None,
     t0 = time.time()
     fill = settings["threads"] == "fill"
     print(f"{len(todo)} runs to do, {len(done)} recorded", flush=True)
-    while todo or running:
-        for job in running[:]:
-            if job.proc.poll() is None:
-                continue
-            running.remove(job)
-            job.proc.log.close()  # type: ignore[attr-defined]
-            took = time.time() - job.started
-            rec = None
-            if job.proc.returncode == 0:
-                try:
-                    rec = make_record(settings, job)
-                except MixedUp as problem:
-                    print(f"{time.time() - t0:6.0f}s NOT RECORDED: {problem}", flush=True)
-            elif job.options.get("max_drop") is not None:
-                rec = no_step_within(settings, job)  # an outcome of the search, not a failure
-            if rec is not None:
-                atomic_write_text(record_path(settings, job), json.dumps(rec, indent=1) + "\n")
-                if records is not None:
-                    with open(records, "a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                done.add(job.key)
-                test = "-" if rec["test_top1"] is None else f"{rec['test_top1']:.2f}"
-                print(f"{time.time() - t0:6.0f}s done {job.key}: {rec['epochs_trained']} epochs, "
-                      f"val {rec['val_top1']}, test {test} ({took:.0f}s)", flush=True)
-            else:
-                failed.add(job.key)
-                print(f"{time.time() - t0:6.0f}s FAILED {job.key} (rc {job.proc.returncode}); "
-                      f"see {run_dir(settings, job).parent / (job.name + '.log')}", flush=True)
-        late = deadline is not None and time.time() - t0 > deadline
-        ready = sum(1 for j in todo if not j.after or _base_key(j) in done)
-        for job in todo[:]:
-            base = _base_key(job) if job.after else None
-            if base in failed:
+    with _stopping_children(running):
+        while todo or running:
+            for job in running[:]:
+                if job.proc.poll() is None:
+                    continue
+                running.remove(job)
+                job.proc.log.close()  # type: ignore[attr-defined]
+                took = time.time() - job.started
+                rec = None
+                if job.proc.returncode == 0:
+                    try:
+                        rec = make_record(settings, job)
+                    except MixedUp as problem:
+                        print(f"{time.time() - t0:6.0f}s NOT RECORDED: {problem}", flush=True)
+                elif job.options.get("max_drop") is not None:
+                    rec = no_step_within(settings, job)  # an outcome of the search, not a failure
+                if rec is not None:
+                    atomic_write_text(record_path(settings, job), json.dumps(rec, indent=1) + "\n")
+                    if records is not None:
+                        with open(records, "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                    done.add(job.key)
+                    test = "-" if rec["test_top1"] is None else f"{rec['test_top1']:.2f}"
+                    print(f"{time.time() - t0:6.0f}s done {job.key}: {rec['epochs_trained']} epochs, "
+                          f"val {rec['val_top1']}, test {test} ({took:.0f}s)", flush=True)
+                else:
+                    failed.add(job.key)
+                    print(f"{time.time() - t0:6.0f}s FAILED {job.key} (rc {job.proc.returncode}); "
+                          f"see {run_dir(settings, job).parent / (job.name + '.log')}", flush=True)
+            late = deadline is not None and time.time() - t0 > deadline
+            ready = sum(1 for j in todo if not j.after or _base_key(j) in done)
+            for job in todo[:]:
+                base = _base_key(job) if job.after else None
+                if base in failed:
+                    todo.remove(job)
+                    failed.add(job.key)
+                    continue
+                rec = finished_record(settings, job)
+                if rec is not None:  # finished already (shared out folder): recorded, not rerun
+                    todo.remove(job)
+                    atomic_write_text(record_path(settings, job), json.dumps(rec, indent=1) + "\n")
+                    done.add(job.key)
+                    print(f"{time.time() - t0:6.0f}s recorded {job.key}, finished earlier", flush=True)
+                    continue
+                threads = fill_threads(jobs, running, ready) if fill else None
+                if (fill and not threads) or (not fill and len(running) >= jobs) or late or (
+                        base and base not in done):
+                    continue
+                if base and not start_weights(settings, job).exists():
+                    todo.remove(job)  # recorded in an earlier checkout whose run folders are gone
+                    lost.add(job.key)
+                    print(f"{time.time() - t0:6.0f}s not started {job.key}: its baseline is recorded "
+                          f"but {start_weights(settings, job)} is gone; delete "
+                          f"{record_path(settings, Job(job.dataset, job.seed, job.after, 'train', {}))}"
+                          " to train it again", flush=True)
+                    continue
                 todo.remove(job)
-                failed.add(job.key)
-                continue
-            rec = finished_record(settings, job)
-            if rec is not None:  # finished already (shared out folder): recorded, not rerun
-                todo.remove(job)
-                atomic_write_text(record_path(settings, job), json.dumps(rec, indent=1) + "\n")
-                done.add(job.key)
-                print(f"{time.time() - t0:6.0f}s recorded {job.key}, finished earlier", flush=True)
-                continue
-            threads = fill_threads(jobs, running, ready) if fill else None
-            if (fill and not threads) or (not fill and len(running) >= jobs) or late or (
-                    base and base not in done):
-                continue
-            if base and not start_weights(settings, job).exists():
-                todo.remove(job)  # recorded in an earlier checkout whose run folders are gone
-                lost.add(job.key)
-                print(f"{time.time() - t0:6.0f}s not started {job.key}: its baseline is recorded "
-                      f"but {start_weights(settings, job)} is gone; delete "
-                      f"{record_path(settings, Job(job.dataset, job.seed, job.after, 'train', {}))}"
-                      " to train it again", flush=True)
-                continue
-            todo.remove(job)
-            _start(settings, job, python, threads)
-            running.append(job)
-            ready -= 1
-        if late and not running:
-            break
-        time.sleep(0.5)
+                _start(settings, job, python, threads)
+                running.append(job)
+                ready -= 1
+            if late and not running:
+                break
+            time.sleep(0.5)
     print(f"finished in {time.time() - t0:.0f}s: {len(done)} recorded, {len(failed)} failed, "
           f"{len(todo) + len(lost)} not started", flush=True)
     return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def _stopping_children(running: list[Job]) -> Iterator[None]:
+    """Stop the bpl runs still going when the study stops (SIGTERM, Ctrl-C, an error): each
+    gets SIGTERM, which bpl ends as Ctrl-C (its last.pt kept, its lock freed), so the next
+    study resumes them instead of finding their folders held by orphans."""
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    main = threading.current_thread() is threading.main_thread()  # only it takes signals
+    previous = signal.signal(signal.SIGTERM, stop) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        alive = [j for j in running if j.proc is not None and j.proc.poll() is None]
+        for job in alive:
+            job.proc.terminate()
+        for job in alive:
+            try:
+                job.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+                job.proc.wait()
+            print(f"stopped {job.key} (its run resumes next time)", flush=True)
 
 
 # ---------------------------------------------------------------------------- sizing

@@ -737,3 +737,42 @@ def test_the_max_drop_goal_pools_seeds_whose_baselines_were_trained_again(tmp_pa
                                              .replace('"seed": 2', '"seed": 1'))
     with pytest.raises(SystemExit, match="seed 1 of new on d is recorded twice"):
         study.markdown(settings, study.summarize(settings, records), records)
+
+
+def test_a_stopped_study_stops_its_runs_so_the_next_can_resume_them(tmp_path):
+    """SIGTERM to the study (a session's end, `kill`) reaches the bpl run it started, which
+    ends as on Ctrl-C; a run left going would hold its folder's lock against the next study."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    fake = tmp_path / "fake-python"  # stands in for `python -m bpl train ...`
+    fake.write_text(f"#!/bin/sh\ntrap 'echo stopped > {tmp_path}/mark; exit 130' TERM\n"
+                    f"echo $$ > {tmp_path}/pid\nwhile :; do sleep 0.1; done\n")
+    fake.chmod(0o755)
+    driver = tmp_path / "driver.py"
+    driver.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from benchmark_scripts import load_benchmark\n"
+        "study = load_benchmark('convergence_study')\n"
+        f"settings = {{**study.DEFAULTS, 'out': {str(tmp_path / 'runs')!r}, "
+        f"'results': {str(tmp_path / 'results')!r}, 'datasets': {{'d': {{}}}}, 'seeds': [0], "
+        "'baselines': {'base': {}}, 'prune_from': 'base'}\n"
+        f"sys.exit(study.execute(settings, jobs=1, records=None, deadline=None, python={str(fake)!r}))\n")
+    runner = subprocess.Popen([sys.executable, str(driver)], stdout=subprocess.PIPE, text=True)
+    pid_file = tmp_path / "pid"
+    for _ in range(200):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    runner.send_signal(signal.SIGTERM)
+    out, _ = runner.communicate(timeout=60)
+    assert runner.returncode == 128 + signal.SIGTERM
+    assert (tmp_path / "mark").read_text().strip() == "stopped"  # it got SIGTERM, as bpl would
+    assert "stopped d-seed0-base (its run resumes next time)" in out
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
