@@ -1060,6 +1060,7 @@ def goal_rows(settings: dict[str, Any], records: list[dict[str, Any]], dataset: 
                         and lower > -goals["lower_end"])
         ratio = statistics.fmean(cost) if cost else None
         out.append({"name": name, "runs": len(mine), "test": test, "test_lower": lower,
+                    "pooled": sum(1 for r in mine if r.get("pooled_from")),
                     "val": val, "compute_ratio": ratio, "accuracy_goal": accuracy,
                     "compute_goal": None if ratio is None else ratio <= goals["compute"]})
     return out
@@ -1076,15 +1077,19 @@ def goals_markdown(settings: dict[str, Any], records: list[dict[str, Any]], data
              f"-{goals['lower_end']:g}, at no more than {goals['compute']:g}x the training "
              f"compute of `{goals['compute_of']}` (more only where the extra epochs bought "
              "accuracy). Compute is each step's epochs times the MACs its model kept. "
-             "Validation is the column to choose by; test checks the goal once.", "",
+             "Validation is the column to choose by; test checks the goal once."
+             + (" Pooled seeds come from " + ", ".join(goals["pooled"]) + ": the same arm "
+                "from a baseline trained again, each against its own baseline."
+                if goals.get("pooled") else ""), "",
              "| run | seeds | val minus baseline | test minus baseline | test lower end | "
              "accuracy goal | compute / " + goals["compute_of"] + "'s |",
              "|---|---:|---:|---:|---:|---|---:|"]
     for row in rows:
         met = ("too few seeds" if row["test_lower"] is None
                else "met" if row["accuracy_goal"] else "missed")
+        seeds = f"{row['runs']} ({row['pooled']} pooled)" if row.get("pooled") else row["runs"]
         lines.append(
-            f"| {row['name']} | {row['runs']} | {_cell(row['val'])} | {_cell(row['test'])} | "
+            f"| {row['name']} | {seeds} | {_cell(row['val'])} | {_cell(row['test'])} | "
             f"{_num(row['test_lower'], '+.2f')} | {met} | {_num(row['compute_ratio'], '.1f')} |")
     return [*lines, ""]
 

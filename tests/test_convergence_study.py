@@ -459,6 +459,8 @@ def test_the_goals_pool_seeds_whose_baselines_were_trained_again(tmp_path):
     rows = {r["name"]: r for r in study.goal_rows(settings, records, "d")}
     assert rows["c30"]["runs"] == 5 and rows["c30"]["test"]["mean"] == pytest.approx(-1.0)
     assert rows["c30"]["compute_ratio"] == pytest.approx(3.0) and rows["c10"]["runs"] == 3
+    md = "\n".join(study.goals_markdown(settings, records, "d"))
+    assert "| c30 | 5 (2 pooled) |" in md and "| c10 | 3 |" in md and str(pooled) in md
     (pooled / "d-seed3-c30.json").write_text(json.dumps(rec("c30", 3, 80.0)))
     with pytest.raises(SystemExit, match="seed 3 of c30 on d is recorded twice"):
         study.goal_rows(settings, records, "d")
