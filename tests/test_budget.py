@@ -221,7 +221,7 @@ def test_compress_prune_steps_reaches_the_cut_in_steps(baseline, tmp_path):
     b, _ = load_model(out / "steps" / "2" / "deploy.pt")
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     report = (out / "report.md").read_text()
-    assert "## The steps: 2 cuts" in report and "smallest model within" not in report
+    assert "## The steps: 2 cuts" in report and "## The search:" not in report  # no budget
     assert "step 2 of 2: the last cut" in metrics["selected"]["why"]
 
 
